@@ -1,0 +1,88 @@
+//! DICOM input and output: ultrasound frames with their calibration in, derived files out.
+//!
+//! Reading goes through dicom-rs (`dicom-object`, `dicom-pixeldata` with the JPEG, JPEG 2000
+//! (`openjp2`), RLE and deflate codecs); colour models (palette, YBR) are converted here so
+//! that every frame comes out as the RGB a viewer would display.
+
+mod prescan;
+pub mod read;
+pub mod region;
+pub mod write;
+
+pub use read::{DicomFile, DicomInfo, ReadOptions, UltrasoundRegion};
+
+use std::path::PathBuf;
+
+/// What went wrong with a DICOM file. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DicomError {
+    /// The file could not be read from disk.
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// The bytes are not a DICOM file, or its structure is broken.
+    #[error("{path}: not a readable DICOM file: {reason}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A required attribute is missing or has an impossible value.
+    #[error("{path}: {attribute}: {reason}")]
+    BadAttribute {
+        /// The file.
+        path: PathBuf,
+        /// The attribute's keyword.
+        attribute: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The image is larger than the configured limits allow.
+    #[error("{path}: {reason} (limit: {limit})")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// What is too large.
+        reason: String,
+        /// The limit that was exceeded, in words.
+        limit: String,
+    },
+    /// The file has no pixel data.
+    #[error("{path}: no pixel data (7FE0,0010)")]
+    NoPixelData {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A frame could not be decoded.
+    #[error("{path}: frame {frame}: {reason}")]
+    Decode {
+        /// The file.
+        path: PathBuf,
+        /// Zero-based frame number.
+        frame: usize,
+        /// What the decoder said.
+        reason: String,
+    },
+    /// The transfer syntax or pixel format is not one sonoguide can decode.
+    #[error("{path}: unsupported: {what}")]
+    Unsupported {
+        /// The file.
+        path: PathBuf,
+        /// What is not supported.
+        what: String,
+    },
+    /// Writing a derived DICOM file failed.
+    #[error("{path}: cannot write DICOM: {reason}")]
+    Write {
+        /// The file being written.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}

@@ -1,0 +1,875 @@
+//! Reading ultrasound DICOM: header, calibration, and frames decoded one at a time.
+//!
+//! [`DicomFile::open`] parses the file (encoded pixel data stays encoded in memory) and checks
+//! the header against the file size and the configured limits before any pixel buffer is
+//! allocated. [`DicomFile::read_frame`] decodes one frame: a 120-frame cine costs one frame's
+//! decode to reach frame 0.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use dicom_core::value::Value as DicomValue;
+use dicom_core::Tag;
+use dicom_dictionary_std::tags;
+use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
+use dicom_encoding::TransferSyntaxIndex;
+use dicom_pixeldata::PixelDecoder;
+use ndarray::{Array2, Array3};
+use serde::Serialize;
+
+use super::prescan::{self, Layout};
+use super::region::detect_imaging_region;
+use super::DicomError;
+use crate::frame::{
+    check_spacing_mm, chroma, luma, Calibration, CalibrationSource, Frame, ImagingRegion, Rect, RegionShape,
+    RegionSource, COLOUR_CHROMA_THRESHOLD,
+};
+
+/// Limits applied before any pixel buffer is allocated.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ReadOptions {
+    /// Largest frame accepted, in pixels (rows × columns).
+    pub max_frame_pixels: u64,
+    /// Most frames accepted in one file.
+    pub max_frames: u64,
+    /// Largest file accepted, in bytes.
+    pub max_file_bytes: u64,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions {
+            // 8192 × 8192: four times the largest ultrasound frames seen in archives.
+            max_frame_pixels: 8192 * 8192,
+            // Ten minutes of cine at 60 frames/s.
+            max_frames: 36_000,
+            // 4 GiB: what 32-bit DICOM lengths can address.
+            max_file_bytes: 4 << 30,
+        }
+    }
+}
+
+/// One item of the Sequence of Ultrasound Regions (0018,6011), as stored, with the derived
+/// millimetres per pixel where the units are centimetres.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UltrasoundRegion {
+    /// Region Location Min X0 (first column).
+    pub min_x0: i64,
+    /// Region Location Min Y0 (first row).
+    pub min_y0: i64,
+    /// Region Location Max X1 (last column, inclusive).
+    pub max_x1: i64,
+    /// Region Location Max Y1 (last row, inclusive).
+    pub max_y1: i64,
+    /// Region Spatial Format (1 = 2-D tissue or flow).
+    pub spatial_format: i64,
+    /// Region Data Type (1 = tissue).
+    pub data_type: i64,
+    /// Physical Units X Direction (3 = cm).
+    pub units_x: i64,
+    /// Physical Units Y Direction (3 = cm).
+    pub units_y: i64,
+    /// Physical Delta X, in `units_x`.
+    pub physical_delta_x: f64,
+    /// Physical Delta Y, in `units_y`.
+    pub physical_delta_y: f64,
+    /// Reference Pixel X0, relative to the region's first column (absent when not given).
+    pub reference_pixel_x0: Option<i64>,
+    /// Reference Pixel Y0, relative to the region's first row.
+    pub reference_pixel_y0: Option<i64>,
+    /// Millimetres per pixel along x, when the units are cm.
+    pub mm_per_px_x: Option<f64>,
+    /// Millimetres per pixel along y, when the units are cm.
+    pub mm_per_px_y: Option<f64>,
+}
+
+/// The chosen imaging region, as reported by `sonoguide info`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ImagingRegionInfo {
+    /// Bounds in full-frame pixels (end exclusive).
+    pub bounds: Rect,
+    /// Rectangle or sector.
+    pub shape: RegionShape,
+    /// Where it came from.
+    pub source: RegionSource,
+    /// Millimetres per pixel along x, if calibrated.
+    pub mm_per_px_x: Option<f64>,
+    /// Millimetres per pixel along y, if calibrated.
+    pub mm_per_px_y: Option<f64>,
+    /// Reference pixel column (full frame).
+    pub reference_pixel_x0: Option<f64>,
+    /// Reference pixel row (full frame).
+    pub reference_pixel_y0: Option<f64>,
+}
+
+/// What the header says about the image.
+#[derive(Debug, Clone, Serialize)]
+pub struct DicomInfo {
+    /// The file.
+    pub path: PathBuf,
+    /// SOP Class UID.
+    pub sop_class_uid: String,
+    /// Transfer Syntax UID.
+    pub transfer_syntax_uid: String,
+    /// Photometric Interpretation as stored.
+    pub photometric_interpretation: String,
+    /// Rows.
+    pub rows: u32,
+    /// Columns.
+    pub columns: u32,
+    /// Number of frames (1 when absent).
+    pub frames: u32,
+    /// Bits Allocated.
+    pub bits_allocated: u16,
+    /// Bits Stored.
+    pub bits_stored: u16,
+    /// Samples per Pixel.
+    pub samples_per_pixel: u16,
+    /// Planar Configuration (0 interleaved, 1 planar).
+    pub planar_configuration: u16,
+    /// Pixel Representation (0 unsigned, 1 signed).
+    pub pixel_representation: u16,
+    /// Every item of the Sequence of Ultrasound Regions.
+    pub ultrasound_regions: Vec<UltrasoundRegion>,
+    /// Calibration of the chosen imaging region.
+    pub calibration: Calibration,
+}
+
+/// A palette colour lookup table, already reduced to 8 bits per entry.
+#[derive(Debug, Clone)]
+struct Palette {
+    first_mapped: i64,
+    red: Vec<u8>,
+    green: Vec<u8>,
+    blue: Vec<u8>,
+}
+
+impl Palette {
+    fn lookup(&self, value: i64) -> [u8; 3] {
+        let n = self.red.len().min(self.green.len()).min(self.blue.len());
+        if n == 0 {
+            return [0, 0, 0];
+        }
+        let i = (value - self.first_mapped).clamp(0, n as i64 - 1) as usize;
+        [self.red[i], self.green[i], self.blue[i]]
+    }
+}
+
+/// An open DICOM file whose frames can be decoded one at a time.
+pub struct DicomFile {
+    path: PathBuf,
+    obj: DefaultDicomObject,
+    info: DicomInfo,
+    palette: Option<Palette>,
+    /// The imaging region from the header, if it gives one.
+    header_region: Option<ImagingRegion>,
+    /// The imaging region detected from frame 0 when the header gives none.
+    detected_region: OnceLock<ImagingRegion>,
+}
+
+impl std::fmt::Debug for DicomFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DicomFile").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+fn bad(path: &Path, attribute: &'static str, reason: impl Into<String>) -> DicomError {
+    DicomError::BadAttribute { path: path.to_path_buf(), attribute, reason: reason.into() }
+}
+
+fn get_u32(obj: &InMemDicomObject, tag: Tag) -> Option<u32> {
+    obj.get(tag).and_then(|e| e.value().to_int::<u32>().ok())
+}
+fn get_i64(obj: &InMemDicomObject, tag: Tag) -> Option<i64> {
+    obj.get(tag).and_then(|e| e.value().to_int::<i64>().ok())
+}
+fn get_f64(obj: &InMemDicomObject, tag: Tag) -> Option<f64> {
+    obj.get(tag).and_then(|e| e.value().to_float64().ok())
+}
+fn get_str(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
+    obj.get(tag)
+        .and_then(|e| e.value().to_str().ok())
+        .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
+}
+
+/// Where the data set starts after the preamble and file meta group, and its transfer syntax.
+fn locate_dataset(bytes: &[u8]) -> Result<(usize, String), String> {
+    if bytes.is_empty() {
+        return Err("the file is empty".into());
+    }
+    let mut pos = if bytes.get(128..132) == Some(b"DICM") {
+        132
+    } else if bytes.get(0..4) == Some(b"DICM") {
+        4
+    } else {
+        return Err("no DICM magic at byte 128 (not a DICOM Part 10 file)".into());
+    };
+    let mut ts = None;
+    loop {
+        let Some(h) = bytes.get(pos..pos + 8) else {
+            return Err(format!("file ends inside the file meta group (byte {pos})"));
+        };
+        let group = u16::from_le_bytes([h[0], h[1]]);
+        if group != 0x0002 {
+            break;
+        }
+        let elem = u16::from_le_bytes([h[2], h[3]]);
+        let vr = [h[4], h[5]];
+        let (len, body) = if matches!(&vr, b"OB" | b"OW" | b"UN" | b"SQ" | b"UT" | b"UC" | b"UR") {
+            let Some(l) = bytes.get(pos + 8..pos + 12) else {
+                return Err(format!("file ends inside the file meta group (byte {pos})"));
+            };
+            (u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize, pos + 12)
+        } else {
+            (u16::from_le_bytes([h[6], h[7]]) as usize, pos + 8)
+        };
+        let end = body.checked_add(len).filter(|e| *e <= bytes.len()).ok_or_else(|| {
+            format!("file meta element (0002,{elem:04X}) claims {len} bytes past the end of the file")
+        })?;
+        if elem == 0x0010 {
+            ts = Some(String::from_utf8_lossy(&bytes[body..end]).trim_end_matches(['\0', ' ']).to_string());
+        }
+        pos = end;
+    }
+    let ts = ts.ok_or("the file meta group has no Transfer Syntax UID (0002,0010)")?;
+    Ok((pos, ts))
+}
+
+impl DicomFile {
+    /// Opens and checks a DICOM file.
+    pub fn open(path: impl AsRef<Path>, options: &ReadOptions) -> Result<DicomFile, DicomError> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|source| DicomError::Io { path: path.into(), source })?;
+        if !meta.is_file() {
+            return Err(DicomError::Malformed { path: path.into(), reason: "not a regular file".into() });
+        }
+        if meta.len() > options.max_file_bytes {
+            return Err(DicomError::TooLarge {
+                path: path.into(),
+                reason: format!("file is {} bytes", meta.len()),
+                limit: format!("{} bytes", options.max_file_bytes),
+            });
+        }
+        let bytes = std::fs::read(path).map_err(|source| DicomError::Io { path: path.into(), source })?;
+        Self::from_bytes(path, bytes, options)
+    }
+
+    /// Parses a DICOM file held in memory; `name` is used in error messages.
+    pub fn from_bytes(name: impl AsRef<Path>, bytes: Vec<u8>, options: &ReadOptions) -> Result<DicomFile, DicomError> {
+        let path = name.as_ref().to_path_buf();
+        let malformed = |reason: String| DicomError::Malformed { path: path.clone(), reason };
+        if bytes.len() as u64 > options.max_file_bytes {
+            return Err(DicomError::TooLarge {
+                path: path.clone(),
+                reason: format!("data is {} bytes", bytes.len()),
+                limit: format!("{} bytes", options.max_file_bytes),
+            });
+        }
+        let (start, ts) = locate_dataset(&bytes).map_err(malformed)?;
+        prescan::check(&bytes, start, Layout::for_transfer_syntax(&ts)).map_err(malformed)?;
+        let preamble_len = if bytes.get(128..132) == Some(b"DICM") { 128 } else { 0 };
+        let obj = OpenFileOptions::new()
+            .read_preamble(dicom_object::file::ReadPreamble::Never)
+            .from_reader(&bytes[preamble_len..])
+            .map_err(|e| malformed(e.to_string()))?;
+        let ts_uid = obj.meta().transfer_syntax().trim_end_matches('\0').to_string();
+        let o: &InMemDicomObject = &obj;
+
+        let rows = get_u32(o, tags::ROWS).ok_or_else(|| bad(&path, "Rows", "missing or not a number"))?;
+        let columns = get_u32(o, tags::COLUMNS).ok_or_else(|| bad(&path, "Columns", "missing or not a number"))?;
+        if rows == 0 || columns == 0 {
+            return Err(bad(&path, "Rows/Columns", format!("{rows}x{columns} is an empty image")));
+        }
+        let pixels = rows as u64 * columns as u64;
+        if pixels > options.max_frame_pixels {
+            return Err(DicomError::TooLarge {
+                path: path.clone(),
+                reason: format!("frame of {columns}x{rows} = {pixels} pixels"),
+                limit: format!("{} pixels", options.max_frame_pixels),
+            });
+        }
+        let frames_raw = get_str(o, tags::NUMBER_OF_FRAMES)
+            .map(|s| s.parse::<i64>().map_err(|_| bad(&path, "NumberOfFrames", format!("'{s}' is not a number"))))
+            .transpose()?
+            .unwrap_or(1);
+        if frames_raw < 1 {
+            return Err(bad(&path, "NumberOfFrames", format!("{frames_raw} frames")));
+        }
+        if frames_raw as u64 > options.max_frames {
+            return Err(DicomError::TooLarge {
+                path: path.clone(),
+                reason: format!("{frames_raw} frames"),
+                limit: format!("{} frames", options.max_frames),
+            });
+        }
+        let frames = frames_raw as u32;
+        let samples_per_pixel = get_u32(o, tags::SAMPLES_PER_PIXEL)
+            .ok_or_else(|| bad(&path, "SamplesPerPixel", "missing or not a number"))?;
+        if samples_per_pixel != 1 && samples_per_pixel != 3 {
+            return Err(bad(&path, "SamplesPerPixel", format!("{samples_per_pixel} (only 1 and 3 exist in ultrasound)")));
+        }
+        let bits_allocated = get_u32(o, tags::BITS_ALLOCATED)
+            .ok_or_else(|| bad(&path, "BitsAllocated", "missing or not a number"))?;
+        if bits_allocated != 8 && bits_allocated != 16 {
+            return Err(bad(&path, "BitsAllocated", format!("{bits_allocated} (supported: 8 and 16)")));
+        }
+        let bits_stored = get_u32(o, tags::BITS_STORED).unwrap_or(bits_allocated);
+        if bits_stored == 0 || bits_stored > bits_allocated {
+            return Err(bad(&path, "BitsStored", format!("{bits_stored} with BitsAllocated {bits_allocated}")));
+        }
+        let pi = get_str(o, tags::PHOTOMETRIC_INTERPRETATION)
+            .ok_or_else(|| bad(&path, "PhotometricInterpretation", "missing"))?;
+        let expected_spp = match pi.as_str() {
+            "MONOCHROME1" | "MONOCHROME2" | "PALETTE COLOR" => 1,
+            "RGB" | "YBR_FULL" | "YBR_FULL_422" | "YBR_RCT" | "YBR_ICT" | "YBR_PARTIAL_420" => 3,
+            other => {
+                return Err(DicomError::Unsupported { path: path.clone(), what: format!("photometric interpretation '{other}'") })
+            }
+        };
+        if expected_spp != samples_per_pixel {
+            return Err(bad(&path, "SamplesPerPixel", format!("{samples_per_pixel} does not match {pi}")));
+        }
+        let planar_configuration = get_u32(o, tags::PLANAR_CONFIGURATION).unwrap_or(0);
+        let pixel_representation = get_u32(o, tags::PIXEL_REPRESENTATION).unwrap_or(0);
+
+        // Pixel data present and, for native encodings, long enough for every frame.
+        let pixel_elem = o.get(tags::PIXEL_DATA).ok_or_else(|| DicomError::NoPixelData { path: path.clone() })?;
+        let frame_bytes = native_frame_bytes(rows, columns, samples_per_pixel, bits_allocated, &pi);
+        match pixel_elem.value() {
+            DicomValue::Primitive(p) => {
+                let have = p.to_bytes().len() as u64;
+                let need = frame_bytes * frames as u64;
+                if have < need {
+                    return Err(DicomError::Malformed {
+                        path: path.clone(),
+                        reason: format!(
+                            "pixel data holds {have} bytes but {frames} frame(s) of {columns}x{rows}x{samples_per_pixel} at {bits_allocated} bits need {need} (truncated?)"
+                        ),
+                    });
+                }
+            }
+            DicomValue::PixelSequence(seq) => {
+                if seq.fragments().is_empty() {
+                    return Err(DicomError::Malformed { path: path.clone(), reason: "encapsulated pixel data has no fragments".into() });
+                }
+            }
+            DicomValue::Sequence(_) => {
+                return Err(DicomError::Malformed { path: path.clone(), reason: "pixel data is a sequence".into() })
+            }
+        }
+        if let Some(ts_entry) = dicom_transfer_syntax_registry::TransferSyntaxRegistry.get(&ts_uid) {
+            if !ts_entry.can_decode_all() {
+                return Err(DicomError::Unsupported {
+                    path: path.clone(),
+                    what: format!("transfer syntax {} ({})", ts_uid, ts_entry.name()),
+                });
+            }
+        } else {
+            return Err(DicomError::Unsupported { path: path.clone(), what: format!("unknown transfer syntax {ts_uid}") });
+        }
+
+        let palette = if pi == "PALETTE COLOR" { Some(read_palette(&path, o)?) } else { None };
+        let ultrasound_regions = read_regions(o);
+        let (header_region, calibration) = choose_region(o, &ultrasound_regions, rows, columns);
+
+        let info = DicomInfo {
+            path: path.clone(),
+            sop_class_uid: get_str(o, tags::SOP_CLASS_UID).unwrap_or_default(),
+            transfer_syntax_uid: ts_uid,
+            photometric_interpretation: pi,
+            rows,
+            columns,
+            frames,
+            bits_allocated: bits_allocated as u16,
+            bits_stored: bits_stored as u16,
+            samples_per_pixel: samples_per_pixel as u16,
+            planar_configuration: planar_configuration as u16,
+            pixel_representation: pixel_representation as u16,
+            ultrasound_regions,
+            calibration,
+        };
+        Ok(DicomFile { path, obj, info, palette, header_region, detected_region: OnceLock::new() })
+    }
+
+    /// The header facts.
+    pub fn info(&self) -> &DicomInfo {
+        &self.info
+    }
+
+    /// The file's path (or the name given to [`DicomFile::from_bytes`]).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Number of frames.
+    pub fn frame_count(&self) -> usize {
+        self.info.frames as usize
+    }
+
+    /// The parsed DICOM object (for derived outputs that copy patient and study attributes).
+    pub fn object(&self) -> &DefaultDicomObject {
+        &self.obj
+    }
+
+    /// The imaging region: from the header, else detected from frame 0.
+    pub fn imaging_region(&self) -> Result<ImagingRegion, DicomError> {
+        if let Some(r) = &self.header_region {
+            return Ok(r.clone());
+        }
+        if let Some(r) = self.detected_region.get() {
+            return Ok(r.clone());
+        }
+        let (rgb, gray) = self.decode_display(0)?;
+        let r = detect_imaging_region(&gray, rgb.as_ref());
+        Ok(self.detected_region.get_or_init(|| r).clone())
+    }
+
+    /// The imaging region as reported by `sonoguide info`, with its calibration.
+    pub fn imaging_region_info(&self) -> Result<ImagingRegionInfo, DicomError> {
+        let region = self.imaging_region()?;
+        let (mx, my, rx, ry) = match &self.info.calibration {
+            Calibration::Ok { mm_per_px_x, mm_per_px_y, reference_px, .. } => (
+                Some(*mm_per_px_x),
+                Some(*mm_per_px_y),
+                reference_px.map(|r| r.0),
+                reference_px.map(|r| r.1),
+            ),
+            _ => (None, None, None, None),
+        };
+        Ok(ImagingRegionInfo {
+            bounds: region.bounds,
+            shape: region.shape,
+            source: region.source,
+            mm_per_px_x: mx,
+            mm_per_px_y: my,
+            reference_pixel_x0: rx,
+            reference_pixel_y0: ry,
+        })
+    }
+
+    /// Decodes frame `index` (zero-based).
+    pub fn read_frame(&self, index: usize) -> Result<Frame, DicomError> {
+        let (rgb, intensity) = self.decode_display(index)?;
+        let colour_mask = rgb.as_ref().map(|rgb| {
+            Array2::from_shape_fn(intensity.dim(), |(y, x)| {
+                u8::from(chroma(rgb[[y, x, 0]], rgb[[y, x, 1]], rgb[[y, x, 2]]) > COLOUR_CHROMA_THRESHOLD)
+            })
+        });
+        let region = self.imaging_region()?;
+        Ok(Frame { intensity, rgb, colour_mask, region, calibration: self.info.calibration.clone(), index })
+    }
+
+    /// Iterates over the frames, decoding each when it is reached.
+    pub fn frames(&self) -> impl Iterator<Item = Result<Frame, DicomError>> + '_ {
+        (0..self.frame_count()).map(move |i| self.read_frame(i))
+    }
+
+    /// Decodes frame `index` to the displayed RGB (for colour sources) and the B-mode
+    /// intensity (0–255).
+    pub fn decode_display(&self, index: usize) -> Result<(Option<Array3<u8>>, Array2<f32>), DicomError> {
+        let info = &self.info;
+        if index >= info.frames as usize {
+            return Err(DicomError::Decode {
+                path: self.path.clone(),
+                frame: index,
+                reason: format!("the file has {} frame(s)", info.frames),
+            });
+        }
+        let decode_err = |reason: String| DicomError::Decode { path: self.path.clone(), frame: index, reason };
+        let (h, w) = (info.rows as usize, info.columns as usize);
+        let n = h * w;
+        let samples = self.frame_samples(index).map_err(decode_err)?;
+        // `samples` holds the frame in its stored colour model, interleaved, as u16 values.
+        let needed = n * info.samples_per_pixel as usize;
+        if samples.values.len() < needed {
+            return Err(decode_err(format!(
+                "decoded {} samples, a {w}x{h}x{} frame needs {needed}",
+                samples.values.len(),
+                info.samples_per_pixel
+            )));
+        }
+        let to8 = |v: u16| -> u8 {
+            if info.bits_stored > 8 {
+                (v >> (info.bits_stored - 8)).min(255) as u8
+            } else {
+                v.min(255) as u8
+            }
+        };
+        match samples.model {
+            Model::Mono { inverted } => {
+                let max = ((1u32 << info.bits_stored) - 1) as f32;
+                let gray = Array2::from_shape_fn((h, w), |(y, x)| {
+                    let v = samples.values[y * w + x] as f32 / max * 255.0;
+                    if inverted { 255.0 - v } else { v }
+                });
+                Ok((None, gray))
+            }
+            Model::Palette => {
+                let pal = self.palette.as_ref().ok_or_else(|| decode_err("palette colour without a palette".into()))?;
+                let signed = info.pixel_representation == 1;
+                let mut buf = Vec::with_capacity(n * 3);
+                for raw in &samples.values[..n] {
+                    let v = if signed && info.bits_allocated == 16 { *raw as i16 as i64 } else { *raw as i64 };
+                    buf.extend_from_slice(&pal.lookup(v));
+                }
+                let rgb = Array3::from_shape_vec((h, w, 3), buf).map_err(|e| decode_err(e.to_string()))?;
+                let gray = luma_of(&rgb);
+                Ok((Some(rgb), gray))
+            }
+            Model::Rgb => {
+                let buf: Vec<u8> = samples.values[..n * 3].iter().map(|v| to8(*v)).collect();
+                let rgb = Array3::from_shape_vec((h, w, 3), buf).map_err(|e| decode_err(e.to_string()))?;
+                let gray = luma_of(&rgb);
+                Ok((Some(rgb), gray))
+            }
+            Model::YbrFull => {
+                let mut buf = Vec::with_capacity(n * 3);
+                for s in samples.values[..n * 3].chunks_exact(3) {
+                    buf.extend_from_slice(&ybr_full_to_rgb(to8(s[0]) as f32, to8(s[1]) as f32, to8(s[2]) as f32));
+                }
+                let rgb = Array3::from_shape_vec((h, w, 3), buf).map_err(|e| decode_err(e.to_string()))?;
+                let gray = luma_of(&rgb);
+                Ok((Some(rgb), gray))
+            }
+        }
+    }
+
+    /// Frame `index` as stored samples, interleaved, one u16 per sample, with the colour model
+    /// they are in.
+    fn frame_samples(&self, index: usize) -> Result<Samples, String> {
+        let info = &self.info;
+        let (h, w, spp) = (info.rows as usize, info.columns as usize, info.samples_per_pixel as usize);
+        let n = h * w;
+        let pi = info.photometric_interpretation.as_str();
+        let pixel = self.obj.get(tags::PIXEL_DATA).ok_or("no pixel data")?;
+        let mono_or_palette = |pi: &str| match pi {
+            "MONOCHROME1" => Model::Mono { inverted: true },
+            "MONOCHROME2" => Model::Mono { inverted: false },
+            _ => Model::Palette,
+        };
+        match pixel.value() {
+            DicomValue::Primitive(p) => {
+                let fb = native_frame_bytes(info.rows, info.columns, info.samples_per_pixel as u32, info.bits_allocated as u32, pi) as usize;
+                let start = fb * index;
+                let values: Cow<[u16]> = match (p, info.bits_allocated) {
+                    (dicom_core::PrimitiveValue::U16(v), 16) => Cow::Borrowed(v.get(start / 2..(start + fb) / 2).ok_or("pixel data too short for this frame")?),
+                    (_, 16) => {
+                        let b = p.to_bytes();
+                        let b = b.get(start..start + fb).ok_or("pixel data too short for this frame")?;
+                        Cow::Owned(b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
+                    }
+                    _ => {
+                        let b = p.to_bytes();
+                        let b = b.get(start..start + fb).ok_or("pixel data too short for this frame")?;
+                        Cow::Owned(b.iter().map(|v| *v as u16).collect())
+                    }
+                };
+                let mask = if info.bits_stored < 16 { (1u32 << info.bits_stored) as u16 - 1 } else { u16::MAX };
+                let mut values: Vec<u16> = values.iter().map(|v| v & mask).collect();
+                if spp == 1 {
+                    return Ok(Samples { values, model: mono_or_palette(pi) });
+                }
+                if pi == "YBR_FULL_422" {
+                    // Native 4:2:2: Y1 Y2 Cb Cr per pair of pixels along a row.
+                    let mut out = Vec::with_capacity(n * 3);
+                    for row in values.chunks_exact(w * 2) {
+                        for x in 0..w {
+                            let pair = x / 2;
+                            let y = row.get(pair * 4 + (x % 2)).copied().unwrap_or(0);
+                            let cb = row.get(pair * 4 + 2).copied().unwrap_or(128);
+                            let cr = row.get(pair * 4 + 3).copied().unwrap_or(128);
+                            out.extend_from_slice(&[y, cb, cr]);
+                        }
+                    }
+                    return Ok(Samples { values: out, model: Model::YbrFull });
+                }
+                if info.planar_configuration == 1 {
+                    values = (0..n * 3).map(|i| values[(i % 3) * n + i / 3]).collect();
+                }
+                let model = if pi.starts_with("YBR_FULL") { Model::YbrFull } else { Model::Rgb };
+                Ok(Samples { values, model })
+            }
+            DicomValue::PixelSequence(_) => {
+                let decoded = self.obj.decode_pixel_data_frame(index as u32).map_err(|e| e.to_string())?;
+                let data = decoded.data();
+                let values: Vec<u16> = if info.bits_allocated == 16 {
+                    data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+                } else {
+                    data.iter().map(|v| *v as u16).collect()
+                };
+                if values.len() < n * spp {
+                    return Err(format!("decoder returned {} samples, expected {}", values.len(), n * spp));
+                }
+                if spp == 1 {
+                    return Ok(Samples { values, model: mono_or_palette(pi) });
+                }
+                // The JPEG and JPEG 2000 decoders return RGB; RLE keeps the stored model and
+                // its planes are interleaved by the decoder.
+                let rle = info.transfer_syntax_uid == "1.2.840.10008.1.2.5";
+                let model = if rle && pi.starts_with("YBR_FULL") { Model::YbrFull } else { Model::Rgb };
+                Ok(Samples { values, model })
+            }
+            DicomValue::Sequence(_) => Err("pixel data is a sequence".into()),
+        }
+    }
+}
+
+enum Model {
+    Mono { inverted: bool },
+    Palette,
+    Rgb,
+    YbrFull,
+}
+
+struct Samples {
+    values: Vec<u16>,
+    model: Model,
+}
+
+/// Bytes per frame of natively encoded pixel data.
+fn native_frame_bytes(rows: u32, columns: u32, spp: u32, bits_allocated: u32, pi: &str) -> u64 {
+    let px = rows as u64 * columns as u64;
+    let bytes = (bits_allocated as u64).div_ceil(8);
+    if pi == "YBR_FULL_422" && spp == 3 {
+        // Two luma samples and one pair of chroma samples per two pixels.
+        px.div_ceil(2) * 4 * bytes
+    } else {
+        px * spp as u64 * bytes
+    }
+}
+
+/// YBR_FULL (ITU-R BT.601, full range) to RGB, as PS3.3 C.7.6.3.1.2 gives it.
+pub fn ybr_full_to_rgb(y: f32, cb: f32, cr: f32) -> [u8; 3] {
+    let r = y + 1.402 * (cr - 128.0);
+    let g = y - 0.344_136 * (cb - 128.0) - 0.714_136 * (cr - 128.0);
+    let b = y + 1.772 * (cb - 128.0);
+    [r.round().clamp(0.0, 255.0) as u8, g.round().clamp(0.0, 255.0) as u8, b.round().clamp(0.0, 255.0) as u8]
+}
+
+fn luma_of(rgb: &Array3<u8>) -> Array2<f32> {
+    let (h, w, _) = rgb.dim();
+    Array2::from_shape_fn((h, w), |(y, x)| luma(rgb[[y, x, 0]], rgb[[y, x, 1]], rgb[[y, x, 2]]))
+}
+
+/// Reads the three palette colour LUTs (plain or segmented), reducing entries to 8 bits.
+fn read_palette(path: &Path, o: &InMemDicomObject) -> Result<Palette, DicomError> {
+    let channels = [
+        ("Red", tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR, tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA, tags::SEGMENTED_RED_PALETTE_COLOR_LOOKUP_TABLE_DATA),
+        ("Green", tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR, tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA, tags::SEGMENTED_GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA),
+        ("Blue", tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR, tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA, tags::SEGMENTED_BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA),
+    ];
+    let mut luts: Vec<Vec<u8>> = Vec::with_capacity(3);
+    let mut first_mapped = 0;
+    for (name, desc_tag, data_tag, seg_tag) in channels {
+        let desc = o
+            .get(desc_tag)
+            .and_then(|e| e.value().to_multi_int::<i64>().ok())
+            .filter(|d| d.len() == 3)
+            .ok_or_else(|| bad(path, "PaletteColorLookupTableDescriptor", format!("{name} descriptor missing or not three numbers")))?;
+        let entries = if desc[0] == 0 { 65536 } else { (desc[0] & 0xFFFF) as usize };
+        first_mapped = desc[1];
+        let bits = desc[2];
+        if bits != 8 && bits != 16 {
+            return Err(bad(path, "PaletteColorLookupTableDescriptor", format!("{name} entries of {bits} bits")));
+        }
+        let words = |tag: Tag| -> Option<Vec<u16>> {
+            let e = o.get(tag)?;
+            match e.value() {
+                DicomValue::Primitive(dicom_core::PrimitiveValue::U16(v)) => Some(v.to_vec()),
+                DicomValue::Primitive(p) => {
+                    Some(p.to_bytes().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
+                }
+                _ => None,
+            }
+        };
+        let lut16: Vec<u16> = if let Some(w) = words(data_tag) {
+            if bits == 8 && w.len() * 2 >= entries && w.len() < entries {
+                // 8-bit entries packed two to a word.
+                w.iter().flat_map(|v| [(*v & 0xFF), (*v >> 8)]).take(entries).collect()
+            } else {
+                w
+            }
+        } else if let Some(seg) = words(seg_tag) {
+            expand_segmented(&seg, entries).map_err(|r| bad(path, "SegmentedPaletteColorLookupTableData", format!("{name}: {r}")))?
+        } else {
+            return Err(bad(path, "PaletteColorLookupTableData", format!("{name} LUT data missing")));
+        };
+        if lut16.is_empty() {
+            return Err(bad(path, "PaletteColorLookupTableData", format!("{name} LUT is empty")));
+        }
+        let lut8 = lut16.iter().map(|v| if bits == 16 { (*v >> 8) as u8 } else { (*v & 0xFF) as u8 }).collect();
+        luts.push(lut8);
+    }
+    let blue = luts.pop().unwrap_or_default();
+    let green = luts.pop().unwrap_or_default();
+    let red = luts.pop().unwrap_or_default();
+    Ok(Palette { first_mapped, red, green, blue })
+}
+
+/// Expands segmented palette data (PS3.3 C.7.9.2): discrete, linear and indirect segments.
+fn expand_segmented(seg: &[u16], entries: usize) -> Result<Vec<u16>, String> {
+    let mut out: Vec<u16> = Vec::with_capacity(entries.min(65536));
+    let mut i = 0;
+    // Segments are read once each; indirect segments replay earlier ones, bounded by `entries`.
+    let mut starts = Vec::new();
+    while i < seg.len() && out.len() < entries {
+        starts.push(i);
+        let op = seg[i];
+        let len = *seg.get(i + 1).ok_or("segment header cut short")? as usize;
+        match op {
+            0 => {
+                let vals = seg.get(i + 2..i + 2 + len).ok_or("discrete segment cut short")?;
+                out.extend_from_slice(vals);
+                i += 2 + len;
+            }
+            1 => {
+                let end = *seg.get(i + 2).ok_or("linear segment cut short")? as f64;
+                let start = *out.last().ok_or("linear segment with no previous value")? as f64;
+                for k in 1..=len {
+                    out.push((start + (end - start) * k as f64 / len as f64).round() as u16);
+                }
+                i += 3;
+            }
+            2 => {
+                let lo = *seg.get(i + 2).ok_or("indirect segment cut short")? as usize;
+                let hi = *seg.get(i + 3).ok_or("indirect segment cut short")? as usize;
+                let offset = lo | (hi << 16);
+                let mut j = offset;
+                for _ in 0..len {
+                    if j >= seg.len() || out.len() >= entries {
+                        return Err("indirect segment points outside the data".into());
+                    }
+                    let sub = expand_segmented(&seg[j..], entries - out.len())?;
+                    out.extend_from_slice(&sub);
+                    // Advance past one segment.
+                    j += match seg[j] {
+                        0 => 2 + seg.get(j + 1).copied().unwrap_or(0) as usize,
+                        1 => 3,
+                        _ => 4,
+                    };
+                }
+                i += 4;
+            }
+            other => return Err(format!("unknown segment opcode {other}")),
+        }
+    }
+    out.truncate(entries);
+    Ok(out)
+}
+
+/// Reads every item of the Sequence of Ultrasound Regions.
+fn read_regions(o: &InMemDicomObject) -> Vec<UltrasoundRegion> {
+    let Some(seq) = o.get(tags::SEQUENCE_OF_ULTRASOUND_REGIONS).and_then(|e| e.value().items()) else {
+        return Vec::new();
+    };
+    seq.iter()
+        .map(|item| {
+            let units_x = get_i64(item, tags::PHYSICAL_UNITS_X_DIRECTION).unwrap_or(0);
+            let units_y = get_i64(item, tags::PHYSICAL_UNITS_Y_DIRECTION).unwrap_or(0);
+            let dx = get_f64(item, tags::PHYSICAL_DELTA_X).unwrap_or(f64::NAN);
+            let dy = get_f64(item, tags::PHYSICAL_DELTA_Y).unwrap_or(f64::NAN);
+            // Unit code 3 is centimetres: 10 mm each.
+            let mm = |units: i64, d: f64| (units == 3).then_some(d * 10.0);
+            UltrasoundRegion {
+                min_x0: get_i64(item, tags::REGION_LOCATION_MIN_X0).unwrap_or(0),
+                min_y0: get_i64(item, tags::REGION_LOCATION_MIN_Y0).unwrap_or(0),
+                max_x1: get_i64(item, tags::REGION_LOCATION_MAX_X1).unwrap_or(0),
+                max_y1: get_i64(item, tags::REGION_LOCATION_MAX_Y1).unwrap_or(0),
+                spatial_format: get_i64(item, tags::REGION_SPATIAL_FORMAT).unwrap_or(0),
+                data_type: get_i64(item, tags::REGION_DATA_TYPE).unwrap_or(0),
+                units_x,
+                units_y,
+                physical_delta_x: dx,
+                physical_delta_y: dy,
+                reference_pixel_x0: get_i64(item, tags::REFERENCE_PIXEL_X0),
+                reference_pixel_y0: get_i64(item, tags::REFERENCE_PIXEL_Y0),
+                mm_per_px_x: mm(units_x, dx),
+                mm_per_px_y: mm(units_y, dy),
+            }
+        })
+        .collect()
+}
+
+/// Picks the 2-D tissue region holding the image (the largest one inside the frame) and its
+/// calibration; falls back to Pixel Spacing or Imager Pixel Spacing for calibration.
+fn choose_region(
+    o: &InMemDicomObject,
+    regions: &[UltrasoundRegion],
+    rows: u32,
+    columns: u32,
+) -> (Option<ImagingRegion>, Calibration) {
+    let tissue: Vec<&UltrasoundRegion> = regions.iter().filter(|r| r.spatial_format == 1 && r.data_type == 1).collect();
+    // Fall back to any 2-D region when none is marked as tissue.
+    let candidates: Vec<&UltrasoundRegion> =
+        if tissue.is_empty() { regions.iter().filter(|r| r.spatial_format == 1).collect() } else { tissue };
+    // Scanners often write the last column or row as the frame size (one past the end); an
+    // overhang of this many pixels is clipped, a larger one means the region does not belong
+    // to these pixels (a resized or cropped export).
+    const REGION_OVERHANG_PX: i64 = 2;
+    let fits = |r: &UltrasoundRegion| {
+        r.min_x0 >= 0
+            && r.min_y0 >= 0
+            && r.max_x1 >= r.min_x0
+            && r.max_y1 >= r.min_y0
+            && r.max_x1 < columns as i64 + REGION_OVERHANG_PX
+            && r.max_y1 < rows as i64 + REGION_OVERHANG_PX
+            && r.min_x0 < columns as i64
+            && r.min_y0 < rows as i64
+    };
+    let area = |r: &UltrasoundRegion| (r.max_x1 - r.min_x0 + 1) * (r.max_y1 - r.min_y0 + 1);
+    let best = candidates.iter().filter(|r| fits(r)).max_by_key(|r| area(r)).copied();
+    if let Some(r) = best {
+        let region = ImagingRegion {
+            bounds: Rect {
+                x0: r.min_x0 as usize,
+                y0: r.min_y0 as usize,
+                x1: (r.max_x1 as usize + 1).min(columns as usize),
+                y1: (r.max_y1 as usize + 1).min(rows as usize),
+            },
+            shape: RegionShape::Rectangle,
+            source: RegionSource::UltrasoundRegion,
+            mask: None,
+        };
+        let calibration = match (r.mm_per_px_x, r.mm_per_px_y) {
+            (Some(x), Some(y)) => match check_spacing_mm(x, y) {
+                None => Calibration::Ok {
+                    mm_per_px_x: x,
+                    mm_per_px_y: y,
+                    reference_px: match (r.reference_pixel_x0, r.reference_pixel_y0) {
+                        (Some(rx), Some(ry)) => Some(((r.min_x0 + rx) as f64, (r.min_y0 + ry) as f64)),
+                        _ => None,
+                    },
+                    source: CalibrationSource::UltrasoundRegion,
+                },
+                Some(reason) => Calibration::Unusable { reason: format!("ultrasound region: {reason}") },
+            },
+            _ => Calibration::Unusable {
+                reason: format!("ultrasound region units are codes {}/{}, not cm (3)", r.units_x, r.units_y),
+            },
+        };
+        return (Some(region), calibration);
+    }
+    if let Some(r) = candidates.first() {
+        // A 2-D region exists but lies outside the frame.
+        let reason = format!(
+            "ultrasound region ({},{})-({},{}) lies outside the {columns}x{rows} frame",
+            r.min_x0, r.min_y0, r.max_x1, r.max_y1
+        );
+        return (None, Calibration::Unusable { reason });
+    }
+    for (tag, source) in [(tags::PIXEL_SPACING, CalibrationSource::PixelSpacing), (tags::IMAGER_PIXEL_SPACING, CalibrationSource::ImagerPixelSpacing)] {
+        if let Some(v) = o.get(tag).and_then(|e| e.value().to_multi_float64().ok()) {
+            if v.len() != 2 {
+                return (None, Calibration::Unusable { reason: format!("{source:?} has {} values, not 2", v.len()) });
+            }
+            // Pixel Spacing is row spacing (y) then column spacing (x), in mm.
+            return match check_spacing_mm(v[1], v[0]) {
+                None => (None, Calibration::Ok { mm_per_px_x: v[1], mm_per_px_y: v[0], reference_px: None, source }),
+                Some(reason) => (None, Calibration::Unusable { reason }),
+            };
+        }
+    }
+    (None, Calibration::Missing)
+}

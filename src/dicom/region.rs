@@ -1,0 +1,186 @@
+//! Finding the imaging area from the pixels when the header gives no ultrasound region.
+//!
+//! Scanner screens carry the B-mode image (a rectangle or a fan) surrounded by black, with
+//! burned-in text, scales and logos (coloured pixels do not count as signal). The image is the largest connected patch of signal: on a
+//! grid of 4×4-pixel blocks, blocks with mean intensity above a floor are closed (to bridge
+//! dark speckle and anechoic areas), the largest 4-connected component kept (text glyphs are
+//! small separate components), and each of its rows filled from first to last block.
+
+use ndarray::{Array2, Array3};
+
+use crate::frame::{chroma, ImagingRegion, Rect, RegionShape, RegionSource, COLOUR_CHROMA_THRESHOLD};
+
+/// Block edge in pixels.
+const BLOCK: usize = 4;
+/// Mean grey level (0–255) above which a block holds signal: the black surround of scanner
+/// screens sits at 0–3 even after lossy compression.
+const SIGNAL_FLOOR: f32 = 6.0;
+/// Closing radius in blocks: bridges anechoic holes up to about 2 × 2 × 4 = 16 px.
+const CLOSE_RADIUS: usize = 2;
+/// A component smaller than this share of the frame is not taken for the image.
+const MIN_IMAGE_FRACTION: f64 = 0.05;
+/// A component filling less of its bounding box than this is a sector (fan).
+const SECTOR_FILL: f64 = 0.9;
+
+/// Detects the imaging area of a frame from its intensity (and colours, which count as signal).
+pub fn detect_imaging_region(gray: &Array2<f32>, rgb: Option<&Array3<u8>>) -> ImagingRegion {
+    let (h, w) = gray.dim();
+    let whole = ImagingRegion {
+        bounds: Rect::full(w, h),
+        shape: RegionShape::Rectangle,
+        source: RegionSource::WholeFrame,
+        mask: None,
+    };
+    let (bh, bw) = (h.div_ceil(BLOCK), w.div_ceil(BLOCK));
+    if bh < 4 || bw < 4 {
+        return whole;
+    }
+    let mut sum = Array2::<f32>::zeros((bh, bw));
+    let mut count = Array2::<f32>::zeros((bh, bw));
+    for ((y, x), v) in gray.indexed_iter() {
+        // Strongly coloured pixels (banners, logos, annotations) are not B-mode signal.
+        let coloured = rgb.is_some_and(|c| chroma(c[[y, x, 0]], c[[y, x, 1]], c[[y, x, 2]]) > COLOUR_CHROMA_THRESHOLD);
+        sum[[y / BLOCK, x / BLOCK]] += if coloured { 0.0 } else { *v };
+        count[[y / BLOCK, x / BLOCK]] += 1.0;
+    }
+    let signal = Array2::from_shape_fn((bh, bw), |(y, x)| sum[[y, x]] / count[[y, x]].max(1.0) > SIGNAL_FLOOR);
+    let closed = erode(&dilate(&signal, CLOSE_RADIUS), CLOSE_RADIUS);
+    let Some(component) = largest_component(&closed) else {
+        return whole;
+    };
+    // Fill each row of the component between its first and last block.
+    let mut filled = Array2::from_elem((bh, bw), false);
+    let (mut bx0, mut by0, mut bx1, mut by1) = (bw, bh, 0, 0);
+    let mut blocks = 0usize;
+    for by in 0..bh {
+        let row = component.row(by);
+        let first = row.iter().position(|v| *v);
+        let last = row.iter().rposition(|v| *v);
+        if let (Some(a), Some(b)) = (first, last) {
+            for bx in a..=b {
+                filled[[by, bx]] = true;
+            }
+            blocks += b - a + 1;
+            bx0 = bx0.min(a);
+            bx1 = bx1.max(b + 1);
+            by0 = by0.min(by);
+            by1 = by1.max(by + 1);
+        }
+    }
+    let frac = blocks as f64 / (bh * bw) as f64;
+    if frac < MIN_IMAGE_FRACTION {
+        return whole;
+    }
+    let bounds = Rect { x0: bx0 * BLOCK, y0: by0 * BLOCK, x1: (bx1 * BLOCK).min(w), y1: (by1 * BLOCK).min(h) };
+    let fill = blocks as f64 / ((bx1 - bx0) * (by1 - by0)) as f64;
+    if fill >= SECTOR_FILL {
+        return ImagingRegion { bounds, shape: RegionShape::Rectangle, source: RegionSource::Detected, mask: None };
+    }
+    let mask = Array2::from_shape_fn((h, w), |(y, x)| u8::from(filled[[y / BLOCK, x / BLOCK]]));
+    ImagingRegion { bounds, shape: RegionShape::Sector, source: RegionSource::Detected, mask: Some(mask) }
+}
+
+fn dilate(m: &Array2<bool>, r: usize) -> Array2<bool> {
+    let (h, w) = m.dim();
+    Array2::from_shape_fn((h, w), |(y, x)| {
+        let (y0, y1) = (y.saturating_sub(r), (y + r + 1).min(h));
+        let (x0, x1) = (x.saturating_sub(r), (x + r + 1).min(w));
+        (y0..y1).any(|yy| (x0..x1).any(|xx| m[[yy, xx]]))
+    })
+}
+
+fn erode(m: &Array2<bool>, r: usize) -> Array2<bool> {
+    let (h, w) = m.dim();
+    Array2::from_shape_fn((h, w), |(y, x)| {
+        let (y0, y1) = (y.saturating_sub(r), (y + r + 1).min(h));
+        let (x0, x1) = (x.saturating_sub(r), (x + r + 1).min(w));
+        (y0..y1).all(|yy| (x0..x1).all(|xx| m[[yy, xx]]))
+    })
+}
+
+/// The largest 4-connected component of `m`, or `None` if `m` is empty.
+pub(crate) fn largest_component(m: &Array2<bool>) -> Option<Array2<bool>> {
+    let (h, w) = m.dim();
+    let mut label = Array2::<u32>::zeros((h, w));
+    let mut best = (0u32, 0usize);
+    let mut next = 0u32;
+    let mut stack = Vec::new();
+    for y in 0..h {
+        for x in 0..w {
+            if !m[[y, x]] || label[[y, x]] != 0 {
+                continue;
+            }
+            next += 1;
+            let mut size = 0usize;
+            label[[y, x]] = next;
+            stack.push((y, x));
+            while let Some((cy, cx)) = stack.pop() {
+                size += 1;
+                let mut visit = |ny: usize, nx: usize| {
+                    if m[[ny, nx]] && label[[ny, nx]] == 0 {
+                        label[[ny, nx]] = next;
+                        stack.push((ny, nx));
+                    }
+                };
+                if cy > 0 {
+                    visit(cy - 1, cx);
+                }
+                if cy + 1 < h {
+                    visit(cy + 1, cx);
+                }
+                if cx > 0 {
+                    visit(cy, cx - 1);
+                }
+                if cx + 1 < w {
+                    visit(cy, cx + 1);
+                }
+            }
+            if size > best.1 {
+                best = (next, size);
+            }
+        }
+    }
+    (best.1 > 0).then(|| label.mapv(|l| l == best.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_fan_and_ignores_text() {
+        let (h, w) = (200, 300);
+        let mut g = Array2::<f32>::zeros((h, w));
+        // A fan with apex at (150, 10), 40° half angle, radii 20..180.
+        for y in 0..h {
+            for x in 0..w {
+                let (dx, dy) = (x as f32 - 150.0, y as f32 - 10.0);
+                let r = (dx * dx + dy * dy).sqrt();
+                let a = dx.atan2(dy).to_degrees();
+                if (20.0..180.0).contains(&r) && a.abs() < 40.0 {
+                    g[[y, x]] = 60.0 + ((x * 7 + y * 13) % 50) as f32;
+                }
+            }
+        }
+        // "Text" in the corner.
+        for y in 5..12 {
+            for x in 5..40 {
+                if x % 3 != 0 {
+                    g[[y, x]] = 255.0;
+                }
+            }
+        }
+        let r = detect_imaging_region(&g, None);
+        assert_eq!(r.shape, RegionShape::Sector);
+        assert_eq!(r.source, RegionSource::Detected);
+        assert!(r.bounds.x0 > 40 && r.bounds.y0 > 12, "{:?}", r.bounds);
+        assert!(r.contains(150, 100));
+        assert!(!r.contains(20, 190));
+    }
+
+    #[test]
+    fn a_black_frame_is_the_whole_frame() {
+        let g = Array2::<f32>::zeros((64, 64));
+        assert_eq!(detect_imaging_region(&g, None).source, RegionSource::WholeFrame);
+    }
+}

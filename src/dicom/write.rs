@@ -1,0 +1,261 @@
+//! Writing ultrasound DICOM: the phantom cases and derived (overlay) outputs.
+//!
+//! Files are US Image Storage (one frame) or US Multi-frame Image Storage, explicit VR little
+//! endian, 8 bits per sample, with a Sequence of Ultrasound Regions item giving the calibration
+//! in centimetres. They are written to a temporary file beside the target and renamed, so an
+//! interrupted run never leaves a half-written file.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dicom_core::value::{DataSetSequence, PrimitiveValue};
+use dicom_core::{DataElement, Length, VR};
+use dicom_dictionary_std::{tags, uids};
+use dicom_object::meta::FileMetaTableBuilder;
+use dicom_object::InMemDicomObject;
+
+use super::DicomError;
+use crate::frame::Rect;
+
+/// Colour model of the frames to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Colour {
+    /// One 8-bit sample per pixel, MONOCHROME2.
+    Gray,
+    /// Three 8-bit samples per pixel, interleaved RGB.
+    Rgb,
+}
+
+/// Patient, study and series identity of an output file.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Identity {
+    /// Patient's Name.
+    pub patient_name: String,
+    /// Patient ID.
+    pub patient_id: String,
+    /// Study Instance UID.
+    pub study_uid: String,
+    /// Series Instance UID.
+    pub series_uid: String,
+    /// SOP Instance UID.
+    pub sop_instance_uid: String,
+    /// Study Date (YYYYMMDD).
+    pub study_date: String,
+    /// Study Time (HHMMSS).
+    pub study_time: String,
+    /// Series Description.
+    pub series_description: String,
+}
+
+/// An image to write: frames, geometry and calibration.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct UsImage {
+    /// Columns.
+    pub width: usize,
+    /// Rows.
+    pub height: usize,
+    /// Colour model.
+    pub colour: Colour,
+    /// One buffer per frame, row-major, `width × height × samples` bytes.
+    pub frames: Vec<Vec<u8>>,
+    /// Millimetres per pixel (x, y).
+    pub mm_per_px: (f64, f64),
+    /// The 2-D tissue region (full-frame pixels, end exclusive).
+    pub region: Rect,
+    /// Reference pixel (full-frame column, row): lateral origin and the transducer face.
+    pub reference_px: (i64, i64),
+    /// Time between frames in milliseconds (multi-frame only).
+    pub frame_time_ms: f64,
+    /// Who and what the image belongs to.
+    pub identity: Identity,
+    /// Derived images: (SOP Class UID, SOP Instance UID) of the source, and a description.
+    pub derived_from: Option<(String, String, String)>,
+}
+
+/// A DICOM UID under the 2.25 root (PS3.5 B.2): a 128-bit number written in decimal, taken
+/// from `entropy` (hashed), so that the same inputs give the same UID.
+pub fn uid_from(entropy: &[u8]) -> String {
+    // Two independent 64-bit FNV-1a style hashes with different offsets, finished with
+    // SplitMix64 so that nearby inputs spread over the whole range.
+    let mut a: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut b: u64 = 0x8422_2325_cbf2_9ce4;
+    for &byte in entropy {
+        a = (a ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
+        b = (b ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3 ^ 0x5bd1_e995);
+    }
+    let mix = |mut z: u64| {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let v = ((mix(a) as u128) << 64) | mix(b) as u128;
+    format!("2.25.{v}")
+}
+
+/// A fresh UID, unique to this process, call and moment.
+pub fn new_uid() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let mut e = Vec::new();
+    e.extend_from_slice(&t.to_le_bytes());
+    e.extend_from_slice(&std::process::id().to_le_bytes());
+    e.extend_from_slice(&n.to_le_bytes());
+    uid_from(&e)
+}
+
+fn ds(v: f64) -> String {
+    // Decimal String: at most 16 characters.
+    let s = format!("{v:.10}");
+    let s = s.trim_end_matches('0').trim_end_matches('.').to_string();
+    s.chars().take(16).collect()
+}
+
+/// Writes `image` to `path` (atomically: temporary file, then rename).
+pub fn write_us_image(path: &Path, image: &UsImage) -> Result<(), DicomError> {
+    let err = |reason: String| DicomError::Write { path: path.to_path_buf(), reason };
+    let samples = match image.colour {
+        Colour::Gray => 1usize,
+        Colour::Rgb => 3,
+    };
+    let frame_len = image.width * image.height * samples;
+    if image.frames.is_empty() || image.frames.iter().any(|f| f.len() != frame_len) {
+        return Err(err(format!("every frame must hold {frame_len} bytes")));
+    }
+    if image.width > u16::MAX as usize || image.height > u16::MAX as usize {
+        return Err(err(format!("{}x{} does not fit DICOM Rows/Columns", image.width, image.height)));
+    }
+    let multi = image.frames.len() > 1;
+    let sop_class = if multi { uids::ULTRASOUND_MULTI_FRAME_IMAGE_STORAGE } else { uids::ULTRASOUND_IMAGE_STORAGE };
+    let id = &image.identity;
+    let mut obj = InMemDicomObject::new_empty();
+    let mut put_str = |tag, vr, v: &str| {
+        obj.put(DataElement::new(tag, vr, PrimitiveValue::from(v)));
+    };
+    put_str(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100");
+    let image_type = if image.derived_from.is_some() { "DERIVED\\SECONDARY" } else { "ORIGINAL\\PRIMARY" };
+    put_str(tags::IMAGE_TYPE, VR::CS, image_type);
+    put_str(tags::SOP_CLASS_UID, VR::UI, sop_class);
+    put_str(tags::SOP_INSTANCE_UID, VR::UI, &id.sop_instance_uid);
+    put_str(tags::STUDY_DATE, VR::DA, &id.study_date);
+    put_str(tags::SERIES_DATE, VR::DA, &id.study_date);
+    put_str(tags::CONTENT_DATE, VR::DA, &id.study_date);
+    put_str(tags::STUDY_TIME, VR::TM, &id.study_time);
+    put_str(tags::SERIES_TIME, VR::TM, &id.study_time);
+    put_str(tags::CONTENT_TIME, VR::TM, &id.study_time);
+    put_str(tags::ACCESSION_NUMBER, VR::SH, "");
+    put_str(tags::MODALITY, VR::CS, "US");
+    put_str(tags::MANUFACTURER, VR::LO, "sonoguide");
+    put_str(tags::REFERRING_PHYSICIAN_NAME, VR::PN, "");
+    put_str(tags::SERIES_DESCRIPTION, VR::LO, &id.series_description);
+    put_str(tags::PATIENT_NAME, VR::PN, &id.patient_name);
+    put_str(tags::PATIENT_ID, VR::LO, &id.patient_id);
+    put_str(tags::PATIENT_BIRTH_DATE, VR::DA, "");
+    put_str(tags::PATIENT_SEX, VR::CS, "");
+    put_str(tags::STUDY_INSTANCE_UID, VR::UI, &id.study_uid);
+    put_str(tags::SERIES_INSTANCE_UID, VR::UI, &id.series_uid);
+    put_str(tags::STUDY_ID, VR::SH, "1");
+    put_str(tags::SERIES_NUMBER, VR::IS, "1");
+    put_str(tags::INSTANCE_NUMBER, VR::IS, "1");
+    put_str(tags::PATIENT_ORIENTATION, VR::CS, "");
+    put_str(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00");
+    put_str(tags::BURNED_IN_ANNOTATION, VR::CS, if image.derived_from.is_some() { "YES" } else { "NO" });
+    if let Some((class, instance, description)) = &image.derived_from {
+        put_str(tags::DERIVATION_DESCRIPTION, VR::ST, description);
+        let item = InMemDicomObject::from_element_iter([
+            DataElement::new(tags::REFERENCED_SOP_CLASS_UID, VR::UI, PrimitiveValue::from(class.as_str())),
+            DataElement::new(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(instance.as_str())),
+        ]);
+        obj.put(DataElement::new(
+            tags::SOURCE_IMAGE_SEQUENCE,
+            VR::SQ,
+            DataSetSequence::new(vec![item], Length::UNDEFINED),
+        ));
+    }
+    let us = |tag, v: u16| DataElement::new(tag, VR::US, PrimitiveValue::from(v));
+    obj.put(us(tags::SAMPLES_PER_PIXEL, samples as u16));
+    let pi = match image.colour {
+        Colour::Gray => "MONOCHROME2",
+        Colour::Rgb => "RGB",
+    };
+    obj.put(DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, PrimitiveValue::from(pi)));
+    if image.colour == Colour::Rgb {
+        obj.put(us(tags::PLANAR_CONFIGURATION, 0));
+    }
+    obj.put(us(tags::ROWS, image.height as u16));
+    obj.put(us(tags::COLUMNS, image.width as u16));
+    obj.put(us(tags::BITS_ALLOCATED, 8));
+    obj.put(us(tags::BITS_STORED, 8));
+    obj.put(us(tags::HIGH_BIT, 7));
+    obj.put(us(tags::PIXEL_REPRESENTATION, 0));
+    if multi {
+        obj.put(DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, PrimitiveValue::from(image.frames.len().to_string())));
+        obj.put(DataElement::new(tags::FRAME_INCREMENT_POINTER, VR::AT, PrimitiveValue::from(tags::FRAME_TIME)));
+        obj.put(DataElement::new(tags::FRAME_TIME, VR::DS, PrimitiveValue::from(ds(image.frame_time_ms))));
+    }
+    // The calibration, as scanners write it: one 2-D tissue region in centimetres.
+    let r = image.region;
+    let ul = |tag, v: u32| DataElement::new(tag, VR::UL, PrimitiveValue::from(v));
+    let sl = |tag, v: i32| DataElement::new(tag, VR::SL, PrimitiveValue::from(v));
+    let fd = |tag, v: f64| DataElement::new(tag, VR::FD, PrimitiveValue::from(v));
+    let region_item = InMemDicomObject::from_element_iter([
+        us(tags::REGION_SPATIAL_FORMAT, 1),
+        us(tags::REGION_DATA_TYPE, 1),
+        ul(tags::REGION_FLAGS, 0),
+        ul(tags::REGION_LOCATION_MIN_X0, r.x0 as u32),
+        ul(tags::REGION_LOCATION_MIN_Y0, r.y0 as u32),
+        ul(tags::REGION_LOCATION_MAX_X1, r.x1.saturating_sub(1) as u32),
+        ul(tags::REGION_LOCATION_MAX_Y1, r.y1.saturating_sub(1) as u32),
+        sl(tags::REFERENCE_PIXEL_X0, (image.reference_px.0 - r.x0 as i64) as i32),
+        sl(tags::REFERENCE_PIXEL_Y0, (image.reference_px.1 - r.y0 as i64) as i32),
+        us(tags::PHYSICAL_UNITS_X_DIRECTION, 3),
+        us(tags::PHYSICAL_UNITS_Y_DIRECTION, 3),
+        fd(tags::REFERENCE_PIXEL_PHYSICAL_VALUE_X, 0.0),
+        fd(tags::REFERENCE_PIXEL_PHYSICAL_VALUE_Y, 0.0),
+        fd(tags::PHYSICAL_DELTA_X, image.mm_per_px.0 / 10.0),
+        fd(tags::PHYSICAL_DELTA_Y, image.mm_per_px.1 / 10.0),
+    ]);
+    obj.put(DataElement::new(
+        tags::SEQUENCE_OF_ULTRASOUND_REGIONS,
+        VR::SQ,
+        DataSetSequence::new(vec![region_item], Length::UNDEFINED),
+    ));
+    let mut pixels = Vec::with_capacity(frame_len * image.frames.len() + 1);
+    for f in &image.frames {
+        pixels.extend_from_slice(f);
+    }
+    if pixels.len() % 2 == 1 {
+        pixels.push(0);
+    }
+    obj.put(DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::from(pixels)));
+
+    let file = obj
+        .with_meta(
+            FileMetaTableBuilder::new()
+                .transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN)
+                .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
+                .implementation_version_name("SONOGUIDE_01"),
+        )
+        .map_err(|e| err(e.to_string()))?;
+    let tmp = temp_path(path);
+    let result = file.write_to_file(&tmp).map_err(|e| err(e.to_string()));
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        err(e.to_string())
+    })
+}
+
+/// The implementation class UID written in the file meta group.
+pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.180368217318236457392176425036213839061";
+
+/// A temporary name beside `path`, for write-then-rename.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}

@@ -1,0 +1,307 @@
+//! One ultrasound frame as the pipeline sees it: B-mode intensity, the displayed colours, a
+//! colour mask, the imaging region, and the physical calibration.
+
+use ndarray::Array2;
+use serde::Serialize;
+
+/// Chroma (max − min of R, G, B, on 0–255) above which a pixel counts as colour: Doppler flow or a
+/// coloured annotation. Grey B-mode pixels of lossy JPEG cines carry chroma noise of a few levels
+/// (the corpus YBR cine peaks near 10), so the threshold sits well above that.
+pub const COLOUR_CHROMA_THRESHOLD: u8 = 40;
+
+/// An axis-aligned pixel rectangle, `x0..x1` by `y0..y1` (end exclusive), in full-frame
+/// column/row coordinates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Rect {
+    /// First column.
+    pub x0: usize,
+    /// First row.
+    pub y0: usize,
+    /// One past the last column.
+    pub x1: usize,
+    /// One past the last row.
+    pub y1: usize,
+}
+
+impl Rect {
+    /// The whole of a `width` × `height` image.
+    pub fn full(width: usize, height: usize) -> Self {
+        Rect { x0: 0, y0: 0, x1: width, y1: height }
+    }
+    /// Width in pixels.
+    pub fn width(&self) -> usize {
+        self.x1.saturating_sub(self.x0)
+    }
+    /// Height in pixels.
+    pub fn height(&self) -> usize {
+        self.y1.saturating_sub(self.y0)
+    }
+    /// Whether pixel (x, y) lies inside.
+    pub fn contains(&self, x: usize, y: usize) -> bool {
+        x >= self.x0 && x < self.x1 && y >= self.y0 && y < self.y1
+    }
+}
+
+/// Where the imaging region came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegionSource {
+    /// An item of the Sequence of Ultrasound Regions (0018,6011).
+    UltrasoundRegion,
+    /// Found from the pixels (no usable region in the header).
+    Detected,
+    /// The whole frame (nothing better was found).
+    WholeFrame,
+}
+
+/// The shape of the imaging area.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegionShape {
+    /// A rectangle (linear array).
+    Rectangle,
+    /// A fan (curved or phased array): only the pixels of `mask` are image.
+    Sector,
+}
+
+/// The part of the frame that holds the B-mode image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImagingRegion {
+    /// Bounding rectangle in full-frame pixels.
+    pub bounds: Rect,
+    /// Rectangle or fan.
+    pub shape: RegionShape,
+    /// Where the region came from.
+    pub source: RegionSource,
+    /// For a sector: 1 inside the fan, 0 outside (full-frame size). `None` for a rectangle.
+    pub mask: Option<Array2<u8>>,
+}
+
+impl ImagingRegion {
+    /// Whether pixel (x, y) is part of the image.
+    pub fn contains(&self, x: usize, y: usize) -> bool {
+        if !self.bounds.contains(x, y) {
+            return false;
+        }
+        match &self.mask {
+            Some(m) => m.get((y, x)).is_some_and(|v| *v != 0),
+            None => true,
+        }
+    }
+}
+
+/// Where a calibration came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CalibrationSource {
+    /// Physical deltas of an ultrasound region.
+    UltrasoundRegion,
+    /// Pixel Spacing (0028,0030).
+    PixelSpacing,
+    /// Imager Pixel Spacing (0018,1164).
+    ImagerPixelSpacing,
+    /// Set by the caller (raw buffers, phantoms).
+    Given,
+}
+
+/// Physical size of a pixel, when it is known and believable.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Calibration {
+    /// Usable millimetres per pixel.
+    Ok {
+        /// Millimetres per pixel along a row (lateral).
+        mm_per_px_x: f64,
+        /// Millimetres per pixel down a column (axial, depth).
+        mm_per_px_y: f64,
+        /// The pixel whose physical coordinate is (0, 0): depth 0 at the transducer face.
+        /// Full-frame column and row.
+        reference_px: Option<(f64, f64)>,
+        /// Where it came from.
+        source: CalibrationSource,
+    },
+    /// The file gives no calibration.
+    Missing,
+    /// The file gives one, but it cannot be used (zero, negative, non-finite, wrong units …).
+    Unusable {
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+impl Calibration {
+    /// `"ok"`, `"missing"` or `"unusable"`.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Calibration::Ok { .. } => "ok",
+            Calibration::Missing => "missing",
+            Calibration::Unusable { .. } => "unusable",
+        }
+    }
+
+    /// Millimetres per pixel (x, y), if usable.
+    pub fn mm_per_px(&self) -> Option<(f64, f64)> {
+        match self {
+            Calibration::Ok { mm_per_px_x, mm_per_px_y, .. } => Some((*mm_per_px_x, *mm_per_px_y)),
+            _ => None,
+        }
+    }
+
+    /// Converts a full-frame pixel position to millimetres: x lateral from the reference
+    /// pixel, y depth from the transducer face (the reference row, or `top_row` if the file
+    /// gives no reference pixel).
+    pub fn px_to_mm(&self, x: f64, y: f64, top_row: f64) -> Option<(f64, f64)> {
+        match self {
+            Calibration::Ok { mm_per_px_x, mm_per_px_y, reference_px, .. } => {
+                let (rx, ry) = reference_px.unwrap_or((0.0, top_row));
+                Some(((x - rx) * mm_per_px_x, (y - ry) * mm_per_px_y))
+            }
+            _ => None,
+        }
+    }
+
+    /// Inverse of [`Calibration::px_to_mm`].
+    pub fn mm_to_px(&self, x_mm: f64, y_mm: f64, top_row: f64) -> Option<(f64, f64)> {
+        match self {
+            Calibration::Ok { mm_per_px_x, mm_per_px_y, reference_px, .. } => {
+                let (rx, ry) = reference_px.unwrap_or((0.0, top_row));
+                Some((x_mm / mm_per_px_x + rx, y_mm / mm_per_px_y + ry))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Checks a pair of millimetre-per-pixel values and returns why they are unusable, if they are.
+pub fn check_spacing_mm(x: f64, y: f64) -> Option<String> {
+    // Ultrasound pixels range from a few micrometres (high-frequency probes, zoomed) to about a
+    // millimetre (deep abdominal scans); outside 1 µm..10 mm a value is a header error.
+    const MIN_MM: f64 = 1e-3;
+    const MAX_MM: f64 = 10.0;
+    for (axis, v) in [("x", x), ("y", y)] {
+        if !v.is_finite() {
+            return Some(format!("mm per pixel along {axis} is not finite ({v})"));
+        }
+        if v <= 0.0 {
+            return Some(format!("mm per pixel along {axis} is not positive ({v})"));
+        }
+        if !(MIN_MM..=MAX_MM).contains(&v) {
+            return Some(format!("mm per pixel along {axis} is implausible ({v} mm)"));
+        }
+    }
+    None
+}
+
+/// One frame of ultrasound, ready for the kernels.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// B-mode intensity, `[row, column]`, 0–255 (luma of the displayed RGB for colour
+    /// sources; 16-bit greyscale is scaled by its bits stored).
+    pub intensity: Array2<f32>,
+    /// Displayed RGB, `[row, column, channel]`, where the source is colour.
+    pub rgb: Option<ndarray::Array3<u8>>,
+    /// 1 where the pixel's chroma marks Doppler flow or a coloured annotation; such pixels are
+    /// kept out of segmentation. `None` for greyscale sources.
+    pub colour_mask: Option<Array2<u8>>,
+    /// The imaging region.
+    pub region: ImagingRegion,
+    /// Physical calibration.
+    pub calibration: Calibration,
+    /// Zero-based frame number within its source.
+    pub index: usize,
+}
+
+impl Frame {
+    /// Width in pixels (columns).
+    pub fn width(&self) -> usize {
+        self.intensity.ncols()
+    }
+    /// Height in pixels (rows).
+    pub fn height(&self) -> usize {
+        self.intensity.nrows()
+    }
+
+    /// Builds a frame from an 8-bit greyscale buffer (row-major), with the whole frame as a
+    /// rectangular imaging region and the given calibration.
+    pub fn from_gray8(
+        width: usize,
+        height: usize,
+        pixels: &[u8],
+        calibration: Calibration,
+    ) -> crate::Result<Frame> {
+        if width == 0 || height == 0 || pixels.len() != width * height {
+            return Err(crate::Error::InvalidParameter {
+                name: "pixels",
+                reason: format!(
+                    "{} bytes do not make a {width}x{height} greyscale frame",
+                    pixels.len()
+                ),
+            });
+        }
+        let intensity = Array2::from_shape_fn((height, width), |(y, x)| pixels[y * width + x] as f32);
+        Ok(Frame {
+            intensity,
+            rgb: None,
+            colour_mask: None,
+            region: ImagingRegion {
+                bounds: Rect::full(width, height),
+                shape: RegionShape::Rectangle,
+                source: RegionSource::WholeFrame,
+                mask: None,
+            },
+            calibration,
+            index: 0,
+        })
+    }
+
+    /// The intensity as 8-bit grey (rounded, clamped).
+    pub fn gray8(&self) -> Vec<u8> {
+        self.intensity.iter().map(|v| v.round().clamp(0.0, 255.0) as u8).collect()
+    }
+
+    /// The displayed image as 8-bit RGB, row-major: the source colours, or grey repeated.
+    pub fn rgb8(&self) -> Vec<u8> {
+        match &self.rgb {
+            Some(rgb) => rgb.iter().copied().collect(),
+            None => self.gray8().iter().flat_map(|g| [*g, *g, *g]).collect(),
+        }
+    }
+}
+
+/// ITU-R BT.601 luma of an 8-bit RGB triple, on 0–255.
+pub fn luma(r: u8, g: u8, b: u8) -> f32 {
+    0.299 * r as f32 + 0.587 * g as f32 + 0.114 * b as f32
+}
+
+/// Chroma of an RGB triple: max − min of its channels.
+pub fn chroma(r: u8, g: u8, b: u8) -> u8 {
+    r.max(g).max(b) - r.min(g).min(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spacing_checks_refuse_bad_values() {
+        assert!(check_spacing_mm(0.1, 0.1).is_none());
+        assert!(check_spacing_mm(0.0, 0.1).is_some());
+        assert!(check_spacing_mm(-0.1, 0.1).is_some());
+        assert!(check_spacing_mm(f64::NAN, 0.1).is_some());
+        assert!(check_spacing_mm(0.1, 1e6).is_some());
+    }
+
+    #[test]
+    fn px_mm_round_trip() {
+        let c = Calibration::Ok {
+            mm_per_px_x: 0.2,
+            mm_per_px_y: 0.25,
+            reference_px: Some((100.0, 20.0)),
+            source: CalibrationSource::Given,
+        };
+        let (xm, ym) = c.px_to_mm(150.0, 60.0, 0.0).unwrap();
+        assert!((xm - 10.0).abs() < 1e-9 && (ym - 10.0).abs() < 1e-9);
+        let (x, y) = c.mm_to_px(xm, ym, 0.0).unwrap();
+        assert!((x - 150.0).abs() < 1e-9 && (y - 60.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,29 @@
+//! # sonoguide
+//!
+//! An ultrasound-guidance image pipeline for musculoskeletal injections: it reads the
+//! scanner's DICOM frames with their physical calibration, despeckles them, segments bone,
+//! acoustic shadow, tendon, joint space and vessels, and suggests an in-plane needle path.
+//!
+//! This is a research and engineering tool, not a certified medical device.
+//!
+//! ```no_run
+//! use sonoguide::dicom::{DicomFile, ReadOptions};
+//! let file = DicomFile::open("scan.dcm", &ReadOptions::default())?;
+//! for frame in file.frames() {
+//!     let frame = frame?;
+//!     println!("frame {}: {}x{}, calibration {}", frame.index, frame.width(), frame.height(),
+//!              frame.calibration.status());
+//! }
+//! # Ok::<(), sonoguide::Error>(())
+//! ```
+#![warn(missing_docs)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod dicom;
+pub mod error;
+pub mod frame;
+pub mod imageio;
+pub mod phantom;
+
+pub use error::{Error, Result};
+pub use frame::{Calibration, Frame, ImagingRegion, Rect};

@@ -1,0 +1,270 @@
+//! The `sonoguide` command line: parses arguments, calls the library, prints, and maps the
+//! outcome to an exit code (0 all good, 1 some inputs failed, 2 usage error).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+use sonoguide::dicom::{DicomFile, ReadOptions};
+use sonoguide::phantom::{self, Geometry, PhantomParams};
+
+/// Exit code when some inputs failed (the others were processed).
+const EXIT_INPUT_FAILED: u8 = 1;
+/// Exit code for a usage error (bad arguments, unwritable output folder).
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "sonoguide", version, about = "Ultrasound-guidance image pipeline (research tool, not a medical device)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print what a DICOM file holds: format, size, frames, ultrasound regions, calibration.
+    Info {
+        /// DICOM files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Print a JSON array, one object per file.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write every frame of a DICOM file as frame_NNNN.png.
+    Frames {
+        /// DICOM file.
+        file: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Write the B-mode intensity (greyscale) instead of the displayed RGB.
+        #[arg(long)]
+        gray: bool,
+    },
+    /// Generate synthetic MSK phantoms (DICOM + truth labels + clean map + truth JSON).
+    Phantom {
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Number of cases.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Seed of the first case (case i uses seed + i).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Frames per case (more than 1: a cine with the probe sliding sideways).
+        #[arg(long, default_value_t = 1)]
+        frames: usize,
+        /// Probe geometry.
+        #[arg(long, value_enum, default_value_t = GeometryArg::Linear)]
+        geometry: GeometryArg,
+        /// Image size, WIDTHxHEIGHT.
+        #[arg(long, default_value = "480x360", value_parser = parse_size)]
+        size: (usize, usize),
+        /// Millimetres per pixel.
+        #[arg(long, default_value_t = 0.08)]
+        mm_per_px: f64,
+        /// Case name prefix.
+        #[arg(long, default_value = "phantom")]
+        prefix: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GeometryArg {
+    Linear,
+    Curved,
+}
+
+fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| format!("'{s}' is not WIDTHxHEIGHT"))?;
+    let w = w.trim().parse().map_err(|_| format!("bad width in '{s}'"))?;
+    let h = h.trim().parse().map_err(|_| format!("bad height in '{s}'"))?;
+    Ok((w, h))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Info { files, json } => info(&files, json),
+        Command::Frames { file, out, gray } => frames(&file, &out, gray),
+        Command::Phantom { out, count, seed, frames, geometry, size, mm_per_px, prefix } => {
+            let geometry = match geometry {
+                GeometryArg::Linear => Geometry::Linear,
+                GeometryArg::Curved => Geometry::Curved,
+            };
+            let mut params = PhantomParams::default();
+            params.width = size.0;
+            params.height = size.1;
+            params.mm_per_px = mm_per_px;
+            params.frames = frames;
+            params.geometry = geometry;
+            phantoms(&out, count, seed, &prefix, params)
+        }
+    }
+}
+
+fn make_out_dir(out: &Path) -> Result<(), ExitCode> {
+    std::fs::create_dir_all(out).map_err(|e| {
+        eprintln!("error: cannot create output folder {}: {e}", out.display());
+        ExitCode::from(EXIT_USAGE)
+    })
+}
+
+fn info_json(path: &Path) -> Value {
+    let file = match DicomFile::open(path, &ReadOptions::default()) {
+        Ok(f) => f,
+        Err(e) => return json!({"path": path, "error": e.to_string()}),
+    };
+    let i = file.info();
+    let region = match file.imaging_region_info() {
+        Ok(r) => json!({
+            "x0": r.bounds.x0, "y0": r.bounds.y0, "x1": r.bounds.x1, "y1": r.bounds.y1,
+            "shape": r.shape, "source": r.source,
+            "mm_per_px_x": r.mm_per_px_x, "mm_per_px_y": r.mm_per_px_y,
+            "reference_pixel_x0": r.reference_pixel_x0, "reference_pixel_y0": r.reference_pixel_y0,
+        }),
+        Err(e) => return json!({"path": path, "error": e.to_string()}),
+    };
+    let calibration_reason = match &i.calibration {
+        sonoguide::Calibration::Unusable { reason } => Some(reason.clone()),
+        _ => None,
+    };
+    json!({
+        "path": path,
+        "sop_class_uid": i.sop_class_uid,
+        "transfer_syntax_uid": i.transfer_syntax_uid,
+        "photometric_interpretation": i.photometric_interpretation,
+        "rows": i.rows,
+        "columns": i.columns,
+        "frames": i.frames,
+        "bits_allocated": i.bits_allocated,
+        "bits_stored": i.bits_stored,
+        "samples_per_pixel": i.samples_per_pixel,
+        "planar_configuration": i.planar_configuration,
+        "ultrasound_regions": i.ultrasound_regions,
+        "imaging_region": region,
+        "calibration": i.calibration.status(),
+        "calibration_reason": calibration_reason,
+    })
+}
+
+fn info(files: &[PathBuf], as_json: bool) -> ExitCode {
+    let reports: Vec<Value> = files.iter().map(|p| info_json(p)).collect();
+    let failed = reports.iter().filter(|r| r.get("error").is_some()).count();
+    if as_json {
+        match serde_json::to_string_pretty(&reports) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_INPUT_FAILED);
+            }
+        }
+    } else {
+        for r in &reports {
+            print_info_text(r);
+        }
+    }
+    for r in reports.iter().filter(|r| r.get("error").is_some()) {
+        eprintln!("error: {}", r["error"].as_str().unwrap_or("unknown"));
+    }
+    if failed > 0 { ExitCode::from(EXIT_INPUT_FAILED) } else { ExitCode::SUCCESS }
+}
+
+fn print_info_text(r: &Value) {
+    let s = |k: &str| r.get(k).map(|v| v.to_string().trim_matches('"').to_string()).unwrap_or_default();
+    println!("{}", s("path"));
+    if r.get("error").is_some() {
+        println!("  error: {}", s("error"));
+        return;
+    }
+    println!("  SOP class            {}", s("sop_class_uid"));
+    println!("  transfer syntax      {}", s("transfer_syntax_uid"));
+    println!("  photometric          {}", s("photometric_interpretation"));
+    println!("  size                 {} x {} px, {} frame(s)", s("columns"), s("rows"), s("frames"));
+    println!("  bits allocated       {} ({} stored), {} sample(s) per pixel", s("bits_allocated"), s("bits_stored"), s("samples_per_pixel"));
+    if let Some(regions) = r["ultrasound_regions"].as_array() {
+        for (k, g) in regions.iter().enumerate() {
+            println!(
+                "  region {k}             ({},{})-({},{}) format {} type {} units {}/{} delta {}/{} ref ({},{}) mm/px {}/{}",
+                g["min_x0"], g["min_y0"], g["max_x1"], g["max_y1"], g["spatial_format"], g["data_type"],
+                g["units_x"], g["units_y"], g["physical_delta_x"], g["physical_delta_y"],
+                g["reference_pixel_x0"], g["reference_pixel_y0"], g["mm_per_px_x"], g["mm_per_px_y"]
+            );
+        }
+    }
+    let ir = &r["imaging_region"];
+    println!(
+        "  imaging region       ({},{})-({},{}) {} from {}, mm/px {} x {}",
+        ir["x0"], ir["y0"], ir["x1"], ir["y1"], ir["shape"], ir["source"], ir["mm_per_px_x"], ir["mm_per_px_y"]
+    );
+    match r["calibration_reason"].as_str() {
+        Some(reason) => println!("  calibration          {} ({reason})", s("calibration")),
+        None => println!("  calibration          {}", s("calibration")),
+    }
+}
+
+fn frames(file: &Path, out: &Path, gray: bool) -> ExitCode {
+    let dicom = match DicomFile::open(file, &ReadOptions::default()) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INPUT_FAILED);
+        }
+    };
+    if let Err(code) = make_out_dir(out) {
+        return code;
+    }
+    let (w, h) = (dicom.info().columns as usize, dicom.info().rows as usize);
+    let mut failed = 0;
+    for i in 0..dicom.frame_count() {
+        let path = out.join(format!("frame_{i:04}.png"));
+        let result = dicom.decode_display(i).map_err(sonoguide::Error::from).and_then(|(rgb, intensity)| {
+            if gray {
+                let g = intensity.mapv(|v| v.round().clamp(0.0, 255.0) as u8);
+                sonoguide::imageio::write_gray_png(&path, &g)
+            } else {
+                let buf: Vec<u8> = match rgb {
+                    Some(rgb) => rgb.iter().copied().collect(),
+                    None => intensity.iter().flat_map(|v| [v.round().clamp(0.0, 255.0) as u8; 3]).collect(),
+                };
+                sonoguide::imageio::write_rgb_png(&path, w, h, &buf)
+            }
+        });
+        if let Err(e) = result {
+            eprintln!("error: {e}");
+            failed += 1;
+        }
+    }
+    eprintln!("{}: wrote {} of {} frame(s) to {}", file.display(), dicom.frame_count() - failed, dicom.frame_count(), out.display());
+    if failed > 0 { ExitCode::from(EXIT_INPUT_FAILED) } else { ExitCode::SUCCESS }
+}
+
+fn phantoms(out: &Path, count: usize, seed: u64, prefix: &str, params: PhantomParams) -> ExitCode {
+    if let Err(code) = make_out_dir(out) {
+        return code;
+    }
+    let mut failed = 0;
+    for i in 0..count {
+        let mut p = params.clone();
+        p.seed = seed + i as u64;
+        let name = format!("{prefix}_{:04}", p.seed);
+        match phantom::write_case(out, &name, &p) {
+            Ok(truth) => eprintln!(
+                "{}: {} scene, target {}, {} frame(s)",
+                out.join(format!("{name}.dcm")).display(),
+                truth.scene,
+                truth.target_kind,
+                truth.frames.len()
+            ),
+            Err(e) => {
+                eprintln!("error: {name}: {e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 { ExitCode::from(EXIT_INPUT_FAILED) } else { ExitCode::SUCCESS }
+}
