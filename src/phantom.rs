@@ -590,7 +590,7 @@ pub fn generate(name: &str, params: &PhantomParams) -> crate::Result<Phantom> {
                 Complex::new(rng.normal(), rng.normal()) * (amp / 2f64.sqrt())
             };
             iq[[y + pad, x + pad]] = z;
-            mean_power[[y + pad, x + pad]] = Complex::new(if specular[[y, x]] { power } else { power }, 0.0);
+            mean_power[[y + pad, x + pad]] = Complex::new(power, 0.0);
         }
     }
     // The PSF: axial Gaussian pulse from the frequency and bandwidth, lateral beam λ·F#.
