@@ -31,6 +31,9 @@ pub enum Error {
         /// Why the value was refused.
         reason: String,
     },
+    /// A GPU operation failed (no adapter, device lost, out of memory, shader error).
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
     /// Encoding or decoding an image file (PNG) failed.
     #[error("image {path}: {message}")]
     Image {

@@ -21,9 +21,14 @@
 
 pub mod dicom;
 pub mod error;
+pub mod despeckle;
 pub mod frame;
+pub mod gpu;
 pub mod imageio;
+pub mod kernels;
 pub mod phantom;
 
 pub use error::{Error, Result};
+pub use despeckle::{Despeckler, Filter};
 pub use frame::{Calibration, Frame, ImagingRegion, Rect};
+pub use gpu::Backend;

@@ -1,0 +1,23 @@
+// common.wgsl: bindings and helpers shared by every kernel; prepended to each kernel's file.
+// Bindings (keep in sync with src/gpu/context.rs):
+//   0 uniform Params (declared by each kernel, one 256-byte slot per dispatch)
+//   1 src:   the current image, row-major f32 (read)
+//   2 dst:   the next image (written by kernels that produce one)
+//   3 aux:   a scratch image (SRAD's diffusion coefficients)
+//   4 stats: 64 floats of per-frame statistics (SRAD's q0²)
+// Edge rule everywhere: clamp to edge.
+
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(3) var<storage, read_write> aux: array<f32>;
+@group(0) @binding(4) var<storage, read_write> stats: array<f32>;
+
+fn clamp_index(x: i32, y: i32, w: u32, h: u32) -> u32 {
+    let cx = clamp(x, 0, i32(w) - 1);
+    let cy = clamp(y, 0, i32(h) - 1);
+    return u32(cy) * w + u32(cx);
+}
+
+fn load_src(x: i32, y: i32, w: u32, h: u32) -> f32 {
+    return src[clamp_index(x, y, w, h)];
+}

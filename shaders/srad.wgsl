@@ -1,0 +1,101 @@
+// srad.wgsl: speckle-reducing anisotropic diffusion (Yu & Acton 2002), one iteration as three
+// dispatches:
+//   srad_stats  (1 workgroup of 256): q0² = var/mean² of the ROI → stats[0]
+//   srad_coeff  (16×16 tiles): diffusion coefficient c per pixel → aux
+//   srad_update (16×16 tiles): J' = J + λ/4 (c·dN + c_S·dS + c·dW + c_E·dE) → dst
+// Intensities are floored at INTENSITY_FLOOR to keep the ratios finite in black shadows.
+// Keep Params in sync with src/kernels/srad.rs.
+
+struct Params {
+    width: u32,
+    height: u32,
+    roi_x0: u32,
+    roi_y0: u32,
+    roi_w: u32,
+    roi_h: u32,
+    pad0: u32,
+    pad1: u32,
+    lambda: f32,
+    pad2: f32,
+    pad3: f32,
+    pad4: f32,
+}
+@group(0) @binding(0) var<uniform> p: Params;
+
+const INTENSITY_FLOOR: f32 = 1.0;
+const Q0_FLOOR: f32 = 1e-6;
+
+var<workgroup> part_sum: array<f32, 256>;
+var<workgroup> part_sq: array<f32, 256>;
+
+@compute @workgroup_size(256)
+fn srad_stats(@builtin(local_invocation_index) t: u32) {
+    let n = p.roi_w * p.roi_h;
+    var s = 0.0;
+    var q = 0.0;
+    for (var i = t; i < n; i += 256u) {
+        let x = p.roi_x0 + i % p.roi_w;
+        let y = p.roi_y0 + i / p.roi_w;
+        let v = src[y * p.width + x];
+        s += v;
+        q += v * v;
+    }
+    part_sum[t] = s;
+    part_sq[t] = q;
+    workgroupBarrier();
+    for (var stride = 128u; stride > 0u; stride = stride / 2u) {
+        if (t < stride) {
+            part_sum[t] += part_sum[t + stride];
+            part_sq[t] += part_sq[t + stride];
+        }
+        workgroupBarrier();
+    }
+    if (t == 0u) {
+        let mean = part_sum[0] / f32(n);
+        let variance = max(part_sq[0] / f32(n) - mean * mean, 0.0);
+        stats[0] = max(variance / max(mean * mean, Q0_FLOOR), Q0_FLOOR);
+    }
+}
+
+@compute @workgroup_size(16, 16)
+fn srad_coeff(@builtin(global_invocation_id) id: vec3<u32>) {
+    if (id.x >= p.width || id.y >= p.height) {
+        return;
+    }
+    let x = i32(id.x);
+    let y = i32(id.y);
+    let j = max(load_src(x, y, p.width, p.height), INTENSITY_FLOOR);
+    let dn = max(load_src(x, y - 1, p.width, p.height), INTENSITY_FLOOR) - j;
+    let ds = max(load_src(x, y + 1, p.width, p.height), INTENSITY_FLOOR) - j;
+    let dw = max(load_src(x - 1, y, p.width, p.height), INTENSITY_FLOOR) - j;
+    let de = max(load_src(x + 1, y, p.width, p.height), INTENSITY_FLOOR) - j;
+    let g2 = (dn * dn + ds * ds + dw * dw + de * de) / (j * j);
+    let l = (dn + ds + dw + de) / j;
+    let num = 0.5 * g2 - 0.0625 * l * l;
+    let den = (1.0 + 0.25 * l) * (1.0 + 0.25 * l);
+    let q2 = num / den;
+    let q02 = stats[0];
+    let c = 1.0 / (1.0 + (q2 - q02) / (q02 * (1.0 + q02)));
+    aux[id.y * p.width + id.x] = clamp(c, 0.0, 1.0);
+}
+
+@compute @workgroup_size(16, 16)
+fn srad_update(@builtin(global_invocation_id) id: vec3<u32>) {
+    if (id.x >= p.width || id.y >= p.height) {
+        return;
+    }
+    let x = i32(id.x);
+    let y = i32(id.y);
+    let w = p.width;
+    let h = p.height;
+    let j = max(load_src(x, y, w, h), INTENSITY_FLOOR);
+    let dn = max(load_src(x, y - 1, w, h), INTENSITY_FLOOR) - j;
+    let ds = max(load_src(x, y + 1, w, h), INTENSITY_FLOOR) - j;
+    let dw = max(load_src(x - 1, y, w, h), INTENSITY_FLOOR) - j;
+    let de = max(load_src(x + 1, y, w, h), INTENSITY_FLOOR) - j;
+    let c = aux[clamp_index(x, y, w, h)];
+    let cs = aux[clamp_index(x, y + 1, w, h)];
+    let ce = aux[clamp_index(x + 1, y, w, h)];
+    let d = c * dn + cs * ds + c * dw + ce * de;
+    dst[id.y * w + id.x] = j + 0.25 * p.lambda * d;
+}

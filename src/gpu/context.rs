@@ -1,0 +1,449 @@
+//! The wgpu context and the per-frame chain.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use ndarray::Array2;
+
+use super::{
+    AdapterSummary, Backend, GpuError, NameCache, SizeCache, ADAPTER_ENV, MAX_DISPATCHES, PARAMS_SLOT_BYTES, STATS_LEN,
+    WORKGROUP,
+};
+
+/// A compiled kernel entry point.
+#[derive(Debug)]
+struct Kernel {
+    pipeline: wgpu::ComputePipeline,
+}
+
+/// Buffers and bind groups for one frame size, reused frame after frame.
+#[derive(Debug)]
+struct FrameBuffers {
+    width: usize,
+    height: usize,
+    images: [wgpu::Buffer; 2],
+    aux: wgpu::Buffer,
+    stats: wgpu::Buffer,
+    staging: wgpu::Buffer,
+    stats_staging: wgpu::Buffer,
+    params: wgpu::Buffer,
+    /// Bind group reading images[i] and writing images[1 - i].
+    groups: [wgpu::BindGroup; 2],
+}
+
+/// A headless wgpu device with its kernels and buffers.
+pub struct GpuContext {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    layout: wgpu::BindGroupLayout,
+    pipeline_layout: wgpu::PipelineLayout,
+    kernels: NameCache<Kernel>,
+    modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
+    sizes: SizeCache<FrameBuffers>,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuContext").field("adapter", &self.info.name).finish_non_exhaustive()
+    }
+}
+
+fn summary(a: &wgpu::Adapter) -> AdapterSummary {
+    let info = a.get_info();
+    let limits = a.limits();
+    AdapterSummary {
+        name: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+        max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size as u64,
+        max_compute_workgroup_size_x: limits.max_compute_workgroup_size_x,
+        hardware: is_hardware(&info),
+    }
+}
+
+fn is_hardware(info: &wgpu::AdapterInfo) -> bool {
+    matches!(info.device_type, wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::VirtualGpu)
+}
+
+fn instance() -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    // Compute only: Vulkan, Metal and DX12 (GL has no compute on many drivers).
+    desc.backends = wgpu::Backends::PRIMARY;
+    wgpu::Instance::new(desc)
+}
+
+pub(super) fn list_adapters() -> Vec<AdapterSummary> {
+    let inst = instance();
+    pollster::block_on(inst.enumerate_adapters(wgpu::Backends::PRIMARY)).iter().map(summary).collect()
+}
+
+impl GpuContext {
+    /// Opens a device. `Backend::Gpu` takes any adapter (software ones too); `Backend::Auto`
+    /// only a hardware GPU; `Backend::Cpu` is refused (there is nothing to open). The
+    /// `SONOGUIDE_ADAPTER` environment variable picks an adapter by part of its name.
+    pub fn new(backend: Backend) -> Result<GpuContext, GpuError> {
+        if backend == Backend::Cpu {
+            return Err(GpuError::NoAdapter(": the CPU backend was asked for".into()));
+        }
+        let inst = instance();
+        let adapters = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::PRIMARY));
+        let wanted = std::env::var(ADAPTER_ENV).ok().filter(|s| !s.is_empty()).map(|s| s.to_lowercase());
+        let mut candidates: Vec<wgpu::Adapter> = adapters
+            .into_iter()
+            .filter(|a| {
+                let info = a.get_info();
+                let name_ok = wanted.as_ref().is_none_or(|w| info.name.to_lowercase().contains(w.as_str()));
+                let kind_ok = backend == Backend::Gpu || is_hardware(&info);
+                name_ok && kind_ok
+            })
+            .collect();
+        // Prefer discrete, then integrated, then anything else.
+        candidates.sort_by_key(|a| match a.get_info().device_type {
+            wgpu::DeviceType::DiscreteGpu => 0,
+            wgpu::DeviceType::IntegratedGpu => 1,
+            wgpu::DeviceType::VirtualGpu => 2,
+            _ => 3,
+        });
+        let Some(adapter) = candidates.into_iter().next() else {
+            let why = match (&wanted, backend) {
+                (Some(w), _) => format!(" matching {ADAPTER_ENV}='{w}'"),
+                (None, Backend::Auto) => " (no hardware GPU)".to_string(),
+                _ => " (install a Vulkan driver, e.g. Debian's mesa-vulkan-drivers)".to_string(),
+            };
+            return Err(GpuError::NoAdapter(why));
+        };
+        let info = adapter.get_info();
+        let adapter_limits = adapter.limits();
+        let mut limits = wgpu::Limits::downlevel_defaults();
+        limits.max_storage_buffer_binding_size = adapter_limits.max_storage_buffer_binding_size;
+        limits.max_buffer_size = adapter_limits.max_buffer_size;
+        limits.max_storage_buffers_per_shader_stage = 4;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("sonoguide"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| GpuError::Device { adapter: info.name.clone(), reason: e.to_string() })?;
+        let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut v) = sink.lock() {
+                v.push(e.to_string());
+            }
+        }));
+        let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("sonoguide.layout"),
+            entries: &[
+                wgpu::BindGroupLayoutEntry {
+                    binding: 0,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Uniform,
+                        has_dynamic_offset: true,
+                        min_binding_size: wgpu::BufferSize::new(PARAMS_SLOT_BYTES),
+                    },
+                    count: None,
+                },
+                storage(1, true),
+                storage(2, false),
+                storage(3, false),
+                storage(4, false),
+            ],
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("sonoguide.pipeline_layout"),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        Ok(GpuContext {
+            device,
+            queue,
+            info,
+            limits,
+            layout,
+            pipeline_layout,
+            kernels: Mutex::default(),
+            modules: Mutex::default(),
+            sizes: SizeCache::default(),
+            errors,
+        })
+    }
+
+    /// The adapter's name.
+    pub fn adapter_name(&self) -> &str {
+        &self.info.name
+    }
+
+    /// The adapter's device type, e.g. `Cpu` for lavapipe.
+    pub fn device_type(&self) -> String {
+        format!("{:?}", self.info.device_type)
+    }
+
+    /// How many frame sizes have buffers allocated (for tests of buffer reuse).
+    pub fn cached_sizes(&self) -> usize {
+        self.sizes.len()
+    }
+
+    /// How many kernel pipelines have been compiled.
+    pub fn compiled_kernels(&self) -> usize {
+        self.kernels.lock().map(|k| k.len()).unwrap_or(0)
+    }
+
+    fn take_error(&self, kernel: &str) -> Result<(), GpuError> {
+        let mut e = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        if e.is_empty() {
+            return Ok(());
+        }
+        let reason = e.join("; ");
+        e.clear();
+        Err(GpuError::Kernel { kernel: kernel.to_string(), reason })
+    }
+
+    /// The pipeline for `entry` in the shader `file` (`shaders/<file>.wgsl` source given),
+    /// compiled on first use.
+    fn kernel(&self, file: &'static str, source: &'static str, entry: &'static str) -> Result<Arc<Kernel>, GpuError> {
+        let mut cache = self.kernels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = cache.get(entry) {
+            return Ok(k.clone());
+        }
+        let module = {
+            let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+            match modules.get(file) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = Arc::new(self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(file),
+                        source: wgpu::ShaderSource::Wgsl(Cow::Owned(super::shader_source(source))),
+                    }));
+                    modules.insert(file, m.clone());
+                    m
+                }
+            }
+        };
+        let label = format!("sonoguide.{entry}");
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&label),
+            layout: Some(&self.pipeline_layout),
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        self.take_error(entry)?;
+        let k = Arc::new(Kernel { pipeline });
+        cache.insert(entry, k.clone());
+        Ok(k)
+    }
+
+    fn buffers(&self, width: usize, height: usize) -> Result<Arc<FrameBuffers>, GpuError> {
+        let bytes = (width * height * 4) as u64;
+        if width == 0 || height == 0 || bytes > self.limits.max_storage_buffer_binding_size as u64 {
+            return Err(GpuError::TooLarge {
+                width,
+                height,
+                reason: format!("{} bytes per image, binding limit {}", bytes, self.limits.max_storage_buffer_binding_size),
+            });
+        }
+        // Dispatch counts per dimension are limited too.
+        let groups = (width as u32).div_ceil(WORKGROUP).max((height as u32).div_ceil(WORKGROUP));
+        if groups > self.limits.max_compute_workgroups_per_dimension {
+            return Err(GpuError::TooLarge { width, height, reason: "too many workgroups".into() });
+        }
+        self.sizes.get_or_try_insert((width, height), || {
+            let buffer = |label, size| {
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(label),
+                    size,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            };
+            let images = [buffer("sonoguide.image.a", bytes), buffer("sonoguide.image.b", bytes)];
+            let aux = buffer("sonoguide.aux", bytes);
+            let stats = buffer("sonoguide.stats", STATS_LEN * 4);
+            let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("sonoguide.staging"),
+                size: bytes,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let stats_staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("sonoguide.stats_staging"),
+                size: STATS_LEN * 4,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let params = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("sonoguide.params"),
+                size: PARAMS_SLOT_BYTES * MAX_DISPATCHES as u64,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let group = |src: &wgpu::Buffer, dst: &wgpu::Buffer, label| {
+                self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some(label),
+                    layout: &self.layout,
+                    entries: &[
+                        wgpu::BindGroupEntry {
+                            binding: 0,
+                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: &params,
+                                offset: 0,
+                                size: wgpu::BufferSize::new(PARAMS_SLOT_BYTES),
+                            }),
+                        },
+                        wgpu::BindGroupEntry { binding: 1, resource: src.as_entire_binding() },
+                        wgpu::BindGroupEntry { binding: 2, resource: dst.as_entire_binding() },
+                        wgpu::BindGroupEntry { binding: 3, resource: aux.as_entire_binding() },
+                        wgpu::BindGroupEntry { binding: 4, resource: stats.as_entire_binding() },
+                    ],
+                })
+            };
+            let groups = [group(&images[0], &images[1], "sonoguide.group.ab"), group(&images[1], &images[0], "sonoguide.group.ba")];
+            let fb = FrameBuffers { width, height, images, aux, stats, staging, stats_staging, params, groups };
+            self.take_error("buffers").map(|_| fb)
+        })
+    }
+
+    /// Uploads a frame and starts a chain of kernels on it.
+    pub fn begin(&self, image: &Array2<f32>) -> Result<GpuChain<'_>, GpuError> {
+        let (h, w) = image.dim();
+        let bufs = self.buffers(w, h)?;
+        let data: Vec<f32> = image.iter().copied().collect();
+        self.queue.write_buffer(&bufs.images[0], 0, bytemuck::cast_slice(&data));
+        let encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sonoguide.frame") });
+        let _ = &bufs.aux;
+        Ok(GpuChain { ctx: self, bufs, current: 0, encoder, params: Vec::new(), last_kernel: "upload" })
+    }
+}
+
+/// A frame on the GPU and the kernels queued on it. Nothing runs until [`GpuChain::finish`].
+pub struct GpuChain<'a> {
+    ctx: &'a GpuContext,
+    bufs: Arc<FrameBuffers>,
+    /// Which image buffer holds the current frame.
+    current: usize,
+    encoder: wgpu::CommandEncoder,
+    params: Vec<u8>,
+    last_kernel: &'static str,
+}
+
+impl GpuChain<'_> {
+    /// Frame width.
+    pub fn width(&self) -> usize {
+        self.bufs.width
+    }
+    /// Frame height.
+    pub fn height(&self) -> usize {
+        self.bufs.height
+    }
+
+    /// Queues `entry` of shader `file` over `groups` workgroups with `params`; if `swap`, the
+    /// kernel wrote the next image into `dst` and the chain moves on to it.
+    pub fn dispatch<P: bytemuck::Pod>(
+        &mut self,
+        file: &'static str,
+        source: &'static str,
+        entry: &'static str,
+        params: &P,
+        groups: (u32, u32),
+        swap: bool,
+    ) -> Result<(), GpuError> {
+        let slot = self.params.len() / PARAMS_SLOT_BYTES as usize;
+        if slot >= MAX_DISPATCHES {
+            return Err(GpuError::Kernel { kernel: entry.into(), reason: format!("more than {MAX_DISPATCHES} dispatches in one frame") });
+        }
+        let bytes = bytemuck::bytes_of(params);
+        if bytes.len() > PARAMS_SLOT_BYTES as usize {
+            return Err(GpuError::Kernel { kernel: entry.into(), reason: "params larger than a uniform slot".into() });
+        }
+        self.params.extend_from_slice(bytes);
+        self.params.resize((slot + 1) * PARAMS_SLOT_BYTES as usize, 0);
+        let kernel = self.ctx.kernel(file, source, entry)?;
+        {
+            let mut pass = self.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes: None });
+            pass.set_pipeline(&kernel.pipeline);
+            pass.set_bind_group(0, &self.bufs.groups[self.current], &[(slot as u64 * PARAMS_SLOT_BYTES) as u32]);
+            pass.dispatch_workgroups(groups.0.max(1), groups.1.max(1), 1);
+        }
+        if swap {
+            self.current = 1 - self.current;
+        }
+        self.last_kernel = entry;
+        Ok(())
+    }
+
+    /// Workgroups covering the frame with 16 × 16 threads.
+    pub fn groups_2d(&self) -> (u32, u32) {
+        ((self.bufs.width as u32).div_ceil(WORKGROUP), (self.bufs.height as u32).div_ceil(WORKGROUP))
+    }
+
+    /// Submits everything queued, waits, and reads the current frame back.
+    pub fn finish(self) -> Result<Array2<f32>, GpuError> {
+        let (data, _) = self.finish_with_stats(false)?;
+        Ok(data)
+    }
+
+    /// Like [`GpuChain::finish`], and also reads the `stats` buffer when `stats` is set.
+    pub fn finish_with_stats(mut self, stats: bool) -> Result<(Array2<f32>, Vec<f32>), GpuError> {
+        let ctx = self.ctx;
+        let kernel = self.last_kernel;
+        let bytes = (self.bufs.width * self.bufs.height * 4) as u64;
+        self.encoder.copy_buffer_to_buffer(&self.bufs.images[self.current], 0, &self.bufs.staging, 0, bytes);
+        if stats {
+            self.encoder.copy_buffer_to_buffer(&self.bufs.stats, 0, &self.bufs.stats_staging, 0, STATS_LEN * 4);
+        }
+        if !self.params.is_empty() {
+            ctx.queue.write_buffer(&self.bufs.params, 0, &self.params);
+        }
+        ctx.queue.submit([self.encoder.finish()]);
+        let image = read_buffer(ctx, &self.bufs.staging, kernel)?;
+        let stats_out = if stats { read_buffer(ctx, &self.bufs.stats_staging, kernel)? } else { Vec::new() };
+        ctx.take_error(kernel)?;
+        let arr = Array2::from_shape_vec((self.bufs.height, self.bufs.width), image)
+            .map_err(|e| GpuError::Kernel { kernel: kernel.into(), reason: e.to_string() })?;
+        Ok((arr, stats_out))
+    }
+}
+
+fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer, kernel: &str) -> Result<Vec<f32>, GpuError> {
+    let slice = buffer.slice(..);
+    let (tx, rx) = std::sync::mpsc::channel();
+    slice.map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    ctx.device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| GpuError::Kernel { kernel: kernel.into(), reason: format!("device poll: {e}") })?;
+    match rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(GpuError::Kernel { kernel: kernel.into(), reason: format!("read-back: {e}") }),
+        Err(_) => return Err(GpuError::Kernel { kernel: kernel.into(), reason: "read-back never completed".into() }),
+    }
+    let out = {
+        let view = slice
+            .get_mapped_range()
+            .map_err(|e| GpuError::Kernel { kernel: kernel.into(), reason: format!("read-back map: {e}") })?;
+        bytemuck::cast_slice::<u8, f32>(&view).to_vec()
+    };
+    buffer.unmap();
+    Ok(out)
+}

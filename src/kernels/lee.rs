@@ -1,0 +1,71 @@
+//! Lee filter (Lee 1980) for multiplicative speckle: with the window mean m and variance v,
+//! Ci² = v/m², W = clamp(1 − Cu²/Ci², 0, 1), out = m + W (I − m). Cu is the speckle's
+//! coefficient of variation (`noise_cv`). Edges clamped. Shader: `shaders/lee.wgsl`.
+
+use ndarray::Array2;
+
+use super::{at, check_image, par_image, window_stats};
+
+/// Floor of m² in Ci² (keeps black pixels finite); same constant as the shader.
+pub const MEAN_FLOOR: f32 = 1e-3;
+
+/// Parameters; keep in sync with `Params` in shaders/lee.wgsl.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Params {
+    /// Columns (set by the dispatcher).
+    pub width: u32,
+    /// Rows (set by the dispatcher).
+    pub height: u32,
+    /// Window radius (window = 2r+1).
+    pub radius: u32,
+    /// Padding.
+    pub pad0: u32,
+    /// Speckle coefficient of variation Cu.
+    pub noise_cv: f32,
+    /// Padding.
+    pub pad1: [f32; 3],
+}
+
+impl Params {
+    /// A `window` × `window` Lee filter (odd, 3..=15) for speckle of coefficient of variation
+    /// `noise_cv`.
+    pub fn new(window: u32, noise_cv: f32) -> crate::Result<Params> {
+        if window % 2 == 0 || !(3..=15).contains(&window) {
+            return Err(crate::Error::InvalidParameter { name: "window", reason: format!("{window} (odd, 3..15)") });
+        }
+        if !(noise_cv > 0.0 && noise_cv < 2.0) {
+            return Err(crate::Error::InvalidParameter { name: "noise_cv", reason: format!("{noise_cv} (0..2)") });
+        }
+        Ok(Params { width: 0, height: 0, radius: window / 2, pad0: 0, noise_cv, pad1: [0.0; 3] })
+    }
+}
+
+/// The shader's source.
+pub const SHADER: &str = include_str!("../../shaders/lee.wgsl");
+
+/// CPU twin.
+pub fn cpu(img: &Array2<f32>, params: &Params) -> crate::Result<Array2<f32>> {
+    check_image("lee", img)?;
+    let r = params.radius as isize;
+    let cu2 = params.noise_cv * params.noise_cv;
+    let (h, w) = img.dim();
+    Ok(par_image(h, w, |x, y| {
+        let (m, v) = window_stats(img, x, y, r);
+        let ci2 = v / (m * m).max(MEAN_FLOOR);
+        let wgt = if ci2 > 0.0 { (1.0 - cu2 / ci2).clamp(0.0, 1.0) } else { 0.0 };
+        let i = at(img, x as isize, y as isize);
+        m + wgt * (i - m)
+    }))
+}
+
+/// Queues the kernel on a GPU chain.
+#[cfg(feature = "gpu")]
+pub fn encode(chain: &mut crate::gpu::GpuChain<'_>, params: &Params) -> crate::Result<()> {
+    let mut p = *params;
+    p.width = chain.width() as u32;
+    p.height = chain.height() as u32;
+    let g = chain.groups_2d();
+    chain.dispatch("lee", SHADER, "lee", &p, g, true)?;
+    Ok(())
+}

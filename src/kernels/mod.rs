@@ -1,0 +1,71 @@
+//! Image kernels: each is a WGSL shader in `shaders/<name>.wgsl` and a CPU twin here with the
+//! same maths, the same edge rule (clamp to edge) and the same parameters (a `#[repr(C)]`
+//! struct that mirrors the shader's `Params`).
+//!
+//! The CPU twins are the specification; they run rows in parallel (rayon) with the per-pixel
+//! code written in the shader's order. A faster CPU formulation has its own name (OBNLM's
+//! `cpu_fast`) and is tested against the twin.
+
+pub mod frost;
+pub mod lee;
+pub mod median;
+pub mod obnlm;
+pub mod srad;
+
+use ndarray::Array2;
+use rayon::prelude::*;
+
+/// Names of every kernel with a shader and a twin (the shader stems).
+pub const KERNELS: [&str; 5] = ["frost", "lee", "median", "obnlm", "srad"];
+
+/// The pixel at (x, y) with coordinates clamped to the image (the edge rule of every kernel).
+#[inline]
+pub fn at(img: &Array2<f32>, x: isize, y: isize) -> f32 {
+    let (h, w) = img.dim();
+    let cx = x.clamp(0, w as isize - 1) as usize;
+    let cy = y.clamp(0, h as isize - 1) as usize;
+    img[[cy, cx]]
+}
+
+/// Builds an image by evaluating `f(x, y)` for every pixel, rows in parallel.
+pub fn par_image(height: usize, width: usize, f: impl Fn(usize, usize) -> f32 + Sync) -> Array2<f32> {
+    let mut out = Array2::<f32>::zeros((height, width));
+    out.axis_iter_mut(ndarray::Axis(0)).into_par_iter().enumerate().for_each(|(y, mut row)| {
+        for (x, v) in row.iter_mut().enumerate() {
+            *v = f(x, y);
+        }
+    });
+    out
+}
+
+/// Checks the image is non-empty and its size fits u32 params.
+pub(crate) fn check_image(kernel: &'static str, img: &Array2<f32>) -> crate::Result<()> {
+    let (h, w) = img.dim();
+    if h == 0 || w == 0 || h > u32::MAX as usize / 2 || w > u32::MAX as usize / 2 {
+        return Err(crate::Error::InvalidParameter { name: kernel, reason: format!("image of {w}x{h}") });
+    }
+    Ok(())
+}
+
+/// Mean and variance of a window of radius `r` around (x, y), in the shader's order
+/// (sum, then the sum of squared deviations from the mean).
+#[inline]
+pub fn window_stats(img: &Array2<f32>, x: usize, y: usize, r: isize) -> (f32, f32) {
+    let (xi, yi) = (x as isize, y as isize);
+    let mut sum = 0.0f32;
+    for dy in -r..=r {
+        for dx in -r..=r {
+            sum += at(img, xi + dx, yi + dy);
+        }
+    }
+    let n = ((2 * r + 1) * (2 * r + 1)) as f32;
+    let m = sum / n;
+    let mut ss = 0.0f32;
+    for dy in -r..=r {
+        for dx in -r..=r {
+            let d = at(img, xi + dx, yi + dy) - m;
+            ss += d * d;
+        }
+    }
+    (m, ss / n)
+}

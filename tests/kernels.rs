@@ -1,0 +1,201 @@
+//! Kernel twins: every shader has a CPU twin and the other way round, params structs agree in
+//! size with their WGSL structs, the fast CPU OBNLM agrees with its twin, and the GPU agrees
+//! with the CPU (on lavapipe in CI).
+
+use ndarray::Array2;
+use sonoguide::despeckle::{Despeckler, Filter, FILTER_NAMES};
+use sonoguide::kernels::{self, frost, lee, median, obnlm, srad};
+use sonoguide::phantom::{generate, PhantomParams};
+use sonoguide::Backend;
+
+fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+#[test]
+fn every_shader_has_a_twin_and_every_twin_a_shader() {
+    let mut shaders: Vec<String> = std::fs::read_dir(root().join("shaders"))
+        .unwrap()
+        .map(|e| e.unwrap().path().file_stem().unwrap().to_string_lossy().to_string())
+        .filter(|s| s != "common")
+        .collect();
+    shaders.sort();
+    let mut twins: Vec<String> = std::fs::read_dir(root().join("src/kernels"))
+        .unwrap()
+        .map(|e| e.unwrap().path().file_stem().unwrap().to_string_lossy().to_string())
+        .filter(|s| s != "mod")
+        .collect();
+    twins.sort();
+    assert_eq!(shaders, twins);
+    let mut listed: Vec<String> = kernels::KERNELS.iter().map(|s| s.to_string()).collect();
+    listed.sort();
+    assert_eq!(shaders, listed);
+}
+
+/// Bytes of the WGSL `struct Params` (every field is a 4-byte u32 or f32).
+fn wgsl_params_size(stem: &str) -> usize {
+    let src = std::fs::read_to_string(root().join(format!("shaders/{stem}.wgsl"))).unwrap();
+    let start = src.find("struct Params {").unwrap();
+    let body = &src[start..start + src[start..].find('}').unwrap()];
+    body.lines().filter(|l| l.contains(": u32") || l.contains(": f32")).count() * 4
+}
+
+#[test]
+fn params_structs_match_their_shaders() {
+    for (stem, size) in [
+        ("median", std::mem::size_of::<median::Params>()),
+        ("lee", std::mem::size_of::<lee::Params>()),
+        ("frost", std::mem::size_of::<frost::Params>()),
+        ("srad", std::mem::size_of::<srad::Params>()),
+        ("obnlm", std::mem::size_of::<obnlm::Params>()),
+    ] {
+        assert_eq!(size, wgsl_params_size(stem), "{stem}");
+        assert_eq!(size % 16, 0, "{stem} params must be 16-byte padded");
+    }
+}
+
+fn speckle(w: usize, h: usize, seed: u64) -> Array2<f32> {
+    let mut p = PhantomParams::default();
+    p.width = w.max(32);
+    p.height = h.max(32);
+    p.seed = seed;
+    let ph = generate("k", &p).unwrap();
+    ph.frames[0].slice(ndarray::s![..h, ..w]).mapv(|v| v as f32)
+}
+
+/// The fast OBNLM sums its Pearson terms in another order (rows then columns, offsets in
+/// parallel); f32 rounding of ~25-term sums and of exp() leaves well under 0.01 grey levels.
+const OBNLM_FAST_TOLERANCE: f32 = 0.01;
+
+#[test]
+fn fast_obnlm_agrees_with_its_twin() {
+    for (w, h) in [(61, 47), (1, 30), (30, 1), (16, 16)] {
+        let img = speckle(w, h, 3);
+        let p = obnlm::Params::new(7, 3, 4.0).unwrap();
+        let a = obnlm::cpu(&img, &p).unwrap();
+        let b = obnlm::cpu_fast(&img, &p).unwrap();
+        let worst = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(worst < OBNLM_FAST_TOLERANCE, "{w}x{h}: max abs diff {worst}");
+    }
+}
+
+/// Fully developed speckle, log-compressed onto the phantom's 60 dB scale: uncorrelated
+/// exponential power around grey 128.
+fn pure_speckle(w: usize, h: usize, seed: u64) -> Array2<f32> {
+    let mut rng = sonoguide::phantom::Rng::new(seed);
+    Array2::from_shape_fn((h, w), |_| {
+        let e = -(1.0 - rng.unit()).max(1e-12).ln();
+        (128.0 + 10.0 * e.log10() * 255.0 / 60.0).clamp(0.0, 255.0) as f32
+    })
+}
+
+#[test]
+fn filters_reduce_speckle_on_the_cpu() {
+    let img = pure_speckle(96, 80, 9);
+    let sd = |a: &Array2<f32>| {
+        let m = a.mean().unwrap();
+        (a.iter().map(|v| (v - m).powi(2)).sum::<f32>() / a.len() as f32).sqrt()
+    };
+    let before = sd(&img.slice(ndarray::s![20..60, 20..80]).to_owned());
+    for name in FILTER_NAMES {
+        let f = Filter::default_for(name).unwrap();
+        let out = f.cpu(&img).unwrap();
+        assert_eq!(out.dim(), img.dim());
+        assert!(out.iter().all(|v| v.is_finite()), "{name}");
+        let after = sd(&out.slice(ndarray::s![20..60, 20..80]).to_owned());
+        assert!(after < before * 0.9, "{name}: std {before:.1} -> {after:.1}");
+    }
+}
+
+#[test]
+fn median_of_a_constant_is_the_constant_and_an_impulse_vanishes() {
+    let mut img = Array2::<f32>::from_elem((9, 9), 50.0);
+    img[[4, 4]] = 255.0;
+    let out = median::cpu(&img, &median::Params::new(3).unwrap()).unwrap();
+    assert!(out.iter().all(|v| *v == 50.0));
+}
+
+#[test]
+fn bad_parameters_are_refused() {
+    assert!(median::Params::new(4).is_err());
+    assert!(lee::Params::new(8, 0.25).is_err());
+    assert!(obnlm::Params::new(31, 7, 4.0).is_err());
+    assert!(srad::Srad::new(2.0, 10).is_err());
+    assert!(srad::Srad::new(0.5, 0).is_err());
+    assert!(Filter::default_for("gaussian").is_err());
+}
+
+// ---- GPU parity -------------------------------------------------------------------------
+
+fn gpu() -> Option<Despeckler> {
+    match Despeckler::new(Backend::Gpu) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI must have a GPU adapter (lavapipe): {e}");
+            }
+            eprintln!("skipping GPU parity: {e}");
+            None
+        }
+    }
+}
+
+/// Tolerances (grey levels, 0–255 scale) between the GPU and the CPU twin.
+/// Median only moves values: it must agree exactly.
+const MEDIAN_TOLERANCE: f32 = 0.0;
+/// Lee/Frost: window sums in the same order; exp() and division may differ by an ulp or two.
+const LOCAL_STATS_TOLERANCE: f32 = 1e-3;
+/// SRAD: the q0 reduction and 30 iterations of diffusion compound ulp-level differences.
+const SRAD_TOLERANCE: f32 = 0.05;
+/// OBNLM: exp() of 120 patch distances per pixel; GPU exp() is within a few ulp.
+const OBNLM_TOLERANCE: f32 = 0.01;
+
+#[test]
+fn gpu_matches_cpu_twins() {
+    let Some(d) = gpu() else { return };
+    eprintln!("adapter: {}", d.device_name());
+    let filters: Vec<(Filter, f32)> = vec![
+        (Filter::Median(median::Params::new(3).unwrap()), MEDIAN_TOLERANCE),
+        (Filter::Median(median::Params::new(5).unwrap()), MEDIAN_TOLERANCE),
+        (Filter::Lee(lee::Params::new(7, 0.25).unwrap()), LOCAL_STATS_TOLERANCE),
+        (Filter::Frost(frost::Params::new(5, 2.0).unwrap()), LOCAL_STATS_TOLERANCE),
+        (Filter::Srad(srad::Srad::new(0.5, 30).unwrap()), SRAD_TOLERANCE),
+        (Filter::Srad(srad::Srad::new(0.5, 5).unwrap().with_roi(4, 4, 20, 10)), SRAD_TOLERANCE),
+        (Filter::Obnlm(obnlm::Params::new(11, 5, 4.0).unwrap()), OBNLM_TOLERANCE),
+    ];
+    for (w, h) in [(67, 53), (1, 37), (37, 1), (1, 1), (16, 16), (130, 17)] {
+        let img = speckle(w, h, 5);
+        for (f, tol) in &filters {
+            // The twin is the specification: OBNLM's is the pixelwise one.
+            let want = match f {
+                Filter::Obnlm(p) => obnlm::cpu(&img, p).unwrap(),
+                other => other.cpu(&img).unwrap(),
+            };
+            let got = d.run(&img, std::slice::from_ref(f)).unwrap();
+            let diffs: Vec<f32> = want.iter().zip(got.iter()).map(|(a, b)| (a - b).abs()).collect();
+            let max = diffs.iter().cloned().fold(0.0f32, f32::max);
+            let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+            eprintln!("{:>6} {:?} {w}x{h}: max abs {max:.2e}, mean abs {mean:.2e}", f.name(), f.parameters());
+            assert!(max <= *tol, "{} {w}x{h}: max abs error {max} > {tol}", f.name());
+        }
+    }
+}
+
+#[test]
+fn gpu_chain_keeps_the_frame_on_the_gpu_and_reuses_buffers() {
+    let Some(d) = gpu() else { return };
+    let img = speckle(64, 48, 6);
+    let chain = [Filter::Median(median::Params::new(3).unwrap()), Filter::Lee(lee::Params::new(5, 0.25).unwrap())];
+    let want = chain.iter().try_fold(img.clone(), |cur, f| f.cpu(&cur)).unwrap();
+    let first = d.run(&img, &chain).unwrap();
+    let ctx = d.gpu_context().unwrap();
+    let (sizes, kernels) = (ctx.cached_sizes(), ctx.compiled_kernels());
+    for _ in 0..3 {
+        let again = d.run(&img, &chain).unwrap();
+        assert_eq!(again, first, "same input, same output");
+    }
+    assert_eq!(ctx.cached_sizes(), sizes, "no new buffers for a size already seen");
+    assert_eq!(ctx.compiled_kernels(), kernels, "no new pipelines after the first frame");
+    let worst = want.iter().zip(first.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst <= LOCAL_STATS_TOLERANCE, "chained result {worst}");
+}
