@@ -19,7 +19,9 @@
 #![warn(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod bench;
 pub mod dicom;
+pub mod eval;
 pub mod error;
 pub mod despeckle;
 pub mod frame;
@@ -27,6 +29,7 @@ pub mod gpu;
 pub mod imageio;
 pub mod kernels;
 pub mod phantom;
+pub mod quality;
 
 pub use error::{Error, Result};
 pub use despeckle::{Despeckler, Filter};

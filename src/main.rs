@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
 use sonoguide::dicom::{DicomFile, ReadOptions};
+use sonoguide::{Backend, Despeckler, Filter};
 use sonoguide::phantom::{self, Geometry, PhantomParams};
 
 /// Exit code when some inputs failed (the others were processed).
@@ -44,6 +45,56 @@ enum Command {
         #[arg(long)]
         gray: bool,
     },
+    /// List the GPU adapters wgpu sees.
+    Adapters {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Despeckle every frame of DICOM files; writes OUT/<stem>/frame_NNNN.png (greyscale).
+    Despeckle {
+        /// DICOM files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Where the kernels run.
+        #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+        backend: BackendArg,
+    },
+    /// Time every kernel on a generated speckle frame (median of repeated runs).
+    Bench {
+        /// Where the kernels run.
+        #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+        backend: BackendArg,
+        /// Frame size, WIDTHxHEIGHT.
+        #[arg(long, default_value = "1024x768", value_parser = parse_size)]
+        size: (usize, usize),
+        /// Timed runs per case (after warm-up).
+        #[arg(long, default_value_t = 15)]
+        repeats: usize,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Score despeckling on phantoms from fresh seeds against their clean maps.
+    EvalDespeckle {
+        /// Number of phantoms.
+        #[arg(long, default_value_t = 10)]
+        count: u64,
+        /// First seed.
+        #[arg(long, default_value_t = 10_000)]
+        seed: u64,
+        /// Where the kernels run.
+        #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+        backend: BackendArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Generate synthetic MSK phantoms (DICOM + truth labels + clean map + truth JSON).
     Phantom {
         /// Output folder.
@@ -74,6 +125,77 @@ enum Command {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Auto,
+    Gpu,
+    Cpu,
+}
+
+impl From<BackendArg> for Backend {
+    fn from(b: BackendArg) -> Backend {
+        match b {
+            BackendArg::Auto => Backend::Auto,
+            BackendArg::Gpu => Backend::Gpu,
+            BackendArg::Cpu => Backend::Cpu,
+        }
+    }
+}
+
+/// Filter choice and options shared by the commands that despeckle.
+#[derive(clap::Args, Clone)]
+struct FilterArgs {
+    /// Speckle filter.
+    #[arg(long, default_value = "srad", value_parser = ["srad", "obnlm", "lee", "frost", "median"])]
+    filter: String,
+    /// SRAD: iterations.
+    #[arg(long)]
+    iterations: Option<u32>,
+    /// SRAD: time step (0..1].
+    #[arg(long)]
+    lambda: Option<f32>,
+    /// OBNLM: search window (odd).
+    #[arg(long)]
+    search: Option<u32>,
+    /// OBNLM: patch (odd).
+    #[arg(long)]
+    patch: Option<u32>,
+    /// OBNLM: smoothing h.
+    #[arg(long)]
+    h: Option<f32>,
+    /// Lee, Frost: window (odd).
+    #[arg(long)]
+    window: Option<u32>,
+    /// Lee: speckle coefficient of variation.
+    #[arg(long)]
+    noise_cv: Option<f32>,
+    /// Frost: damping.
+    #[arg(long)]
+    damping: Option<f32>,
+    /// Median: size (3 or 5).
+    #[arg(long = "median-size")]
+    median_size: Option<u32>,
+}
+
+impl FilterArgs {
+    fn filter(&self) -> sonoguide::Result<Filter> {
+        use sonoguide::despeckle::defaults as d;
+        use sonoguide::kernels::{frost, lee, median, obnlm, srad};
+        Ok(match self.filter.as_str() {
+            "srad" => Filter::Srad(srad::Srad::new(self.lambda.unwrap_or(d::SRAD_LAMBDA), self.iterations.unwrap_or(d::SRAD_ITERATIONS))?),
+            "obnlm" => Filter::Obnlm(obnlm::Params::new(
+                self.search.unwrap_or(d::OBNLM_SEARCH),
+                self.patch.unwrap_or(d::OBNLM_PATCH),
+                self.h.unwrap_or(d::OBNLM_H),
+            )?),
+            "lee" => Filter::Lee(lee::Params::new(self.window.unwrap_or(d::LEE_WINDOW), self.noise_cv.unwrap_or(d::LEE_NOISE_CV))?),
+            "frost" => Filter::Frost(frost::Params::new(self.window.unwrap_or(d::FROST_WINDOW), self.damping.unwrap_or(d::FROST_DAMPING))?),
+            "median" => Filter::Median(median::Params::new(self.median_size.unwrap_or(d::MEDIAN_SIZE))?),
+            other => Filter::default_for(other)?,
+        })
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum GeometryArg {
     Linear,
     Curved,
@@ -90,6 +212,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Info { files, json } => info(&files, json),
+        Command::Adapters { json } => adapters(json),
+        Command::Despeckle { files, out, filter, backend } => despeckle(&files, &out, &filter, backend.into()),
+        Command::Bench { backend, size, repeats, json } => bench(backend.into(), size, repeats, json),
+        Command::EvalDespeckle { count, seed, backend, json } => eval_despeckle(count, seed, backend.into(), json),
         Command::Frames { file, out, gray } => frames(&file, &out, gray),
         Command::Phantom { out, count, seed, frames, geometry, size, mm_per_px, prefix } => {
             let geometry = match geometry {
@@ -267,4 +393,163 @@ fn phantoms(out: &Path, count: usize, seed: u64, prefix: &str, params: PhantomPa
         }
     }
     if failed > 0 { ExitCode::from(EXIT_INPUT_FAILED) } else { ExitCode::SUCCESS }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> ExitCode {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => {
+            println!("{s}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_INPUT_FAILED)
+        }
+    }
+}
+
+fn open_despeckler(backend: Backend) -> Result<Despeckler, ExitCode> {
+    match Despeckler::new(backend) {
+        Ok(d) => {
+            if let Some(note) = d.note() {
+                eprintln!("note: {note}");
+            }
+            Ok(d)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(ExitCode::from(EXIT_INPUT_FAILED))
+        }
+    }
+}
+
+fn adapters(json: bool) -> ExitCode {
+    let list = sonoguide::gpu::list_adapters();
+    if json {
+        return print_json(&list);
+    }
+    if list.is_empty() {
+        println!("no GPU adapters (the CPU backend will be used)");
+    }
+    for a in &list {
+        println!(
+            "{} [{} {}] driver {}; max storage binding {} MiB{}",
+            a.name,
+            a.backend,
+            a.device_type,
+            a.driver,
+            a.max_storage_buffer_binding_size >> 20,
+            if a.hardware { "" } else { " (software: used only with --backend gpu)" }
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn despeckle(files: &[PathBuf], out: &Path, args: &FilterArgs, backend: Backend) -> ExitCode {
+    let filter = match args.filter() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let d = match open_despeckler(backend) {
+        Ok(d) => d,
+        Err(c) => return c,
+    };
+    if let Err(code) = make_out_dir(out) {
+        return code;
+    }
+    let mut failures = Vec::new();
+    for file in files {
+        let result = (|| -> sonoguide::Result<usize> {
+            let dicom = DicomFile::open(file, &ReadOptions::default())?;
+            let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "input".into());
+            let dir = out.join(stem);
+            std::fs::create_dir_all(&dir).map_err(|source| sonoguide::Error::Write { path: dir.clone(), source })?;
+            for frame in dicom.frames() {
+                let frame = frame?;
+                let filtered = d.run(&frame.intensity, std::slice::from_ref(&filter))?;
+                let g = filtered.mapv(|v| v.round().clamp(0.0, 255.0) as u8);
+                sonoguide::imageio::write_gray_png(&dir.join(format!("frame_{:04}.png", frame.index)), &g)?;
+            }
+            Ok(dicom.frame_count())
+        })();
+        match result {
+            Ok(n) => eprintln!("{}: {n} frame(s) despeckled with {} on {}", file.display(), filter.name(), d.device_name()),
+            Err(e) => {
+                eprintln!("error: {e}");
+                failures.push(e.to_string());
+            }
+        }
+    }
+    if !failures.is_empty() {
+        eprintln!("{} of {} file(s) failed:", failures.len(), files.len());
+        for f in &failures {
+            eprintln!("  {f}");
+        }
+        return ExitCode::from(EXIT_INPUT_FAILED);
+    }
+    ExitCode::SUCCESS
+}
+
+fn bench(backend: Backend, size: (usize, usize), repeats: usize, json: bool) -> ExitCode {
+    let d = match open_despeckler(backend) {
+        Ok(d) => d,
+        Err(c) => return c,
+    };
+    let rows = match sonoguide::bench::run(&d, size.0, size.1, repeats) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INPUT_FAILED);
+        }
+    };
+    if json {
+        return print_json(&rows);
+    }
+    println!("{:<10} {:<8} {:<28} {:>6} {:>6} {:<36} {:>10} {:>10}", "kernel", "backend", "adapter", "width", "height", "parameters", "ms_median", "mpix_per_s");
+    for r in &rows {
+        let params: Vec<String> = r.parameters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{:<10} {:<8} {:<28} {:>6} {:>6} {:<36} {:>10.3} {:>10.1}",
+            r.kernel, r.backend, r.adapter, r.width, r.height, params.join(","), r.ms_median, r.mpix_per_s
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn eval_despeckle(count: u64, seed: u64, backend: Backend, json: bool) -> ExitCode {
+    let d = match open_despeckler(backend) {
+        Ok(d) => d,
+        Err(c) => return c,
+    };
+    let filters: Vec<Filter> = match sonoguide::despeckle::FILTER_NAMES.iter().map(|n| Filter::default_for(n)).collect() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INPUT_FAILED);
+        }
+    };
+    let scores = match sonoguide::eval::despeckle_scores(&d, &filters, seed..seed + count, &sonoguide::phantom::PhantomParams::default()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INPUT_FAILED);
+        }
+    };
+    if json {
+        return print_json(&scores);
+    }
+    println!("| filter | parameters | SSIM | PSNR dB | ENL | CNR tendon | bone edge ratio |");
+    println!("|---|---|---|---|---|---|---|");
+    for s in &scores {
+        let params: Vec<String> = s.parameters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "| {} | {} | {:.3} | {:.2} | {:.1} | {:.2} | {:.2} |",
+            s.filter, params.join(", "), s.ssim, s.psnr_db, s.enl, s.cnr_tendon, s.bone_edge_ratio
+        );
+    }
+    eprintln!("{} phantoms, seeds {seed}..{}, on {}", count, seed + count, d.device_name());
+    ExitCode::SUCCESS
 }
