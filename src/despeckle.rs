@@ -101,14 +101,14 @@ impl Filter {
         }
     }
 
-    /// Runs on the CPU (the production CPU path: the twins, and OBNLM's integral form).
+    /// Runs on the CPU: the production path (each kernel's `cpu_fast`, tested against its twin).
     pub fn cpu(&self, img: &Array2<f32>) -> Result<Array2<f32>> {
         match self {
-            Filter::Srad(s) => srad::cpu(img, s),
+            Filter::Srad(s) => srad::cpu_fast(img, s),
             Filter::Obnlm(p) => obnlm::cpu_fast(img, p),
-            Filter::Lee(p) => lee::cpu(img, p),
-            Filter::Frost(p) => frost::cpu(img, p),
-            Filter::Median(p) => median::cpu(img, p),
+            Filter::Lee(p) => lee::cpu_fast(img, p),
+            Filter::Frost(p) => frost::cpu_fast(img, p),
+            Filter::Median(p) => median::cpu_fast(img, p),
         }
     }
 

@@ -30,6 +30,7 @@ pub mod imageio;
 pub mod kernels;
 pub mod phantom;
 pub mod quality;
+pub(crate) mod simd;
 
 pub use error::{Error, Result};
 pub use despeckle::{Despeckler, Filter};

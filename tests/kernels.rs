@@ -199,3 +199,51 @@ fn gpu_chain_keeps_the_frame_on_the_gpu_and_reuses_buffers() {
     let worst = want.iter().zip(first.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(worst <= LOCAL_STATS_TOLERANCE, "chained result {worst}");
 }
+
+#[test]
+fn fast_median_gives_exactly_the_twins_values() {
+    for (w, h) in [(67, 53), (1, 9), (9, 1), (12, 12), (300, 7), (5, 5)] {
+        let img = pure_speckle(w, h, 17);
+        for size in [3, 5] {
+            let p = median::Params::new(size).unwrap();
+            assert_eq!(median::cpu_fast(&img, &p).unwrap(), median::cpu(&img, &p).unwrap(), "{size}x{size} on {w}x{h}");
+        }
+    }
+}
+
+/// The fast SRAD fuses the coefficient and update passes and sums q0 in f64 per band; over 30
+/// iterations the f32 differences stay far below a grey level.
+const SRAD_FAST_TOLERANCE: f32 = 0.05;
+
+#[test]
+fn fast_srad_agrees_with_its_twin() {
+    for (w, h) in [(67, 53), (1, 40), (40, 1), (100, 70)] {
+        let img = speckle(w, h, 8);
+        for s in [srad::Srad::new(0.5, 30).unwrap(), srad::Srad::new(1.0, 10).unwrap().with_roi(2, 2, 20, 20)] {
+            let a = srad::cpu(&img, &s).unwrap();
+            let b = srad::cpu_fast(&img, &s).unwrap();
+            let worst = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            assert!(worst < SRAD_FAST_TOLERANCE, "{w}x{h}: max abs diff {worst}");
+        }
+    }
+}
+
+/// Lee and Frost fast paths compute the window variance as E[x²] − m² in f32 (the twin sums
+/// squared deviations), and Frost's weights use a polynomial exp (relative error 2e-7).
+const LOCAL_STATS_FAST_TOLERANCE: f32 = 0.05;
+
+#[test]
+fn fast_lee_and_frost_agree_with_their_twins() {
+    for (w, h) in [(67, 53), (1, 30), (30, 1), (128, 96)] {
+        let img = speckle(w, h, 12);
+        let lp = lee::Params::new(7, 0.25).unwrap();
+        let fp = frost::Params::new(7, 2.0).unwrap();
+        for (name, a, b) in [
+            ("lee", lee::cpu(&img, &lp).unwrap(), lee::cpu_fast(&img, &lp).unwrap()),
+            ("frost", frost::cpu(&img, &fp).unwrap(), frost::cpu_fast(&img, &fp).unwrap()),
+        ] {
+            let worst = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            assert!(worst < LOCAL_STATS_FAST_TOLERANCE, "{name} {w}x{h}: max abs diff {worst}");
+        }
+    }
+}

@@ -69,3 +69,58 @@ pub fn window_stats(img: &Array2<f32>, x: usize, y: usize, r: isize) -> (f32, f3
     }
     (m, ss / n)
 }
+
+/// The image padded by `r` on every side, edges clamped (so window reads need no clamping),
+/// row-major, `(w + 2r) × (h + 2r)`.
+pub(crate) fn padded(img: &Array2<f32>, r: usize) -> Vec<f32> {
+    let (h, w) = img.dim();
+    let (pw, ph) = (w + 2 * r, h + 2 * r);
+    let mut out = vec![0f32; pw * ph];
+    out.par_chunks_mut(pw).enumerate().for_each(|(py, row)| {
+        let y = (py as isize - r as isize).clamp(0, h as isize - 1) as usize;
+        for (px, v) in row.iter_mut().enumerate() {
+            let x = (px as isize - r as isize).clamp(0, w as isize - 1) as usize;
+            *v = img[[y, x]];
+        }
+    });
+    out
+}
+
+crate::simd::multiversion! {
+    /// Window sums of one output row: for each x, Σ and Σ² of the (2r+1)² window, from the
+    /// padded image.
+    fn window_sums_row(pad: &[f32], pw: usize, y: usize, r: usize, w: usize, sum: &mut [f32], sq: &mut [f32]) {
+        let k = 2 * r + 1;
+        sum[..w].iter_mut().for_each(|v| *v = 0.0);
+        sq[..w].iter_mut().for_each(|v| *v = 0.0);
+        for dy in 0..k {
+            let row = &pad[(y + dy) * pw..(y + dy + 1) * pw];
+            for dx in 0..k {
+                let src = &row[dx..dx + w];
+                for x in 0..w {
+                    let v = src[x];
+                    sum[x] += v;
+                    sq[x] += v * v;
+                }
+            }
+        }
+    }
+}
+
+/// Local mean and variance (E[x²] − m², floored at 0) over (2r+1)² windows, rows in
+/// parallel. The fast paths' form of [`window_stats`].
+pub(crate) fn box_stats(pad: &[f32], w: usize, h: usize, r: usize) -> (Vec<f32>, Vec<f32>) {
+    let pw = w + 2 * r;
+    let n = ((2 * r + 1) * (2 * r + 1)) as f32;
+    let mut mean = vec![0f32; w * h];
+    let mut var = vec![0f32; w * h];
+    mean.par_chunks_mut(w).zip(var.par_chunks_mut(w)).enumerate().for_each(|(y, (m, v))| {
+        window_sums_row(pad, pw, y, r, w, m, v);
+        for x in 0..w {
+            let mm = m[x] / n;
+            v[x] = (v[x] / n - mm * mm).max(0.0);
+            m[x] = mm;
+        }
+    });
+    (mean, var)
+}

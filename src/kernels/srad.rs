@@ -15,6 +15,7 @@
 use ndarray::Array2;
 use rayon::prelude::*;
 
+use crate::simd::multiversion;
 use super::{at, check_image, par_image};
 
 /// Floor on intensities in the ratios (grey levels); same constant as the shader.
@@ -103,16 +104,19 @@ pub const SHADER: &str = include_str!("../../shaders/srad.wgsl");
 /// q0² of the ROI, as the shader's `srad_stats` computes it: 256 strided partial sums, then
 /// a tree reduction.
 pub fn q0_squared(img: &Array2<f32>, p: &Params) -> f32 {
+    match img.as_slice() {
+        Some(d) => q0_squared_flat(d, img.ncols(), p),
+        None => q0_squared_flat(&img.iter().copied().collect::<Vec<f32>>(), img.ncols(), p),
+    }
+}
+
+/// [`q0_squared`] of a row-major buffer `w` columns wide.
+pub fn q0_squared_flat(data: &[f32], w: usize, p: &Params) -> f32 {
     let n = (p.roi_w * p.roi_h) as usize;
-    let w = img.ncols();
-    let data = img.as_slice();
     let value = |i: usize| {
         let x = p.roi_x0 as usize + i % p.roi_w as usize;
         let y = p.roi_y0 as usize + i / p.roi_w as usize;
-        match data {
-            Some(d) => d[y * w + x],
-            None => img[[y, x]],
-        }
+        data[y * w + x]
     };
     let mut parts: Vec<(f32, f32)> = (0..256usize)
         .into_par_iter()
@@ -196,6 +200,134 @@ pub fn cpu(img: &Array2<f32>, srad: &Srad) -> crate::Result<Array2<f32>> {
         cur = update(&cur, &c, p.lambda);
     }
     Ok(cur)
+}
+
+multiversion! {
+    /// Diffusion coefficients of row `y` (all intensities already ≥ the floor).
+    fn coeff_row(img: &[f32], w: usize, h: usize, y: usize, q02: f32, c: &mut [f32]) {
+        let up = &img[y.saturating_sub(1) * w..][..w];
+        let mid = &img[y * w..][..w];
+        let down = &img[(y + 1).min(h - 1) * w..][..w];
+        let k = 1.0 / (q02 * (1.0 + q02));
+        let one = |j: f32, n: f32, s: f32, wv: f32, e: f32| {
+            let (dn, ds, dw, de) = (n - j, s - j, wv - j, e - j);
+            let inv = 1.0 / j;
+            let g2 = (dn * dn + ds * ds + dw * dw + de * de) * inv * inv;
+            let l = (dn + ds + dw + de) * inv;
+            let num = 0.5 * g2 - 0.0625 * l * l;
+            let den = (1.0 + 0.25 * l) * (1.0 + 0.25 * l);
+            // c = 1 / (1 + (num/den − q0²) k), with one division.
+            let cc = den / (den + (num - q02 * den) * k);
+            cc.clamp(0.0, 1.0)
+        };
+        if w == 1 {
+            c[0] = one(mid[0], up[0], down[0], mid[0], mid[0]);
+            return;
+        }
+        c[0] = one(mid[0], up[0], down[0], mid[0], mid[1]);
+        for x in 1..w - 1 {
+            c[x] = one(mid[x], up[x], down[x], mid[x - 1], mid[x + 1]);
+        }
+        c[w - 1] = one(mid[w - 1], up[w - 1], down[w - 1], mid[w - 2], mid[w - 1]);
+    }
+}
+
+multiversion! {
+    /// Updates row `y` from its coefficients `c` and the next row's `c_south`; returns the
+    /// sum and sum of squares of the new row (for the next iteration's q0).
+    fn update_row(img: &[f32], w: usize, h: usize, y: usize, c: &[f32], c_south: &[f32], lambda: f32, out: &mut [f32]) -> (f64, f64) {
+        let up = &img[y.saturating_sub(1) * w..][..w];
+        let mid = &img[y * w..][..w];
+        let down = &img[(y + 1).min(h - 1) * w..][..w];
+        let step = 0.25 * lambda;
+        let (mut s, mut q) = (0.0f32, 0.0f32);
+        let one = |x: usize, xl: usize, xr: usize| {
+            let j = mid[x];
+            let d = c[x] * (up[x] - j) + c_south[x] * (down[x] - j) + c[x] * (mid[xl] - j) + c[xr] * (mid[xr] - j);
+            // After the first iteration every value stays ≥ the floor (λ ≤ 1); the max only
+            // guards f32 rounding.
+            (j + step * d).max(INTENSITY_FLOOR)
+        };
+        out[0] = one(0, 0, 1.min(w - 1));
+        if w > 1 {
+            out[w - 1] = one(w - 1, w - 2, w - 1);
+        }
+        if w > 2 {
+            // Interior: plain shifted slices, so the loop vectorises.
+            let (ml, mr, cr) = (&mid[..w - 2], &mid[2..], &c[2..]);
+            let (m, u, dn, cc, cs) = (&mid[1..w - 1], &up[1..w - 1], &down[1..w - 1], &c[1..w - 1], &c_south[1..w - 1]);
+            let o = &mut out[1..w - 1];
+            for i in 0..w - 2 {
+                let j = m[i];
+                let d = cc[i] * (u[i] - j) + cs[i] * (dn[i] - j) + cc[i] * (ml[i] - j) + cr[i] * (mr[i] - j);
+                o[i] = (j + step * d).max(INTENSITY_FLOOR);
+            }
+        }
+        for v in out.iter() {
+            s += *v;
+            q += *v * *v;
+        }
+        (s as f64, q as f64)
+    }
+}
+
+/// q0² from the sums of the whole image (the fast path's form).
+fn q0_from_sums(sum: f64, sumsq: f64, n: usize) -> f32 {
+    let mean = sum / n as f64;
+    let variance = (sumsq / n as f64 - mean * mean).max(0.0);
+    ((variance / (mean * mean).max(Q0_FLOOR as f64)) as f32).max(Q0_FLOOR)
+}
+
+/// Rows per parallel band of the fast path (each band recomputes one row of coefficients at
+/// its lower edge).
+const BAND_ROWS: usize = 32;
+
+/// The CPU production path: each iteration is one pass over the image in bands of rows
+/// (coefficients computed a row ahead, never stored whole), with q0's sums gathered while
+/// writing, AVX2 where the CPU has it. Tested against [`cpu`].
+pub fn cpu_fast(img: &Array2<f32>, srad: &Srad) -> crate::Result<Array2<f32>> {
+    check_image("srad", img)?;
+    let (h, w) = img.dim();
+    let p = srad.resolved(w, h);
+    let whole = p.roi_x0 == 0 && p.roi_y0 == 0 && p.roi_w as usize == w && p.roi_h as usize == h;
+    let mut cur: Vec<f32> = img.iter().map(|v| v.max(INTENSITY_FLOOR)).collect();
+    let mut next = vec![0f32; w * h];
+    // The twin takes the first q0 from the unfloored input; so does this.
+    let mut q02 = q0_squared(img, &p);
+    for it in 0..srad.iterations {
+        let cur_ref = &cur;
+        let sums: Vec<(f64, f64)> = next
+            .par_chunks_mut(BAND_ROWS * w)
+            .enumerate()
+            .map(|(b, band)| {
+                let y0 = b * BAND_ROWS;
+                let rows = band.len() / w;
+                let mut c = vec![0f32; w];
+                let mut cs = vec![0f32; w];
+                coeff_row(cur_ref, w, h, y0, q02, &mut c);
+                let (mut s, mut q) = (0.0, 0.0);
+                for r in 0..rows {
+                    let y = y0 + r;
+                    coeff_row(cur_ref, w, h, (y + 1).min(h - 1), q02, &mut cs);
+                    let (rs, rq) = update_row(cur_ref, w, h, y, &c, &cs, p.lambda, &mut band[r * w..(r + 1) * w]);
+                    s += rs;
+                    q += rq;
+                    std::mem::swap(&mut c, &mut cs);
+                }
+                (s, q)
+            })
+            .collect();
+        std::mem::swap(&mut cur, &mut next);
+        if it + 1 < srad.iterations {
+            q02 = if whole {
+                let (s, q) = sums.iter().fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+                q0_from_sums(s, q, w * h)
+            } else {
+                q0_squared_flat(&cur, w, &p)
+            };
+        }
+    }
+    Array2::from_shape_vec((h, w), cur).map_err(|e| crate::Error::InvalidParameter { name: "srad", reason: e.to_string() })
 }
 
 /// Queues all iterations on a GPU chain.
