@@ -4,7 +4,7 @@
 //   1 src:   the current image, row-major f32 (read)
 //   2 dst:   the next image (written by kernels that produce one)
 //   3 aux:   a scratch image (SRAD's diffusion coefficients)
-//   4 stats: 64 floats of per-frame statistics (SRAD's q0²)
+//   4 stats: per-frame statistics (SRAD's q0² at 0, per-workgroup partial sums from 4 on)
 // Edge rule everywhere: clamp to edge.
 
 @group(0) @binding(1) var<storage, read> src: array<f32>;

@@ -36,7 +36,7 @@ pub mod defaults {
     /// SRAD time step.
     pub const SRAD_LAMBDA: f32 = 0.5;
     /// SRAD iterations.
-    pub const SRAD_ITERATIONS: u32 = 30;
+    pub const SRAD_ITERATIONS: u32 = 15;
     /// OBNLM search window.
     pub const OBNLM_SEARCH: u32 = 11;
     /// OBNLM patch.

@@ -264,7 +264,8 @@ impl GpuContext {
         }
         // Dispatch counts per dimension are limited too.
         let groups = (width as u32).div_ceil(WORKGROUP).max((height as u32).div_ceil(WORKGROUP));
-        if groups > self.limits.max_compute_workgroups_per_dimension {
+        let tiles = (width as u64).div_ceil(WORKGROUP as u64) * (height as u64).div_ceil(WORKGROUP as u64);
+        if groups > self.limits.max_compute_workgroups_per_dimension || 4 + 2 * tiles > STATS_LEN {
             return Err(GpuError::TooLarge { width, height, reason: "too many workgroups".into() });
         }
         self.sizes.get_or_try_insert((width, height), || {

@@ -4,7 +4,7 @@
 //!
 //! Every kernel shares one bind group layout (keep in sync with `shaders/common.wgsl`):
 //! 0 uniform params (dynamic offset, one 256-byte slot per dispatch), 1 `src` (read),
-//! 2 `dst` (read-write), 3 `aux` (read-write scratch image), 4 `stats` (read-write, 64 floats).
+//! 2 `dst` (read-write), 3 `aux` (read-write scratch image), 4 `stats` (read-write: scalars, then per-workgroup partial sums).
 //! So bind groups depend only on the frame size and the ping-pong direction, and are built
 //! once per size.
 
@@ -17,8 +17,9 @@ use ndarray::Array2;
 pub const PARAMS_SLOT_BYTES: u64 = 256;
 /// Most dispatches one frame may chain before a submit (SRAD at 100 iterations uses 300).
 pub const MAX_DISPATCHES: usize = 1024;
-/// Floats in the `stats` buffer.
-pub const STATS_LEN: u64 = 64;
+/// Floats in the `stats` buffer: 4 scalars, then two partial sums per 16 × 16 workgroup of
+/// the largest frame the device accepts (8192 × 8192).
+pub const STATS_LEN: u64 = 4 + 2 * (8192 / 16) * (8192 / 16);
 /// Workgroup edge of the 2-D kernels (16 × 16 threads).
 pub const WORKGROUP: u32 = 16;
 /// Frame sizes whose buffers are kept; the oldest is dropped past this.

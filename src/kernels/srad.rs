@@ -22,6 +22,9 @@ use super::{at, check_image, par_image};
 pub const INTENSITY_FLOOR: f32 = 1.0;
 /// Floor on q0² (a perfectly flat ROI); same constant as the shader.
 pub const Q0_FLOOR: f32 = 1e-6;
+/// Where the per-workgroup partial sums start in the `stats` buffer; same as the shader's
+/// `PARTIALS`.
+pub const PARTIALS_OFFSET: u64 = 4;
 /// Most iterations accepted (three dispatches each must fit one submit).
 pub const MAX_ITERATIONS: u32 = 300;
 
@@ -335,8 +338,11 @@ pub fn cpu_fast(img: &Array2<f32>, srad: &Srad) -> crate::Result<Array2<f32>> {
 pub fn encode(chain: &mut crate::gpu::GpuChain<'_>, srad: &Srad) -> crate::Result<()> {
     let p = srad.resolved(chain.width(), chain.height());
     let g = chain.groups_2d();
-    for _ in 0..srad.iterations {
-        chain.dispatch("srad", SHADER, "srad_stats", &p, (1, 1), false)?;
+    for it in 0..srad.iterations {
+        // The first q0 comes from the input; later ones from the partial sums that the
+        // previous update left behind.
+        let stats = if it == 0 { "srad_stats" } else { "srad_reduce" };
+        chain.dispatch("srad", SHADER, stats, &p, (1, 1), false)?;
         chain.dispatch("srad", SHADER, "srad_coeff", &p, g, false)?;
         chain.dispatch("srad", SHADER, "srad_update", &p, g, true)?;
     }
