@@ -17,6 +17,8 @@
 //! # Ok::<(), sonoguide::Error>(())
 //! ```
 #![warn(missing_docs)]
+// Settings structs are #[non_exhaustive]; callers build them from Default and assign fields.
+#![allow(clippy::field_reassign_with_default)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod bench;

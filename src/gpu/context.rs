@@ -60,7 +60,7 @@ fn summary(a: &wgpu::Adapter) -> AdapterSummary {
         backend: format!("{:?}", info.backend),
         device_type: format!("{:?}", info.device_type),
         driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
-        max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size as u64,
+        max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
         max_compute_workgroup_size_x: limits.max_compute_workgroup_size_x,
         hardware: is_hardware(&info),
     }
@@ -255,7 +255,7 @@ impl GpuContext {
 
     fn buffers(&self, width: usize, height: usize) -> Result<Arc<FrameBuffers>, GpuError> {
         let bytes = (width * height * 4) as u64;
-        if width == 0 || height == 0 || bytes > self.limits.max_storage_buffer_binding_size as u64 {
+        if width == 0 || height == 0 || bytes > self.limits.max_storage_buffer_binding_size {
             return Err(GpuError::TooLarge {
                 width,
                 height,

@@ -133,8 +133,11 @@ pub fn shader_source(kernel_file: &str) -> String {
 /// Per-size buffer cache keyed by (width, height), oldest dropped first.
 #[derive(Debug)]
 pub(crate) struct SizeCache<T> {
-    entries: Mutex<Vec<((usize, usize), Arc<T>)>>,
+    entries: Mutex<Vec<SizeEntry<T>>>,
 }
+
+/// One cached size: (width, height) and what was built for it.
+type SizeEntry<T> = ((usize, usize), Arc<T>);
 
 impl<T> Default for SizeCache<T> {
     fn default() -> Self {

@@ -109,7 +109,6 @@ const BAND_ROWS: usize = 16;
 
 multiversion! {
     /// Adds one search offset's weights to a band of output rows.
-    #[allow(clippy::too_many_arguments)]
     fn band_offset(
         padded: &[f32],
         inv: &[f32],
