@@ -135,3 +135,120 @@ pub fn despeckle_scores(
         })
         .collect())
 }
+
+/// Segmentation scores over a set of phantoms.
+#[derive(Debug, Clone, Serialize)]
+pub struct SegmentScore {
+    /// Phantoms scored.
+    pub cases: usize,
+    /// Mean Dice per label 1..=5 (tendon, bone band, shadow, joint/effusion, vessel), over the
+    /// cases where the label is in the truth or the result; NaN if never.
+    pub dice: [f64; 5],
+    /// Cases that counted for each label's Dice.
+    pub dice_cases: [usize; 5],
+    /// Mean distance from truth bone-surface points to the detected surface, mm.
+    pub bone_mean_mm: f64,
+    /// 95th percentile of that distance, mm.
+    pub bone_p95_mm: f64,
+    /// Mean distance from detected surface points to the truth surface, mm.
+    pub bone_false_mean_mm: f64,
+    /// Share of truth bone points farther than 2 mm from any detection (missed).
+    pub bone_missed_share: f64,
+    /// Frames without bone in the truth in which bone was labelled.
+    pub false_bone_frames: usize,
+    /// Frames without bone in the truth.
+    pub no_bone_frames: usize,
+    /// Median milliseconds per frame for despeckling + segmentation on this machine.
+    pub ms_median: f64,
+}
+
+fn nearest_mm(p: [f64; 2], set: &[[f64; 2]], mm: f64) -> f64 {
+    set.iter().map(|q| ((p[0] - q[0]).powi(2) + (p[1] - q[1]).powi(2)).sqrt()).fold(f64::INFINITY, f64::min) * mm
+}
+
+/// Dice of label `l` between `a` and `b`; `None` when neither has it.
+pub fn dice(a: &Array2<u8>, b: &Array2<u8>, l: u8) -> Option<f64> {
+    let (mut inter, mut na, mut nb) = (0usize, 0usize, 0usize);
+    for (x, y) in a.iter().zip(b.iter()) {
+        let (ia, ib) = (*x == l, *y == l);
+        na += ia as usize;
+        nb += ib as usize;
+        inter += (ia && ib) as usize;
+    }
+    (na + nb > 0).then(|| 2.0 * inter as f64 / (na + nb) as f64)
+}
+
+/// Scores segmentation (after `filter`) on phantoms with `seeds`.
+pub fn segment_scores(
+    despeckler: &Despeckler,
+    filter: &Filter,
+    seg: &crate::segment::SegmentParams,
+    seeds: std::ops::Range<u64>,
+    params: &PhantomParams,
+) -> Result<SegmentScore> {
+    let mut dice_sum = [0.0f64; 5];
+    let mut dice_n = [0usize; 5];
+    let (mut truth_d, mut false_d) = (Vec::new(), Vec::new());
+    let (mut false_bone, mut no_bone, mut cases) = (0, 0, 0);
+    let mut times = Vec::new();
+    for seed in seeds {
+        let mut p = params.clone();
+        p.seed = seed;
+        let ph = generate("eval", &p)?;
+        let frame = crate::phantom::frame_of(&ph, 0)?;
+        let t0 = std::time::Instant::now();
+        let despeckled = despeckler.run(&frame.intensity, std::slice::from_ref(filter))?;
+        let s = crate::segment::segment(&frame, &despeckled, seg)?;
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+        cases += 1;
+        let truth = &ph.labels[0];
+        for l in 1..=5u8 {
+            if let Some(d) = dice(truth, &s.labels, l) {
+                dice_sum[l as usize - 1] += d;
+                dice_n[l as usize - 1] += 1;
+            }
+        }
+        let truth_pts: Vec<[f64; 2]> = ph.truth.frames[0].bone_polylines_px.iter().flatten().copied().collect();
+        let found_pts: Vec<[f64; 2]> = s.bone_polylines_px.iter().flatten().copied().collect();
+        let mm = p.mm_per_px;
+        if truth_pts.is_empty() {
+            no_bone += 1;
+            if s.labels.iter().any(|l| *l == label::BONE) {
+                false_bone += 1;
+            }
+        } else {
+            for q in &truth_pts {
+                truth_d.push(nearest_mm(*q, &found_pts, mm));
+            }
+        }
+        if !truth_pts.is_empty() {
+            for q in &found_pts {
+                false_d.push(nearest_mm(*q, &truth_pts, mm));
+            }
+        }
+    }
+    let finite: Vec<f64> = truth_d.iter().copied().filter(|d| d.is_finite()).collect();
+    let missed = truth_d.iter().filter(|d| **d > 2.0).count();
+    let mut sorted = finite.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let p95 = if sorted.is_empty() { f64::NAN } else { sorted[((sorted.len() - 1) as f64 * 0.95) as usize] };
+    let mean = |v: &[f64]| if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 };
+    let mut dice = [f64::NAN; 5];
+    for i in 0..5 {
+        if dice_n[i] > 0 {
+            dice[i] = dice_sum[i] / dice_n[i] as f64;
+        }
+    }
+    Ok(SegmentScore {
+        cases,
+        dice,
+        dice_cases: dice_n,
+        bone_mean_mm: mean(&finite),
+        bone_p95_mm: p95,
+        bone_false_mean_mm: mean(&false_d),
+        bone_missed_share: if truth_d.is_empty() { 0.0 } else { missed as f64 / truth_d.len() as f64 },
+        false_bone_frames: false_bone,
+        no_bone_frames: no_bone,
+        ms_median: crate::bench::median_of(&times),
+    })
+}

@@ -26,12 +26,14 @@ pub mod dicom;
 pub mod eval;
 pub mod error;
 pub mod despeckle;
+pub mod fft;
 pub mod frame;
 pub mod gpu;
 pub mod imageio;
 pub mod kernels;
 pub mod phantom;
 pub mod quality;
+pub mod segment;
 pub(crate) mod simd;
 
 pub use error::{Error, Result};

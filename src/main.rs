@@ -95,6 +95,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Score segmentation on phantoms from fresh seeds against their truth.
+    EvalSegment {
+        /// Number of phantoms.
+        #[arg(long, default_value_t = 20)]
+        count: u64,
+        /// First seed.
+        #[arg(long, default_value_t = 30_000)]
+        seed: u64,
+        /// Despeckling filter before segmentation.
+        #[arg(long, default_value = "srad", value_parser = ["srad", "obnlm", "lee", "frost", "median"])]
+        despeckle: String,
+        /// Probe geometry of the phantoms.
+        #[arg(long, value_enum, default_value_t = GeometryArg::Linear)]
+        geometry: GeometryArg,
+        /// Where the kernels run.
+        #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+        backend: BackendArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Generate synthetic MSK phantoms (DICOM + truth labels + clean map + truth JSON).
     Phantom {
         /// Output folder.
@@ -216,6 +237,9 @@ fn main() -> ExitCode {
         Command::Despeckle { files, out, filter, backend } => despeckle(&files, &out, &filter, backend.into()),
         Command::Bench { backend, size, repeats, json } => bench(backend.into(), size, repeats, json),
         Command::EvalDespeckle { count, seed, backend, json } => eval_despeckle(count, seed, backend.into(), json),
+        Command::EvalSegment { count, seed, despeckle, geometry, backend, json } => {
+            eval_segment(count, seed, &despeckle, geometry, backend.into(), json)
+        }
         Command::Frames { file, out, gray } => frames(&file, &out, gray),
         Command::Phantom { out, count, seed, frames, geometry, size, mm_per_px, prefix } => {
             let geometry = match geometry {
@@ -551,5 +575,44 @@ fn eval_despeckle(count: u64, seed: u64, backend: Backend, json: bool) -> ExitCo
         );
     }
     eprintln!("{} phantoms, seeds {seed}..{}, on {}", count, seed + count, d.device_name());
+    ExitCode::SUCCESS
+}
+
+fn eval_segment(count: u64, seed: u64, despeckle: &str, geometry: GeometryArg, backend: Backend, json: bool) -> ExitCode {
+    let d = match open_despeckler(backend) {
+        Ok(d) => d,
+        Err(c) => return c,
+    };
+    let mut params = sonoguide::phantom::PhantomParams::default();
+    params.geometry = match geometry {
+        GeometryArg::Linear => Geometry::Linear,
+        GeometryArg::Curved => Geometry::Curved,
+    };
+    let result = Filter::default_for(despeckle).and_then(|f| {
+        sonoguide::eval::segment_scores(&d, &f, &sonoguide::segment::SegmentParams::default(), seed..seed + count, &params)
+    });
+    let s = match result {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INPUT_FAILED);
+        }
+    };
+    if json {
+        return print_json(&s);
+    }
+    let names = ["tendon", "bone band", "shadow", "joint/effusion", "vessel"];
+    println!("| measure | value | cases |");
+    println!("|---|---|---|");
+    for (i, n) in names.iter().enumerate() {
+        println!("| Dice {n} | {:.3} | {} |", s.dice[i], s.dice_cases[i]);
+    }
+    println!("| bone surface distance, mean (truth → found) | {:.3} mm | |", s.bone_mean_mm);
+    println!("| bone surface distance, 95th percentile | {:.3} mm | |", s.bone_p95_mm);
+    println!("| found → truth distance, mean | {:.3} mm | |", s.bone_false_mean_mm);
+    println!("| truth bone points missed (> 2 mm) | {:.1} % | |", 100.0 * s.bone_missed_share);
+    println!("| frames without bone where bone was labelled | {} of {} | |", s.false_bone_frames, s.no_bone_frames);
+    println!("| despeckle + segment, median per frame | {:.1} ms | |", s.ms_median);
+    eprintln!("{} phantoms ({} seeds from {seed}), despeckled with {despeckle}, on {}", s.cases, count, d.device_name());
     ExitCode::SUCCESS
 }

@@ -23,9 +23,9 @@
 use std::f64::consts::PI;
 
 use ndarray::{Array2, Array3};
-use rayon::prelude::*;
 use rustfft::num_complex::Complex;
-use rustfft::FftPlanner;
+
+use crate::fft::fft2;
 use serde::Serialize;
 
 use crate::frame::Rect;
@@ -278,10 +278,10 @@ impl Anatomy {
             .collect();
         let tendon_top = fat_mm + rng.range(0.3, 1.5);
         let tendon_thick = rng.range(2.5, 4.0);
-        let bone_depth = (tendon_top + tendon_thick + rng.range(4.5, 8.0)).min(depth_mm * 0.7);
+        let bone_depth = (tendon_top + tendon_thick + rng.range(6.0, 10.0)).min(depth_mm * 0.7);
         let gap_w = rng.range(3.0, 6.0);
         let gap_c = width_mm * rng.range(0.4, 0.6);
-        let vessel_r = rng.range(1.0, 2.0);
+        let vessel_r = rng.range(0.9, 1.8);
         let has_vessel = rng.unit() < 0.6;
         let mut a = Anatomy {
             scene,
@@ -320,7 +320,11 @@ impl Anatomy {
         if has_vessel {
             // Deep to the tendon, shallower than bone, and clear of the joint by 3 mm.
             let top = a.tendon_top + a.tendon_thick + vessel_r + 0.8;
-            let bottom = if scene == Scene::SoftTissue { depth_mm - vessel_r - 3.0 } else { a.bone_base[0].min(a.bone_base[1]) - a.cartilage_mm - a.effusion_height - vessel_r - 1.2 };
+            let bottom = if scene == Scene::SoftTissue {
+                depth_mm - vessel_r - 3.0
+            } else {
+                a.bone_base[0].min(a.bone_base[1]) - a.bone_wave.0 - a.cartilage_mm - a.effusion_height - vessel_r - 1.0
+            };
             if bottom > top {
                 let d = rng.range(top, bottom);
                 let mut u = width_mm * rng.range(0.12, 0.88);
@@ -406,9 +410,13 @@ impl Anatomy {
         if self.scene != Scene::SoftTissue && self.has_bone_at(u) {
             let bd = self.bone_depth(u);
             if d >= bd - BONE_BAND_ABOVE && d < bd + BONE_BAND_BELOW {
-                // The specular surface itself is the upper 0.2 mm; the band below it is bone.
-                let specular = d < bd;
-                return (if specular { echo::BONE } else { echo::BONE * 0.1 }, 40.0, label::BONE, specular);
+                // The interface reflects specularly from the surface (depth bd) down 0.15 mm;
+                // above it is cartilage, below it cortical bone that the beam barely enters.
+                if d < bd {
+                    return (echo::CARTILAGE, 0.3, label::BONE, false);
+                }
+                let specular = d < bd + 0.15;
+                return (if specular { echo::BONE } else { echo::BONE * 0.05 }, 40.0, label::BONE, specular);
             }
             if d >= bd + BONE_BAND_BELOW {
                 return (echo::MUSCLE, 40.0, label::SHADOW, false);
@@ -455,29 +463,6 @@ impl Anatomy {
         let stria = 1.0 + 0.6 * ((2.0 * PI * (d + 0.15 * u) / 1.6).sin().max(0.0)).powi(6);
         (echo::MUSCLE * stria, TISSUE_ATTEN_DB_CM_MHZ, label::BACKGROUND, false)
     }
-}
-
-/// 2-D FFT in place of a `[rows, cols]` complex array (rows then columns), forward or inverse
-/// (unnormalised).
-fn fft2(data: &mut Array2<Complex<f64>>, inverse: bool) {
-    let (h, w) = data.dim();
-    let mut planner = FftPlanner::<f64>::new();
-    let row_fft = if inverse { planner.plan_fft_inverse(w) } else { planner.plan_fft_forward(w) };
-    let col_fft = if inverse { planner.plan_fft_inverse(h) } else { planner.plan_fft_forward(h) };
-    data.axis_iter_mut(ndarray::Axis(0)).into_par_iter().for_each(|mut row| {
-        let mut buf: Vec<Complex<f64>> = row.iter().copied().collect();
-        row_fft.process(&mut buf);
-        for (d, s) in row.iter_mut().zip(buf) {
-            *d = s;
-        }
-    });
-    data.axis_iter_mut(ndarray::Axis(1)).into_par_iter().for_each(|mut col| {
-        let mut buf: Vec<Complex<f64>> = col.iter().copied().collect();
-        col_fft.process(&mut buf);
-        for (d, s) in col.iter_mut().zip(buf) {
-            *d = s;
-        }
-    });
 }
 
 /// Circular convolution of `field` with a separable Gaussian kernel (σ in pixels along rows
@@ -852,4 +837,31 @@ pub fn write_case(dir: &std::path::Path, name: &str, params: &PhantomParams) -> 
     }
     crate::imageio::write_json(&dir.join(format!("{name}.truth.json")), &case.truth)?;
     Ok(case.truth)
+}
+
+/// Frame `k` of a generated phantom as the pipeline sees it: intensity, calibration
+/// (with the reference pixel), and the imaging region (a fan mask for curved arrays).
+pub fn frame_of(ph: &Phantom, k: usize) -> crate::Result<crate::Frame> {
+    use crate::frame::{Calibration, CalibrationSource, ImagingRegion, RegionShape, RegionSource};
+    let img = ph.frames.get(k).ok_or(crate::Error::InvalidParameter { name: "frame", reason: format!("{k} of {}", ph.frames.len()) })?;
+    let (h, w) = img.dim();
+    let pixels: Vec<u8> = img.iter().copied().collect();
+    let t = &ph.truth;
+    let calibration = Calibration::Ok {
+        mm_per_px_x: t.spacing_mm[0],
+        mm_per_px_y: t.spacing_mm[1],
+        reference_px: Some((t.reference_px[0].round(), t.reference_px[1].round())),
+        source: CalibrationSource::Given,
+    };
+    let mut frame = crate::Frame::from_gray8(w, h, &pixels, calibration)?;
+    frame.index = k;
+    frame.region = match t.geometry {
+        Geometry::Linear => ImagingRegion { bounds: t.region, shape: RegionShape::Rectangle, source: RegionSource::UltrasoundRegion, mask: None },
+        Geometry::Curved => {
+            let conv = ScanConverter::new(w, h, t.spacing_mm[0]);
+            let mask = Array2::from_shape_fn((h, w), |(y, x)| u8::from(conv.image_to_beam(x as f64, y as f64).is_some()));
+            ImagingRegion { bounds: t.region, shape: RegionShape::Sector, source: RegionSource::UltrasoundRegion, mask: Some(mask) }
+        }
+    };
+    Ok(frame)
 }

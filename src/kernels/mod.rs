@@ -6,17 +6,20 @@
 //! code written in the shader's order. A faster CPU formulation has its own name (OBNLM's
 //! `cpu_fast`) and is tested against the twin.
 
+pub mod coherence;
 pub mod frost;
 pub mod lee;
 pub mod median;
 pub mod obnlm;
+pub mod phase_symmetry;
+pub mod shadow;
 pub mod srad;
 
 use ndarray::Array2;
 use rayon::prelude::*;
 
 /// Names of every kernel with a shader and a twin (the shader stems).
-pub const KERNELS: [&str; 5] = ["frost", "lee", "median", "obnlm", "srad"];
+pub const KERNELS: [&str; 8] = ["coherence", "frost", "lee", "median", "obnlm", "phase_symmetry", "shadow", "srad"];
 
 /// The pixel at (x, y) with coordinates clamped to the image (the edge rule of every kernel).
 #[inline]

@@ -1,0 +1,89 @@
+//! Structure-tensor coherence and orientation: the central-difference gradient's tensor
+//! summed over a (2r+1)² window; coherence ((Jxx−Jyy)² + 4Jxy²) / ((Jxx+Jyy)² + ε) in [0, 1]
+//! (1 for a single dominant orientation: the fibrillar pattern of tendons), and the
+//! orientation of the structure in (−π/2, π/2], 0 horizontal. Edges clamped.
+//! Shader: `shaders/coherence.wgsl` (coherence in `dst`, orientation in `aux`).
+
+use std::f32::consts::FRAC_PI_2;
+
+use ndarray::Array2;
+
+use super::{at, check_image, par_image};
+
+/// ε in the coherence's denominator; same constant as the shader.
+pub const TENSOR_EPSILON: f32 = 1e-3;
+
+/// Parameters; keep in sync with `Params` in shaders/coherence.wgsl.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Params {
+    /// Columns (set by the dispatcher).
+    pub width: u32,
+    /// Rows (set by the dispatcher).
+    pub height: u32,
+    /// Window radius.
+    pub radius: u32,
+    /// Padding.
+    pub pad0: u32,
+}
+
+impl Params {
+    /// A tensor summed over a (2r+1)² window, r in 1..=8.
+    pub fn new(radius: u32) -> crate::Result<Params> {
+        if !(1..=8).contains(&radius) {
+            return Err(crate::Error::InvalidParameter { name: "radius", reason: format!("{radius} (1..8)") });
+        }
+        Ok(Params { width: 0, height: 0, radius, pad0: 0 })
+    }
+}
+
+/// The shader's source.
+pub const SHADER: &str = include_str!("../../shaders/coherence.wgsl");
+
+fn tensor(img: &Array2<f32>, x: usize, y: usize, r: isize) -> (f32, f32, f32) {
+    let (mut jxx, mut jxy, mut jyy) = (0f32, 0f32, 0f32);
+    for dy in -r..=r {
+        for dx in -r..=r {
+            let (xx, yy) = (x as isize + dx, y as isize + dy);
+            let gx = 0.5 * (at(img, xx + 1, yy) - at(img, xx - 1, yy));
+            let gy = 0.5 * (at(img, xx, yy + 1) - at(img, xx, yy - 1));
+            jxx += gx * gx;
+            jxy += gx * gy;
+            jyy += gy * gy;
+        }
+    }
+    (jxx, jxy, jyy)
+}
+
+/// CPU twin: (coherence, orientation).
+pub fn cpu(img: &Array2<f32>, params: &Params) -> crate::Result<(Array2<f32>, Array2<f32>)> {
+    check_image("coherence", img)?;
+    let (h, w) = img.dim();
+    let r = params.radius as isize;
+    let coherence = par_image(h, w, |x, y| {
+        let (jxx, jxy, jyy) = tensor(img, x, y, r);
+        let (d, t) = (jxx - jyy, jxx + jyy);
+        (d * d + 4.0 * jxy * jxy) / (t * t + TENSOR_EPSILON)
+    });
+    let orientation = par_image(h, w, |x, y| {
+        let (jxx, jxy, jyy) = tensor(img, x, y, r);
+        let mut a = 0.5 * (2.0 * jxy).atan2(jxx - jyy) + FRAC_PI_2;
+        if a > FRAC_PI_2 {
+            a -= 2.0 * FRAC_PI_2;
+        }
+        a
+    });
+    Ok((coherence, orientation))
+}
+
+/// Queues the kernel on a GPU chain (coherence becomes the current image; the orientation
+/// is left in `aux`).
+#[cfg(feature = "gpu")]
+pub fn encode(chain: &mut crate::gpu::GpuChain<'_>, params: &Params) -> crate::Result<()> {
+    let mut p = *params;
+    p.width = chain.width() as u32;
+    p.height = chain.height() as u32;
+    let g = chain.groups_2d();
+    chain.dispatch("coherence", SHADER, "coherence", &p, g, true)?;
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! Phase symmetry (Kovesi 1997, "Symmetry and asymmetry from local phase"), the local-phase
+//! feature used to find bone surfaces in ultrasound (Hacihaliloglu et al. 2009).
+//!
+//! A bank of log-Gabor filters, S scales × O orientations, is applied in the frequency domain
+//! to the image padded (clamp to edge) to powers of two. Each filter is one-sided in angle, so
+//! its response is complex: even part e (real), odd part o (imaginary). With polarity +1
+//! (bright lines on a dark background, as bone is):
+//!
+//!   PS = Σ_o ⌊Σ_s (e − |o|) − T_o⌋ / (Σ_o Σ_s √(e² + o²) + ε)
+//!
+//! T_o, the noise threshold of orientation o, follows Kovesi: the smallest scale's amplitude is
+//! taken as Rayleigh noise of parameter τ = mean/√(π/2), summed over scales as if it fell by
+//! `mult` per scale, and T = mean + k·σ of that sum.
+//!
+//! Filter: radial exp(−(ln(f/f0))² / (2 ln(σ_f)²)) × low-pass 1/(1 + (f/0.45)^30), angular
+//! exp(−Δθ² / (2σ_θ²)), σ_θ = π / O / `theta_on_sigma`, f in cycles per pixel, f0 = 1/λ.
+//! Shader: `shaders/phase_symmetry.wgsl` (radix-2 FFTs in workgroup memory).
+
+use std::f32::consts::PI;
+
+use ndarray::Array2;
+use rustfft::num_complex::Complex;
+
+use super::check_image;
+use crate::fft::fft2;
+
+/// Largest padded side the GPU FFT handles (one row per workgroup in 8 KiB of shared memory).
+pub const MAX_FFT_SIDE: usize = 1024;
+/// ε in the denominator (amplitude units, grey levels).
+pub const EPSILON: f32 = 1e-3;
+
+/// Parameters; keep in sync with `Params` in shaders/phase_symmetry.wgsl.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Params {
+    /// Columns (set by the dispatcher).
+    pub width: u32,
+    /// Rows (set by the dispatcher).
+    pub height: u32,
+    /// Padded columns (power of two, set by the dispatcher).
+    pub pad_width: u32,
+    /// Padded rows (power of two, set by the dispatcher).
+    pub pad_height: u32,
+    /// Number of scales S.
+    pub scales: u32,
+    /// Number of orientations O.
+    pub orientations: u32,
+    /// Scale and orientation of the current filter (set by the dispatcher).
+    pub scale: u32,
+    /// Orientation index (set by the dispatcher).
+    pub orientation: u32,
+    /// Wavelength of the smallest scale, px.
+    pub min_wavelength: f32,
+    /// Ratio between successive scales' wavelengths.
+    pub mult: f32,
+    /// σ_f of the radial log-Gabor, as a ratio to f0.
+    pub sigma_on_f: f32,
+    /// Angular spacing over σ_θ.
+    pub theta_on_sigma: f32,
+    /// k of the noise threshold.
+    pub noise_k: f32,
+    /// Padding.
+    pub pad0: [f32; 3],
+}
+
+impl Params {
+    /// A bank of `scales` × `orientations` filters, the smallest of wavelength
+    /// `min_wavelength` px.
+    pub fn new(scales: u32, orientations: u32, min_wavelength: f32) -> crate::Result<Params> {
+        if !(1..=6).contains(&scales) || !(1..=8).contains(&orientations) {
+            return Err(crate::Error::InvalidParameter { name: "scales/orientations", reason: format!("{scales}/{orientations} (1..6, 1..8)") });
+        }
+        if !(min_wavelength >= 2.0 && min_wavelength < 256.0) {
+            return Err(crate::Error::InvalidParameter { name: "min_wavelength", reason: format!("{min_wavelength} px (2..256)") });
+        }
+        Ok(Params {
+            width: 0,
+            height: 0,
+            pad_width: 0,
+            pad_height: 0,
+            scales,
+            orientations,
+            scale: 0,
+            orientation: 0,
+            min_wavelength,
+            mult: 2.0,
+            sigma_on_f: 0.55,
+            theta_on_sigma: 1.2,
+            noise_k: 2.0,
+            pad0: [0.0; 3],
+        })
+    }
+
+    /// The parameters resolved for an image of `width` × `height`.
+    pub fn resolved(&self, width: usize, height: usize) -> Params {
+        let mut p = *self;
+        p.width = width as u32;
+        p.height = height as u32;
+        p.pad_width = width.next_power_of_two() as u32;
+        p.pad_height = height.next_power_of_two() as u32;
+        p
+    }
+}
+
+/// The shader's source.
+pub const SHADER: &str = include_str!("../../shaders/phase_symmetry.wgsl");
+
+/// The log-Gabor filter value at frequency bin (u, v) of a `pw` × `ph` transform, for scale
+/// `s` and orientation `o` (the same expression as the shader's `log_gabor`).
+#[inline]
+pub fn log_gabor(p: &Params, u: usize, v: usize, s: u32, o: u32) -> f32 {
+    let (pw, ph) = (p.pad_width as f32, p.pad_height as f32);
+    // Signed frequencies in cycles per pixel.
+    let fx = if u as f32 >= pw / 2.0 { u as f32 - pw } else { u as f32 } / pw;
+    let fy = if v as f32 >= ph / 2.0 { v as f32 - ph } else { v as f32 } / ph;
+    let f = (fx * fx + fy * fy).sqrt();
+    if f == 0.0 {
+        return 0.0;
+    }
+    let f0 = 1.0 / (p.min_wavelength * p.mult.powi(s as i32));
+    let ln_sigma = p.sigma_on_f.ln();
+    let lf = (f / f0).ln();
+    let radial = (-(lf * lf) / (2.0 * ln_sigma * ln_sigma)).exp();
+    let low_pass = 1.0 / (1.0 + (f / 0.45).powi(30));
+    let angle = (-fy).atan2(fx);
+    let theta = o as f32 * PI / p.orientations as f32;
+    let mut d = angle - theta;
+    // Wrap to (−π, π].
+    d = d - 2.0 * PI * ((d + PI) / (2.0 * PI)).floor();
+    let sigma_theta = PI / p.orientations as f32 / p.theta_on_sigma;
+    let angular = (-(d * d) / (2.0 * sigma_theta * sigma_theta)).exp();
+    radial * low_pass * angular
+}
+
+/// Noise threshold from the mean amplitude of the smallest scale.
+pub fn noise_threshold(p: &Params, mean_amplitude: f32) -> f32 {
+    let tau = mean_amplitude / (PI / 2.0).sqrt();
+    let inv = 1.0 / p.mult;
+    let total_tau = tau * (1.0 - inv.powi(p.scales as i32)) / (1.0 - inv);
+    let mean = total_tau * (PI / 2.0).sqrt();
+    let sigma = total_tau * ((4.0 - PI) / 2.0).sqrt();
+    mean + p.noise_k * sigma
+}
+
+/// CPU twin: the phase symmetry map, values in [0, 1].
+pub fn cpu(img: &Array2<f32>, params: &Params) -> crate::Result<Array2<f32>> {
+    check_image("phase_symmetry", img)?;
+    let (h, w) = img.dim();
+    let p = params.resolved(w, h);
+    let (pw, ph) = (p.pad_width as usize, p.pad_height as usize);
+    let mut spectrum = Array2::from_shape_fn((ph, pw), |(y, x)| Complex::new(img[[y.min(h - 1), x.min(w - 1)]], 0.0f32));
+    fft2(&mut spectrum, false);
+    let norm = 1.0 / (pw * ph) as f32;
+    let mut numerator = Array2::<f32>::zeros((h, w));
+    let mut amplitude = Array2::<f32>::zeros((h, w));
+    for o in 0..p.orientations {
+        let mut energy = Array2::<f32>::zeros((h, w));
+        let mut mean_a0 = 0.0f32;
+        for s in 0..p.scales {
+            let mut r = Array2::from_shape_fn((ph, pw), |(v, u)| spectrum[[v, u]] * log_gabor(&p, u, v, s, o));
+            fft2(&mut r, true);
+            let mut sum_a = 0.0f64;
+            ndarray::Zip::indexed(&mut energy).and(&mut amplitude).for_each(|(y, x), e, a| {
+                let z = r[[y, x]] * norm;
+                let amp = (z.re * z.re + z.im * z.im).sqrt();
+                *a += amp;
+                *e += z.re - z.im.abs();
+                sum_a += amp as f64;
+            });
+            if s == 0 {
+                mean_a0 = (sum_a / (w * h) as f64) as f32;
+            }
+        }
+        let t = noise_threshold(&p, mean_a0);
+        numerator.zip_mut_with(&energy, |n, e| *n += (e - t).max(0.0));
+    }
+    let mut out = numerator;
+    out.zip_mut_with(&amplitude, |n, a| *n /= a + EPSILON);
+    out.par_mapv_inplace(|v| v.clamp(0.0, 1.0));
+    Ok(out)
+}

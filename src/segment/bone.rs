@@ -1,0 +1,211 @@
+//! Bone surface and acoustic shadow.
+//!
+//! Bone score per pixel = phase symmetry × brightness × shadowness, where brightness rises
+//! from the tissue level to twice it and shadowness is how dark the tissue beneath is relative
+//! to the tissue level. The surface is the best path across the columns (Viterbi dynamic
+//! programming, after Foroughi et al. 2007): per column either a row (gaining score − the
+//! threshold) or "no bone" (gaining 0), with a penalty per row of step between columns, steps
+//! limited to the steepest surface expected, and a penalty for starting or ending a segment.
+//! So gaps are allowed where there is no bone, and isolated bright specks do not become bone.
+
+use ndarray::Array2;
+
+use super::{Features, SegmentParams};
+use crate::phantom::label;
+
+/// Penalty per row of step between neighbouring columns (score units).
+const STEP_PENALTY: f32 = 0.02;
+/// Penalty for entering or leaving bone (score units): about four columns of a clear surface.
+const SEGMENT_PENALTY: f32 = 0.3;
+/// Tissue level: this quantile of the valid intensities that are above the noise floor.
+const TISSUE_QUANTILE: f64 = 0.5;
+/// Grey level separating the noise floor (shadow, fluid) from tissue when estimating the level.
+const NOISE_FLOOR_LEVEL: f32 = 30.0;
+/// Largest jump between neighbouring columns inside one polyline, mm.
+const POLYLINE_BREAK_MM: f64 = 1.0;
+/// Bone band above and below the echo, mm: 0.5 mm thick, centred on it.
+const BAND_ABOVE_MM: f64 = 0.25;
+const BAND_BELOW_MM: f64 = 0.25;
+
+/// The tissue level of the analysis grid.
+pub fn tissue_level(f: &Features) -> f32 {
+    let mut v: Vec<f32> = f
+        .intensity
+        .indexed_iter()
+        .filter(|(i, val)| f.valid[*i] && **val > NOISE_FLOOR_LEVEL)
+        .map(|(_, val)| *val)
+        .collect();
+    if v.is_empty() {
+        return 100.0;
+    }
+    let k = ((v.len() - 1) as f64 * TISSUE_QUANTILE) as usize;
+    let (_, m, _) = v.select_nth_unstable_by(k, |a, b| a.total_cmp(b));
+    *m
+}
+
+/// Bone score on the analysis grid.
+pub fn bone_score(f: &Features) -> Array2<f32> {
+    let level = tissue_level(f).max(1.0);
+    Array2::from_shape_fn(f.intensity.dim(), |(y, x)| {
+        if !f.valid[[y, x]] {
+            return 0.0;
+        }
+        let bright = ((f.intensity[[y, x]] - level) / level).clamp(0.0, 1.0);
+        let shadow = (1.0 - f.below[[y, x]] / (0.6 * level)).clamp(0.0, 1.0);
+        f.phase_symmetry[[y, x]] * bright * shadow
+    })
+}
+
+/// The bone surface on the analysis grid: per column, the row or `None`.
+pub fn surface(f: &Features, params: &SegmentParams) -> Vec<Option<f32>> {
+    let score = bone_score(f);
+    let (h, w) = score.dim();
+    if h == 0 || w == 0 {
+        return Vec::new();
+    }
+    let (mmx, mmy) = f.mm_per_px;
+    // Steepest step: bone_max_step_mm of depth per 0.1 mm of width.
+    let max_step = ((params.bone_max_step_mm * mmx / 0.1 / mmy).ceil() as usize).max(1);
+    const NONE: i16 = i16::MAX;
+    let tau = params.bone_threshold;
+    // back[x·h + y]: the row at x−1 that bone at (x, y) came from, or NONE (from "no bone").
+    let mut back = vec![NONE; w * h];
+    // none_from[x]: the row at x−1 that "no bone" at x came from, or NONE.
+    let mut none_from = vec![NONE; w];
+    let mut prev: Vec<f32> = (0..h).map(|y| score[[y, 0]] - tau - SEGMENT_PENALTY).collect();
+    let mut prev_none = 0.0f32;
+    let mut cur = vec![0f32; h];
+    for x in 1..w {
+        let (mut best_bone, mut best_bone_y) = (f32::NEG_INFINITY, 0usize);
+        for y in 0..h {
+            let mut best = prev_none - SEGMENT_PENALTY;
+            let mut arg = NONE;
+            let lo = y.saturating_sub(max_step);
+            let hi = (y + max_step).min(h - 1);
+            for py in lo..=hi {
+                let v = prev[py] - STEP_PENALTY * (py as f32 - y as f32).abs();
+                if v > best {
+                    best = v;
+                    arg = py as i16;
+                }
+            }
+            cur[y] = score[[y, x]] - tau + best;
+            back[x * h + y] = arg;
+            if prev[y] > best_bone {
+                best_bone = prev[y];
+                best_bone_y = y;
+            }
+        }
+        let leave = best_bone - SEGMENT_PENALTY;
+        if leave > prev_none {
+            none_from[x] = best_bone_y as i16;
+            prev_none = leave;
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    // Backtrack from the best final state.
+    let mut out = vec![None; w];
+    let (end_bone, end_y) = prev.iter().enumerate().fold((f32::NEG_INFINITY, 0), |a, (y, v)| if *v > a.0 { (*v, y) } else { a });
+    let mut state: Option<usize> = if end_bone > prev_none { Some(end_y) } else { None };
+    for x in (1..w).rev() {
+        out[x] = state.map(|y| y as f32);
+        let from = match state {
+            Some(y) => back[x * h + y],
+            None => none_from[x],
+        };
+        state = if from == NONE { None } else { Some(from as usize) };
+    }
+    out[0] = state.map(|y| y as f32);
+    drop_short_runs(&mut out, f.mm_per_px.0, params.bone_min_length_mm);
+    out
+}
+
+fn drop_short_runs(s: &mut [Option<f32>], mm_per_col: f64, min_mm: f64) {
+    let min_cols = (min_mm / mm_per_col).ceil() as usize;
+    let mut x = 0;
+    while x < s.len() {
+        if s[x].is_none() {
+            x += 1;
+            continue;
+        }
+        let start = x;
+        while x < s.len() && s[x].is_some() {
+            x += 1;
+        }
+        if x - start < min_cols {
+            s[start..x].iter_mut().for_each(|v| *v = None);
+        }
+    }
+}
+
+/// The surface at full resolution: per region column, the peak of the bone echo near the
+/// grid's estimate, to sub-pixel precision by a parabola through the peak and its neighbours.
+/// (The echo's peak lies about half a pulse length, under 0.1 mm, below the interface.)
+pub fn refine(surface: &[Option<f32>], crop: &Array2<f32>, step: usize, _mm: (f64, f64)) -> Vec<Option<f32>> {
+    let (h, w) = crop.dim();
+    (0..w)
+        .map(|x| {
+            let gy = (*surface.get(x / step)?)?;
+            let centre = gy * step as f32 + (step as f32 - 1.0) / 2.0;
+            let reach = step as f32 + 1.0;
+            let lo = (centre - reach).floor().max(0.0) as usize;
+            let hi = ((centre + reach).ceil() as usize).min(h - 1);
+            let y = (lo..=hi).max_by(|a, b| crop[[*a, x]].total_cmp(&crop[[*b, x]]))?;
+            if y == 0 || y + 1 >= h {
+                return Some(y as f32);
+            }
+            let (a, b, c) = (crop[[y - 1, x]], crop[[y, x]], crop[[y + 1, x]]);
+            let den = a - 2.0 * b + c;
+            let offset = if den < 0.0 { (0.5 * (a - c) / den).clamp(-0.5, 0.5) } else { 0.0 };
+            Some(y as f32 + offset)
+        })
+        .collect()
+}
+
+/// Labels the bone band and the shadow beneath it.
+pub fn label_bone_and_shadow(surface: &[Option<f32>], valid: &Array2<bool>, mm: (f64, f64), labels: &mut Array2<u8>) {
+    let (h, _) = labels.dim();
+    let above = (BAND_ABOVE_MM / mm.1).round() as isize;
+    let below = (BAND_BELOW_MM / mm.1).round().max(1.0) as isize;
+    for (x, s) in surface.iter().enumerate() {
+        let Some(y) = s else { continue };
+        let y = y.round() as isize;
+        for yy in (y - above).max(0)..(h as isize) {
+            let yy = yy as usize;
+            if !valid[[yy, x]] {
+                continue;
+            }
+            labels[[yy, x]] = if (yy as isize) < y + below { label::BONE } else { label::SHADOW };
+        }
+    }
+}
+
+/// Splits the surface into polylines (region px), breaking at gaps and jumps over 1 mm and
+/// dropping pieces shorter than the minimum length.
+pub fn polylines(surface: &[Option<f32>], mm: (f64, f64), params: &SegmentParams) -> Vec<Vec<[f64; 2]>> {
+    let mut out: Vec<Vec<[f64; 2]>> = Vec::new();
+    let mut cur: Vec<[f64; 2]> = Vec::new();
+    let break_rows = POLYLINE_BREAK_MM / mm.1;
+    for (x, s) in surface.iter().enumerate() {
+        match s {
+            Some(y) => {
+                if let Some(last) = cur.last() {
+                    if (last[1] - *y as f64).abs() > break_rows {
+                        out.push(std::mem::take(&mut cur));
+                    }
+                }
+                cur.push([x as f64, *y as f64]);
+            }
+            None => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    let min_cols = params.bone_min_length_mm / mm.0;
+    out.into_iter().filter(|l| l.len() as f64 >= min_cols).collect()
+}

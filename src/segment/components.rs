@@ -1,0 +1,94 @@
+//! Connected components (4-connected) of a binary mask, with their pixel lists.
+
+use ndarray::Array2;
+
+/// One connected component.
+#[derive(Debug, Clone)]
+pub struct Component {
+    /// Pixels as (row, column).
+    pub pixels: Vec<(usize, usize)>,
+    /// Bounding box: first row, first column, last row, last column (inclusive).
+    pub bbox: (usize, usize, usize, usize),
+}
+
+impl Component {
+    /// Pixel count.
+    pub fn area(&self) -> usize {
+        self.pixels.len()
+    }
+    /// Bounding-box height and width.
+    pub fn extent(&self) -> (usize, usize) {
+        (self.bbox.2 - self.bbox.0 + 1, self.bbox.3 - self.bbox.1 + 1)
+    }
+    /// Share of the bounding box the component fills.
+    pub fn fill(&self) -> f64 {
+        let (h, w) = self.extent();
+        self.area() as f64 / (h * w) as f64
+    }
+}
+
+/// The 4-connected components of `mask`.
+pub fn components(mask: &Array2<bool>) -> Vec<Component> {
+    let (h, w) = mask.dim();
+    let mut seen = Array2::from_elem((h, w), false);
+    let mut out = Vec::new();
+    let mut stack = Vec::new();
+    for y in 0..h {
+        for x in 0..w {
+            if !mask[[y, x]] || seen[[y, x]] {
+                continue;
+            }
+            let mut pixels = Vec::new();
+            let mut bbox = (y, x, y, x);
+            seen[[y, x]] = true;
+            stack.push((y, x));
+            while let Some((cy, cx)) = stack.pop() {
+                pixels.push((cy, cx));
+                bbox = (bbox.0.min(cy), bbox.1.min(cx), bbox.2.max(cy), bbox.3.max(cx));
+                let mut push = |ny: usize, nx: usize| {
+                    if mask[[ny, nx]] && !seen[[ny, nx]] {
+                        seen[[ny, nx]] = true;
+                        stack.push((ny, nx));
+                    }
+                };
+                if cy > 0 {
+                    push(cy - 1, cx);
+                }
+                if cy + 1 < h {
+                    push(cy + 1, cx);
+                }
+                if cx > 0 {
+                    push(cy, cx - 1);
+                }
+                if cx + 1 < w {
+                    push(cy, cx + 1);
+                }
+            }
+            out.push(Component { pixels, bbox });
+        }
+    }
+    out
+}
+
+/// Binary opening then closing with a square of radius `r` (removes specks, fills pinholes).
+pub fn open_close(mask: &Array2<bool>, r: usize) -> Array2<bool> {
+    let erode = |m: &Array2<bool>| morph(m, r, true);
+    let dilate = |m: &Array2<bool>| morph(m, r, false);
+    let opened = dilate(&erode(mask));
+    erode(&dilate(&opened))
+}
+
+/// Erosion (`all`) or dilation (any) with a square of radius `r`, separable.
+pub fn morph(m: &Array2<bool>, r: usize, all: bool) -> Array2<bool> {
+    let (h, w) = m.dim();
+    let pass = |src: &Array2<bool>, horizontal: bool| {
+        Array2::from_shape_fn((h, w), |(y, x)| {
+            let (c, n) = if horizontal { (x, w) } else { (y, h) };
+            let lo = c.saturating_sub(r);
+            let hi = (c + r + 1).min(n);
+            let get = |k: usize| if horizontal { src[[y, k]] } else { src[[k, x]] };
+            if all { (lo..hi).all(get) } else { (lo..hi).any(get) }
+        })
+    };
+    pass(&pass(m, true), false)
+}

@@ -1,0 +1,217 @@
+//! Segmentation of musculoskeletal structures in one frame: bone surface, acoustic shadow,
+//! tendon, joint space / effusion, vessel.
+//!
+//! Works inside the imaging region, leaving out colour-masked pixels (Doppler, annotations).
+//! Features come from the kernels (phase symmetry, shadow, coherence), computed on the GPU or
+//! the CPU; the decisions (dynamic programming for the bone surface, connected components for
+//! fluid and tendon) run on the CPU, where they are cheap. Label values are those of
+//! [`crate::phantom::label`].
+
+pub mod bone;
+pub mod components;
+pub mod fluid;
+pub mod tendon;
+
+use ndarray::{s, Array2};
+use serde::Serialize;
+
+use crate::frame::Frame;
+use crate::phantom::label;
+use crate::Result;
+
+/// Pixel size assumed for frames without a usable calibration (a typical MSK linear probe
+/// display); results in mm are then marked as assumed.
+pub const ASSUMED_MM_PER_PX: f64 = 0.1;
+
+/// Settings of the segmenter (all lengths in mm, converted with the frame's calibration).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SegmentParams {
+    /// Smallest log-Gabor wavelength, mm.
+    pub ps_min_wavelength_mm: f64,
+    /// Log-Gabor scales.
+    pub ps_scales: u32,
+    /// Log-Gabor orientations.
+    pub ps_orientations: u32,
+    /// Bone score above which a column holds bone (dynamic programming's break-even).
+    pub bone_threshold: f32,
+    /// Largest step of the bone surface between neighbouring columns, mm.
+    pub bone_max_step_mm: f64,
+    /// Shortest bone segment kept, mm.
+    pub bone_min_length_mm: f64,
+    /// Grey level (despeckled) below which tissue is anechoic (fluid).
+    pub fluid_level: f32,
+    /// Frames wider than this (px) are analysed at half resolution for the features.
+    pub half_resolution_above_px: usize,
+}
+
+impl Default for SegmentParams {
+    fn default() -> Self {
+        SegmentParams {
+            ps_min_wavelength_mm: 0.6,
+            ps_scales: 3,
+            ps_orientations: 4,
+            bone_threshold: 0.12,
+            bone_max_step_mm: 0.25,
+            bone_min_length_mm: 1.5,
+            fluid_level: 24.0,
+            half_resolution_above_px: 400,
+        }
+    }
+}
+
+/// What the segmenter found in one frame.
+#[derive(Debug, Clone)]
+pub struct Segmentation {
+    /// Labels, full-frame size (0 background, 1 tendon, 2 bone, 3 shadow, 4 joint, 5 vessel).
+    pub labels: Array2<u8>,
+    /// Bone surface polylines, full-frame (column, row).
+    pub bone_polylines_px: Vec<Vec<[f64; 2]>>,
+    /// The same in mm (lateral from the reference pixel, depth from the transducer face).
+    pub bone_polylines_mm: Vec<Vec<[f64; 2]>>,
+    /// Millimetres per pixel used (x, y).
+    pub mm_per_px: (f64, f64),
+    /// Whether `mm_per_px` was assumed (the frame has no usable calibration).
+    pub calibration_assumed: bool,
+}
+
+/// The bone polylines in the JSON form of `frame_NNNN.bone.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BoneJson {
+    /// Polylines in full-frame px (column, row).
+    pub polylines_px: Vec<Vec<[f64; 2]>>,
+    /// Polylines in mm (lateral, depth from the transducer face).
+    pub polylines_mm: Vec<Vec<[f64; 2]>>,
+    /// Millimetres per pixel used.
+    pub mm_per_px: [f64; 2],
+    /// True when the frame had no usable calibration and `mm_per_px` was assumed.
+    pub calibration_assumed: bool,
+}
+
+impl Segmentation {
+    /// The bone JSON document.
+    pub fn bone_json(&self) -> BoneJson {
+        BoneJson {
+            polylines_px: self.bone_polylines_px.clone(),
+            polylines_mm: self.bone_polylines_mm.clone(),
+            mm_per_px: [self.mm_per_px.0, self.mm_per_px.1],
+            calibration_assumed: self.calibration_assumed,
+        }
+    }
+}
+
+/// Feature maps on the analysis grid (the region, possibly at half resolution).
+#[derive(Debug, Clone)]
+pub struct Features {
+    /// Despeckled intensity.
+    pub intensity: Array2<f32>,
+    /// Phase symmetry, 0..1.
+    pub phase_symmetry: Array2<f32>,
+    /// Mean intensity beneath each pixel.
+    pub below: Array2<f32>,
+    /// Structure coherence, 0..1.
+    pub coherence: Array2<f32>,
+    /// Structure orientation, radians, 0 horizontal.
+    pub orientation: Array2<f32>,
+    /// 1 where the pixel may be analysed (inside the region, not colour).
+    pub valid: Array2<bool>,
+    /// Analysis grid step in full-frame pixels (1 or 2).
+    pub step: usize,
+    /// Millimetres per analysis pixel (x, y).
+    pub mm_per_px: (f64, f64),
+}
+
+/// Computes the feature maps on the CPU.
+pub fn features_cpu(frame: &Frame, despeckled: &Array2<f32>, params: &SegmentParams) -> Result<Features> {
+    let (grid, valid, step, mm) = analysis_grid(frame, despeckled, params);
+    let fp = feature_params(params, mm, grid.nrows())?;
+    let phase_symmetry = crate::kernels::phase_symmetry::cpu(&grid, &fp.0)?;
+    let below = crate::kernels::shadow::cpu(&grid, &fp.1)?;
+    let (coherence, orientation) = crate::kernels::coherence::cpu(&grid, &fp.2)?;
+    Ok(Features { intensity: grid, phase_symmetry, below, coherence, orientation, valid, step, mm_per_px: mm })
+}
+
+/// Kernel parameters for a grid of `mm` per pixel.
+pub fn feature_params(
+    params: &SegmentParams,
+    mm: (f64, f64),
+    rows: usize,
+) -> Result<(crate::kernels::phase_symmetry::Params, crate::kernels::shadow::Params, crate::kernels::coherence::Params)> {
+    let px = |v_mm: f64| v_mm / mm.1;
+    let wavelength = px(params.ps_min_wavelength_mm).max(3.0) as f32;
+    let ps = crate::kernels::phase_symmetry::Params::new(params.ps_scales, params.ps_orientations, wavelength)?;
+    // Shadow: skip 1 mm (the echo and its tail), average the next 4 mm.
+    let gap = px(1.0).round().max(2.0) as u32;
+    let length = (px(4.0).round() as u32).clamp(2, rows.max(2) as u32);
+    let shadow = crate::kernels::shadow::Params::new(gap, length)?;
+    // Structure tensor over about 1.2 mm: several fibrils, so that speckle averages out.
+    let radius = (px(0.6).round() as u32).clamp(1, 8);
+    let coherence = crate::kernels::coherence::Params::new(radius)?;
+    Ok((ps, shadow, coherence))
+}
+
+/// The region of `despeckled`, at half resolution when it is wide, with its valid mask.
+pub fn analysis_grid(frame: &Frame, despeckled: &Array2<f32>, params: &SegmentParams) -> (Array2<f32>, Array2<bool>, usize, (f64, f64)) {
+    let b = frame.region.bounds;
+    let crop = despeckled.slice(s![b.y0..b.y1, b.x0..b.x1]);
+    let valid_full = Array2::from_shape_fn((b.height(), b.width()), |(y, x)| {
+        let (fx, fy) = (x + b.x0, y + b.y0);
+        frame.region.contains(fx, fy) && frame.colour_mask.as_ref().is_none_or(|m| m[[fy, fx]] == 0)
+    });
+    let (mmx, mmy) = frame.calibration.mm_per_px().unwrap_or((ASSUMED_MM_PER_PX, ASSUMED_MM_PER_PX));
+    if b.width() <= params.half_resolution_above_px || b.height() < 4 {
+        return (crop.to_owned(), valid_full, 1, (mmx, mmy));
+    }
+    let (h, w) = (b.height() / 2, b.width() / 2);
+    let grid = Array2::from_shape_fn((h, w), |(y, x)| {
+        0.25 * (crop[[2 * y, 2 * x]] + crop[[2 * y + 1, 2 * x]] + crop[[2 * y, 2 * x + 1]] + crop[[2 * y + 1, 2 * x + 1]])
+    });
+    let valid = Array2::from_shape_fn((h, w), |(y, x)| valid_full[[2 * y, 2 * x]] && valid_full[[2 * y + 1, 2 * x + 1]]);
+    (grid, valid, 2, (mmx * 2.0, mmy * 2.0))
+}
+
+/// Segments one frame from its despeckled intensity, features on the CPU.
+pub fn segment(frame: &Frame, despeckled: &Array2<f32>, params: &SegmentParams) -> Result<Segmentation> {
+    let f = features_cpu(frame, despeckled, params)?;
+    segment_from_features(frame, despeckled, &f, params)
+}
+
+/// Segments one frame given its feature maps.
+pub fn segment_from_features(frame: &Frame, despeckled: &Array2<f32>, f: &Features, params: &SegmentParams) -> Result<Segmentation> {
+    let b = frame.region.bounds;
+    let (h, w) = (frame.height(), frame.width());
+    let calibration_assumed = frame.calibration.mm_per_px().is_none();
+    let mm_full = (f.mm_per_px.0 / f.step as f64, f.mm_per_px.1 / f.step as f64);
+    let region_labels = {
+        let crop = despeckled.slice(s![b.y0..b.y1, b.x0..b.x1]).to_owned();
+        let valid_full = Array2::from_shape_fn((b.height(), b.width()), |(y, x)| {
+            let (fx, fy) = (x + b.x0, y + b.y0);
+            frame.region.contains(fx, fy) && frame.colour_mask.as_ref().is_none_or(|m| m[[fy, fx]] == 0)
+        });
+        let surface = bone::surface(f, params);
+        let surface_full = bone::refine(&surface, &crop, f.step, mm_full);
+        let mut labels = Array2::<u8>::zeros(crop.dim());
+        bone::label_bone_and_shadow(&surface_full, &valid_full, mm_full, &mut labels);
+        fluid::label_joint_and_effusion(&crop, &valid_full, &surface_full, mm_full, params, &mut labels);
+        fluid::label_vessels(&crop, &valid_full, mm_full, params, &mut labels);
+        tendon::label_tendon(&crop, f, &valid_full, &surface_full, mm_full, &mut labels);
+        (labels, surface_full)
+    };
+    let (crop_labels, surface) = region_labels;
+    let mut labels = Array2::<u8>::zeros((h, w));
+    labels.slice_mut(s![b.y0..b.y1, b.x0..b.x1]).assign(&crop_labels);
+    let top_row = b.y0 as f64;
+    let polylines_px: Vec<Vec<[f64; 2]>> = bone::polylines(&surface, mm_full, params)
+        .into_iter()
+        .map(|l| l.into_iter().map(|[x, y]| [x + b.x0 as f64, y + b.y0 as f64]).collect())
+        .collect();
+    let to_mm = |p: [f64; 2]| -> [f64; 2] {
+        match frame.calibration.px_to_mm(p[0], p[1], top_row) {
+            Some((x, y)) => [x, y],
+            None => [(p[0] - b.x0 as f64) * ASSUMED_MM_PER_PX, (p[1] - top_row) * ASSUMED_MM_PER_PX],
+        }
+    };
+    let polylines_mm = polylines_px.iter().map(|l| l.iter().map(|p| to_mm(*p)).collect()).collect();
+    let _ = label::BACKGROUND;
+    Ok(Segmentation { labels, bone_polylines_px: polylines_px, bone_polylines_mm: polylines_mm, mm_per_px: mm_full, calibration_assumed })
+}

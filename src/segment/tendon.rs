@@ -1,0 +1,111 @@
+//! Tendons (label 1): hyperechoic fibrillar bands. Pixels whose brightness, smoothed along the
+//! fibres, exceeds the tissue level, superficial to bone and below the skin, grouped into bands
+//! at least 3 mm long and 0.8 mm thick whose structure is, on average, coherent and oriented
+//! near the skin line (horizontal in the image).
+
+use ndarray::Array2;
+
+use super::components::{components, morph, open_close};
+use super::Features;
+use crate::phantom::label;
+
+/// Smoothing along and across the fibres before thresholding, mm.
+const SMOOTH_ALONG_MM: f64 = 0.8;
+const SMOOTH_ACROSS_MM: f64 = 0.15;
+/// Brighter than the tissue level by this factor.
+const BRIGHTNESS_RATIO: f32 = 1.2;
+/// Coherence at least.
+const MIN_COHERENCE: f32 = 0.12;
+/// Orientation within this many degrees of horizontal.
+const MAX_TILT_DEG: f32 = 25.0;
+/// Skin and subcutaneous layer skipped, mm.
+const SKIN_MM: f64 = 1.2;
+/// Bands shorter than this are not tendons, mm.
+const MIN_LENGTH_MM: f64 = 3.0;
+/// Bands thinner than this (median per column) are septa or skin, not tendons, mm.
+const MIN_THICKNESS_MM: f64 = 0.8;
+/// Clearance kept above bone, mm.
+const ABOVE_BONE_MM: f64 = 0.8;
+
+/// Labels tendon pixels in the region.
+pub fn label_tendon(img: &Array2<f32>, f: &Features, valid: &Array2<bool>, surface: &[Option<f32>], mm: (f64, f64), labels: &mut Array2<u8>) {
+    let (h, w) = img.dim();
+    let level = super::bone::tissue_level(f);
+    let skin = (SKIN_MM / mm.1) as usize;
+    let clearance = (ABOVE_BONE_MM / mm.1) as f32;
+    let step = f.step;
+    let (gh, gw) = f.coherence.dim();
+    let max_tilt = MAX_TILT_DEG.to_radians();
+    // Brightness smoothed along the fibres (horizontal) more than across them.
+    let smooth = box_blur(img, ((SMOOTH_ALONG_MM / mm.0) as usize).max(1), ((SMOOTH_ACROSS_MM / mm.1) as usize).max(1));
+    let candidate = Array2::from_shape_fn((h, w), |(y, x)| {
+        if !valid[[y, x]] || labels[[y, x]] != label::BACKGROUND || y < skin {
+            return false;
+        }
+        if surface[x].is_some_and(|s| y as f32 > s - clearance) {
+            return false;
+        }
+        smooth[[y, x]] > BRIGHTNESS_RATIO * level
+    });
+    let r = ((0.15 / mm.1).round() as usize).max(1);
+    let cleaned = open_close(&candidate, r);
+    // Fill each column between a band's top and bottom, then keep long, thick bands.
+    let min_cols = (MIN_LENGTH_MM / mm.0) as usize;
+    let min_rows = (MIN_THICKNESS_MM / mm.1) as usize;
+    let mut keep = Array2::from_elem((h, w), false);
+    for c in components(&cleaned) {
+        let (_, ew) = c.extent();
+        if ew < min_cols {
+            continue;
+        }
+        // Fibrillar: coherent structure, oriented near the skin line, on average.
+        let n = c.area() as f32;
+        let (mut coh, mut tilt) = (0.0f32, 0.0f32);
+        for &(y, x) in &c.pixels {
+            let (gy, gx) = ((y / step).min(gh - 1), (x / step).min(gw - 1));
+            coh += f.coherence[[gy, gx]];
+            tilt += f.orientation[[gy, gx]].abs();
+        }
+        if coh / n < MIN_COHERENCE || tilt / n > max_tilt {
+            continue;
+        }
+        let mut per_col: Vec<(usize, usize)> = vec![(usize::MAX, 0); w];
+        for &(y, x) in &c.pixels {
+            per_col[x] = (per_col[x].0.min(y), per_col[x].1.max(y));
+        }
+        let mut thick: Vec<usize> = per_col.iter().filter(|(a, _)| *a != usize::MAX).map(|(a, b)| b - a + 1).collect();
+        thick.sort_unstable();
+        if thick.is_empty() || thick[thick.len() / 2] < min_rows {
+            continue;
+        }
+        for (x, (a, b)) in per_col.iter().enumerate() {
+            if *a == usize::MAX {
+                continue;
+            }
+            for y in *a..=*b {
+                if valid[[y, x]] && labels[[y, x]] == label::BACKGROUND {
+                    keep[[y, x]] = true;
+                }
+            }
+        }
+    }
+    let keep = morph(&morph(&keep, 1, false), 1, true);
+    for ((y, x), k) in keep.indexed_iter() {
+        if *k && labels[[y, x]] == label::BACKGROUND && valid[[y, x]] {
+            labels[[y, x]] = label::TENDON;
+        }
+    }
+}
+
+/// Box blur with half-widths `rx` (along rows) and `ry` (down columns), edges clamped.
+fn box_blur(img: &Array2<f32>, rx: usize, ry: usize) -> Array2<f32> {
+    let (h, w) = img.dim();
+    let horizontal = Array2::from_shape_fn((h, w), |(y, x)| {
+        let (a, b) = (x.saturating_sub(rx), (x + rx + 1).min(w));
+        (a..b).map(|xx| img[[y, xx]]).sum::<f32>() / (b - a) as f32
+    });
+    Array2::from_shape_fn((h, w), |(y, x)| {
+        let (a, b) = (y.saturating_sub(ry), (y + ry + 1).min(h));
+        (a..b).map(|yy| horizontal[[yy, x]]).sum::<f32>() / (b - a) as f32
+    })
+}
