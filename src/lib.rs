@@ -31,6 +31,7 @@ pub mod frame;
 pub mod gpu;
 pub mod imageio;
 pub mod kernels;
+pub mod overlay;
 pub mod phantom;
 pub mod quality;
 pub mod segment;

@@ -65,6 +65,22 @@ enum Command {
         #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
         backend: BackendArg,
     },
+    /// Segment every frame: OUT/<stem>/frame_NNNN.labels.png (values 0-5),
+    /// frame_NNNN.labels_preview.png (colour overlay with legend) and frame_NNNN.bone.json.
+    Segment {
+        /// DICOM files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Despeckling filter applied first (defaults as in `despeckle`).
+        #[arg(long, default_value = "srad", value_parser = ["srad", "obnlm", "lee", "frost", "median"])]
+        despeckle: String,
+        /// Where the kernels run.
+        #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+        backend: BackendArg,
+    },
     /// Time every kernel on a generated speckle frame (median of repeated runs).
     Bench {
         /// Where the kernels run.
@@ -235,6 +251,7 @@ fn main() -> ExitCode {
         Command::Info { files, json } => info(&files, json),
         Command::Adapters { json } => adapters(json),
         Command::Despeckle { files, out, filter, backend } => despeckle(&files, &out, &filter, backend.into()),
+        Command::Segment { files, out, despeckle, backend } => segment(&files, &out, &despeckle, backend.into()),
         Command::Bench { backend, size, repeats, json } => bench(backend.into(), size, repeats, json),
         Command::EvalDespeckle { count, seed, backend, json } => eval_despeckle(count, seed, backend.into(), json),
         Command::EvalSegment { count, seed, despeckle, geometry, backend, json } => {
@@ -507,14 +524,7 @@ fn despeckle(files: &[PathBuf], out: &Path, args: &FilterArgs, backend: Backend)
             }
         }
     }
-    if !failures.is_empty() {
-        eprintln!("{} of {} file(s) failed:", failures.len(), files.len());
-        for f in &failures {
-            eprintln!("  {f}");
-        }
-        return ExitCode::from(EXIT_INPUT_FAILED);
-    }
-    ExitCode::SUCCESS
+    report_failures(&failures, files.len())
 }
 
 fn bench(backend: Backend, size: (usize, usize), repeats: usize, json: bool) -> ExitCode {
@@ -615,4 +625,65 @@ fn eval_segment(count: u64, seed: u64, despeckle: &str, geometry: GeometryArg, b
     println!("| despeckle + segment, median per frame | {:.1} ms | |", s.ms_median);
     eprintln!("{} phantoms ({} seeds from {seed}), despeckled with {despeckle}, on {}", s.cases, count, d.device_name());
     ExitCode::SUCCESS
+}
+
+fn segment(files: &[PathBuf], out: &Path, despeckle: &str, backend: Backend) -> ExitCode {
+    let filter = match Filter::default_for(despeckle) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let d = match open_despeckler(backend) {
+        Ok(d) => d,
+        Err(c) => return c,
+    };
+    if let Err(code) = make_out_dir(out) {
+        return code;
+    }
+    let params = sonoguide::segment::SegmentParams::default();
+    let mut failures = Vec::new();
+    for file in files {
+        let result = (|| -> sonoguide::Result<(usize, usize)> {
+            let dicom = DicomFile::open(file, &ReadOptions::default())?;
+            let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "input".into());
+            let dir = out.join(stem);
+            std::fs::create_dir_all(&dir).map_err(|source| sonoguide::Error::Write { path: dir.clone(), source })?;
+            let mut with_bone = 0;
+            for frame in dicom.frames() {
+                let frame = frame?;
+                let despeckled = d.run(&frame.intensity, std::slice::from_ref(&filter))?;
+                let seg = sonoguide::segment::segment(&frame, &despeckled, &params)?;
+                let name = format!("frame_{:04}", frame.index);
+                sonoguide::imageio::write_gray_png(&dir.join(format!("{name}.labels.png")), &seg.labels)?;
+                let preview = sonoguide::overlay::label_preview(&despeckled, &seg.labels)?;
+                sonoguide::imageio::write_rgb_png(&dir.join(format!("{name}.labels_preview.png")), preview.width() as usize, preview.height() as usize, preview.as_raw())?;
+                sonoguide::imageio::write_json(&dir.join(format!("{name}.bone.json")), &seg.bone_json())?;
+                if !seg.bone_polylines_px.is_empty() {
+                    with_bone += 1;
+                }
+            }
+            Ok((dicom.frame_count(), with_bone))
+        })();
+        match result {
+            Ok((n, b)) => eprintln!("{}: {n} frame(s) segmented, bone found in {b}", file.display()),
+            Err(e) => {
+                eprintln!("error: {e}");
+                failures.push(e.to_string());
+            }
+        }
+    }
+    report_failures(&failures, files.len())
+}
+
+fn report_failures(failures: &[String], total: usize) -> ExitCode {
+    if failures.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("{} of {total} file(s) failed:", failures.len());
+    for f in failures {
+        eprintln!("  {f}");
+    }
+    ExitCode::from(EXIT_INPUT_FAILED)
 }

@@ -21,6 +21,9 @@ const SEGMENT_PENALTY: f32 = 0.3;
 const TISSUE_QUANTILE: f64 = 0.5;
 /// Grey level separating the noise floor (shadow, fluid) from tissue when estimating the level.
 const NOISE_FLOOR_LEVEL: f32 = 30.0;
+/// Depth beneath a bone candidate that must be image for its shadow to count, mm (the shadow
+/// kernel's gap and length).
+const SHADOW_SPAN_MM: f64 = 5.0;
 /// Largest jump between neighbouring columns inside one polyline, mm.
 const POLYLINE_BREAK_MM: f64 = 1.0;
 /// Bone band above and below the echo, mm: 0.5 mm thick, centred on it.
@@ -46,8 +49,12 @@ pub fn tissue_level(f: &Features) -> f32 {
 /// Bone score on the analysis grid.
 pub fn bone_score(f: &Features) -> Array2<f32> {
     let level = tissue_level(f).max(1.0);
+    let (h, _) = f.intensity.dim();
+    // A shadow is only judged where the image goes on beneath: the whole band the shadow
+    // kernel averages (1 mm gap + 4 mm) must lie inside the imaging region.
+    let beneath = (SHADOW_SPAN_MM / f.mm_per_px.1).round() as usize;
     Array2::from_shape_fn(f.intensity.dim(), |(y, x)| {
-        if !f.valid[[y, x]] {
+        if !f.valid[[y, x]] || y + beneath >= h || !f.valid[[y + beneath, x]] {
             return 0.0;
         }
         let bright = ((f.intensity[[y, x]] - level) / level).clamp(0.0, 1.0);

@@ -53,7 +53,7 @@ impl Default for SegmentParams {
             ps_orientations: 4,
             bone_threshold: 0.12,
             bone_max_step_mm: 0.25,
-            bone_min_length_mm: 1.5,
+            bone_min_length_mm: 3.0,
             fluid_level: 24.0,
             half_resolution_above_px: 400,
         }
@@ -113,8 +113,10 @@ pub struct Features {
     pub coherence: Array2<f32>,
     /// Structure orientation, radians, 0 horizontal.
     pub orientation: Array2<f32>,
-    /// 1 where the pixel may be analysed (inside the region, not colour).
+    /// Where the analysis grid may be analysed (inside the region, not colour, not graphics).
     pub valid: Array2<bool>,
+    /// The same at full resolution, region-sized.
+    pub valid_full: Array2<bool>,
     /// Analysis grid step in full-frame pixels (1 or 2).
     pub step: usize,
     /// Millimetres per analysis pixel (x, y).
@@ -123,12 +125,13 @@ pub struct Features {
 
 /// Computes the feature maps on the CPU.
 pub fn features_cpu(frame: &Frame, despeckled: &Array2<f32>, params: &SegmentParams) -> Result<Features> {
-    let (grid, valid, step, mm) = analysis_grid(frame, despeckled, params);
+    let valid_full = valid_mask(frame);
+    let (grid, valid, step, mm) = analysis_grid(frame, despeckled, &valid_full, params);
     let fp = feature_params(params, mm, grid.nrows())?;
     let phase_symmetry = crate::kernels::phase_symmetry::cpu(&grid, &fp.0)?;
     let below = crate::kernels::shadow::cpu(&grid, &fp.1)?;
     let (coherence, orientation) = crate::kernels::coherence::cpu(&grid, &fp.2)?;
-    Ok(Features { intensity: grid, phase_symmetry, below, coherence, orientation, valid, step, mm_per_px: mm })
+    Ok(Features { intensity: grid, phase_symmetry, below, coherence, orientation, valid, valid_full, step, mm_per_px: mm })
 }
 
 /// Kernel parameters for a grid of `mm` per pixel.
@@ -150,17 +153,56 @@ pub fn feature_params(
     Ok((ps, shadow, coherence))
 }
 
+/// Burned-in graphics: a pixel this bright (raw grey) ...
+const GRAPHIC_LEVEL: f32 = 200.0;
+/// ... whose neighbourhood's median is below this is a stroke of text or a marker, not tissue.
+const GRAPHIC_SURROUND: f32 = 90.0;
+/// Radius of that neighbourhood, and of the dilation around detected strokes, px.
+const GRAPHIC_RADIUS: usize = 3;
+
+/// Pixels of the region that may be analysed (region-sized): inside the imaging region (fan
+/// included), not colour (Doppler, coloured annotations), and not burned-in white text or
+/// markers (thin bright strokes on a dark surround, found on the raw intensity).
+pub fn valid_mask(frame: &Frame) -> Array2<bool> {
+    let b = frame.region.bounds;
+    let raw = &frame.intensity;
+    let (h, w) = raw.dim();
+    let r = GRAPHIC_RADIUS as isize;
+    let stroke = Array2::from_shape_fn((b.height(), b.width()), |(y, x)| {
+        let (fx, fy) = (x + b.x0, y + b.y0);
+        if raw[[fy, fx]] < GRAPHIC_LEVEL {
+            return false;
+        }
+        let mut around: Vec<f32> = Vec::with_capacity(((2 * r + 1) * (2 * r + 1)) as usize);
+        for dy in -r..=r {
+            for dx in -r..=r {
+                let (xx, yy) = ((fx as isize + dx).clamp(0, w as isize - 1), (fy as isize + dy).clamp(0, h as isize - 1));
+                around.push(raw[[yy as usize, xx as usize]]);
+            }
+        }
+        let mid = around.len() / 2;
+        let (_, m, _) = around.select_nth_unstable_by(mid, |a, b| a.total_cmp(b));
+        *m < GRAPHIC_SURROUND
+    });
+    let graphics = components::morph(&stroke, GRAPHIC_RADIUS, false);
+    Array2::from_shape_fn((b.height(), b.width()), |(y, x)| {
+        let (fx, fy) = (x + b.x0, y + b.y0);
+        frame.region.contains(fx, fy) && frame.colour_mask.as_ref().is_none_or(|m| m[[fy, fx]] == 0) && !graphics[[y, x]]
+    })
+}
+
 /// The region of `despeckled`, at half resolution when it is wide, with its valid mask.
-pub fn analysis_grid(frame: &Frame, despeckled: &Array2<f32>, params: &SegmentParams) -> (Array2<f32>, Array2<bool>, usize, (f64, f64)) {
+pub fn analysis_grid(
+    frame: &Frame,
+    despeckled: &Array2<f32>,
+    valid_full: &Array2<bool>,
+    params: &SegmentParams,
+) -> (Array2<f32>, Array2<bool>, usize, (f64, f64)) {
     let b = frame.region.bounds;
     let crop = despeckled.slice(s![b.y0..b.y1, b.x0..b.x1]);
-    let valid_full = Array2::from_shape_fn((b.height(), b.width()), |(y, x)| {
-        let (fx, fy) = (x + b.x0, y + b.y0);
-        frame.region.contains(fx, fy) && frame.colour_mask.as_ref().is_none_or(|m| m[[fy, fx]] == 0)
-    });
     let (mmx, mmy) = frame.calibration.mm_per_px().unwrap_or((ASSUMED_MM_PER_PX, ASSUMED_MM_PER_PX));
     if b.width() <= params.half_resolution_above_px || b.height() < 4 {
-        return (crop.to_owned(), valid_full, 1, (mmx, mmy));
+        return (crop.to_owned(), valid_full.clone(), 1, (mmx, mmy));
     }
     let (h, w) = (b.height() / 2, b.width() / 2);
     let grid = Array2::from_shape_fn((h, w), |(y, x)| {
@@ -184,17 +226,14 @@ pub fn segment_from_features(frame: &Frame, despeckled: &Array2<f32>, f: &Featur
     let mm_full = (f.mm_per_px.0 / f.step as f64, f.mm_per_px.1 / f.step as f64);
     let region_labels = {
         let crop = despeckled.slice(s![b.y0..b.y1, b.x0..b.x1]).to_owned();
-        let valid_full = Array2::from_shape_fn((b.height(), b.width()), |(y, x)| {
-            let (fx, fy) = (x + b.x0, y + b.y0);
-            frame.region.contains(fx, fy) && frame.colour_mask.as_ref().is_none_or(|m| m[[fy, fx]] == 0)
-        });
+        let valid_full = &f.valid_full;
         let surface = bone::surface(f, params);
         let surface_full = bone::refine(&surface, &crop, f.step, mm_full);
         let mut labels = Array2::<u8>::zeros(crop.dim());
-        bone::label_bone_and_shadow(&surface_full, &valid_full, mm_full, &mut labels);
-        fluid::label_joint_and_effusion(&crop, &valid_full, &surface_full, mm_full, params, &mut labels);
-        fluid::label_vessels(&crop, &valid_full, mm_full, params, &mut labels);
-        tendon::label_tendon(&crop, f, &valid_full, &surface_full, mm_full, &mut labels);
+        bone::label_bone_and_shadow(&surface_full, valid_full, mm_full, &mut labels);
+        fluid::label_joint_and_effusion(&crop, valid_full, &surface_full, mm_full, params, &mut labels);
+        fluid::label_vessels(&crop, valid_full, mm_full, params, &mut labels);
+        tendon::label_tendon(&crop, f, valid_full, &surface_full, mm_full, &mut labels);
         (labels, surface_full)
     };
     let (crop_labels, surface) = region_labels;

@@ -24,6 +24,9 @@ const SKIN_MM: f64 = 1.2;
 const MIN_LENGTH_MM: f64 = 3.0;
 /// Bands thinner than this (median per column) are septa or skin, not tendons, mm.
 const MIN_THICKNESS_MM: f64 = 0.8;
+/// A tendon's top lies at least this deep below the top of the image, mm (skin and
+/// subcutaneous tissue above it).
+const MIN_DEPTH_MM: f64 = 2.0;
 /// Clearance kept above bone, mm.
 const ABOVE_BONE_MM: f64 = 0.8;
 
@@ -67,6 +70,19 @@ pub fn label_tendon(img: &Array2<f32>, f: &Features, valid: &Array2<bool>, surfa
             tilt += f.orientation[[gy, gx]].abs();
         }
         if coh / n < MIN_COHERENCE || tilt / n > max_tilt {
+            continue;
+        }
+        // Tendons lie beneath the skin and subcutaneous layer: a band starting at the top of
+        // the image (the near field, the skin itself) is not one.
+        let mut starts: Vec<usize> = Vec::new();
+        for &(y, x) in &c.pixels {
+            if y == 0 || !c.pixels.contains(&(y - 1, x)) {
+                let top = (0..h).find(|yy| valid[[*yy, x]]).unwrap_or(0);
+                starts.push(y.saturating_sub(top));
+            }
+        }
+        starts.sort_unstable();
+        if starts.is_empty() || (starts[starts.len() / 2] as f64) * mm.1 < MIN_DEPTH_MM {
             continue;
         }
         let mut per_col: Vec<(usize, usize)> = vec![(usize::MAX, 0); w];
