@@ -21,6 +21,8 @@ use std::f32::consts::PI;
 use ndarray::Array2;
 use rustfft::num_complex::Complex;
 
+use rayon::prelude::*;
+
 use super::check_image;
 use crate::fft::fft2;
 
@@ -140,6 +142,108 @@ pub fn noise_threshold(p: &Params, mean_amplitude: f32) -> f32 {
     let mean = total_tau * (PI / 2.0).sqrt();
     let sigma = total_tau * ((4.0 - PI) / 2.0).sqrt();
     mean + p.noise_k * sigma
+}
+
+/// A prepared filter bank for one image size: the filters evaluated once, FFT plans made once.
+/// The production CPU path; gives exactly the twin's values.
+pub struct Plan {
+    params: Params,
+    filters: Vec<Vec<f32>>,
+    forward: [std::sync::Arc<dyn rustfft::Fft<f32>>; 2],
+    inverse: [std::sync::Arc<dyn rustfft::Fft<f32>>; 2],
+}
+
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan").field("params", &self.params).finish_non_exhaustive()
+    }
+}
+
+impl Plan {
+    /// Prepares the bank for images of `width` × `height`.
+    pub fn new(params: &Params, width: usize, height: usize) -> Plan {
+        let p = params.resolved(width, height);
+        let (pw, ph) = (p.pad_width as usize, p.pad_height as usize);
+        let filters = (0..p.orientations)
+            .flat_map(|o| (0..p.scales).map(move |s| (o, s)))
+            .map(|(o, s)| (0..ph * pw).map(|i| log_gabor(&p, i % pw, i / pw, s, o)).collect())
+            .collect();
+        let mut planner = rustfft::FftPlanner::<f32>::new();
+        Plan {
+            params: p,
+            filters,
+            forward: [planner.plan_fft_forward(pw), planner.plan_fft_forward(ph)],
+            inverse: [planner.plan_fft_inverse(pw), planner.plan_fft_inverse(ph)],
+        }
+    }
+
+    /// Whether the plan was made with these (resolved) parameters.
+    pub fn params_equal(&self, p: &Params) -> bool {
+        bytemuck::bytes_of(&self.params) == bytemuck::bytes_of(p)
+    }
+
+    /// Whether the plan fits images of this size.
+    pub fn fits(&self, width: usize, height: usize) -> bool {
+        self.params.width as usize == width && self.params.height as usize == height
+    }
+
+    fn fft2(&self, data: &mut Array2<Complex<f32>>, inverse: bool) {
+        let plans = if inverse { &self.inverse } else { &self.forward };
+        data.axis_iter_mut(ndarray::Axis(0)).into_par_iter().for_each(|mut row| {
+            if let Some(s) = row.as_slice_mut() {
+                plans[0].process(s);
+            }
+        });
+        data.axis_iter_mut(ndarray::Axis(1)).into_par_iter().for_each(|mut col| {
+            let mut buf: Vec<Complex<f32>> = col.iter().copied().collect();
+            plans[1].process(&mut buf);
+            col.iter_mut().zip(buf).for_each(|(d, s)| *d = s);
+        });
+    }
+
+    /// The phase symmetry map of `img` (which must have the plan's size).
+    pub fn run(&self, img: &Array2<f32>) -> crate::Result<Array2<f32>> {
+        check_image("phase_symmetry", img)?;
+        let (h, w) = img.dim();
+        if !self.fits(w, h) {
+            return Err(crate::Error::InvalidParameter { name: "phase_symmetry", reason: format!("plan for another size than {w}x{h}") });
+        }
+        let p = &self.params;
+        let (pw, ph) = (p.pad_width as usize, p.pad_height as usize);
+        let mut spectrum = Array2::from_shape_fn((ph, pw), |(y, x)| Complex::new(img[[y.min(h - 1), x.min(w - 1)]], 0.0f32));
+        self.fft2(&mut spectrum, false);
+        let spec = spectrum.as_slice().map(|s| s.to_vec()).unwrap_or_else(|| spectrum.iter().copied().collect());
+        let norm = 1.0 / (pw * ph) as f32;
+        let mut numerator = Array2::<f32>::zeros((h, w));
+        let mut amplitude = Array2::<f32>::zeros((h, w));
+        for o in 0..p.orientations as usize {
+            let mut energy = Array2::<f32>::zeros((h, w));
+            let mut mean_a0 = 0.0f32;
+            for s in 0..p.scales as usize {
+                let filt = &self.filters[o * p.scales as usize + s];
+                let prod: Vec<Complex<f32>> = spec.par_iter().zip(filt.par_iter()).map(|(a, g)| a * g).collect();
+                let mut r = Array2::from_shape_vec((ph, pw), prod).map_err(|e| crate::Error::InvalidParameter { name: "phase_symmetry", reason: e.to_string() })?;
+                self.fft2(&mut r, true);
+                let mut sum_a = 0.0f64;
+                ndarray::Zip::indexed(&mut energy).and(&mut amplitude).for_each(|(y, x), e, a| {
+                    let z = r[[y, x]] * norm;
+                    let amp = (z.re * z.re + z.im * z.im).sqrt();
+                    *a += amp;
+                    *e += z.re - z.im.abs();
+                    sum_a += amp as f64;
+                });
+                if s == 0 {
+                    mean_a0 = (sum_a / (w * h) as f64) as f32;
+                }
+            }
+            let t = noise_threshold(p, mean_a0);
+            numerator.zip_mut_with(&energy, |n, e| *n += (e - t).max(0.0));
+        }
+        let mut out = numerator;
+        out.zip_mut_with(&amplitude, |n, a| *n /= a + EPSILON);
+        out.par_mapv_inplace(|v| v.clamp(0.0, 1.0));
+        Ok(out)
+    }
 }
 
 /// CPU twin: the phase symmetry map, values in [0, 1].

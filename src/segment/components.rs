@@ -78,17 +78,55 @@ pub fn open_close(mask: &Array2<bool>, r: usize) -> Array2<bool> {
     erode(&dilate(&opened))
 }
 
-/// Erosion (`all`) or dilation (any) with a square of radius `r`, separable.
+/// Erosion (`all`) or dilation (any) with a square of radius `r` (the window clipped at the
+/// image's edges), separable, by running counts: O(1) per pixel whatever `r`.
 pub fn morph(m: &Array2<bool>, r: usize, all: bool) -> Array2<bool> {
     let (h, w) = m.dim();
-    let pass = |src: &Array2<bool>, horizontal: bool| {
-        Array2::from_shape_fn((h, w), |(y, x)| {
-            let (c, n) = if horizontal { (x, w) } else { (y, h) };
-            let lo = c.saturating_sub(r);
-            let hi = (c + r + 1).min(n);
-            let get = |k: usize| if horizontal { src[[y, k]] } else { src[[k, x]] };
-            if all { (lo..hi).all(get) } else { (lo..hi).any(get) }
-        })
-    };
-    pass(&pass(m, true), false)
+    let mut tmp = Array2::from_elem((h, w), false);
+    let mut prefix = vec![0u32; w.max(h) + 1];
+    for y in 0..h {
+        for x in 0..w {
+            prefix[x + 1] = prefix[x] + m[[y, x]] as u32;
+        }
+        for x in 0..w {
+            let (lo, hi) = (x.saturating_sub(r), (x + r + 1).min(w));
+            let n = prefix[hi] - prefix[lo];
+            tmp[[y, x]] = if all { n as usize == hi - lo } else { n > 0 };
+        }
+    }
+    let mut out = Array2::from_elem((h, w), false);
+    for x in 0..w {
+        for y in 0..h {
+            prefix[y + 1] = prefix[y] + tmp[[y, x]] as u32;
+        }
+        for y in 0..h {
+            let (lo, hi) = (y.saturating_sub(r), (y + r + 1).min(h));
+            let n = prefix[hi] - prefix[lo];
+            out[[y, x]] = if all { n as usize == hi - lo } else { n > 0 };
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn morph_matches_the_definition() {
+        let m = Array2::from_shape_fn((13, 17), |(y, x)| (x * 7 + y * 3) % 5 == 0 || (x > 5 && x < 11 && y > 3 && y < 9));
+        for r in [1, 2] {
+            for all in [false, true] {
+                let fast = morph(&m, r, all);
+                let slow = Array2::from_shape_fn(m.dim(), |(y, x)| {
+                    let ys = y.saturating_sub(r)..(y + r + 1).min(13);
+                    let mut it = ys.flat_map(|yy| (x.saturating_sub(r)..(x + r + 1).min(17)).map(move |xx| (yy, xx)));
+                    if all { it.all(|p| m[p]) } else { it.any(|p| m[p]) }
+                });
+                assert_eq!(fast, slow, "r {r} all {all}");
+            }
+        }
+        let c = components(&m);
+        assert_eq!(c.iter().map(|c| c.area()).sum::<usize>(), m.iter().filter(|v| **v).count());
+    }
 }

@@ -175,14 +175,14 @@ pub fn label_vessels(img: &Array2<f32>, valid: &Array2<bool>, mm: (f64, f64), pa
         if below < ENHANCEMENT_RATIO * beside {
             continue;
         }
-        let mut mask = Array2::from_elem((h, w), false);
-        for (y, x) in &c.pixels {
-            mask[[*y, *x]] = true;
-        }
-        let grown = super::components::morph(&mask, wall, false);
-        for ((y, x), m) in grown.indexed_iter() {
-            if *m && valid[[y, x]] && labels[[y, x]] == label::BACKGROUND {
-                labels[[y, x]] = label::VESSEL;
+        // The lumen and its wall: the component grown by the wall thickness.
+        for &(y, x) in &c.pixels {
+            for yy in y.saturating_sub(wall)..(y + wall + 1).min(h) {
+                for xx in x.saturating_sub(wall)..(x + wall + 1).min(w) {
+                    if valid[[yy, xx]] && labels[[yy, xx]] == label::BACKGROUND {
+                        labels[[yy, xx]] = label::VESSEL;
+                    }
+                }
             }
         }
     }

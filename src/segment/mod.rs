@@ -128,10 +128,31 @@ pub fn features_cpu(frame: &Frame, despeckled: &Array2<f32>, params: &SegmentPar
     let valid_full = valid_mask(frame);
     let (grid, valid, step, mm) = analysis_grid(frame, despeckled, &valid_full, params);
     let fp = feature_params(params, mm, grid.nrows())?;
-    let phase_symmetry = crate::kernels::phase_symmetry::cpu(&grid, &fp.0)?;
+    let plan = cached_plan(&fp.0, grid.ncols(), grid.nrows());
+    let phase_symmetry = plan.run(&grid)?;
     let below = crate::kernels::shadow::cpu(&grid, &fp.1)?;
-    let (coherence, orientation) = crate::kernels::coherence::cpu(&grid, &fp.2)?;
+    let (coherence, orientation) = crate::kernels::coherence::cpu_fast(&grid, &fp.2)?;
     Ok(Features { intensity: grid, phase_symmetry, below, coherence, orientation, valid, valid_full, step, mm_per_px: mm })
+}
+
+/// Phase symmetry plans, kept per size and parameters: building one evaluates every filter.
+type PlanCache = std::sync::Mutex<Vec<std::sync::Arc<crate::kernels::phase_symmetry::Plan>>>;
+static PLANS: PlanCache = std::sync::Mutex::new(Vec::new());
+/// Plans kept (frame sizes seen recently).
+const PLANS_KEPT: usize = 4;
+
+fn cached_plan(p: &crate::kernels::phase_symmetry::Params, width: usize, height: usize) -> std::sync::Arc<crate::kernels::phase_symmetry::Plan> {
+    let mut plans = PLANS.lock().unwrap_or_else(|e| e.into_inner());
+    let want = p.resolved(width, height);
+    if let Some(found) = plans.iter().find(|pl| pl.fits(width, height) && pl.params_equal(&want)) {
+        return found.clone();
+    }
+    let plan = std::sync::Arc::new(crate::kernels::phase_symmetry::Plan::new(p, width, height));
+    plans.push(plan.clone());
+    if plans.len() > PLANS_KEPT {
+        plans.remove(0);
+    }
+    plan
 }
 
 /// Kernel parameters for a grid of `mm` per pixel.

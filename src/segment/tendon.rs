@@ -56,6 +56,7 @@ pub fn label_tendon(img: &Array2<f32>, f: &Features, valid: &Array2<bool>, surfa
     let min_cols = (MIN_LENGTH_MM / mm.0) as usize;
     let min_rows = (MIN_THICKNESS_MM / mm.1) as usize;
     let mut keep = Array2::from_elem((h, w), false);
+    let valid_top: Vec<Option<usize>> = (0..w).map(|x| (0..h).find(|y| valid[[*y, x]])).collect();
     for c in components(&cleaned) {
         let (_, ew) = c.extent();
         if ew < min_cols {
@@ -74,11 +75,15 @@ pub fn label_tendon(img: &Array2<f32>, f: &Features, valid: &Array2<bool>, surfa
         }
         // Tendons lie beneath the skin and subcutaneous layer: a band starting at the top of
         // the image (the near field, the skin itself) is not one.
-        let mut starts: Vec<usize> = Vec::new();
+        let mut top_of: Vec<usize> = vec![usize::MAX; w];
         for &(y, x) in &c.pixels {
-            if y == 0 || !c.pixels.contains(&(y - 1, x)) {
-                let top = (0..h).find(|yy| valid[[*yy, x]]).unwrap_or(0);
-                starts.push(y.saturating_sub(top));
+            top_of[x] = top_of[x].min(y);
+        }
+        let mut starts: Vec<usize> = Vec::new();
+        for (x, t) in top_of.iter().enumerate() {
+            if *t != usize::MAX {
+                let image_top = valid_top[x].unwrap_or(0);
+                starts.push(t.saturating_sub(image_top));
             }
         }
         starts.sort_unstable();
@@ -113,15 +118,30 @@ pub fn label_tendon(img: &Array2<f32>, f: &Features, valid: &Array2<bool>, surfa
     }
 }
 
-/// Box blur with half-widths `rx` (along rows) and `ry` (down columns), edges clamped.
+/// Box blur with half-widths `rx` (along rows) and `ry` (down columns), edges clipped, by
+/// running sums.
 fn box_blur(img: &Array2<f32>, rx: usize, ry: usize) -> Array2<f32> {
     let (h, w) = img.dim();
-    let horizontal = Array2::from_shape_fn((h, w), |(y, x)| {
-        let (a, b) = (x.saturating_sub(rx), (x + rx + 1).min(w));
-        (a..b).map(|xx| img[[y, xx]]).sum::<f32>() / (b - a) as f32
-    });
-    Array2::from_shape_fn((h, w), |(y, x)| {
-        let (a, b) = (y.saturating_sub(ry), (y + ry + 1).min(h));
-        (a..b).map(|yy| horizontal[[yy, x]]).sum::<f32>() / (b - a) as f32
-    })
+    let mut tmp = Array2::<f32>::zeros((h, w));
+    let mut prefix = vec![0f64; w.max(h) + 1];
+    for y in 0..h {
+        for x in 0..w {
+            prefix[x + 1] = prefix[x] + img[[y, x]] as f64;
+        }
+        for x in 0..w {
+            let (a, b) = (x.saturating_sub(rx), (x + rx + 1).min(w));
+            tmp[[y, x]] = ((prefix[b] - prefix[a]) / (b - a) as f64) as f32;
+        }
+    }
+    let mut out = Array2::<f32>::zeros((h, w));
+    for x in 0..w {
+        for y in 0..h {
+            prefix[y + 1] = prefix[y] + tmp[[y, x]] as f64;
+        }
+        for y in 0..h {
+            let (a, b) = (y.saturating_sub(ry), (y + ry + 1).min(h));
+            out[[y, x]] = ((prefix[b] - prefix[a]) / (b - a) as f64) as f32;
+        }
+    }
+    out
 }
