@@ -247,3 +247,114 @@ fn fast_lee_and_frost_agree_with_their_twins() {
         }
     }
 }
+
+// ---- feature kernels -------------------------------------------------------------------
+
+use sonoguide::kernels::{coherence, phase_symmetry, shadow};
+
+#[test]
+fn feature_params_match_their_shaders() {
+    for (stem, size) in [
+        ("shadow", std::mem::size_of::<shadow::Params>()),
+        ("coherence", std::mem::size_of::<coherence::Params>()),
+        ("phase_symmetry", std::mem::size_of::<phase_symmetry::Params>()),
+    ] {
+        assert_eq!(size, wgsl_params_size(stem), "{stem}");
+        assert_eq!(size % 16, 0, "{stem} params must be 16-byte padded");
+    }
+}
+
+/// The coherence fast path sums gradient products in another order (rows, then columns).
+const COHERENCE_FAST_TOLERANCE: f32 = 1e-3;
+
+#[test]
+fn fast_coherence_and_phase_symmetry_plan_agree_with_their_twins() {
+    for (w, h) in [(67, 53), (1, 30), (30, 1), (64, 64)] {
+        let img = speckle(w, h, 21);
+        let p = coherence::Params::new(3).unwrap();
+        let (c1, o1) = coherence::cpu(&img, &p).unwrap();
+        let (c2, o2) = coherence::cpu_fast(&img, &p).unwrap();
+        let wc = c1.iter().zip(c2.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(wc < COHERENCE_FAST_TOLERANCE, "coherence {w}x{h}: {wc}");
+        // Orientation is compared where the structure is clear (it is undefined in flat areas).
+        for ((a, b), c) in o1.iter().zip(o2.iter()).zip(c1.iter()) {
+            if *c > 0.2 {
+                let d = (a - b).abs().min(std::f32::consts::PI - (a - b).abs());
+                assert!(d < 1e-2, "orientation {w}x{h}: {a} vs {b}");
+            }
+        }
+        let pp = phase_symmetry::Params::new(3, 4, 4.0).unwrap();
+        let plan = phase_symmetry::Plan::new(&pp, w, h);
+        assert_eq!(plan.run(&img).unwrap(), phase_symmetry::cpu(&img, &pp).unwrap(), "{w}x{h}");
+    }
+}
+
+#[test]
+fn phase_symmetry_finds_a_bright_line_not_an_edge() {
+    // A bright horizontal line at row 20 and a dark-to-bright step at row 44.
+    let img = Array2::from_shape_fn((64, 64), |(y, _)| {
+        let line = if (19..=21).contains(&y) { 150.0 } else { 0.0 };
+        let step = if y >= 44 { 60.0 } else { 30.0 };
+        30.0 + line + (step - 30.0)
+    });
+    let ps = phase_symmetry::cpu(&img, &phase_symmetry::Params::new(3, 4, 4.0).unwrap()).unwrap();
+    let on_line = ps[[20, 32]];
+    let on_step = ps[[44, 32]];
+    assert!(on_line > 0.3, "line {on_line}");
+    assert!(on_step < on_line / 3.0, "step {on_step} vs line {on_line}");
+    assert!(ps.iter().all(|v| (0.0..=1.0).contains(v)));
+}
+
+#[test]
+fn shadow_is_the_mean_beneath() {
+    let img = Array2::from_shape_fn((10, 3), |(y, x)| (y * 10 + x) as f32);
+    let out = shadow::cpu(&img, &shadow::Params::new(2, 3).unwrap()).unwrap();
+    // Rows 2..5 below row 0 in column 1: 21, 31, 41.
+    assert!((out[[0, 1]] - 31.0).abs() < 1e-4);
+    // Near the bottom the window is clipped; past it there is nothing.
+    assert!((out[[6, 0]] - 85.0).abs() < 1e-4);
+    assert_eq!(out[[9, 2]], 0.0);
+}
+
+/// Shadow: the same additions in the same order on both sides.
+const SHADOW_TOLERANCE: f32 = 1e-3;
+/// Coherence: window sums in the same order; atan2 on the GPU within a few ulp.
+const COHERENCE_TOLERANCE: f32 = 1e-3;
+/// Phase symmetry: the GPU's radix-2 FFT (twiddles from f32 sin/cos) against rustfft, through
+/// twelve inverse transforms and a threshold; differences stay near 1e-4 of a [0, 1] map.
+const PHASE_SYMMETRY_TOLERANCE: f32 = 5e-3;
+
+#[test]
+fn gpu_feature_kernels_match_cpu_twins() {
+    let Some(d) = gpu() else { return };
+    let ctx = d.gpu_context().unwrap();
+    for (w, h) in [(67, 53), (1, 37), (37, 1), (64, 64), (130, 17)] {
+        let img = speckle(w, h, 25);
+        let report = |name: &str, a: &Array2<f32>, b: &Array2<f32>, tol: f32| {
+            let diffs: Vec<f32> = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).collect();
+            let max = diffs.iter().cloned().fold(0.0f32, f32::max);
+            let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+            eprintln!("{name:>15} {w}x{h}: max abs {max:.2e}, mean abs {mean:.2e}");
+            assert!(max <= tol, "{name} {w}x{h}: {max} > {tol}");
+        };
+        let sp = shadow::Params::new(3, 9).unwrap();
+        let mut chain = ctx.begin(&img).unwrap();
+        shadow::encode(&mut chain, &sp).unwrap();
+        report("shadow", &chain.finish().unwrap(), &shadow::cpu(&img, &sp).unwrap(), SHADOW_TOLERANCE);
+
+        let cp = coherence::Params::new(2).unwrap();
+        let mut chain = ctx.begin(&img).unwrap();
+        coherence::encode(&mut chain, &cp).unwrap();
+        let (c, o) = chain.finish_with_aux().unwrap();
+        let (c_cpu, o_cpu) = coherence::cpu(&img, &cp).unwrap();
+        report("coherence", &c, &c_cpu, COHERENCE_TOLERANCE);
+        let o_masked = Array2::from_shape_fn(o.dim(), |i| if c_cpu[i] > 0.2 { o[i] } else { 0.0 });
+        let o_cpu_masked = Array2::from_shape_fn(o.dim(), |i| if c_cpu[i] > 0.2 { o_cpu[i] } else { 0.0 });
+        report("orientation", &o_masked, &o_cpu_masked, COHERENCE_TOLERANCE * 10.0);
+
+        let pp = phase_symmetry::Params::new(3, 4, 4.0).unwrap();
+        let mut chain = ctx.begin(&img).unwrap();
+        phase_symmetry::encode(&mut chain, &pp).unwrap();
+        report("phase_symmetry", &chain.finish().unwrap(), &phase_symmetry::cpu(&img, &pp).unwrap(), PHASE_SYMMETRY_TOLERANCE);
+    }
+}

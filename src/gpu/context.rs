@@ -17,6 +17,28 @@ struct Kernel {
     pipeline: wgpu::ComputePipeline,
 }
 
+/// Which bind group layout a kernel uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// The common one: params, src, dst, aux, stats.
+    Common,
+    /// The FFT one (phase symmetry): params, src, out image, spectrum, work, accum.
+    Fft,
+}
+
+/// Bindings of the FFT layout (keep in sync with shaders/phase_symmetry.wgsl).
+const FFT_OUT: u32 = 5;
+const FFT_SPECTRUM: u32 = 6;
+const FFT_WORK: u32 = 7;
+const FFT_ACCUM: u32 = 8;
+
+/// Buffers of the FFT layout for one frame size.
+#[derive(Debug)]
+struct FftBuffers {
+    /// Bind group reading images[i] and writing images[1 − i].
+    groups: [wgpu::BindGroup; 2],
+}
+
 /// Buffers and bind groups for one frame size, reused frame after frame.
 #[derive(Debug)]
 struct FrameBuffers {
@@ -26,10 +48,13 @@ struct FrameBuffers {
     aux: wgpu::Buffer,
     stats: wgpu::Buffer,
     staging: wgpu::Buffer,
+    aux_staging: wgpu::Buffer,
     stats_staging: wgpu::Buffer,
     params: wgpu::Buffer,
     /// Bind group reading images[i] and writing images[1 - i].
     groups: [wgpu::BindGroup; 2],
+    /// FFT buffers, made on first use: (padded width, padded height) and the buffers.
+    fft: Mutex<Option<((usize, usize), Arc<FftBuffers>)>>,
 }
 
 /// A headless wgpu device with its kernels and buffers.
@@ -40,6 +65,8 @@ pub struct GpuContext {
     limits: wgpu::Limits,
     layout: wgpu::BindGroupLayout,
     pipeline_layout: wgpu::PipelineLayout,
+    fft_layout: wgpu::BindGroupLayout,
+    fft_pipeline_layout: wgpu::PipelineLayout,
     kernels: NameCache<Kernel>,
     modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
     sizes: SizeCache<FrameBuffers>,
@@ -122,7 +149,9 @@ impl GpuContext {
         let mut limits = wgpu::Limits::downlevel_defaults();
         limits.max_storage_buffer_binding_size = adapter_limits.max_storage_buffer_binding_size;
         limits.max_buffer_size = adapter_limits.max_buffer_size;
-        limits.max_storage_buffers_per_shader_stage = 4;
+        // The FFT layout binds five storage buffers; every Vulkan, Metal and DX12 device has 8.
+        limits.max_storage_buffers_per_shader_stage = adapter_limits.max_storage_buffers_per_shader_stage.min(8);
+        limits.max_compute_workgroup_storage_size = adapter_limits.max_compute_workgroup_storage_size.min(32768);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("sonoguide"),
             required_features: wgpu::Features::empty(),
@@ -173,6 +202,31 @@ impl GpuContext {
             bind_group_layouts: &[Some(&layout)],
             immediate_size: 0,
         });
+        let fft_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("sonoguide.fft_layout"),
+            entries: &[
+                wgpu::BindGroupLayoutEntry {
+                    binding: 0,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Uniform,
+                        has_dynamic_offset: true,
+                        min_binding_size: wgpu::BufferSize::new(PARAMS_SLOT_BYTES),
+                    },
+                    count: None,
+                },
+                storage(1, true),
+                storage(FFT_OUT, false),
+                storage(FFT_SPECTRUM, false),
+                storage(FFT_WORK, false),
+                storage(FFT_ACCUM, false),
+            ],
+        });
+        let fft_pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("sonoguide.fft_pipeline_layout"),
+            bind_group_layouts: &[Some(&fft_layout)],
+            immediate_size: 0,
+        });
         Ok(GpuContext {
             device,
             queue,
@@ -180,6 +234,8 @@ impl GpuContext {
             limits,
             layout,
             pipeline_layout,
+            fft_layout,
+            fft_pipeline_layout,
             kernels: Mutex::default(),
             modules: Mutex::default(),
             sizes: SizeCache::default(),
@@ -219,7 +275,7 @@ impl GpuContext {
 
     /// The pipeline for `entry` in the shader `file` (`shaders/<file>.wgsl` source given),
     /// compiled on first use.
-    fn kernel(&self, file: &'static str, source: &'static str, entry: &'static str) -> Result<Arc<Kernel>, GpuError> {
+    fn kernel(&self, file: &'static str, source: &'static str, entry: &'static str, layout: Layout) -> Result<Arc<Kernel>, GpuError> {
         let mut cache = self.kernels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = cache.get(entry) {
             return Ok(k.clone());
@@ -241,7 +297,10 @@ impl GpuContext {
         let label = format!("sonoguide.{entry}");
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&label),
-            layout: Some(&self.pipeline_layout),
+            layout: Some(match layout {
+                Layout::Common => &self.pipeline_layout,
+                Layout::Fft => &self.fft_pipeline_layout,
+            }),
             module: &module,
             entry_point: Some(entry),
             compilation_options: Default::default(),
@@ -286,6 +345,12 @@ impl GpuContext {
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             });
+            let aux_staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("sonoguide.aux_staging"),
+                size: bytes,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
             let stats_staging = self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("sonoguide.stats_staging"),
                 size: STATS_LEN * 4,
@@ -319,9 +384,65 @@ impl GpuContext {
                 })
             };
             let groups = [group(&images[0], &images[1], "sonoguide.group.ab"), group(&images[1], &images[0], "sonoguide.group.ba")];
-            let fb = FrameBuffers { width, height, images, aux, stats, staging, stats_staging, params, groups };
+            let fb = FrameBuffers { width, height, images, aux, stats, staging, aux_staging, stats_staging, params, groups, fft: Mutex::new(None) };
             self.take_error("buffers").map(|_| fb)
         })
+    }
+
+    fn fft_buffers(&self, fb: &FrameBuffers, pad: (usize, usize)) -> Result<Arc<FftBuffers>, GpuError> {
+        let mut slot = fb.fft.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((size, b)) = slot.as_ref() {
+            if *size == pad {
+                return Ok(b.clone());
+            }
+        }
+        let complex_bytes = (pad.0 * pad.1 * 8) as u64;
+        let n = fb.width * fb.height;
+        let tiles = fb.width.div_ceil(WORKGROUP as usize) * fb.height.div_ceil(WORKGROUP as usize);
+        let accum_bytes = ((3 * n + 4 + tiles) * 4) as u64;
+        if complex_bytes > self.limits.max_storage_buffer_binding_size {
+            return Err(GpuError::TooLarge { width: fb.width, height: fb.height, reason: "padded FFT exceeds the binding limit".into() });
+        }
+        let buffer = |label, size| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        let spectrum = buffer("sonoguide.fft.spectrum", complex_bytes);
+        let work = buffer("sonoguide.fft.work", complex_bytes);
+        let accum = buffer("sonoguide.fft.accum", accum_bytes);
+        let group = |src: &wgpu::Buffer, dst: &wgpu::Buffer, label| {
+            self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(label),
+                layout: &self.fft_layout,
+                entries: &[
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &fb.params,
+                            offset: 0,
+                            size: wgpu::BufferSize::new(PARAMS_SLOT_BYTES),
+                        }),
+                    },
+                    wgpu::BindGroupEntry { binding: 1, resource: src.as_entire_binding() },
+                    wgpu::BindGroupEntry { binding: FFT_OUT, resource: dst.as_entire_binding() },
+                    wgpu::BindGroupEntry { binding: FFT_SPECTRUM, resource: spectrum.as_entire_binding() },
+                    wgpu::BindGroupEntry { binding: FFT_WORK, resource: work.as_entire_binding() },
+                    wgpu::BindGroupEntry { binding: FFT_ACCUM, resource: accum.as_entire_binding() },
+                ],
+            })
+        };
+        let groups = [
+            group(&fb.images[0], &fb.images[1], "sonoguide.fft.group.ab"),
+            group(&fb.images[1], &fb.images[0], "sonoguide.fft.group.ba"),
+        ];
+        self.take_error("fft buffers")?;
+        let b = Arc::new(FftBuffers { groups });
+        *slot = Some((pad, b.clone()));
+        Ok(b)
     }
 
     /// Uploads a frame and starts a chain of kernels on it.
@@ -332,7 +453,7 @@ impl GpuContext {
         self.queue.write_buffer(&bufs.images[0], 0, bytemuck::cast_slice(&data));
         let encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sonoguide.frame") });
         let _ = &bufs.aux;
-        Ok(GpuChain { ctx: self, bufs, current: 0, encoder, params: Vec::new(), last_kernel: "upload" })
+        Ok(GpuChain { ctx: self, bufs, current: 0, encoder, params: Vec::new(), last_kernel: "upload", fft: None })
     }
 }
 
@@ -345,6 +466,7 @@ pub struct GpuChain<'a> {
     encoder: wgpu::CommandEncoder,
     params: Vec<u8>,
     last_kernel: &'static str,
+    fft: Option<Arc<FftBuffers>>,
 }
 
 impl GpuChain<'_> {
@@ -368,6 +490,37 @@ impl GpuChain<'_> {
         groups: (u32, u32),
         swap: bool,
     ) -> Result<(), GpuError> {
+        self.dispatch_with(Layout::Common, file, source, entry, params, groups, swap)
+    }
+
+    /// Like [`GpuChain::dispatch`], with the FFT layout; `pad` is the padded size the FFT
+    /// buffers must have.
+    #[allow(clippy::too_many_arguments)]
+    pub fn dispatch_fft<P: bytemuck::Pod>(
+        &mut self,
+        source: &'static str,
+        entry: &'static str,
+        params: &P,
+        pad: (usize, usize),
+        groups: (u32, u32),
+        swap: bool,
+    ) -> Result<(), GpuError> {
+        let fft = self.ctx.fft_buffers(&self.bufs, pad)?;
+        self.fft = Some(fft);
+        self.dispatch_with(Layout::Fft, "phase_symmetry", source, entry, params, groups, swap)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch_with<P: bytemuck::Pod>(
+        &mut self,
+        layout: Layout,
+        file: &'static str,
+        source: &'static str,
+        entry: &'static str,
+        params: &P,
+        groups: (u32, u32),
+        swap: bool,
+    ) -> Result<(), GpuError> {
         let slot = self.params.len() / PARAMS_SLOT_BYTES as usize;
         if slot >= MAX_DISPATCHES {
             return Err(GpuError::Kernel { kernel: entry.into(), reason: format!("more than {MAX_DISPATCHES} dispatches in one frame") });
@@ -378,11 +531,15 @@ impl GpuChain<'_> {
         }
         self.params.extend_from_slice(bytes);
         self.params.resize((slot + 1) * PARAMS_SLOT_BYTES as usize, 0);
-        let kernel = self.ctx.kernel(file, source, entry)?;
+        let kernel = self.ctx.kernel(file, source, entry, layout)?;
         {
+            let group = match (layout, &self.fft) {
+                (Layout::Fft, Some(f)) => &f.groups[self.current],
+                _ => &self.bufs.groups[self.current],
+            };
             let mut pass = self.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes: None });
             pass.set_pipeline(&kernel.pipeline);
-            pass.set_bind_group(0, &self.bufs.groups[self.current], &[(slot as u64 * PARAMS_SLOT_BYTES) as u32]);
+            pass.set_bind_group(0, group, &[(slot as u64 * PARAMS_SLOT_BYTES) as u32]);
             pass.dispatch_workgroups(groups.0.max(1), groups.1.max(1), 1);
         }
         if swap {
@@ -390,6 +547,11 @@ impl GpuChain<'_> {
         }
         self.last_kernel = entry;
         Ok(())
+    }
+
+    /// The device's limit on workgroups per dimension.
+    pub fn max_workgroups(&self) -> u32 {
+        self.ctx.limits.max_compute_workgroups_per_dimension
     }
 
     /// Workgroups covering the frame with 16 × 16 threads.
@@ -401,6 +563,20 @@ impl GpuChain<'_> {
     pub fn finish(self) -> Result<Array2<f32>, GpuError> {
         let (data, _) = self.finish_with_stats(false)?;
         Ok(data)
+    }
+
+    /// Like [`GpuChain::finish`], and also reads the `aux` image (e.g. the orientation that
+    /// `coherence` leaves there).
+    pub fn finish_with_aux(mut self) -> Result<(Array2<f32>, Array2<f32>), GpuError> {
+        let bytes = (self.bufs.width * self.bufs.height * 4) as u64;
+        self.encoder.copy_buffer_to_buffer(&self.bufs.aux, 0, &self.bufs.aux_staging, 0, bytes);
+        let ctx = self.ctx;
+        let bufs = self.bufs.clone();
+        let kernel = self.last_kernel;
+        let (image, _) = self.finish_with_stats(false)?;
+        let aux = read_buffer(ctx, &bufs.aux_staging, kernel)?;
+        let aux = Array2::from_shape_vec((bufs.height, bufs.width), aux).map_err(|e| GpuError::Kernel { kernel: kernel.into(), reason: e.to_string() })?;
+        Ok((image, aux))
     }
 
     /// Like [`GpuChain::finish`], and also reads the `stats` buffer when `stats` is set.

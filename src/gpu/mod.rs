@@ -111,7 +111,7 @@ pub struct AdapterSummary {
 #[cfg(feature = "gpu")]
 mod context;
 #[cfg(feature = "gpu")]
-pub use context::{GpuChain, GpuContext};
+pub use context::{GpuChain, GpuContext, Layout};
 
 #[cfg(feature = "gpu")]
 /// Lists the adapters wgpu sees.

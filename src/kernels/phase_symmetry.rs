@@ -283,3 +283,40 @@ pub fn cpu(img: &Array2<f32>, params: &Params) -> crate::Result<Array2<f32>> {
     out.par_mapv_inplace(|v| v.clamp(0.0, 1.0));
     Ok(out)
 }
+
+/// Queues the whole bank on a GPU chain; the phase symmetry map becomes the current image.
+#[cfg(feature = "gpu")]
+pub fn encode(chain: &mut crate::gpu::GpuChain<'_>, params: &Params) -> crate::Result<()> {
+    let p = params.resolved(chain.width(), chain.height());
+    let (pw, ph) = (p.pad_width as usize, p.pad_height as usize);
+    if pw > MAX_FFT_SIDE || ph > MAX_FFT_SIDE {
+        return Err(crate::gpu::GpuError::TooLarge {
+            width: chain.width(),
+            height: chain.height(),
+            reason: format!("phase symmetry pads to {pw}x{ph}; the GPU FFT handles sides up to {MAX_FFT_SIDE}"),
+        }
+        .into());
+    }
+    let tiles = |w: usize, h: usize| ((w as u32).div_ceil(16), (h as u32).div_ceil(16));
+    let pad = (pw, ph);
+    chain.dispatch_fft(SHADER, "ps_load", &p, pad, tiles(pw, ph), false)?;
+    chain.dispatch_fft(SHADER, "ps_fft_rows_spectrum", &p, pad, (1, ph as u32), false)?;
+    chain.dispatch_fft(SHADER, "ps_fft_cols_spectrum", &p, pad, (pw as u32, 1), false)?;
+    for o in 0..p.orientations {
+        for s in 0..p.scales {
+            let mut q = p;
+            q.orientation = o;
+            q.scale = s;
+            chain.dispatch_fft(SHADER, "ps_filter", &q, pad, tiles(pw, ph), false)?;
+            chain.dispatch_fft(SHADER, "ps_fft_rows_work", &q, pad, (1, ph as u32), false)?;
+            chain.dispatch_fft(SHADER, "ps_fft_cols_work", &q, pad, (pw as u32, 1), false)?;
+            chain.dispatch_fft(SHADER, "ps_accumulate", &q, pad, tiles(chain.width(), chain.height()), false)?;
+        }
+        let mut q = p;
+        q.orientation = o;
+        chain.dispatch_fft(SHADER, "ps_threshold", &q, pad, (1, 1), false)?;
+        chain.dispatch_fft(SHADER, "ps_orient", &q, pad, tiles(chain.width(), chain.height()), false)?;
+    }
+    chain.dispatch_fft(SHADER, "ps_finish", &p, pad, tiles(chain.width(), chain.height()), true)?;
+    Ok(())
+}

@@ -155,6 +155,25 @@ fn cached_plan(p: &crate::kernels::phase_symmetry::Params, width: usize, height:
     plan
 }
 
+/// Computes the feature maps on the GPU: the analysis grid is uploaded and each feature kernel
+/// runs there (phase symmetry's FFTs included); the maps are read back for the decisions.
+#[cfg(feature = "gpu")]
+pub fn features_gpu(ctx: &crate::gpu::GpuContext, frame: &Frame, despeckled: &Array2<f32>, params: &SegmentParams) -> Result<Features> {
+    let valid_full = valid_mask(frame);
+    let (grid, valid, step, mm) = analysis_grid(frame, despeckled, &valid_full, params);
+    let fp = feature_params(params, mm, grid.nrows())?;
+    let mut chain = ctx.begin(&grid)?;
+    crate::kernels::phase_symmetry::encode(&mut chain, &fp.0)?;
+    let phase_symmetry = chain.finish()?;
+    let mut chain = ctx.begin(&grid)?;
+    crate::kernels::shadow::encode(&mut chain, &fp.1)?;
+    let below = chain.finish()?;
+    let mut chain = ctx.begin(&grid)?;
+    crate::kernels::coherence::encode(&mut chain, &fp.2)?;
+    let (coherence, orientation) = chain.finish_with_aux()?;
+    Ok(Features { intensity: grid, phase_symmetry, below, coherence, orientation, valid, valid_full, step, mm_per_px: mm })
+}
+
 /// Kernel parameters for a grid of `mm` per pixel.
 pub fn feature_params(
     params: &SegmentParams,
