@@ -96,6 +96,62 @@ pub fn run(despeckler: &Despeckler, width: usize, height: usize, repeats: usize)
         let ms = time_ms(3, repeats, || despeckler.run(&img, &[]).map(|_| ()))?;
         rows.push(row("roundtrip", Vec::new(), ms));
     }
+    // Feature kernels at the analysis grid of a frame of this size, and whole segmentation.
+    {
+        let mut p = PhantomParams::default();
+        p.width = width;
+        p.height = height;
+        p.seed = 4242;
+        let ph = generate("bench", &p)?;
+        let frame = crate::phantom::frame_of(&ph, 0)?;
+        let seg = crate::segment::SegmentParams::default();
+        let valid = crate::segment::valid_mask(&frame);
+        let (grid, _, _, mm) = crate::segment::analysis_grid(&frame, &frame.intensity, &valid, &seg);
+        let fp = crate::segment::feature_params(&seg, mm, grid.nrows())?;
+        let (gh, gw) = grid.dim();
+        let grid_row = |kernel: &str, parameters: Vec<(&'static str, f64)>, ms: f64| {
+            let mut r = row(kernel, parameters, ms);
+            r.width = gw;
+            r.height = gh;
+            r.mpix_per_s = (gw * gh) as f64 / 1e6 / (ms / 1e3);
+            r
+        };
+        let ps_params = vec![
+            ("scales", fp.0.scales as f64),
+            ("orientations", fp.0.orientations as f64),
+            ("min_wavelength_px", fp.0.min_wavelength as f64),
+        ];
+        #[cfg(feature = "gpu")]
+        if let Some(ctx) = despeckler.gpu_context() {
+            let gpu_ms = |encode: &dyn Fn(&mut crate::gpu::GpuChain<'_>) -> Result<()>| {
+                time_ms(2, repeats, || {
+                    let mut chain = ctx.begin(&grid)?;
+                    encode(&mut chain)?;
+                    chain.finish()?;
+                    Ok(())
+                })
+            };
+            rows.push(grid_row("phase_symmetry", ps_params.clone(), gpu_ms(&|c| crate::kernels::phase_symmetry::encode(c, &fp.0))?));
+            rows.push(grid_row("shadow", Vec::new(), gpu_ms(&|c| crate::kernels::shadow::encode(c, &fp.1))?));
+            rows.push(grid_row("coherence", vec![("radius", fp.2.radius as f64)], gpu_ms(&|c| crate::kernels::coherence::encode(c, &fp.2))?));
+        }
+        if despeckler.backend_name() == "cpu" {
+            let plan = crate::kernels::phase_symmetry::Plan::new(&fp.0, gw, gh);
+            rows.push(grid_row("phase_symmetry", ps_params, time_ms(1, repeats, || plan.run(&grid).map(|_| ()))?));
+            rows.push(grid_row("shadow", Vec::new(), time_ms(1, repeats, || crate::kernels::shadow::cpu(&grid, &fp.1).map(|_| ()))?));
+            rows.push(grid_row(
+                "coherence",
+                vec![("radius", fp.2.radius as f64)],
+                time_ms(1, repeats, || crate::kernels::coherence::cpu_fast(&grid, &fp.2).map(|_| ()))?,
+            ));
+        }
+        let srad = Filter::default_for("srad")?;
+        let ms = time_ms(1, repeats, || {
+            let des = despeckler.run(&frame.intensity, std::slice::from_ref(&srad))?;
+            crate::segment::segment_with(despeckler, &frame, &des, &seg).map(|_| ())
+        })?;
+        rows.push(row("segment", vec![("despeckle_srad_iterations", crate::despeckle::defaults::SRAD_ITERATIONS as f64)], ms));
+    }
     for f in bench_filters()? {
         // The heavy CPU cases get fewer repeats: their run time dwarfs the machine's noise.
         let slow = despeckler.backend_name() == "cpu" && matches!(f, Filter::Obnlm(_) | Filter::Srad(srad::Srad { iterations: 100, .. }));

@@ -164,6 +164,11 @@ impl Despeckler {
         }
     }
 
+    /// Whether a GPU failure falls back to the CPU (`Backend::Auto`).
+    pub fn falls_back(&self) -> bool {
+        self.backend == Backend::Auto
+    }
+
     /// Why the backend differs from what was asked for, if it does.
     pub fn note(&self) -> Option<&str> {
         self.note.as_deref()

@@ -198,7 +198,7 @@ pub fn segment_scores(
         let frame = crate::phantom::frame_of(&ph, 0)?;
         let t0 = std::time::Instant::now();
         let despeckled = despeckler.run(&frame.intensity, std::slice::from_ref(filter))?;
-        let s = crate::segment::segment(&frame, &despeckled, seg)?;
+        let s = crate::segment::segment_with(despeckler, &frame, &despeckled, seg)?;
         times.push(t0.elapsed().as_secs_f64() * 1e3);
         cases += 1;
         let truth = &ph.labels[0];

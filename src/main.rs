@@ -654,7 +654,7 @@ fn segment(files: &[PathBuf], out: &Path, despeckle: &str, backend: Backend) -> 
             for frame in dicom.frames() {
                 let frame = frame?;
                 let despeckled = d.run(&frame.intensity, std::slice::from_ref(&filter))?;
-                let seg = sonoguide::segment::segment(&frame, &despeckled, &params)?;
+                let seg = sonoguide::segment::segment_with(&d, &frame, &despeckled, &params)?;
                 let name = format!("frame_{:04}", frame.index);
                 sonoguide::imageio::write_gray_png(&dir.join(format!("{name}.labels.png")), &seg.labels)?;
                 let preview = sonoguide::overlay::label_preview(&despeckled, &seg.labels)?;

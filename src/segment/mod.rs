@@ -252,6 +252,28 @@ pub fn analysis_grid(
     (grid, valid, 2, (mmx * 2.0, mmy * 2.0))
 }
 
+/// Computes the feature maps where `despeckler` runs its kernels: on its GPU when it has one
+/// (falling back to the CPU, with a warning, if the GPU fails under `Backend::Auto`), else on
+/// the CPU.
+pub fn features(despeckler: &crate::Despeckler, frame: &Frame, despeckled: &Array2<f32>, params: &SegmentParams) -> Result<Features> {
+    #[cfg(feature = "gpu")]
+    if let Some(ctx) = despeckler.gpu_context() {
+        match features_gpu(ctx, frame, despeckled, params) {
+            Ok(f) => return Ok(f),
+            Err(e) if despeckler.falls_back() => log::warn!("GPU features failed, using the CPU: {e}"),
+            Err(e) => return Err(e),
+        }
+    }
+    let _ = despeckler;
+    features_cpu(frame, despeckled, params)
+}
+
+/// Segments one frame with the features computed where `despeckler` runs.
+pub fn segment_with(despeckler: &crate::Despeckler, frame: &Frame, despeckled: &Array2<f32>, params: &SegmentParams) -> Result<Segmentation> {
+    let f = features(despeckler, frame, despeckled, params)?;
+    segment_from_features(frame, despeckled, &f, params)
+}
+
 /// Segments one frame from its despeckled intensity, features on the CPU.
 pub fn segment(frame: &Frame, despeckled: &Array2<f32>, params: &SegmentParams) -> Result<Segmentation> {
     let f = features_cpu(frame, despeckled, params)?;
