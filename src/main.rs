@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod batch;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
@@ -12,9 +14,9 @@ use sonoguide::{Backend, Despeckler, Filter};
 use sonoguide::phantom::{self, Geometry, PhantomParams};
 
 /// Exit code when some inputs failed (the others were processed).
-const EXIT_INPUT_FAILED: u8 = 1;
+pub(crate) const EXIT_INPUT_FAILED: u8 = 1;
 /// Exit code for a usage error (bad arguments, unwritable output folder).
-const EXIT_USAGE: u8 = 2;
+pub(crate) const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser)]
 #[command(name = "sonoguide", version, about = "Ultrasound-guidance image pipeline (research tool, not a medical device)")]
@@ -80,6 +82,50 @@ enum Command {
         /// Where the kernels run.
         #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
         backend: BackendArg,
+    },
+    /// The main job: despeckle, segment and plan every frame of DICOM files (or folders);
+    /// write overlays, labels, bone and plan JSON per frame, a derived overlay DICOM per file,
+    /// and OUT/summary.json.
+    Process {
+        /// DICOM files or folders.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Look into sub-folders of folder inputs.
+        #[arg(long)]
+        recursive: bool,
+        /// Files processed at once.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Where the kernels run.
+        #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+        backend: BackendArg,
+        /// Frames to process: N, A..B (B excluded) or A-B (B included); zero-based.
+        #[arg(long, value_parser = parse_frames)]
+        frames: Option<(usize, usize)>,
+        /// Skip inputs whose overlay DICOM already exists in OUT (resume a batch).
+        #[arg(long)]
+        skip_existing: bool,
+        /// Draw the overlay on the despeckled or the original frame.
+        #[arg(long, value_enum, default_value_t = OverlayOn::Despeckled)]
+        overlay_on: OverlayOn,
+        /// Target in mm, X_MM,Y_MM: lateral from the reference pixel, depth from the
+        /// transducer face (default: chosen automatically).
+        #[arg(long, value_parser = parse_target)]
+        target: Option<(f64, f64)>,
+        /// Smallest needle angle to the skin line, degrees.
+        #[arg(long, default_value_t = 15.0)]
+        min_angle: f64,
+        /// Largest needle angle, degrees.
+        #[arg(long, default_value_t = 45.0)]
+        max_angle: f64,
+        /// Clearance from bone, shadow and vessels, mm.
+        #[arg(long, default_value_t = 2.0)]
+        margin_mm: f64,
+        #[command(flatten)]
+        filter: FilterArgs,
     },
     /// Time every kernel on a generated speckle frame (median of repeated runs).
     Bench {
@@ -232,6 +278,36 @@ impl FilterArgs {
     }
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum OverlayOn {
+    Despeckled,
+    Original,
+}
+
+fn parse_frames(s: &str) -> Result<(usize, usize), String> {
+    let num = |t: &str| t.trim().parse::<usize>().map_err(|_| format!("'{t}' is not a frame number"));
+    if let Some((a, b)) = s.split_once("..") {
+        let (a, b) = (num(a)?, num(b)?);
+        return if b > a { Ok((a, b)) } else { Err(format!("empty range '{s}'")) };
+    }
+    if let Some((a, b)) = s.split_once('-') {
+        let (a, b) = (num(a)?, num(b)?);
+        return if b >= a { Ok((a, b + 1)) } else { Err(format!("empty range '{s}'")) };
+    }
+    let n = num(s)?;
+    Ok((n, n + 1))
+}
+
+fn parse_target(s: &str) -> Result<(f64, f64), String> {
+    let (x, y) = s.split_once(',').ok_or_else(|| format!("'{s}' is not X_MM,Y_MM"))?;
+    let x: f64 = x.trim().parse().map_err(|_| format!("bad X in '{s}'"))?;
+    let y: f64 = y.trim().parse().map_err(|_| format!("bad Y in '{s}'"))?;
+    if !x.is_finite() || !y.is_finite() || y < 0.0 {
+        return Err(format!("'{s}': the depth must be a finite number ≥ 0"));
+    }
+    Ok((x, y))
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum GeometryArg {
     Linear,
@@ -252,6 +328,42 @@ fn main() -> ExitCode {
         Command::Adapters { json } => adapters(json),
         Command::Despeckle { files, out, filter, backend } => despeckle(&files, &out, &filter, backend.into()),
         Command::Segment { files, out, despeckle, backend } => segment(&files, &out, &despeckle, backend.into()),
+        Command::Process {
+            inputs,
+            out,
+            recursive,
+            jobs,
+            backend,
+            frames,
+            skip_existing,
+            overlay_on,
+            target,
+            min_angle,
+            max_angle,
+            margin_mm,
+            filter,
+        } => {
+            let filter = match filter.filter() {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            if !(0.0..90.0).contains(&min_angle) || !(min_angle..90.0).contains(&max_angle) || !(margin_mm >= 0.0 && margin_mm < 50.0) {
+                eprintln!("error: need 0 ≤ --min-angle ≤ --max-angle < 90 and 0 ≤ --margin-mm < 50");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            let mut config = sonoguide::PipelineConfig::default();
+            config.backend = backend.into();
+            config.filters = vec![filter];
+            config.plan.min_angle_deg = min_angle;
+            config.plan.max_angle_deg = max_angle;
+            config.plan.margin_mm = margin_mm;
+            config.plan.target_mm = target;
+            let opts = batch::Options { recursive, jobs: jobs.max(1), frames, skip_existing, overlay_on_original: overlay_on == OverlayOn::Original };
+            batch::run(&inputs, &out, config, &opts)
+        }
         Command::Bench { backend, size, repeats, json } => bench(backend.into(), size, repeats, json),
         Command::EvalDespeckle { count, seed, backend, json } => eval_despeckle(count, seed, backend.into(), json),
         Command::EvalSegment { count, seed, despeckle, geometry, backend, json } => {

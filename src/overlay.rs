@@ -95,3 +95,141 @@ pub fn draw_legend(img: &mut RgbImage, labels: &[usize]) -> crate::Result<()> {
     let _ = label::BACKGROUND;
     Ok(())
 }
+
+/// Needle path colour (white, drawn over a dark outline so it shows on any background).
+const NEEDLE: Rgb<u8> = Rgb([255, 255, 255]);
+const OUTLINE: Rgb<u8> = Rgb([0, 0, 0]);
+/// Target crosshair (Okabe–Ito reddish purple).
+const TARGET: Rgb<u8> = Rgb([204, 121, 167]);
+/// Entry marker (Okabe–Ito sky blue).
+const ENTRY: Rgb<u8> = Rgb([86, 180, 233]);
+/// Banner for frames without a safe path.
+const BANNER: Rgb<u8> = Rgb([180, 0, 0]);
+/// Depth ticks along the needle, mm.
+pub const TICK_MM: f64 = 5.0;
+
+/// Draws contours of the labels (no fill) with a legend.
+pub fn draw_contours(img: &mut RgbImage, labels: &Array2<u8>) -> crate::Result<()> {
+    let (h, w) = labels.dim();
+    for y in 0..h {
+        for x in 0..w {
+            let l = labels[[y, x]] as usize;
+            if l == 0 || l >= LABEL_COLOURS.len() {
+                continue;
+            }
+            let edge = [(0i64, -1i64), (0, 1), (-1, 0), (1, 0)].iter().any(|(dx, dy)| {
+                let (nx, ny) = (x as i64 + dx, y as i64 + dy);
+                nx >= 0 && ny >= 0 && nx < w as i64 && ny < h as i64 && labels[[ny as usize, nx as usize]] as usize != l
+            });
+            if edge {
+                img.put_pixel(x as u32, y as u32, Rgb(LABEL_COLOURS[l]));
+            }
+        }
+    }
+    let present: Vec<usize> = (1..LABEL_NAMES.len()).filter(|l| labels.iter().any(|v| *v as usize == *l)).collect();
+    draw_legend(img, &present)
+}
+
+fn thick_line(img: &mut RgbImage, a: (f32, f32), b: (f32, f32), colour: Rgb<u8>, half: i32) {
+    for dx in -half..=half {
+        for dy in -half..=half {
+            imageproc::drawing::draw_line_segment_mut(img, (a.0 + dx as f32, a.1 + dy as f32), (b.0 + dx as f32, b.1 + dy as f32), colour);
+        }
+    }
+}
+
+/// Draws the overlay of one frame: label contours and legend, the needle path with depth ticks
+/// every 5 mm, the entry marker, the target crosshair, a text box, a scale bar, and a "NO SAFE
+/// PATH" banner when there is none.
+pub fn draw_plan(
+    base: &Array2<f32>,
+    labels: &Array2<u8>,
+    plan: &crate::plan::NeedlePlan,
+    mm_per_px: (f64, f64),
+) -> crate::Result<RgbImage> {
+    let mut img = gray_to_rgb_image(base);
+    draw_contours(&mut img, labels)?;
+    let font = font()?;
+    let px = text_px(img.height());
+    let scale = PxScale::from(px);
+    if let (Some(e), Some(t)) = (plan.entry, plan.target) {
+        let (a, b) = ((e.px[0] as f32, e.px[1] as f32), (t.px[0] as f32, t.px[1] as f32));
+        thick_line(&mut img, a, b, OUTLINE, 2);
+        thick_line(&mut img, a, b, NEEDLE, 1);
+        // Depth ticks every 5 mm along the needle, perpendicular to it.
+        let len_mm = plan.length_mm.unwrap_or(0.0);
+        let (dx, dy) = (b.0 - a.0, b.1 - a.1);
+        let len_px = (dx * dx + dy * dy).sqrt().max(1e-3);
+        let (nx, ny) = (-dy / len_px, dx / len_px);
+        let tick = (px * 0.5).max(4.0);
+        let mut d = TICK_MM;
+        while d < len_mm {
+            let f = (d / len_mm) as f32;
+            let c = (a.0 + f * dx, a.1 + f * dy);
+            thick_line(&mut img, (c.0 - nx * tick, c.1 - ny * tick), (c.0 + nx * tick, c.1 + ny * tick), NEEDLE, 0);
+            d += TICK_MM;
+        }
+        imageproc::drawing::draw_filled_circle_mut(&mut img, (a.0 as i32, a.1 as i32), (px * 0.35) as i32 + 2, ENTRY);
+        imageproc::drawing::draw_hollow_circle_mut(&mut img, (a.0 as i32, a.1 as i32), (px * 0.35) as i32 + 3, OUTLINE);
+    }
+    if let Some(t) = plan.target {
+        let (x, y) = (t.px[0] as f32, t.px[1] as f32);
+        let r = (px * 0.6).max(6.0);
+        thick_line(&mut img, (x - r, y), (x + r, y), TARGET, 1);
+        thick_line(&mut img, (x, y - r), (x, y + r), TARGET, 1);
+        imageproc::drawing::draw_hollow_circle_mut(&mut img, (x as i32, y as i32), (r * 0.6) as i32, TARGET);
+    }
+    // Text box, bottom left above the scale bar.
+    let lines: Vec<String> = if plan.is_ok() {
+        vec![
+            format!("angle {:.0} deg, side {}", plan.angle_deg.unwrap_or(0.0), plan.side.unwrap_or("-")),
+            format!("target depth {:.1} mm", plan.depth_mm.unwrap_or(0.0)),
+            format!("path length {:.1} mm", plan.length_mm.unwrap_or(0.0)),
+            format!("clearance {:.1} mm", plan.clearance_mm.unwrap_or(0.0).min(99.9)),
+            format!("target: {}", plan.target_kind.unwrap_or("-").replace('_', " ")),
+        ]
+    } else {
+        vec![format!("target: {}", plan.target_kind.unwrap_or("none").replace('_', " "))]
+    };
+    let mut lines = lines;
+    if plan.calibration_assumed {
+        lines.push("uncalibrated: mm assumed".into());
+    }
+    lines.push("research tool - not for clinical use".into());
+    let line_h = (px * 1.25) as u32;
+    let box_w = lines.iter().map(|l| text_size(scale, &font, l).0).max().unwrap_or(0) + 10;
+    let box_h = line_h * lines.len() as u32 + 8;
+    let bar_h = line_h + 12;
+    if box_w < img.width() && box_h + bar_h + 8 < img.height() {
+        let y0 = img.height() - box_h - bar_h - 4;
+        draw_filled_rect_mut(&mut img, DrawRect::at(4, y0 as i32).of_size(box_w, box_h), Rgb([20, 20, 20]));
+        for (i, l) in lines.iter().enumerate() {
+            draw_text_mut(&mut img, Rgb([240, 240, 240]), 9, (y0 + 4 + i as u32 * line_h) as i32, scale, &font, l);
+        }
+    }
+    // Scale bar: 10 mm (5 mm on narrow frames).
+    let bar_mm = if img.width() as f64 * mm_per_px.0 > 30.0 { 10.0 } else { 5.0 };
+    let bar_px = (bar_mm / mm_per_px.0).round() as u32;
+    if bar_px + 20 < img.width() {
+        let y = img.height() - 8;
+        draw_filled_rect_mut(&mut img, DrawRect::at(8, y as i32 - 3).of_size(bar_px, 4), NEEDLE);
+        let label = format!("{bar_mm:.0} mm");
+        draw_text_mut(&mut img, NEEDLE, (bar_px + 14) as i32, y as i32 - px as i32, scale, &font, &label);
+    }
+    if !plan.is_ok() {
+        let text = format!("NO SAFE PATH: {}", plan.reason.as_deref().unwrap_or("unknown"));
+        let big = PxScale::from(px * 1.2);
+        let bh = (px * 1.8) as u32;
+        let iw = img.width();
+        draw_filled_rect_mut(&mut img, DrawRect::at(0, 0).of_size(iw, bh), BANNER);
+        // Shorten the reason until it fits the frame.
+        let mut t = text.clone();
+        while text_size(big, &font, &t).0 + 12 > iw && t.chars().count() > 14 {
+            let mut chars: Vec<char> = t.trim_end_matches("...").chars().collect();
+            chars.pop();
+            t = chars.into_iter().collect::<String>() + "...";
+        }
+        draw_text_mut(&mut img, Rgb([255, 255, 255]), 6, (px * 0.2) as i32, big, &font, &t);
+    }
+    Ok(img)
+}

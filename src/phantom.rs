@@ -278,7 +278,7 @@ impl Anatomy {
             .collect();
         let tendon_top = fat_mm + rng.range(0.3, 1.5);
         let tendon_thick = rng.range(2.5, 4.0);
-        let bone_depth = (tendon_top + tendon_thick + rng.range(6.0, 10.0)).min(depth_mm * 0.7);
+        let bone_depth = (tendon_top + tendon_thick + rng.range(5.0, 8.0)).min(depth_mm * 0.6);
         let gap_w = rng.range(3.0, 6.0);
         let gap_c = width_mm * rng.range(0.4, 0.6);
         let vessel_r = rng.range(0.9, 1.8);
@@ -816,6 +816,7 @@ pub fn write_case(dir: &std::path::Path, name: &str, params: &PhantomParams) -> 
         study_date: "20260101".into(),
         study_time: "120000".into(),
         series_description: format!("sonoguide phantom ({} scene)", case.truth.scene),
+        extra: Vec::new(),
     };
     let image = UsImage {
         width: params.width,

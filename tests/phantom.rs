@@ -180,8 +180,6 @@ fn sample_data_matches_its_recipe() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sample-data");
     let dir = tempdir("recipe");
     let mut p = PhantomParams::default();
-    p.width = 384;
-    p.height = 288;
     p.seed = 1;
     write_case(&dir, "linear_0001", &p).unwrap();
     for ext in ["dcm", "truth.png", "clean.png", "truth.json"] {

@@ -153,7 +153,7 @@ fn segment_command_writes_labels_previews_and_bone_json() {
     let dir = out.join("linear_0001");
     let labels = image::open(dir.join("frame_0000.labels.png")).unwrap();
     assert!(labels.as_luma8().is_some());
-    assert_eq!((labels.width(), labels.height()), (384, 288));
+    assert_eq!((labels.width(), labels.height()), (480, 360));
     assert!(labels.as_luma8().unwrap().pixels().all(|p| p.0[0] <= 5));
     assert!(labels.as_luma8().unwrap().pixels().any(|p| p.0[0] == 2), "the sample joint has bone");
     let preview = image::open(dir.join("frame_0000.labels_preview.png")).unwrap();
@@ -162,9 +162,9 @@ fn segment_command_writes_labels_previews_and_bone_json() {
     let px = bone["polylines_px"].as_array().unwrap();
     let mm = bone["polylines_mm"].as_array().unwrap();
     assert!(!px.is_empty() && px.len() == mm.len());
-    // mm = (px − reference) × spacing: reference (192, 0), 0.08 mm per px.
+    // mm = (px − reference) × spacing: reference (240, 0), 0.08 mm per px.
     let (p0, m0) = (&px[0][0], &mm[0][0]);
-    let xm = (p0[0].as_f64().unwrap() - 192.0) * 0.08;
+    let xm = (p0[0].as_f64().unwrap() - 240.0) * 0.08;
     let ym = p0[1].as_f64().unwrap() * 0.08;
     assert!((xm - m0[0].as_f64().unwrap()).abs() < 1e-6 && (ym - m0[1].as_f64().unwrap()).abs() < 1e-6);
 }

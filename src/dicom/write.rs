@@ -46,6 +46,48 @@ pub struct Identity {
     pub study_time: String,
     /// Series Description.
     pub series_description: String,
+    /// Further attributes copied verbatim from a source (patient and study details).
+    pub extra: Vec<(dicom_core::Tag, VR, String)>,
+}
+
+/// The identity of an image derived from `source`: same patient and study, a new series and
+/// instance, and the reference to the source for the Source Image Sequence.
+pub fn derived_identity(source: &InMemDicomObject, description: &str) -> (Identity, Option<(String, String, String)>) {
+    let get = |tag| {
+        source
+            .get(tag)
+            .and_then(|e| e.value().to_str().ok())
+            .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+    };
+    let study_uid = get(tags::STUDY_INSTANCE_UID).filter(|s| !s.is_empty()).unwrap_or_else(new_uid);
+    let mut extra = Vec::new();
+    for (tag, vr) in [
+        (tags::PATIENT_BIRTH_DATE, VR::DA),
+        (tags::PATIENT_SEX, VR::CS),
+        (tags::ACCESSION_NUMBER, VR::SH),
+        (tags::REFERRING_PHYSICIAN_NAME, VR::PN),
+        (tags::STUDY_ID, VR::SH),
+    ] {
+        if let Some(v) = get(tag) {
+            extra.push((tag, vr, v));
+        }
+    }
+    let identity = Identity {
+        patient_name: get(tags::PATIENT_NAME).unwrap_or_default(),
+        patient_id: get(tags::PATIENT_ID).unwrap_or_default(),
+        study_uid,
+        series_uid: new_uid(),
+        sop_instance_uid: new_uid(),
+        study_date: get(tags::STUDY_DATE).filter(|d| d.len() == 8).unwrap_or_else(|| "19700101".into()),
+        study_time: get(tags::STUDY_TIME).filter(|t| !t.is_empty()).unwrap_or_else(|| "000000".into()),
+        series_description: description.to_string(),
+        extra,
+    };
+    let reference = match (get(tags::SOP_CLASS_UID), get(tags::SOP_INSTANCE_UID)) {
+        (Some(c), Some(i)) if !c.is_empty() && !i.is_empty() => Some((c, i, description.to_string())),
+        _ => None,
+    };
+    (identity, reference)
 }
 
 /// An image to write: frames, geometry and calibration.
@@ -72,6 +114,25 @@ pub struct UsImage {
     pub identity: Identity,
     /// Derived images: (SOP Class UID, SOP Instance UID) of the source, and a description.
     pub derived_from: Option<(String, String, String)>,
+}
+
+impl UsImage {
+    /// An image of `frames` (each `width × height × samples` bytes) calibrated at `mm_per_px`
+    /// over `region`, with `reference_px` as lateral origin and transducer face; 30 frames/s,
+    /// not derived.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        width: usize,
+        height: usize,
+        colour: Colour,
+        frames: Vec<Vec<u8>>,
+        mm_per_px: (f64, f64),
+        region: Rect,
+        reference_px: (i64, i64),
+        identity: Identity,
+    ) -> UsImage {
+        UsImage { width, height, colour, frames, mm_per_px, region, reference_px, frame_time_ms: 33.3, identity, derived_from: None }
+    }
 }
 
 /// A DICOM UID under the 2.25 root (PS3.5 B.2): a 128-bit number written in decimal, taken
@@ -149,7 +210,9 @@ pub fn write_us_image(path: &Path, image: &UsImage) -> Result<(), DicomError> {
     put_str(tags::MODALITY, VR::CS, "US");
     put_str(tags::MANUFACTURER, VR::LO, "sonoguide");
     put_str(tags::REFERRING_PHYSICIAN_NAME, VR::PN, "");
-    put_str(tags::SERIES_DESCRIPTION, VR::LO, &id.series_description);
+    // LO holds at most 64 characters.
+    let description: String = id.series_description.chars().take(64).collect();
+    put_str(tags::SERIES_DESCRIPTION, VR::LO, &description);
     put_str(tags::PATIENT_NAME, VR::PN, &id.patient_name);
     put_str(tags::PATIENT_ID, VR::LO, &id.patient_id);
     put_str(tags::PATIENT_BIRTH_DATE, VR::DA, "");
@@ -160,8 +223,12 @@ pub fn write_us_image(path: &Path, image: &UsImage) -> Result<(), DicomError> {
     put_str(tags::SERIES_NUMBER, VR::IS, "1");
     put_str(tags::INSTANCE_NUMBER, VR::IS, "1");
     put_str(tags::PATIENT_ORIENTATION, VR::CS, "");
+    put_str(tags::LATERALITY, VR::CS, "");
     put_str(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00");
-    put_str(tags::BURNED_IN_ANNOTATION, VR::CS, if image.derived_from.is_some() { "YES" } else { "NO" });
+    put_str(tags::BURNED_IN_ANNOTATION, VR::CS, if image.colour == Colour::Rgb { "YES" } else { "NO" });
+    for (tag, vr, v) in &id.extra {
+        put_str(*tag, *vr, v);
+    }
     if let Some((class, instance, description)) = &image.derived_from {
         put_str(tags::DERIVATION_DESCRIPTION, VR::ST, description);
         let item = InMemDicomObject::from_element_iter([

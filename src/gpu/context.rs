@@ -71,6 +71,9 @@ pub struct GpuContext {
     modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
     sizes: SizeCache<FrameBuffers>,
     errors: Arc<Mutex<Vec<String>>>,
+    /// Held by a chain from upload to read-back: chains of several threads share the per-size
+    /// buffers, so they take turns (the device runs one at a time anyway).
+    turn: Mutex<()>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -240,6 +243,7 @@ impl GpuContext {
             modules: Mutex::default(),
             sizes: SizeCache::default(),
             errors,
+            turn: Mutex::new(()),
         })
     }
 
@@ -447,13 +451,14 @@ impl GpuContext {
 
     /// Uploads a frame and starts a chain of kernels on it.
     pub fn begin(&self, image: &Array2<f32>) -> Result<GpuChain<'_>, GpuError> {
+        let turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
         let (h, w) = image.dim();
         let bufs = self.buffers(w, h)?;
         let data: Vec<f32> = image.iter().copied().collect();
         self.queue.write_buffer(&bufs.images[0], 0, bytemuck::cast_slice(&data));
         let encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sonoguide.frame") });
         let _ = &bufs.aux;
-        Ok(GpuChain { ctx: self, bufs, current: 0, encoder, params: Vec::new(), last_kernel: "upload", fft: None })
+        Ok(GpuChain { ctx: self, bufs, current: 0, encoder, params: Vec::new(), last_kernel: "upload", fft: None, _turn: turn })
     }
 }
 
@@ -467,6 +472,7 @@ pub struct GpuChain<'a> {
     params: Vec<u8>,
     last_kernel: &'static str,
     fft: Option<Arc<FftBuffers>>,
+    _turn: std::sync::MutexGuard<'a, ()>,
 }
 
 impl GpuChain<'_> {
@@ -569,14 +575,21 @@ impl GpuChain<'_> {
     /// `coherence` leaves there).
     pub fn finish_with_aux(mut self) -> Result<(Array2<f32>, Array2<f32>), GpuError> {
         let bytes = (self.bufs.width * self.bufs.height * 4) as u64;
-        self.encoder.copy_buffer_to_buffer(&self.bufs.aux, 0, &self.bufs.aux_staging, 0, bytes);
         let ctx = self.ctx;
-        let bufs = self.bufs.clone();
         let kernel = self.last_kernel;
-        let (image, _) = self.finish_with_stats(false)?;
-        let aux = read_buffer(ctx, &bufs.aux_staging, kernel)?;
-        let aux = Array2::from_shape_vec((bufs.height, bufs.width), aux).map_err(|e| GpuError::Kernel { kernel: kernel.into(), reason: e.to_string() })?;
-        Ok((image, aux))
+        self.encoder.copy_buffer_to_buffer(&self.bufs.images[self.current], 0, &self.bufs.staging, 0, bytes);
+        self.encoder.copy_buffer_to_buffer(&self.bufs.aux, 0, &self.bufs.aux_staging, 0, bytes);
+        if !self.params.is_empty() {
+            ctx.queue.write_buffer(&self.bufs.params, 0, &self.params);
+        }
+        ctx.queue.submit([self.encoder.finish()]);
+        // Both read-backs happen while this chain still holds its turn.
+        let image = read_buffer(ctx, &self.bufs.staging, kernel)?;
+        let aux = read_buffer(ctx, &self.bufs.aux_staging, kernel)?;
+        ctx.take_error(kernel)?;
+        let shape = (self.bufs.height, self.bufs.width);
+        let err = |e: ndarray::ShapeError| GpuError::Kernel { kernel: kernel.into(), reason: e.to_string() };
+        Ok((Array2::from_shape_vec(shape, image).map_err(err)?, Array2::from_shape_vec(shape, aux).map_err(err)?))
     }
 
     /// Like [`GpuChain::finish`], and also reads the `stats` buffer when `stats` is set.

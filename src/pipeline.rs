@@ -1,0 +1,151 @@
+//! The pipeline: the one place that chains despeckling, features, segmentation and planning
+//! and chooses backends. Built once (GPU context, pipelines, buffers), then fed frame after
+//! frame; temporal state (plan smoothing over a cine) lives in a [`Session`].
+
+use std::time::Instant;
+
+use ndarray::Array2;
+use serde::Serialize;
+
+use crate::despeckle::{Despeckler, Filter};
+use crate::frame::Frame;
+use crate::gpu::Backend;
+use crate::plan::{plan, NeedlePlan, PlanParams, PlanSmoother};
+use crate::segment::{self, SegmentParams, Segmentation};
+use crate::Result;
+
+/// Everything the pipeline can be told.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PipelineConfig {
+    /// Where kernels run.
+    pub backend: Backend,
+    /// Despeckling filters, applied in order.
+    pub filters: Vec<Filter>,
+    /// Segmentation settings.
+    pub segment: SegmentParams,
+    /// Planning settings.
+    pub plan: PlanParams,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            backend: Backend::Auto,
+            filters: Filter::default_for("srad").map(|f| vec![f]).unwrap_or_default(),
+            segment: SegmentParams::default(),
+            plan: PlanParams::default(),
+        }
+    }
+}
+
+/// Milliseconds spent in each stage of one frame.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StageTimings {
+    /// Despeckling.
+    pub despeckle_ms: f64,
+    /// Feature maps.
+    pub features_ms: f64,
+    /// Labelling decisions.
+    pub segment_ms: f64,
+    /// Planning (and smoothing).
+    pub plan_ms: f64,
+    /// The whole frame.
+    pub total_ms: f64,
+}
+
+/// What the pipeline gives for one frame.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct FrameResult {
+    /// Despeckled intensity (frame size).
+    pub despeckled: Array2<f32>,
+    /// Labels and bone polylines.
+    pub segmentation: Segmentation,
+    /// The suggested path (smoothed over time inside a session).
+    pub plan: NeedlePlan,
+    /// The path planned on this frame alone.
+    pub raw_plan: NeedlePlan,
+    /// Time per stage.
+    pub timings: StageTimings,
+}
+
+/// Temporal state of one stream of frames (a cine, a live feed).
+#[derive(Debug, Clone, Default)]
+pub struct Session {
+    smoother: PlanSmoother,
+    frames: usize,
+}
+
+impl Session {
+    /// A new stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Frames seen.
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+}
+
+/// The pipeline, built once.
+#[derive(Debug)]
+pub struct Pipeline {
+    despeckler: Despeckler,
+    config: PipelineConfig,
+}
+
+impl Pipeline {
+    /// Builds the pipeline (opens the GPU if the backend asks for one).
+    pub fn new(config: PipelineConfig) -> Result<Pipeline> {
+        Ok(Pipeline { despeckler: Despeckler::new(config.backend)?, config })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.config
+    }
+
+    /// The despeckler (backend, device name).
+    pub fn despeckler(&self) -> &Despeckler {
+        &self.despeckler
+    }
+
+    /// Processes one frame on its own (no temporal smoothing).
+    pub fn process(&self, frame: &Frame) -> Result<FrameResult> {
+        self.run(frame, None)
+    }
+
+    /// Processes the next frame of a stream, smoothing the plan over time.
+    pub fn process_in(&self, session: &mut Session, frame: &Frame) -> Result<FrameResult> {
+        self.run(frame, Some(session))
+    }
+
+    fn run(&self, frame: &Frame, session: Option<&mut Session>) -> Result<FrameResult> {
+        let t0 = Instant::now();
+        let despeckled = self.despeckler.run(&frame.intensity, &self.config.filters)?;
+        let t1 = Instant::now();
+        let features = segment::features(&self.despeckler, frame, &despeckled, &self.config.segment)?;
+        let t2 = Instant::now();
+        let segmentation = segment::segment_from_features(frame, &despeckled, &features, &self.config.segment)?;
+        let t3 = Instant::now();
+        let raw_plan = plan(frame, &segmentation, &self.config.plan);
+        let plan = match session {
+            Some(s) => {
+                s.frames += 1;
+                s.smoother.smooth(frame, &segmentation, &raw_plan, &self.config.plan)
+            }
+            None => raw_plan.clone(),
+        };
+        let t4 = Instant::now();
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        let timings = StageTimings {
+            despeckle_ms: ms(t0, t1),
+            features_ms: ms(t1, t2),
+            segment_ms: ms(t2, t3),
+            plan_ms: ms(t3, t4),
+            total_ms: ms(t0, t4),
+        };
+        Ok(FrameResult { despeckled, segmentation, plan, raw_plan, timings })
+    }
+}

@@ -1,0 +1,506 @@
+//! In-plane needle path planning: a straight needle from a skin entry point to a target, kept
+//! clear of bone, acoustic shadow and vessels.
+//!
+//! - Target: given in mm, or chosen: the centre of the joint space (label 4 between two bone
+//!   ends), else the deepest safe point of an effusion (label 4 over bone), else just superficial
+//!   to the tendon's midpoint (peritendinous).
+//! - Entry: every column of the skin line (the top edge of the imaging region) on either side
+//!   of the target is tried; the search is exhaustive, not sampled.
+//! - Constraints: the angle to the skin line within [min, max]; the whole path inside the
+//!   imaging region; at least `margin_mm` from bone, shadow and vessels, except within
+//!   `margin_mm` of the target itself, where the path must only not cross them (a joint target
+//!   lies between bones by nature).
+//! - Cost: length / 40 mm + |angle − preferred| / 15° + 1 mm / clearance.
+//!
+//! Clearance uses an exact Euclidean distance transform in millimetres (anisotropic spacing
+//! allowed). A frame without a usable calibration is planned with an assumed spacing and says
+//! so; a frame with no target or no feasible entry gets `no_safe_path` with the reason.
+
+use ndarray::Array2;
+use serde::Serialize;
+
+use crate::frame::Frame;
+use crate::phantom::label;
+use crate::segment::{Segmentation, ASSUMED_MM_PER_PX};
+
+/// Settings of the planner.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PlanParams {
+    /// Smallest angle between needle and skin line, degrees.
+    pub min_angle_deg: f64,
+    /// Largest angle, degrees (steeper needles fade from view).
+    pub max_angle_deg: f64,
+    /// Preferred angle, degrees.
+    pub preferred_angle_deg: f64,
+    /// Clearance from bone, shadow and vessels, mm.
+    pub margin_mm: f64,
+    /// A target given by the user: (lateral mm, depth mm) from the reference pixel and the
+    /// transducer face.
+    pub target_mm: Option<(f64, f64)>,
+}
+
+impl Default for PlanParams {
+    fn default() -> Self {
+        PlanParams { min_angle_deg: 15.0, max_angle_deg: 45.0, preferred_angle_deg: 30.0, margin_mm: 2.0, target_mm: None }
+    }
+}
+
+/// Length scale of the cost's length term, mm.
+const LENGTH_SCALE_MM: f64 = 40.0;
+/// Angle scale of the cost's angle term, degrees.
+const ANGLE_SCALE_DEG: f64 = 15.0;
+/// Clearance scale of the cost's clearance term, mm.
+const CLEARANCE_SCALE_MM: f64 = 1.0;
+/// Path samples per mm.
+const SAMPLES_PER_MM: f64 = 4.0;
+/// The peritendinous target sits this far above the tendon, mm.
+const PERITENDINOUS_MM: f64 = 0.5;
+
+/// A point in full-frame px and in mm.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PlanPoint {
+    /// Full-frame (column, row).
+    pub px: [f64; 2],
+    /// (lateral, depth) mm.
+    pub mm: [f64; 2],
+}
+
+/// The result of planning one frame. Serialises to the documented JSON.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NeedlePlan {
+    /// `"ok"` or `"no_safe_path"`.
+    pub status: &'static str,
+    /// Why there is no path (null when ok).
+    pub reason: Option<String>,
+    /// Skin entry point.
+    pub entry: Option<PlanPoint>,
+    /// Target.
+    pub target: Option<PlanPoint>,
+    /// Angle between needle and skin line, degrees.
+    pub angle_deg: Option<f64>,
+    /// Target depth below the transducer face, mm.
+    pub depth_mm: Option<f64>,
+    /// Needle path length from entry to target, mm.
+    pub length_mm: Option<f64>,
+    /// Smallest distance from bone, shadow or vessel along the checked path, mm.
+    pub clearance_mm: Option<f64>,
+    /// `"joint_space"`, `"effusion"`, `"peritendinous"` or `"user"`.
+    pub target_kind: Option<&'static str>,
+    /// `"left"` or `"right"`: the side of the target the needle enters from.
+    pub side: Option<&'static str>,
+    /// True when the frame had no usable calibration and a spacing was assumed.
+    pub calibration_assumed: bool,
+}
+
+impl NeedlePlan {
+    fn none(reason: impl Into<String>, target: Option<PlanPoint>, kind: Option<&'static str>, assumed: bool) -> NeedlePlan {
+        NeedlePlan {
+            status: "no_safe_path",
+            reason: Some(reason.into()),
+            entry: None,
+            target,
+            angle_deg: None,
+            depth_mm: target.map(|t| t.mm[1]),
+            length_mm: None,
+            clearance_mm: None,
+            target_kind: kind,
+            side: None,
+            calibration_assumed: assumed,
+        }
+    }
+
+    /// Whether a path was found.
+    pub fn is_ok(&self) -> bool {
+        self.status == "ok"
+    }
+}
+
+/// Exact squared Euclidean distance transform along one line (Felzenszwalb & Huttenlocher).
+fn edt_1d(f: &[f64], out: &mut [f64], v: &mut [usize], z: &mut [f64]) {
+    let n = f.len();
+    let mut k = 0usize;
+    v[0] = 0;
+    z[0] = f64::NEG_INFINITY;
+    z[1] = f64::INFINITY;
+    for q in 1..n {
+        loop {
+            let p = v[k];
+            let s = ((f[q] + (q * q) as f64) - (f[p] + (p * p) as f64)) / (2.0 * (q as f64 - p as f64));
+            if s <= z[k] && k > 0 {
+                k -= 1;
+                continue;
+            }
+            if s <= z[k] {
+                // k == 0 and the new parabola wins everywhere.
+                v[0] = q;
+                z[0] = f64::NEG_INFINITY;
+                z[1] = f64::INFINITY;
+                break;
+            }
+            k += 1;
+            v[k] = q;
+            z[k] = s;
+            z[k + 1] = f64::INFINITY;
+            break;
+        }
+    }
+    k = 0;
+    for (q, o) in out.iter_mut().enumerate() {
+        while z[k + 1] < q as f64 {
+            k += 1;
+        }
+        let p = v[k];
+        *o = (q as f64 - p as f64).powi(2) + f[p];
+    }
+}
+
+/// Distance in mm from each pixel to the nearest `true` pixel of `mask` (infinite if none).
+pub fn distance_mm(mask: &Array2<bool>, mm: (f64, f64)) -> Array2<f64> {
+    let (h, w) = mask.dim();
+    const BIG: f64 = 1e20;
+    let n = h.max(w);
+    let (mut v, mut z, mut out) = (vec![0usize; n], vec![0f64; n + 1], vec![0f64; n]);
+    // Columns first (in units of rows), scaled to mm² afterwards by doing rows in mm units.
+    let mut d = Array2::from_shape_fn((h, w), |(y, x)| if mask[[y, x]] { 0.0 } else { BIG });
+    for x in 0..w {
+        let f: Vec<f64> = (0..h).map(|y| d[[y, x]]).collect();
+        edt_1d(&f, &mut out[..h], &mut v, &mut z);
+        for y in 0..h {
+            d[[y, x]] = if out[y] >= BIG / 2.0 { BIG } else { out[y] * mm.1 * mm.1 };
+        }
+    }
+    // Rows: distances along x in px, the column result already in mm²; rescale x to mm by
+    // running the transform in units where one column is mm.0 / mm.1... simpler: scale f.
+    let sx2 = mm.0 * mm.0;
+    for y in 0..h {
+        let f: Vec<f64> = (0..w).map(|x| d[[y, x]] / sx2).collect();
+        edt_1d(&f, &mut out[..w], &mut v, &mut z);
+        for x in 0..w {
+            d[[y, x]] = if out[x] >= BIG / (2.0 * sx2) { f64::INFINITY } else { (out[x] * sx2).sqrt() };
+        }
+    }
+    d
+}
+
+struct Geometry<'a> {
+    frame: &'a Frame,
+    mm: (f64, f64),
+    top_row: f64,
+    assumed: bool,
+}
+
+impl Geometry<'_> {
+    fn to_mm(&self, x: f64, y: f64) -> [f64; 2] {
+        match self.frame.calibration.px_to_mm(x, y, self.top_row) {
+            Some((a, b)) => [a, b],
+            None => [(x - self.frame.region.bounds.x0 as f64) * self.mm.0, (y - self.top_row) * self.mm.1],
+        }
+    }
+    fn point(&self, x: f64, y: f64) -> PlanPoint {
+        PlanPoint { px: [x, y], mm: self.to_mm(x, y) }
+    }
+    fn from_mm(&self, xm: f64, ym: f64) -> (f64, f64) {
+        match self.frame.calibration.mm_to_px(xm, ym, self.top_row) {
+            Some(p) => p,
+            None => (xm / self.mm.0 + self.frame.region.bounds.x0 as f64, ym / self.mm.1 + self.top_row),
+        }
+    }
+}
+
+/// Chooses the target: the joint space, an effusion's deepest safe point, or peritendinous.
+fn auto_target(seg: &Segmentation, forbidden_dist: &Array2<f64>, margin_mm: f64, mm: (f64, f64)) -> Option<((f64, f64), &'static str)> {
+    let labels = &seg.labels;
+    let (h, w) = labels.dim();
+    let bone_cols: Vec<bool> = (0..w).map(|x| (0..h).any(|y| labels[[y, x]] == label::BONE)).collect();
+    // Joint space: label 4 in columns without bone, lying between bone columns on both sides.
+    let first_bone = bone_cols.iter().position(|b| *b);
+    let last_bone = bone_cols.iter().rposition(|b| *b);
+    let mut joint: Vec<(usize, usize)> = Vec::new();
+    let mut effusion: Vec<(usize, usize)> = Vec::new();
+    for ((y, x), l) in labels.indexed_iter() {
+        if *l != label::JOINT {
+            continue;
+        }
+        let between = matches!((first_bone, last_bone), (Some(a), Some(b)) if x > a && x < b);
+        if !bone_cols[x] && between {
+            joint.push((y, x));
+        } else {
+            effusion.push((y, x));
+        }
+    }
+    if !joint.is_empty() {
+        let n = joint.len() as f64;
+        let cy = joint.iter().map(|p| p.0 as f64).sum::<f64>() / n;
+        let cx = joint.iter().map(|p| p.1 as f64).sum::<f64>() / n;
+        // Snap to the nearest joint pixel (the centroid of a curved recess may lie outside it).
+        let best = joint.iter().min_by(|a, b| {
+            let da = (a.0 as f64 - cy).powi(2) * mm.1 * mm.1 + (a.1 as f64 - cx).powi(2) * mm.0 * mm.0;
+            let db = (b.0 as f64 - cy).powi(2) * mm.1 * mm.1 + (b.1 as f64 - cx).powi(2) * mm.0 * mm.0;
+            da.total_cmp(&db)
+        })?;
+        return Some(((best.1 as f64, best.0 as f64), "joint_space"));
+    }
+    if !effusion.is_empty() {
+        // The deepest effusion pixel that keeps the margin from bone, shadow and vessels; else
+        // the one with the most clearance.
+        let safe = effusion.iter().filter(|(y, x)| forbidden_dist[[*y, *x]] >= margin_mm).max_by_key(|(y, _)| *y);
+        let best = safe.or_else(|| effusion.iter().max_by(|a, b| forbidden_dist[[a.0, a.1]].total_cmp(&forbidden_dist[[b.0, b.1]])))?;
+        return Some(((best.1 as f64, best.0 as f64), "effusion"));
+    }
+    let tendon: Vec<(usize, usize)> = labels.indexed_iter().filter(|(_, l)| **l == label::TENDON).map(|(p, _)| p).collect();
+    if !tendon.is_empty() {
+        let cx = (tendon.iter().map(|p| p.1 as f64).sum::<f64>() / tendon.len() as f64).round() as usize;
+        let top = tendon.iter().filter(|p| p.1 == cx).map(|p| p.0).min()?;
+        let y = top as f64 - PERITENDINOUS_MM / mm.1;
+        return Some(((cx as f64, y.max(0.0)), "peritendinous"));
+    }
+    None
+}
+
+/// The top edge (skin line) of the imaging region: per column, the first row inside it.
+fn skin_line(frame: &Frame) -> Vec<Option<usize>> {
+    let b = frame.region.bounds;
+    (0..frame.width())
+        .map(|x| if x < b.x0 || x >= b.x1 { None } else { (b.y0..b.y1).find(|y| frame.region.contains(x, *y)) })
+        .collect()
+}
+
+/// Plans a needle path for one segmented frame.
+pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePlan {
+    let assumed = frame.calibration.mm_per_px().is_none();
+    let mm = frame.calibration.mm_per_px().unwrap_or((ASSUMED_MM_PER_PX, ASSUMED_MM_PER_PX));
+    let g = Geometry { frame, mm, top_row: frame.region.bounds.y0 as f64, assumed };
+    let labels = &seg.labels;
+    let (h, w) = labels.dim();
+    let forbidden = labels.mapv(|l| l == label::BONE || l == label::SHADOW || l == label::VESSEL);
+    let dist = distance_mm(&forbidden, mm);
+    let (target_px, kind) = match params.target_mm {
+        Some((xm, ym)) => (g.from_mm(xm, ym), "user"),
+        None => match auto_target(seg, &dist, params.margin_mm, mm) {
+            Some(t) => t,
+            None => return NeedlePlan::none("no target found: no joint space, effusion or tendon in the frame", None, None, g.assumed),
+        },
+    };
+    let (tx, ty) = target_px;
+    let target = g.point(tx, ty);
+    if tx < 0.0 || ty < 0.0 || tx >= w as f64 || ty >= h as f64 || !frame.region.contains(tx as usize, ty as usize) {
+        return NeedlePlan::none("the target lies outside the imaging region", Some(target), Some(kind), g.assumed);
+    }
+    if forbidden[[ty as usize, tx as usize]] {
+        return NeedlePlan::none("the target lies in bone, acoustic shadow or a vessel", Some(target), Some(kind), g.assumed);
+    }
+    let skin = skin_line(frame);
+    let mut best: Option<(f64, NeedlePlan)> = None;
+    let mut reasons = [0usize; 4]; // angle, outside, too close, crosses
+    for (ex, ey) in skin.iter().enumerate().filter_map(|(x, y)| y.map(|y| (x, y))) {
+        if (ex as f64 - tx).abs() < 1.0 {
+            continue;
+        }
+        let (ex_f, ey_f) = (ex as f64, ey as f64);
+        let e_mm = g.to_mm(ex_f, ey_f);
+        let (dx, dy) = (target.mm[0] - e_mm[0], target.mm[1] - e_mm[1]);
+        if dy <= 0.0 {
+            reasons[0] += 1;
+            continue;
+        }
+        // Skin line direction at the entry (the region's top edge), in mm.
+        let (xa, xb) = (ex.saturating_sub(3), (ex + 3).min(w - 1));
+        let skin_dir = match (skin[xa], skin[xb]) {
+            (Some(ya), Some(yb)) if xb > xa => ((xb - xa) as f64 * mm.0, (yb as f64 - ya as f64) * mm.1),
+            _ => (1.0, 0.0),
+        };
+        let len = (dx * dx + dy * dy).sqrt();
+        let cos = ((dx * skin_dir.0 + dy * skin_dir.1) / (len * (skin_dir.0.powi(2) + skin_dir.1.powi(2)).sqrt())).abs();
+        let angle = cos.clamp(0.0, 1.0).acos().to_degrees();
+        if angle < params.min_angle_deg || angle > params.max_angle_deg {
+            reasons[0] += 1;
+            continue;
+        }
+        let steps = (len * SAMPLES_PER_MM).ceil() as usize;
+        let mut clearance = f64::INFINITY;
+        let mut ok = true;
+        for k in 0..=steps {
+            let t = k as f64 / steps as f64;
+            let (px, py) = (ex_f + t * (tx - ex_f), ey_f + t * (ty - ey_f));
+            let (xi, yi) = (px.round() as usize, py.round() as usize);
+            if xi >= w || yi >= h || !frame.region.contains(xi, yi) {
+                ok = false;
+                reasons[1] += 1;
+                break;
+            }
+            if forbidden[[yi, xi]] {
+                ok = false;
+                reasons[3] += 1;
+                break;
+            }
+            let to_target = (1.0 - t) * len;
+            if to_target > params.margin_mm {
+                clearance = clearance.min(dist[[yi, xi]]);
+            }
+        }
+        if !ok {
+            continue;
+        }
+        if clearance < params.margin_mm {
+            reasons[2] += 1;
+            continue;
+        }
+        let cost = len / LENGTH_SCALE_MM + (angle - params.preferred_angle_deg).abs() / ANGLE_SCALE_DEG + CLEARANCE_SCALE_MM / clearance.max(1e-3);
+        if best.as_ref().is_none_or(|(c, _)| cost < *c) {
+            let plan = NeedlePlan {
+                status: "ok",
+                reason: None,
+                entry: Some(g.point(ex_f, ey_f)),
+                target: Some(target),
+                angle_deg: Some(angle),
+                depth_mm: Some(target.mm[1]),
+                length_mm: Some(len),
+                clearance_mm: Some(if clearance.is_finite() { clearance } else { f64::MAX.min(1e6) }),
+                target_kind: Some(kind),
+                side: Some(if ex_f < tx { "left" } else { "right" }),
+                calibration_assumed: g.assumed,
+            };
+            best = Some((cost, plan));
+        }
+    }
+    match best {
+        Some((_, p)) => p,
+        None => {
+            let why = if reasons.iter().sum::<usize>() == 0 {
+                "no skin entry point on either side of the target".to_string()
+            } else {
+                format!(
+                    "no entry satisfies the constraints ({} outside {}–{}°, {} leave the image, {} cross bone/shadow/vessel, {} closer than {} mm)",
+                    reasons[0], params.min_angle_deg, params.max_angle_deg, reasons[1], reasons[3], reasons[2], params.margin_mm
+                )
+            };
+            NeedlePlan::none(why, Some(target), Some(kind), g.assumed)
+        }
+    }
+}
+
+/// Temporal smoothing of plans over a cine: entry and target follow an exponential moving
+/// average (in px), so that the suggestion does not jitter; a status change resets it. The
+/// smoothed path is re-checked against the frame's labels and replaced by the raw plan if it
+/// is no longer safe.
+#[derive(Debug, Clone, Default)]
+pub struct PlanSmoother {
+    state: Option<([f64; 2], [f64; 2])>,
+}
+
+/// Weight of the newest frame in the moving average.
+pub const SMOOTHING_ALPHA: f64 = 0.3;
+
+impl PlanSmoother {
+    /// A smoother with no history.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Smooths `raw` (planned on `frame` with `seg`).
+    pub fn smooth(&mut self, frame: &Frame, seg: &Segmentation, raw: &NeedlePlan, params: &PlanParams) -> NeedlePlan {
+        let (Some(e), Some(t)) = (raw.entry, raw.target) else {
+            self.state = None;
+            return raw.clone();
+        };
+        if !raw.is_ok() {
+            self.state = None;
+            return raw.clone();
+        }
+        let (se, st) = match self.state {
+            Some((pe, pt)) if (pe[0] < t.px[0]) == (e.px[0] < t.px[0]) => {
+                let mix = |a: [f64; 2], b: [f64; 2]| [a[0] + SMOOTHING_ALPHA * (b[0] - a[0]), a[1] + SMOOTHING_ALPHA * (b[1] - a[1])];
+                (mix(pe, e.px), mix(pt, t.px))
+            }
+            _ => (e.px, t.px),
+        };
+        // Keep the entry on the skin line.
+        let skin = skin_line(frame);
+        let ex = se[0].round().clamp(0.0, (frame.width() - 1) as f64) as usize;
+        let ey = skin[ex].map(|y| y as f64).unwrap_or(se[1]);
+        let mut p = params.clone();
+        p.target_mm = None;
+        let candidate = check_path(frame, seg, [ex as f64, ey], st, raw, &p);
+        match candidate {
+            Some(plan) => {
+                self.state = Some((plan.entry.map(|q| q.px).unwrap_or(se), st));
+                plan
+            }
+            None => {
+                self.state = Some((e.px, t.px));
+                raw.clone()
+            }
+        }
+    }
+}
+
+/// Re-evaluates a given entry → target path under the constraints; `None` if unsafe.
+fn check_path(frame: &Frame, seg: &Segmentation, entry: [f64; 2], target: [f64; 2], raw: &NeedlePlan, params: &PlanParams) -> Option<NeedlePlan> {
+    let assumed = frame.calibration.mm_per_px().is_none();
+    let mm = frame.calibration.mm_per_px().unwrap_or((ASSUMED_MM_PER_PX, ASSUMED_MM_PER_PX));
+    let g = Geometry { frame, mm, top_row: frame.region.bounds.y0 as f64, assumed };
+    let (h, w) = seg.labels.dim();
+    let forbidden = seg.labels.mapv(|l| l == label::BONE || l == label::SHADOW || l == label::VESSEL);
+    let (e, t) = (g.point(entry[0], entry[1]), g.point(target[0], target[1]));
+    if !frame.region.contains(target[0] as usize, target[1] as usize) || forbidden[[target[1] as usize, target[0] as usize]] {
+        return None;
+    }
+    let (dx, dy) = (t.mm[0] - e.mm[0], t.mm[1] - e.mm[1]);
+    let len = (dx * dx + dy * dy).sqrt();
+    if dy <= 0.0 || len == 0.0 {
+        return None;
+    }
+    let angle = (dy / len).asin().to_degrees();
+    if angle < params.min_angle_deg || angle > params.max_angle_deg {
+        return None;
+    }
+    let dist = distance_mm(&forbidden, mm);
+    let steps = (len * SAMPLES_PER_MM).ceil() as usize;
+    let mut clearance = f64::INFINITY;
+    for k in 0..=steps {
+        let s = k as f64 / steps as f64;
+        let (px, py) = (entry[0] + s * (target[0] - entry[0]), entry[1] + s * (target[1] - entry[1]));
+        let (xi, yi) = (px.round() as usize, py.round() as usize);
+        if xi >= w || yi >= h || !frame.region.contains(xi, yi) || forbidden[[yi, xi]] {
+            return None;
+        }
+        if (1.0 - s) * len > params.margin_mm {
+            clearance = clearance.min(dist[[yi, xi]]);
+        }
+    }
+    if clearance < params.margin_mm {
+        return None;
+    }
+    Some(NeedlePlan {
+        status: "ok",
+        reason: None,
+        entry: Some(e),
+        target: Some(t),
+        angle_deg: Some(angle),
+        depth_mm: Some(t.mm[1]),
+        length_mm: Some(len),
+        clearance_mm: Some(if clearance.is_finite() { clearance } else { 1e6 }),
+        target_kind: raw.target_kind,
+        side: Some(if entry[0] < target[0] { "left" } else { "right" }),
+        calibration_assumed: assumed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distance_transform_is_euclidean_in_mm() {
+        let mut m = Array2::from_elem((21, 31), false);
+        m[[10, 15]] = true;
+        let d = distance_mm(&m, (0.1, 0.2));
+        assert!((d[[10, 15]]).abs() < 1e-12);
+        assert!((d[[10, 25]] - 1.0).abs() < 1e-9, "{}", d[[10, 25]]);
+        assert!((d[[15, 15]] - 1.0).abs() < 1e-9);
+        assert!((d[[13, 19]] - (0.4f64.powi(2) + 0.6f64.powi(2)).sqrt()).abs() < 1e-9);
+        let empty = distance_mm(&Array2::from_elem((4, 4), false), (0.1, 0.1));
+        assert!(empty.iter().all(|v| v.is_infinite()));
+    }
+}
