@@ -161,3 +161,54 @@ pub fn run(despeckler: &Despeckler, width: usize, height: usize, repeats: usize)
     }
     Ok(rows)
 }
+
+/// One row of `sonoguide bench --pipeline`: whole frames through the pipeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineRow {
+    /// `gpu` or `cpu`.
+    pub backend: String,
+    /// Adapter name, or `cpu`.
+    pub adapter: String,
+    /// Columns.
+    pub width: usize,
+    /// Rows.
+    pub height: usize,
+    /// Median per stage, ms.
+    pub stages: crate::pipeline::StageTimings,
+    /// Median frame time, ms (upload to plan; drawing and writing files excluded).
+    pub ms_median: f64,
+    /// Frames per second at the median.
+    pub frames_per_s: f64,
+}
+
+/// Times whole frames through `pipeline` on a phantom of the given size.
+pub fn run_pipeline(pipeline: &crate::Pipeline, width: usize, height: usize, repeats: usize) -> Result<PipelineRow> {
+    let mut p = PhantomParams::default();
+    p.width = width;
+    p.height = height;
+    p.seed = 4242;
+    let ph = generate("bench", &p)?;
+    let frame = crate::phantom::frame_of(&ph, 0)?;
+    pipeline.process(&frame)?;
+    let mut t: Vec<crate::pipeline::StageTimings> = Vec::new();
+    for _ in 0..repeats.max(1) {
+        t.push(pipeline.process(&frame)?.timings);
+    }
+    let med = |f: fn(&crate::pipeline::StageTimings) -> f64| median_of(&t.iter().map(f).collect::<Vec<_>>());
+    let stages = crate::pipeline::StageTimings {
+        despeckle_ms: med(|s| s.despeckle_ms),
+        features_ms: med(|s| s.features_ms),
+        segment_ms: med(|s| s.segment_ms),
+        plan_ms: med(|s| s.plan_ms),
+        total_ms: med(|s| s.total_ms),
+    };
+    Ok(PipelineRow {
+        backend: pipeline.despeckler().backend_name().to_string(),
+        adapter: pipeline.despeckler().device_name(),
+        width,
+        height,
+        stages,
+        ms_median: stages.total_ms,
+        frames_per_s: 1e3 / stages.total_ms,
+    })
+}

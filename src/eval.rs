@@ -252,3 +252,160 @@ pub fn segment_scores(
         ms_median: crate::bench::median_of(&times),
     })
 }
+
+/// Planning scores over a set of phantoms.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanScore {
+    /// Phantoms scored.
+    pub cases: usize,
+    /// Frames with a path.
+    pub with_path: usize,
+    /// Paths that cross bone, shadow or vessel by the truth labels (must be 0).
+    pub unsafe_paths: usize,
+    /// Smallest truth clearance of any path (outside the final margin), mm.
+    pub min_truth_clearance_mm: f64,
+    /// Mean distance between planned and ideal target (when both exist), mm.
+    pub target_error_mean_mm: f64,
+    /// 95th percentile of that distance, mm.
+    pub target_error_p95_mm: f64,
+    /// Cases whose target kind matches the truth's.
+    pub kind_matches: usize,
+    /// Cine jitter: mean frame-to-frame movement of the target beyond the tissue's own motion,
+    /// raw and smoothed, mm.
+    pub target_jitter_raw_mm: f64,
+    /// The same, smoothed.
+    pub target_jitter_smoothed_mm: f64,
+    /// Entry jitter (frame-to-frame movement of the entry point), raw, mm.
+    pub entry_jitter_raw_mm: f64,
+    /// The same, smoothed.
+    pub entry_jitter_smoothed_mm: f64,
+    /// Frame pairs whose target kind changed (not counted in the jitter).
+    pub kind_switches: usize,
+    /// Frame pairs counted in the jitter.
+    pub jitter_pairs: usize,
+}
+
+/// Samples of the straight path from `a` to `b` (px), every quarter pixel.
+fn path_samples(a: [f64; 2], b: [f64; 2]) -> Vec<(f64, f64, f64)> {
+    let len = ((b[0] - a[0]).powi(2) + (b[1] - a[1]).powi(2)).sqrt();
+    let n = (len * 4.0).ceil().max(1.0) as usize;
+    (0..=n)
+        .map(|k| {
+            let t = k as f64 / n as f64;
+            (a[0] + t * (b[0] - a[0]), a[1] + t * (b[1] - a[1]), (1.0 - t) * len)
+        })
+        .collect()
+}
+
+/// Scores planning on phantoms with `seeds` (single frames), and temporal jitter on `cines`
+/// moving phantoms of `cine_frames` frames.
+pub fn plan_scores(
+    pipeline: &crate::Pipeline,
+    seeds: std::ops::Range<u64>,
+    cines: std::ops::Range<u64>,
+    cine_frames: usize,
+    params: &PhantomParams,
+) -> Result<PlanScore> {
+    let margin = pipeline.config().plan.margin_mm;
+    let mut score = PlanScore {
+        cases: 0,
+        with_path: 0,
+        unsafe_paths: 0,
+        min_truth_clearance_mm: f64::INFINITY,
+        target_error_mean_mm: f64::NAN,
+        target_error_p95_mm: f64::NAN,
+        kind_matches: 0,
+        target_jitter_raw_mm: f64::NAN,
+        target_jitter_smoothed_mm: f64::NAN,
+        entry_jitter_raw_mm: f64::NAN,
+        entry_jitter_smoothed_mm: f64::NAN,
+        kind_switches: 0,
+        jitter_pairs: 0,
+    };
+    let mut errors = Vec::new();
+    for seed in seeds {
+        let mut p = params.clone();
+        p.seed = seed;
+        let ph = generate("plan", &p)?;
+        let frame = crate::phantom::frame_of(&ph, 0)?;
+        let r = pipeline.process(&frame)?;
+        score.cases += 1;
+        let truth = &ph.labels[0];
+        let mm = p.mm_per_px;
+        if r.plan.target_kind == Some(ph.truth.target_kind) {
+            score.kind_matches += 1;
+        }
+        if let (Some(t), Some(tt)) = (r.plan.target, ph.truth.frames[0].target_mm) {
+            errors.push(((t.mm[0] - tt[0]).powi(2) + (t.mm[1] - tt[1]).powi(2)).sqrt());
+        }
+        let (Some(e), Some(t)) = (r.plan.entry, r.plan.target) else { continue };
+        if !r.plan.is_ok() {
+            continue;
+        }
+        score.with_path += 1;
+        let forbidden = truth.mapv(|l| l == label::BONE || l == label::SHADOW || l == label::VESSEL);
+        let dist = crate::plan::distance_mm(&forbidden, (mm, mm));
+        let mut crossed = false;
+        for (x, y, to_target_px) in path_samples(e.px, t.px) {
+            let (xi, yi) = (x.round() as usize, y.round() as usize);
+            if yi >= truth.nrows() || xi >= truth.ncols() {
+                continue;
+            }
+            crossed |= forbidden[[yi, xi]];
+            if to_target_px * mm > margin {
+                score.min_truth_clearance_mm = score.min_truth_clearance_mm.min(dist[[yi, xi]]);
+            }
+        }
+        score.unsafe_paths += crossed as usize;
+    }
+    if !errors.is_empty() {
+        errors.sort_by(|a, b| a.total_cmp(b));
+        score.target_error_mean_mm = errors.iter().sum::<f64>() / errors.len() as f64;
+        score.target_error_p95_mm = errors[((errors.len() - 1) as f64 * 0.95) as usize];
+    }
+    // Jitter on moving phantoms: the probe slides 1 px per frame, so the tissue (and the ideal
+    // target) moves; jitter is the frame-to-frame change of (planned − ideal) target, and the
+    // frame-to-frame change of the entry (which should stay near-constant).
+    let (mut tr, mut ts, mut er, mut es) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for seed in cines {
+        let mut p = params.clone();
+        p.seed = seed;
+        p.frames = cine_frames;
+        let ph = generate("cine", &p)?;
+        let mut session = crate::Session::new();
+        let mut prev: Option<([f64; 2], [f64; 2], [f64; 2], [f64; 2])> = None;
+        let mut prev_kind = None;
+        for k in 0..ph.frames.len() {
+            let frame = crate::phantom::frame_of(&ph, k)?;
+            let r = pipeline.process_in(&mut session, &frame)?;
+            let ideal = ph.truth.frames[k].target_mm;
+            let cur = match (r.raw_plan.target, r.plan.target, r.raw_plan.entry, r.plan.entry, ideal) {
+                (Some(a), Some(b), Some(c), Some(d), Some(i)) if r.plan.is_ok() && r.raw_plan.is_ok() => {
+                    Some(([a.mm[0] - i[0], a.mm[1] - i[1]], [b.mm[0] - i[0], b.mm[1] - i[1]], c.mm, d.mm))
+                }
+                _ => None,
+            };
+            let kind = r.raw_plan.target_kind;
+            if prev.is_some() && cur.is_some() && kind != prev_kind {
+                score.kind_switches += 1;
+                prev = None;
+            }
+            prev_kind = kind;
+            if let (Some(pv), Some(cv)) = (prev, cur) {
+                score.jitter_pairs += 1;
+                let d = |a: [f64; 2], b: [f64; 2]| ((a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2)).sqrt();
+                tr.push(d(pv.0, cv.0));
+                ts.push(d(pv.1, cv.1));
+                er.push(d(pv.2, cv.2));
+                es.push(d(pv.3, cv.3));
+            }
+            prev = cur;
+        }
+    }
+    let mean = |v: &[f64]| if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 };
+    score.target_jitter_raw_mm = mean(&tr);
+    score.target_jitter_smoothed_mm = mean(&ts);
+    score.entry_jitter_raw_mm = mean(&er);
+    score.entry_jitter_smoothed_mm = mean(&es);
+    Ok(score)
+}

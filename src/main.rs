@@ -141,6 +141,9 @@ enum Command {
         /// Print a JSON array.
         #[arg(long)]
         json: bool,
+        /// Time whole frames through the pipeline (per stage) at 640x480 and 1024x768 instead.
+        #[arg(long)]
+        pipeline: bool,
     },
     /// Score despeckling on phantoms from fresh seeds against their clean maps.
     EvalDespeckle {
@@ -171,6 +174,28 @@ enum Command {
         /// Probe geometry of the phantoms.
         #[arg(long, value_enum, default_value_t = GeometryArg::Linear)]
         geometry: GeometryArg,
+        /// Where the kernels run.
+        #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+        backend: BackendArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Score needle planning on phantoms from fresh seeds: target error, path safety by the
+    /// truth labels, and frame-to-frame jitter on moving cines.
+    EvalPlan {
+        /// Number of single-frame phantoms.
+        #[arg(long, default_value_t = 20)]
+        count: u64,
+        /// First seed.
+        #[arg(long, default_value_t = 60_000)]
+        seed: u64,
+        /// Number of moving cines for the jitter.
+        #[arg(long, default_value_t = 3)]
+        cines: u64,
+        /// Frames per cine.
+        #[arg(long, default_value_t = 20)]
+        cine_frames: usize,
         /// Where the kernels run.
         #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
         backend: BackendArg,
@@ -364,7 +389,9 @@ fn main() -> ExitCode {
             let opts = batch::Options { recursive, jobs: jobs.max(1), frames, skip_existing, overlay_on_original: overlay_on == OverlayOn::Original };
             batch::run(&inputs, &out, config, &opts)
         }
-        Command::Bench { backend, size, repeats, json } => bench(backend.into(), size, repeats, json),
+        Command::EvalPlan { count, seed, cines, cine_frames, backend, json } => eval_plan(count, seed, cines, cine_frames, backend.into(), json),
+        Command::Bench { backend, repeats, json, pipeline: true, .. } => bench_pipeline(backend.into(), repeats, json),
+        Command::Bench { backend, size, repeats, json, .. } => bench(backend.into(), size, repeats, json),
         Command::EvalDespeckle { count, seed, backend, json } => eval_despeckle(count, seed, backend.into(), json),
         Command::EvalSegment { count, seed, despeckle, geometry, backend, json } => {
             eval_segment(count, seed, &despeckle, geometry, backend.into(), json)
@@ -798,4 +825,75 @@ fn report_failures(failures: &[String], total: usize) -> ExitCode {
         eprintln!("  {f}");
     }
     ExitCode::from(EXIT_INPUT_FAILED)
+}
+
+fn eval_plan(count: u64, seed: u64, cines: u64, cine_frames: usize, backend: Backend, json: bool) -> ExitCode {
+    let mut config = sonoguide::PipelineConfig::default();
+    config.backend = backend;
+    let pipeline = match sonoguide::Pipeline::new(config) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INPUT_FAILED);
+        }
+    };
+    let cine_seeds = seed + count..seed + count + cines;
+    let s = match sonoguide::eval::plan_scores(&pipeline, seed..seed + count, cine_seeds, cine_frames, &sonoguide::phantom::PhantomParams::default()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INPUT_FAILED);
+        }
+    };
+    if json {
+        return print_json(&s);
+    }
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| phantoms | {} |", s.cases);
+    println!("| frames with a safe path | {} |", s.with_path);
+    println!("| paths crossing bone, shadow or vessel (truth) | {} |", s.unsafe_paths);
+    println!("| smallest truth clearance along a path | {:.2} mm |", s.min_truth_clearance_mm);
+    println!("| target kind as in the truth | {} of {} |", s.kind_matches, s.cases);
+    println!("| target error, mean | {:.2} mm |", s.target_error_mean_mm);
+    println!("| target error, 95th percentile | {:.2} mm |", s.target_error_p95_mm);
+    println!("| cine target jitter, raw → smoothed | {:.3} → {:.3} mm/frame |", s.target_jitter_raw_mm, s.target_jitter_smoothed_mm);
+    println!("| cine entry jitter, raw → smoothed | {:.3} → {:.3} mm/frame |", s.entry_jitter_raw_mm, s.entry_jitter_smoothed_mm);
+    println!("| cine frame pairs measured / target kind switches | {} / {} |", s.jitter_pairs, s.kind_switches);
+    eprintln!("seeds {seed}..{} and {cines} cine(s) of {cine_frames} frames, on {}", seed + count, pipeline.despeckler().device_name());
+    ExitCode::SUCCESS
+}
+
+fn bench_pipeline(backend: Backend, repeats: usize, json: bool) -> ExitCode {
+    let mut config = sonoguide::PipelineConfig::default();
+    config.backend = backend;
+    let pipeline = match sonoguide::Pipeline::new(config) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INPUT_FAILED);
+        }
+    };
+    let mut rows = Vec::new();
+    for (w, h) in [(640, 480), (1024, 768)] {
+        match sonoguide::bench::run_pipeline(&pipeline, w, h, repeats) {
+            Ok(r) => rows.push(r),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_INPUT_FAILED);
+            }
+        }
+    }
+    if json {
+        return print_json(&rows);
+    }
+    println!("{:<8} {:<28} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}", "backend", "adapter", "width", "height", "despeckle", "features", "segment", "plan", "ms_median", "frames/s");
+    for r in &rows {
+        let s = r.stages;
+        println!(
+            "{:<8} {:<28} {:>6} {:>6} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>9.1}",
+            r.backend, r.adapter, r.width, r.height, s.despeckle_ms, s.features_ms, s.segment_ms, s.plan_ms, r.ms_median, r.frames_per_s
+        );
+    }
+    ExitCode::SUCCESS
 }

@@ -381,12 +381,14 @@ pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePla
 }
 
 /// Temporal smoothing of plans over a cine: entry and target follow an exponential moving
-/// average (in px), so that the suggestion does not jitter; a status change resets it. The
+/// average (in px), so that the suggestion does not jitter; a change of status, of target kind
+/// or of side resets it. The
 /// smoothed path is re-checked against the frame's labels and replaced by the raw plan if it
 /// is no longer safe.
 #[derive(Debug, Clone, Default)]
 pub struct PlanSmoother {
     state: Option<([f64; 2], [f64; 2])>,
+    kind: Option<&'static str>,
 }
 
 /// Weight of the newest frame in the moving average.
@@ -407,6 +409,11 @@ impl PlanSmoother {
         if !raw.is_ok() {
             self.state = None;
             return raw.clone();
+        }
+        // A different kind of target is a different target: no averaging across it.
+        if self.kind != raw.target_kind {
+            self.state = None;
+            self.kind = raw.target_kind;
         }
         let (se, st) = match self.state {
             Some((pe, pt)) if (pe[0] < t.px[0]) == (e.px[0] < t.px[0]) => {

@@ -79,33 +79,52 @@ pub fn open_close(mask: &Array2<bool>, r: usize) -> Array2<bool> {
 }
 
 /// Erosion (`all`) or dilation (any) with a square of radius `r` (the window clipped at the
-/// image's edges), separable, by running counts: O(1) per pixel whatever `r`.
+/// image's edges), separable, by running counts: O(1) per pixel whatever `r`, and both passes
+/// walk memory row by row.
 pub fn morph(m: &Array2<bool>, r: usize, all: bool) -> Array2<bool> {
     let (h, w) = m.dim();
-    let mut tmp = Array2::from_elem((h, w), false);
-    let mut prefix = vec![0u32; w.max(h) + 1];
+    let src: Vec<bool> = m.iter().copied().collect();
+    // Horizontal pass.
+    let mut tmp = vec![false; w * h];
+    let mut prefix = vec![0u32; w + 1];
     for y in 0..h {
+        let row = &src[y * w..(y + 1) * w];
         for x in 0..w {
-            prefix[x + 1] = prefix[x] + m[[y, x]] as u32;
+            prefix[x + 1] = prefix[x] + row[x] as u32;
         }
+        let out = &mut tmp[y * w..(y + 1) * w];
         for x in 0..w {
             let (lo, hi) = (x.saturating_sub(r), (x + r + 1).min(w));
             let n = prefix[hi] - prefix[lo];
-            tmp[[y, x]] = if all { n as usize == hi - lo } else { n > 0 };
+            out[x] = if all { n as usize == hi - lo } else { n > 0 };
         }
     }
-    let mut out = Array2::from_elem((h, w), false);
-    for x in 0..w {
-        for y in 0..h {
-            prefix[y + 1] = prefix[y] + tmp[[y, x]] as u32;
-        }
-        for y in 0..h {
-            let (lo, hi) = (y.saturating_sub(r), (y + r + 1).min(h));
-            let n = prefix[hi] - prefix[lo];
-            out[[y, x]] = if all { n as usize == hi - lo } else { n > 0 };
+    // Vertical pass: per-column counts over the window, updated one row at a time.
+    let mut count = vec![0u32; w];
+    for y in 0..r.min(h) {
+        for x in 0..w {
+            count[x] += tmp[y * w + x] as u32;
         }
     }
-    out
+    let mut out = vec![false; w * h];
+    for y in 0..h {
+        if y + r < h {
+            for x in 0..w {
+                count[x] += tmp[(y + r) * w + x] as u32;
+            }
+        }
+        if y > r {
+            for x in 0..w {
+                count[x] -= tmp[(y - r - 1) * w + x] as u32;
+            }
+        }
+        let span = (y + r + 1).min(h) - y.saturating_sub(r);
+        let o = &mut out[y * w..(y + 1) * w];
+        for x in 0..w {
+            o[x] = if all { count[x] as usize == span } else { count[x] > 0 };
+        }
+    }
+    Array2::from_shape_vec((h, w), out).unwrap_or_else(|_| Array2::from_elem((h, w), false))
 }
 
 #[cfg(test)]

@@ -119,29 +119,44 @@ pub fn label_tendon(img: &Array2<f32>, f: &Features, valid: &Array2<bool>, surfa
 }
 
 /// Box blur with half-widths `rx` (along rows) and `ry` (down columns), edges clipped, by
-/// running sums.
+/// running sums; both passes walk memory row by row.
 fn box_blur(img: &Array2<f32>, rx: usize, ry: usize) -> Array2<f32> {
     let (h, w) = img.dim();
-    let mut tmp = Array2::<f32>::zeros((h, w));
-    let mut prefix = vec![0f64; w.max(h) + 1];
+    let src: Vec<f32> = img.iter().copied().collect();
+    let mut tmp = vec![0f32; w * h];
+    let mut prefix = vec![0f64; w + 1];
     for y in 0..h {
+        let row = &src[y * w..(y + 1) * w];
         for x in 0..w {
-            prefix[x + 1] = prefix[x] + img[[y, x]] as f64;
+            prefix[x + 1] = prefix[x] + row[x] as f64;
         }
         for x in 0..w {
             let (a, b) = (x.saturating_sub(rx), (x + rx + 1).min(w));
-            tmp[[y, x]] = ((prefix[b] - prefix[a]) / (b - a) as f64) as f32;
+            tmp[y * w + x] = ((prefix[b] - prefix[a]) / (b - a) as f64) as f32;
         }
     }
-    let mut out = Array2::<f32>::zeros((h, w));
-    for x in 0..w {
-        for y in 0..h {
-            prefix[y + 1] = prefix[y] + tmp[[y, x]] as f64;
-        }
-        for y in 0..h {
-            let (a, b) = (y.saturating_sub(ry), (y + ry + 1).min(h));
-            out[[y, x]] = ((prefix[b] - prefix[a]) / (b - a) as f64) as f32;
+    let mut sum = vec![0f64; w];
+    for y in 0..ry.min(h) {
+        for x in 0..w {
+            sum[x] += tmp[y * w + x] as f64;
         }
     }
-    out
+    let mut out = vec![0f32; w * h];
+    for y in 0..h {
+        if y + ry < h {
+            for x in 0..w {
+                sum[x] += tmp[(y + ry) * w + x] as f64;
+            }
+        }
+        if y > ry {
+            for x in 0..w {
+                sum[x] -= tmp[(y - ry - 1) * w + x] as f64;
+            }
+        }
+        let n = ((y + ry + 1).min(h) - y.saturating_sub(ry)) as f64;
+        for x in 0..w {
+            out[y * w + x] = (sum[x] / n) as f32;
+        }
+    }
+    Array2::from_shape_vec((h, w), out).unwrap_or_else(|_| Array2::zeros((h, w)))
 }
