@@ -352,7 +352,7 @@ pub fn plan_scores(
                 continue;
             }
             crossed |= forbidden[[yi, xi]];
-            if to_target_px * mm > margin {
+            if to_target_px * mm > margin.min(2.0) {
                 score.min_truth_clearance_mm = score.min_truth_clearance_mm.min(dist[[yi, xi]]);
             }
         }

@@ -7,9 +7,9 @@
 //! - Entry: every column of the skin line (the top edge of the imaging region) on either side
 //!   of the target is tried; the search is exhaustive, not sampled.
 //! - Constraints: the angle to the skin line within [min, max]; the whole path inside the
-//!   imaging region; at least `margin_mm` from bone, shadow and vessels, except within
-//!   `margin_mm` of the target itself, where the path must only not cross them (a joint target
-//!   lies between bones by nature).
+//!   imaging region; at least `margin_mm` from bone, shadow and vessels, except on the final
+//!   2 mm before the target, where the path must only not cross them (a joint target lies
+//!   between bones by nature).
 //! - Cost: length / 40 mm + |angle − preferred| / 15° + 1 mm / clearance.
 //!
 //! Clearance uses an exact Euclidean distance transform in millimetres (anisotropic spacing
@@ -44,6 +44,14 @@ impl Default for PlanParams {
     fn default() -> Self {
         PlanParams { min_angle_deg: 15.0, max_angle_deg: 45.0, preferred_angle_deg: 30.0, margin_mm: 2.0, target_mm: None }
     }
+}
+
+/// The final stretch of the path, next to the target, where only crossing is forbidden (a
+/// joint target lies between bones by nature), mm; never more than the margin.
+const APPROACH_MM: f64 = 2.0;
+
+fn approach(params: &PlanParams) -> f64 {
+    APPROACH_MM.min(params.margin_mm)
 }
 
 /// Length scale of the cost's length term, mm.
@@ -335,7 +343,7 @@ pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePla
                 break;
             }
             let to_target = (1.0 - t) * len;
-            if to_target > params.margin_mm {
+            if to_target > approach(params) {
                 clearance = clearance.min(dist[[yi, xi]]);
             }
         }
@@ -380,11 +388,11 @@ pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePla
     }
 }
 
-/// Temporal smoothing of plans over a cine: entry and target follow an exponential moving
-/// average (in px), so that the suggestion does not jitter; a change of status, of target kind
-/// or of side resets it. The
-/// smoothed path is re-checked against the frame's labels and replaced by the raw plan if it
-/// is no longer safe.
+/// Temporal smoothing of plans over a cine, so that the suggestion does not jitter: the target
+/// follows an exponential moving average (in px); the entry stays where it was while it still
+/// gives a safe path to the smoothed target (else it moves by the same average, else to the raw
+/// plan's). A change of status, target kind or side resets it. Every smoothed path is
+/// re-checked against the frame's labels.
 #[derive(Debug, Clone, Default)]
 pub struct PlanSmoother {
     state: Option<([f64; 2], [f64; 2])>,
@@ -410,35 +418,38 @@ impl PlanSmoother {
             self.state = None;
             return raw.clone();
         }
+        let _ = e;
         // A different kind of target is a different target: no averaging across it.
         if self.kind != raw.target_kind {
             self.state = None;
             self.kind = raw.target_kind;
         }
-        let (se, st) = match self.state {
-            Some((pe, pt)) if (pe[0] < t.px[0]) == (e.px[0] < t.px[0]) => {
-                let mix = |a: [f64; 2], b: [f64; 2]| [a[0] + SMOOTHING_ALPHA * (b[0] - a[0]), a[1] + SMOOTHING_ALPHA * (b[1] - a[1])];
-                (mix(pe, e.px), mix(pt, t.px))
-            }
-            _ => (e.px, t.px),
-        };
-        // Keep the entry on the skin line.
-        let skin = skin_line(frame);
-        let ex = se[0].round().clamp(0.0, (frame.width() - 1) as f64) as usize;
-        let ey = skin[ex].map(|y| y as f64).unwrap_or(se[1]);
         let mut p = params.clone();
         p.target_mm = None;
-        let candidate = check_path(frame, seg, [ex as f64, ey], st, raw, &p);
-        match candidate {
-            Some(plan) => {
-                self.state = Some((plan.entry.map(|q| q.px).unwrap_or(se), st));
-                plan
-            }
-            None => {
-                self.state = Some((e.px, t.px));
-                raw.clone()
+        let mix = |a: [f64; 2], b: [f64; 2]| [a[0] + SMOOTHING_ALPHA * (b[0] - a[0]), a[1] + SMOOTHING_ALPHA * (b[1] - a[1])];
+        if let Some((pe, pt)) = self.state {
+            // Even when this frame's best entry is on the other side, the previous one is kept
+            // if it is still safe: near-equal costs must not flip the suggestion.
+            {
+                let st = mix(pt, t.px);
+                // Keep the previous entry while it still gives a safe path (hysteresis: the
+                // exhaustive search may flip between near-equal entries), else move it.
+                for entry in [pe, self.on_skin(frame, mix(pe, e.px))] {
+                    if let Some(plan) = check_path(frame, seg, entry, st, raw, &p) {
+                        self.state = Some((entry, st));
+                        return plan;
+                    }
+                }
             }
         }
+        self.state = Some((e.px, t.px));
+        raw.clone()
+    }
+
+    fn on_skin(&self, frame: &Frame, at: [f64; 2]) -> [f64; 2] {
+        let skin = skin_line(frame);
+        let x = at[0].round().clamp(0.0, (frame.width().max(1) - 1) as f64) as usize;
+        [x as f64, skin[x].map(|y| y as f64).unwrap_or(at[1])]
     }
 }
 
@@ -472,7 +483,7 @@ fn check_path(frame: &Frame, seg: &Segmentation, entry: [f64; 2], target: [f64; 
         if xi >= w || yi >= h || !frame.region.contains(xi, yi) || forbidden[[yi, xi]] {
             return None;
         }
-        if (1.0 - s) * len > params.margin_mm {
+        if (1.0 - s) * len > approach(params) {
             clearance = clearance.min(dist[[yi, xi]]);
         }
     }
