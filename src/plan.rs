@@ -169,25 +169,35 @@ pub fn distance_mm(mask: &Array2<bool>, mm: (f64, f64)) -> Array2<f64> {
     const BIG: f64 = 1e20;
     let n = h.max(w);
     let (mut v, mut z, mut out) = (vec![0usize; n], vec![0f64; n + 1], vec![0f64; n]);
-    // Columns first (in units of rows), scaled to mm² afterwards by doing rows in mm units.
-    let mut d = Array2::from_shape_fn((h, w), |(y, x)| if mask[[y, x]] { 0.0 } else { BIG });
-    for x in 0..w {
-        let f: Vec<f64> = (0..h).map(|y| d[[y, x]]).collect();
-        edt_1d(&f, &mut out[..h], &mut v, &mut z);
-        for y in 0..h {
-            d[[y, x]] = if out[y] >= BIG / 2.0 { BIG } else { out[y] * mm.1 * mm.1 };
+    // Columns first (squared distances in rows², scaled to mm²), then rows: the column result
+    // is divided by mm.0² so that the row pass works in column units, then scaled back.
+    let mut d = vec![BIG; h * w];
+    for (i, m) in mask.iter().enumerate() {
+        if *m {
+            d[i] = 0.0;
         }
     }
-    // Rows: distances along x in px, the column result already in mm²; rescale x to mm by
-    // running the transform in units where one column is mm.0 / mm.1... simpler: scale f.
+    let mut f = vec![0f64; n];
+    for x in 0..w {
+        for y in 0..h {
+            f[y] = d[y * w + x];
+        }
+        edt_1d(&f[..h], &mut out[..h], &mut v, &mut z);
+        for y in 0..h {
+            d[y * w + x] = if out[y] >= BIG / 2.0 { BIG } else { out[y] * mm.1 * mm.1 };
+        }
+    }
     let sx2 = mm.0 * mm.0;
     for y in 0..h {
-        let f: Vec<f64> = (0..w).map(|x| d[[y, x]] / sx2).collect();
-        edt_1d(&f, &mut out[..w], &mut v, &mut z);
         for x in 0..w {
-            d[[y, x]] = if out[x] >= BIG / (2.0 * sx2) { f64::INFINITY } else { (out[x] * sx2).sqrt() };
+            f[x] = d[y * w + x] / sx2;
+        }
+        edt_1d(&f[..w], &mut out[..w], &mut v, &mut z);
+        for x in 0..w {
+            d[y * w + x] = if out[x] >= BIG / (2.0 * sx2) { f64::INFINITY } else { (out[x] * sx2).sqrt() };
         }
     }
+    let d = Array2::from_shape_vec((h, w), d).unwrap_or_else(|_| Array2::from_elem((h, w), f64::INFINITY));
     d
 }
 

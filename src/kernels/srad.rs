@@ -295,8 +295,18 @@ pub fn cpu_fast(img: &Array2<f32>, srad: &Srad) -> crate::Result<Array2<f32>> {
     let whole = p.roi_x0 == 0 && p.roi_y0 == 0 && p.roi_w as usize == w && p.roi_h as usize == h;
     let mut cur: Vec<f32> = img.iter().map(|v| v.max(INTENSITY_FLOOR)).collect();
     let mut next = vec![0f32; w * h];
-    // The twin takes the first q0 from the unfloored input; so does this.
-    let mut q02 = q0_squared(img, &p);
+    // The twin takes the first q0 from the unfloored input; so does this (for the whole image
+    // by row sums in parallel, in f64, rather than the shader's 256 strided partial sums).
+    let mut q02 = if whole {
+        let (s, q) = img
+            .axis_iter(ndarray::Axis(0))
+            .into_par_iter()
+            .map(|row| row.iter().fold((0.0f64, 0.0f64), |a, v| (a.0 + *v as f64, a.1 + (*v as f64) * (*v as f64))))
+            .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+        q0_from_sums(s, q, w * h)
+    } else {
+        q0_squared(img, &p)
+    };
     for it in 0..srad.iterations {
         let cur_ref = &cur;
         let sums: Vec<(f64, f64)> = next

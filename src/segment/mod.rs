@@ -50,7 +50,7 @@ impl Default for SegmentParams {
         SegmentParams {
             ps_min_wavelength_mm: 0.6,
             ps_scales: 3,
-            ps_orientations: 4,
+            ps_orientations: 3,
             bone_threshold: 0.12,
             bone_max_step_mm: 0.25,
             bone_min_length_mm: 3.0,
@@ -197,8 +197,8 @@ pub fn feature_params(
 const GRAPHIC_LEVEL: f32 = 200.0;
 /// ... whose neighbourhood's median is below this is a stroke of text or a marker, not tissue.
 const GRAPHIC_SURROUND: f32 = 90.0;
-/// Radius of that neighbourhood, and of the dilation around detected strokes, px.
-const GRAPHIC_RADIUS: usize = 3;
+/// Radius of that neighbourhood (5 × 5), and of the dilation around detected strokes, px.
+const GRAPHIC_RADIUS: usize = 2;
 
 /// Pixels of the region that may be analysed (region-sized): inside the imaging region (fan
 /// included), not colour (Doppler, coloured annotations), and not burned-in white text or
@@ -293,9 +293,29 @@ pub fn segment_from_features(frame: &Frame, despeckled: &Array2<f32>, f: &Featur
         let surface_full = bone::refine(&surface, &crop, f.step, mm_full);
         let mut labels = Array2::<u8>::zeros(crop.dim());
         bone::label_bone_and_shadow(&surface_full, valid_full, mm_full, &mut labels);
-        fluid::label_joint_and_effusion(&crop, valid_full, &surface_full, mm_full, params, &mut labels);
-        fluid::label_vessels(&crop, valid_full, mm_full, params, &mut labels);
-        tendon::label_tendon(&crop, f, valid_full, &surface_full, mm_full, &mut labels);
+        if f.step == 1 {
+            fluid::label_joint_and_effusion(&crop, valid_full, &surface_full, mm_full, params, &mut labels);
+            fluid::label_vessels(&crop, valid_full, mm_full, params, &mut labels);
+            tendon::label_tendon(&crop, f, valid_full, &surface_full, mm_full, 1, &mut labels);
+        } else {
+            // Soft-tissue decisions on the analysis grid (a quarter of the pixels), then
+            // carried to full resolution where the full-resolution bone and shadow left room.
+            let mut grid = Array2::<u8>::zeros(f.intensity.dim());
+            bone::label_bone_and_shadow(&surface, &f.valid, f.mm_per_px, &mut grid);
+            fluid::label_joint_and_effusion(&f.intensity, &f.valid, &surface, f.mm_per_px, params, &mut grid);
+            fluid::label_vessels(&f.intensity, &f.valid, f.mm_per_px, params, &mut grid);
+            tendon::label_tendon(&f.intensity, f, &f.valid, &surface, f.mm_per_px, 1, &mut grid);
+            let (gh, gw) = grid.dim();
+            for ((y, x), l) in labels.indexed_iter_mut() {
+                if *l != label::BACKGROUND || !valid_full[[y, x]] {
+                    continue;
+                }
+                let g = grid[[(y / f.step).min(gh - 1), (x / f.step).min(gw - 1)]];
+                if g == label::TENDON || g == label::JOINT || g == label::VESSEL {
+                    *l = g;
+                }
+            }
+        }
         (labels, surface_full)
     };
     let (crop_labels, surface) = region_labels;
@@ -313,6 +333,5 @@ pub fn segment_from_features(frame: &Frame, despeckled: &Array2<f32>, f: &Featur
         }
     };
     let polylines_mm = polylines_px.iter().map(|l| l.iter().map(|p| to_mm(*p)).collect()).collect();
-    let _ = label::BACKGROUND;
     Ok(Segmentation { labels, bone_polylines_px: polylines_px, bone_polylines_mm: polylines_mm, mm_per_px: mm_full, calibration_assumed })
 }

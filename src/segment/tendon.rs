@@ -31,12 +31,14 @@ const MIN_DEPTH_MM: f64 = 2.0;
 const ABOVE_BONE_MM: f64 = 0.8;
 
 /// Labels tendon pixels in the region.
-pub fn label_tendon(img: &Array2<f32>, f: &Features, valid: &Array2<bool>, surface: &[Option<f32>], mm: (f64, f64), labels: &mut Array2<u8>) {
+/// `step` is the size of a pixel of `img` in pixels of the feature grid `f` (1 when `img` is
+/// the grid itself).
+#[allow(clippy::too_many_arguments)]
+pub fn label_tendon(img: &Array2<f32>, f: &Features, valid: &Array2<bool>, surface: &[Option<f32>], mm: (f64, f64), step: usize, labels: &mut Array2<u8>) {
     let (h, w) = img.dim();
     let level = super::bone::tissue_level(f);
     let skin = (SKIN_MM / mm.1) as usize;
     let clearance = (ABOVE_BONE_MM / mm.1) as f32;
-    let step = f.step;
     let (gh, gw) = f.coherence.dim();
     let max_tilt = MAX_TILT_DEG.to_radians();
     // Brightness smoothed along the fibres (horizontal) more than across them.
