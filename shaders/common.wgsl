@@ -21,3 +21,24 @@ fn clamp_index(x: i32, y: i32, w: u32, h: u32) -> u32 {
 fn load_src(x: i32, y: i32, w: u32, h: u32) -> f32 {
     return src[clamp_index(x, y, w, h)];
 }
+
+// Mean and variance of the (2r+1)² window around (x, y), edges clamped: the sum first, then
+// the sum of squared deviations from the mean (the CPU twins' kernels::window_stats).
+fn window_mean_var(x: i32, y: i32, r: i32, w: u32, h: u32) -> vec2<f32> {
+    var sum = 0.0;
+    for (var dy = -r; dy <= r; dy++) {
+        for (var dx = -r; dx <= r; dx++) {
+            sum += load_src(x + dx, y + dy, w, h);
+        }
+    }
+    let n = f32((2 * r + 1) * (2 * r + 1));
+    let m = sum / n;
+    var ss = 0.0;
+    for (var dy = -r; dy <= r; dy++) {
+        for (var dx = -r; dx <= r; dx++) {
+            let d = load_src(x + dx, y + dy, w, h) - m;
+            ss += d * d;
+        }
+    }
+    return vec2<f32>(m, ss / n);
+}

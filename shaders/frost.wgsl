@@ -25,22 +25,9 @@ fn frost(@builtin(global_invocation_id) id: vec3<u32>) {
     let r = i32(p.radius);
     let x = i32(id.x);
     let y = i32(id.y);
-    var sum = 0.0;
-    for (var dy = -r; dy <= r; dy++) {
-        for (var dx = -r; dx <= r; dx++) {
-            sum += load_src(x + dx, y + dy, p.width, p.height);
-        }
-    }
-    let n = f32((2 * r + 1) * (2 * r + 1));
-    let m = sum / n;
-    var ss = 0.0;
-    for (var dy = -r; dy <= r; dy++) {
-        for (var dx = -r; dx <= r; dx++) {
-            let d = load_src(x + dx, y + dy, p.width, p.height) - m;
-            ss += d * d;
-        }
-    }
-    let ci2 = (ss / n) / max(m * m, MEAN_FLOOR);
+    let ms = window_mean_var(x, y, r, p.width, p.height);
+    let m = ms.x;
+    let ci2 = ms.y / max(m * m, MEAN_FLOOR);
     let k = p.damping * ci2;
     var wsum = 0.0;
     var vsum = 0.0;

@@ -25,22 +25,9 @@ fn lee(@builtin(global_invocation_id) id: vec3<u32>) {
     let r = i32(p.radius);
     let x = i32(id.x);
     let y = i32(id.y);
-    var sum = 0.0;
-    for (var dy = -r; dy <= r; dy++) {
-        for (var dx = -r; dx <= r; dx++) {
-            sum += load_src(x + dx, y + dy, p.width, p.height);
-        }
-    }
-    let n = f32((2 * r + 1) * (2 * r + 1));
-    let m = sum / n;
-    var ss = 0.0;
-    for (var dy = -r; dy <= r; dy++) {
-        for (var dx = -r; dx <= r; dx++) {
-            let d = load_src(x + dx, y + dy, p.width, p.height) - m;
-            ss += d * d;
-        }
-    }
-    let variance = ss / n;
+    let ms = window_mean_var(x, y, r, p.width, p.height);
+    let m = ms.x;
+    let variance = ms.y;
     let ci2 = variance / max(m * m, MEAN_FLOOR);
     let cu2 = p.noise_cv * p.noise_cv;
     var w = 0.0;

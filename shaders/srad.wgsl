@@ -34,6 +34,17 @@ const PARTIALS: u32 = 4u;
 var<workgroup> part_sum: array<f32, 256>;
 var<workgroup> part_sq: array<f32, 256>;
 
+// Sums part_sum and part_sq of the 256 threads into element 0 (call from every thread).
+fn tree_reduce(t: u32) {
+    for (var stride = 128u; stride > 0u; stride = stride / 2u) {
+        if (t < stride) {
+            part_sum[t] += part_sum[t + stride];
+            part_sq[t] += part_sq[t + stride];
+        }
+        workgroupBarrier();
+    }
+}
+
 @compute @workgroup_size(256)
 fn srad_stats(@builtin(local_invocation_index) t: u32) {
     let n = p.roi_w * p.roi_h;
@@ -49,13 +60,7 @@ fn srad_stats(@builtin(local_invocation_index) t: u32) {
     part_sum[t] = s;
     part_sq[t] = q;
     workgroupBarrier();
-    for (var stride = 128u; stride > 0u; stride = stride / 2u) {
-        if (t < stride) {
-            part_sum[t] += part_sum[t + stride];
-            part_sq[t] += part_sq[t + stride];
-        }
-        workgroupBarrier();
-    }
+    tree_reduce(t);
     if (t == 0u) {
         stats[0] = q0_squared(part_sum[0], part_sq[0], f32(n));
     }
@@ -79,13 +84,7 @@ fn srad_reduce(@builtin(local_invocation_index) t: u32) {
     part_sum[t] = s;
     part_sq[t] = q;
     workgroupBarrier();
-    for (var stride = 128u; stride > 0u; stride = stride / 2u) {
-        if (t < stride) {
-            part_sum[t] += part_sum[t + stride];
-            part_sq[t] += part_sq[t + stride];
-        }
-        workgroupBarrier();
-    }
+    tree_reduce(t);
     if (t == 0u) {
         stats[0] = q0_squared(part_sum[0], part_sq[0], f32(p.roi_w * p.roi_h));
     }
@@ -141,13 +140,7 @@ fn srad_update(@builtin(global_invocation_id) id: vec3<u32>,
     part_sum[li] = select(0.0, v, in_roi);
     part_sq[li] = select(0.0, v * v, in_roi);
     workgroupBarrier();
-    for (var stride = 128u; stride > 0u; stride = stride / 2u) {
-        if (li < stride) {
-            part_sum[li] += part_sum[li + stride];
-            part_sq[li] += part_sq[li + stride];
-        }
-        workgroupBarrier();
-    }
+    tree_reduce(li);
     if (li == 0u) {
         let g = wg.y * ((p.width + 15u) / 16u) + wg.x;
         stats[PARTIALS + 2u * g] = part_sum[0];

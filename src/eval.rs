@@ -285,6 +285,9 @@ pub struct PlanScore {
     pub jitter_pairs: usize,
 }
 
+/// Raw and smoothed target offsets from the ideal, and raw and smoothed entries, mm.
+type JitterPoints = ([f64; 2], [f64; 2], [f64; 2], [f64; 2]);
+
 /// Samples of the straight path from `a` to `b` (px), every quarter pixel.
 fn path_samples(a: [f64; 2], b: [f64; 2]) -> Vec<(f64, f64, f64)> {
     let len = ((b[0] - a[0]).powi(2) + (b[1] - a[1]).powi(2)).sqrt();
@@ -373,7 +376,7 @@ pub fn plan_scores(
         p.frames = cine_frames;
         let ph = generate("cine", &p)?;
         let mut session = crate::Session::new();
-        let mut prev: Option<([f64; 2], [f64; 2], [f64; 2], [f64; 2])> = None;
+        let mut prev: Option<JitterPoints> = None;
         let mut prev_kind = None;
         for k in 0..ph.frames.len() {
             let frame = crate::phantom::frame_of(&ph, k)?;

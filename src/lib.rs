@@ -19,6 +19,8 @@
 #![warn(missing_docs)]
 // Settings structs are #[non_exhaustive]; callers build them from Default and assign fields.
 #![allow(clippy::field_reassign_with_default)]
+// Image loops index several arrays by the same coordinates; iterators would hide that.
+#![allow(clippy::needless_range_loop)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod bench;

@@ -375,7 +375,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
-            if !(0.0..90.0).contains(&min_angle) || !(min_angle..90.0).contains(&max_angle) || !(margin_mm >= 0.0 && margin_mm < 50.0) {
+            if !((0.0..90.0).contains(&min_angle) && (min_angle..90.0).contains(&max_angle) && (0.0..50.0).contains(&margin_mm)) {
                 eprintln!("error: need 0 ≤ --min-angle ≤ --max-angle < 90 and 0 ≤ --margin-mm < 50");
                 return ExitCode::from(EXIT_USAGE);
             }

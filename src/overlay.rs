@@ -57,8 +57,8 @@ pub fn label_preview(gray: &Array2<f32>, labels: &Array2<u8>) -> crate::Result<R
                 nx < 0 || ny < 0 || nx >= w as i64 || ny >= h as i64 || labels[[ny as usize, nx as usize]] as usize != l
             });
             let p = img.get_pixel_mut(x as u32, y as u32);
-            for k in 0..3 {
-                p.0[k] = if edge { c[k] } else { ((1.0 - FILL_ALPHA) * p.0[k] as f32 + FILL_ALPHA * c[k] as f32) as u8 };
+            for (v, ck) in p.0.iter_mut().zip(c) {
+                *v = if edge { ck } else { ((1.0 - FILL_ALPHA) * *v as f32 + FILL_ALPHA * ck as f32) as u8 };
             }
         }
     }

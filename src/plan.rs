@@ -197,8 +197,7 @@ pub fn distance_mm(mask: &Array2<bool>, mm: (f64, f64)) -> Array2<f64> {
             d[y * w + x] = if out[x] >= BIG / (2.0 * sx2) { f64::INFINITY } else { (out[x] * sx2).sqrt() };
         }
     }
-    let d = Array2::from_shape_vec((h, w), d).unwrap_or_else(|_| Array2::from_elem((h, w), f64::INFINITY));
-    d
+    Array2::from_shape_vec((h, w), d).unwrap_or_else(|_| Array2::from_elem((h, w), f64::INFINITY))
 }
 
 struct Geometry<'a> {
@@ -218,7 +217,7 @@ impl Geometry<'_> {
     fn point(&self, x: f64, y: f64) -> PlanPoint {
         PlanPoint { px: [x, y], mm: self.to_mm(x, y) }
     }
-    fn from_mm(&self, xm: f64, ym: f64) -> (f64, f64) {
+    fn mm_to_px(&self, xm: f64, ym: f64) -> (f64, f64) {
         match self.frame.calibration.mm_to_px(xm, ym, self.top_row) {
             Some(p) => p,
             None => (xm / self.mm.0 + self.frame.region.bounds.x0 as f64, ym / self.mm.1 + self.top_row),
@@ -294,7 +293,7 @@ pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePla
     let forbidden = labels.mapv(|l| l == label::BONE || l == label::SHADOW || l == label::VESSEL);
     let dist = distance_mm(&forbidden, mm);
     let (target_px, kind) = match params.target_mm {
-        Some((xm, ym)) => (g.from_mm(xm, ym), "user"),
+        Some((xm, ym)) => (g.mm_to_px(xm, ym), "user"),
         None => match auto_target(seg, &dist, params.margin_mm, mm) {
             Some(t) => t,
             None => return NeedlePlan::none("no target found: no joint space, effusion or tendon in the frame", None, None, g.assumed),

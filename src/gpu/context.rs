@@ -32,6 +32,9 @@ const FFT_SPECTRUM: u32 = 6;
 const FFT_WORK: u32 = 7;
 const FFT_ACCUM: u32 = 8;
 
+/// The FFT buffers of a frame size: the padded size they were made for, and them.
+type FftSlot = ((usize, usize), Arc<FftBuffers>);
+
 /// Buffers of the FFT layout for one frame size.
 #[derive(Debug)]
 struct FftBuffers {
@@ -54,7 +57,7 @@ struct FrameBuffers {
     /// Bind group reading images[i] and writing images[1 - i].
     groups: [wgpu::BindGroup; 2],
     /// FFT buffers, made on first use: (padded width, padded height) and the buffers.
-    fft: Mutex<Option<((usize, usize), Arc<FftBuffers>)>>,
+    fft: Mutex<Option<FftSlot>>,
 }
 
 /// A headless wgpu device with its kernels and buffers.

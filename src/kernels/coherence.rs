@@ -37,6 +37,8 @@ impl Params {
     }
 }
 
+super::frame_params!(Params);
+
 /// The shader's source.
 pub const SHADER: &str = include_str!("../../shaders/coherence.wgsl");
 
@@ -138,10 +140,5 @@ pub fn cpu_fast(img: &Array2<f32>, params: &Params) -> crate::Result<(Array2<f32
 /// is left in `aux`).
 #[cfg(feature = "gpu")]
 pub fn encode(chain: &mut crate::gpu::GpuChain<'_>, params: &Params) -> crate::Result<()> {
-    let mut p = *params;
-    p.width = chain.width() as u32;
-    p.height = chain.height() as u32;
-    let g = chain.groups_2d();
-    chain.dispatch("coherence", SHADER, "coherence", &p, g, true)?;
-    Ok(())
+    super::encode_2d(chain, "coherence", SHADER, "coherence", params)
 }

@@ -43,6 +43,8 @@ impl Params {
     }
 }
 
+super::frame_params!(Params);
+
 /// The shader's source.
 pub const SHADER: &str = include_str!("../../shaders/frost.wgsl");
 
@@ -118,10 +120,5 @@ pub fn cpu_fast(img: &Array2<f32>, params: &Params) -> crate::Result<Array2<f32>
 /// Queues the kernel on a GPU chain.
 #[cfg(feature = "gpu")]
 pub fn encode(chain: &mut crate::gpu::GpuChain<'_>, params: &Params) -> crate::Result<()> {
-    let mut p = *params;
-    p.width = chain.width() as u32;
-    p.height = chain.height() as u32;
-    let g = chain.groups_2d();
-    chain.dispatch("frost", SHADER, "frost", &p, g, true)?;
-    Ok(())
+    super::encode_2d(chain, "frost", SHADER, "frost", params)
 }

@@ -127,3 +127,39 @@ pub(crate) fn box_stats(pad: &[f32], w: usize, h: usize, r: usize) -> (Vec<f32>,
     });
     (mean, var)
 }
+
+/// Params structs that start with the frame's width and height (as every 2-D kernel's do).
+pub(crate) trait FrameParams: bytemuck::Pod {
+    /// A copy with the frame size filled in.
+    fn sized(&self, width: u32, height: u32) -> Self;
+}
+
+/// Implements [`FrameParams`] for a params struct with `width` and `height` fields.
+macro_rules! frame_params {
+    ($t:ty) => {
+        impl $crate::kernels::FrameParams for $t {
+            fn sized(&self, width: u32, height: u32) -> Self {
+                let mut p = *self;
+                p.width = width;
+                p.height = height;
+                p
+            }
+        }
+    };
+}
+pub(crate) use frame_params;
+
+/// Queues a 16 × 16-tiled kernel that writes the next image, with the frame size filled in.
+#[cfg(feature = "gpu")]
+pub(crate) fn encode_2d<P: FrameParams>(
+    chain: &mut crate::gpu::GpuChain<'_>,
+    file: &'static str,
+    source: &'static str,
+    entry: &'static str,
+    params: &P,
+) -> crate::Result<()> {
+    let p = params.sized(chain.width() as u32, chain.height() as u32);
+    let groups = chain.groups_2d();
+    chain.dispatch(file, source, entry, &p, groups, true)?;
+    Ok(())
+}

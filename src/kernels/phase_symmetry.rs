@@ -72,7 +72,7 @@ impl Params {
         if !(1..=6).contains(&scales) || !(1..=8).contains(&orientations) {
             return Err(crate::Error::InvalidParameter { name: "scales/orientations", reason: format!("{scales}/{orientations} (1..6, 1..8)") });
         }
-        if !(min_wavelength >= 2.0 && min_wavelength < 256.0) {
+        if !(2.0..256.0).contains(&min_wavelength) {
             return Err(crate::Error::InvalidParameter { name: "min_wavelength", reason: format!("{min_wavelength} px (2..256)") });
         }
         Ok(Params {
