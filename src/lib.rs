@@ -30,6 +30,7 @@ pub mod error;
 pub mod despeckle;
 pub mod fft;
 pub mod frame;
+pub mod igtl;
 pub mod gpu;
 pub mod imageio;
 pub mod kernels;

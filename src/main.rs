@@ -127,6 +127,19 @@ enum Command {
         #[command(flatten)]
         filter: FilterArgs,
     },
+    /// Serve OpenIGTLink: answer each IMAGE with an overlay IMAGE, a POINT (entry, target) and a
+    /// STRING (the plan as JSON). Stops cleanly on SIGINT or SIGTERM.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: String,
+        /// Port (OpenIGTLink's is 18944; 0 picks a free one).
+        #[arg(long, default_value_t = 18944)]
+        port: u16,
+        /// Where the kernels run.
+        #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+        backend: BackendArg,
+    },
     /// Time every kernel on a generated speckle frame (median of repeated runs).
     Bench {
         /// Where the kernels run.
@@ -390,6 +403,7 @@ fn main() -> ExitCode {
             batch::run(&inputs, &out, config, &opts)
         }
         Command::EvalPlan { count, seed, cines, cine_frames, backend, json } => eval_plan(count, seed, cines, cine_frames, backend.into(), json),
+        Command::Serve { bind, port, backend } => serve(&bind, port, backend.into()),
         Command::Bench { backend, repeats, json, pipeline: true, .. } => bench_pipeline(backend.into(), repeats, json),
         Command::Bench { backend, size, repeats, json, .. } => bench(backend.into(), size, repeats, json),
         Command::EvalDespeckle { count, seed, backend, json } => eval_despeckle(count, seed, backend.into(), json),
@@ -894,6 +908,52 @@ fn bench_pipeline(backend: Backend, repeats: usize, json: bool) -> ExitCode {
             "{:<8} {:<28} {:>6} {:>6} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>9.1}",
             r.backend, r.adapter, r.width, r.height, s.despeckle_ms, s.features_ms, s.segment_ms, s.plan_ms, r.ms_median, r.frames_per_s
         );
+    }
+    ExitCode::SUCCESS
+}
+
+fn serve(bind: &str, port: u16, backend: Backend) -> ExitCode {
+    let mut config = sonoguide::PipelineConfig::default();
+    config.backend = backend;
+    let pipeline = match sonoguide::Pipeline::new(config) {
+        Ok(p) => std::sync::Arc::new(p),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INPUT_FAILED);
+        }
+    };
+    let server = match sonoguide::igtl::Server::bind(&format!("{bind}:{port}"), pipeline.clone(), Default::default()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot listen on {bind}:{port}: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let stop = server.stop_flag();
+    if let Err(e) = ctrlc::set_handler(move || stop.store(true, std::sync::atomic::Ordering::Relaxed)) {
+        eprintln!("warning: no signal handler ({e}); stop with SIGKILL");
+    }
+    eprintln!("sonoguide serve on {} ({}); research tool, not a medical device", pipeline.despeckler().device_name(), pipeline.despeckler().backend_name());
+    server.run(&|event| match event {
+        sonoguide::igtl::Event::Listening(a) => eprintln!("listening on {a}"),
+        sonoguide::igtl::Event::Connected(a) => eprintln!("{a}: connected"),
+        sonoguide::igtl::Event::Disconnected(a) => eprintln!("{a}: disconnected"),
+        sonoguide::igtl::Event::Answered { peer, latency_ms, .. } => eprintln!("{peer}: answered in {latency_ms:.1} ms"),
+        sonoguide::igtl::Event::Refused { peer, reason } => eprintln!("{peer}: closed: {reason}"),
+        sonoguide::igtl::Event::Ignored { peer, kind } => eprintln!("{peer}: ignored a {kind} message"),
+        _ => {}
+    });
+    let mut l = server.latencies_ms();
+    if !l.is_empty() {
+        l.sort_by(|a, b| a.total_cmp(b));
+        eprintln!(
+            "stopped: {} frame(s), latency median {:.1} ms, 99th percentile {:.1} ms",
+            l.len(),
+            l[l.len() / 2],
+            l[((l.len() - 1) as f64 * 0.99) as usize]
+        );
+    } else {
+        eprintln!("stopped");
     }
     ExitCode::SUCCESS
 }
