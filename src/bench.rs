@@ -212,3 +212,86 @@ pub fn run_pipeline(pipeline: &crate::Pipeline, width: usize, height: usize, rep
         frames_per_s: 1e3 / stages.total_ms,
     })
 }
+
+/// Latency of the OpenIGTLink server: IMAGE received → results sent.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServeRow {
+    /// `gpu` or `cpu`.
+    pub backend: String,
+    /// Adapter name, or `cpu`.
+    pub adapter: String,
+    /// Columns.
+    pub width: usize,
+    /// Rows.
+    pub height: usize,
+    /// Frames sent.
+    pub frames: usize,
+    /// Median server latency, ms.
+    pub latency_median_ms: f64,
+    /// 99th percentile of the server latency, ms.
+    pub latency_p99_ms: f64,
+    /// Median round trip seen by the client (send, three replies back), ms.
+    pub round_trip_median_ms: f64,
+}
+
+/// Runs a server on loopback around `pipeline`, sends `frames` IMAGE messages of a phantom cine
+/// (sequentially, waiting for the replies), and measures the latencies.
+pub fn run_serve(pipeline: std::sync::Arc<crate::Pipeline>, width: usize, height: usize, frames: usize) -> Result<ServeRow> {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let mut p = PhantomParams::default();
+    p.width = width;
+    p.height = height;
+    p.seed = 4242;
+    p.frames = 8;
+    let ph = generate("bench", &p)?;
+    let server = crate::igtl::Server::bind("127.0.0.1:0", pipeline.clone(), Default::default())?;
+    let addr = server.local_addr().ok_or(crate::Error::InvalidParameter { name: "address", reason: "no local address".into() })?;
+    let stop = server.stop_flag();
+    let mut matrix = [0f32; 12];
+    matrix[0] = p.mm_per_px as f32;
+    matrix[4] = p.mm_per_px as f32;
+    matrix[8] = 1.0;
+    let io = |e: std::io::Error| crate::Error::Write { path: addr.to_string().into(), source: e };
+    let mut round_trips = Vec::with_capacity(frames);
+    std::thread::scope(|s| -> Result<()> {
+        s.spawn(|| server.run(&|_| {}));
+        let result = (|| -> Result<()> {
+            let mut c = std::net::TcpStream::connect(addr).map_err(io)?;
+            c.set_nodelay(true).map_err(io)?;
+            for k in 0..frames {
+                let gray: Vec<u8> = ph.frames[k % ph.frames.len()].iter().copied().collect();
+                let mut content = crate::igtl::image_content(width, height, &[], &matrix);
+                content[2] = 1;
+                content.extend_from_slice(&gray);
+                let msg = crate::igtl::message("IMAGE", "bench", &content);
+                let t = std::time::Instant::now();
+                c.write_all(&msg).map_err(io)?;
+                for _ in 0..3 {
+                    let mut hb = [0u8; crate::igtl::HEADER_BYTES];
+                    c.read_exact(&mut hb).map_err(io)?;
+                    let h = crate::igtl::Header::parse(&hb);
+                    let mut body = vec![0u8; h.body_size as usize];
+                    c.read_exact(&mut body).map_err(io)?;
+                }
+                round_trips.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        result
+    })?;
+    let mut l = server.latencies_ms();
+    l.sort_by(|a, b| a.total_cmp(b));
+    let p99 = l.get(((l.len().max(1) - 1) as f64 * 0.99) as usize).copied().unwrap_or(f64::NAN);
+    Ok(ServeRow {
+        backend: pipeline.despeckler().backend_name().to_string(),
+        adapter: pipeline.despeckler().device_name(),
+        width,
+        height,
+        frames: l.len(),
+        latency_median_ms: median_of(&l),
+        latency_p99_ms: p99,
+        round_trip_median_ms: median_of(&round_trips),
+    })
+}

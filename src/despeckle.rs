@@ -129,7 +129,7 @@ impl Filter {
 pub struct Despeckler {
     backend: Backend,
     #[cfg(feature = "gpu")]
-    gpu: Option<crate::gpu::GpuContext>,
+    gpu: Option<std::sync::Arc<crate::gpu::GpuContext>>,
     note: Option<String>,
 }
 
@@ -147,9 +147,9 @@ impl Despeckler {
         {
             let (gpu, note) = match backend {
                 Backend::Cpu => (None, None),
-                Backend::Gpu => (Some(crate::gpu::GpuContext::new(Backend::Gpu)?), None),
+                Backend::Gpu => (Some(std::sync::Arc::new(crate::gpu::GpuContext::new(Backend::Gpu)?)), None),
                 Backend::Auto => match crate::gpu::GpuContext::new(Backend::Auto) {
-                    Ok(c) => (Some(c), None),
+                    Ok(c) => (Some(std::sync::Arc::new(c)), None),
                     Err(e) => (None, Some(format!("using the CPU: {e}"))),
                 },
             };
@@ -162,6 +162,19 @@ impl Despeckler {
             }
             Ok(Despeckler { backend, note: None })
         }
+    }
+
+    /// A despeckler on an already open GPU device (several pipelines can share one device: its
+    /// chains take turns).
+    #[cfg(feature = "gpu")]
+    pub fn with_gpu(gpu: std::sync::Arc<crate::gpu::GpuContext>) -> Despeckler {
+        Despeckler { backend: Backend::Gpu, gpu: Some(gpu), note: None }
+    }
+
+    /// The shared handle of the GPU device, if the GPU runs.
+    #[cfg(feature = "gpu")]
+    pub fn gpu_handle(&self) -> Option<std::sync::Arc<crate::gpu::GpuContext>> {
+        self.gpu.clone()
     }
 
     /// Whether a GPU failure falls back to the CPU (`Backend::Auto`).
@@ -195,7 +208,7 @@ impl Despeckler {
     /// The GPU context, if the GPU runs.
     #[cfg(feature = "gpu")]
     pub fn gpu_context(&self) -> Option<&crate::gpu::GpuContext> {
-        self.gpu.as_ref()
+        self.gpu.as_deref()
     }
     #[cfg(not(feature = "gpu"))]
     fn gpu_context(&self) -> Option<&()> {

@@ -254,6 +254,47 @@ impl Frame {
         })
     }
 
+    /// Builds a frame from a 16-bit greyscale buffer (row-major), scaled to 0–255 by
+    /// `bits_stored`, with `mm_per_px` (x, y) as its calibration (depth 0 at the top row).
+    pub fn from_gray16(width: usize, height: usize, pixels: &[u16], bits_stored: u32, mm_per_px: (f64, f64)) -> crate::Result<Frame> {
+        if width == 0 || height == 0 || pixels.len() != width * height || !(1..=16).contains(&bits_stored) {
+            return Err(crate::Error::InvalidParameter {
+                name: "pixels",
+                reason: format!("{} samples of {bits_stored} bits do not make a {width}x{height} frame", pixels.len()),
+            });
+        }
+        let max = ((1u32 << bits_stored) - 1) as f32;
+        let mut f = Frame::from_gray8(width, height, &vec![0u8; width * height], given(mm_per_px))?;
+        f.intensity = Array2::from_shape_fn((height, width), |(y, x)| (pixels[y * width + x] as f32).min(max) / max * 255.0);
+        Ok(f)
+    }
+
+    /// Builds a frame from an `image` crate image (colour images keep their RGB and get a
+    /// colour mask), calibrated at `mm_per_px` (x, y).
+    pub fn from_image(img: &image::DynamicImage, mm_per_px: (f64, f64)) -> crate::Result<Frame> {
+        let rgb = img.to_rgb8();
+        let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+        let grey = img.color().channel_count() < 3;
+        let grey8: Vec<u8> = rgb.pixels().map(|p| luma(p.0[0], p.0[1], p.0[2]).round().clamp(0.0, 255.0) as u8).collect();
+        let mut f = Frame::from_gray8(w, h, &grey8, given(mm_per_px))?;
+        if !grey {
+            let arr = ndarray::Array3::from_shape_vec((h, w, 3), rgb.into_raw())
+                .map_err(|e| crate::Error::InvalidParameter { name: "image", reason: e.to_string() })?;
+            f.intensity = Array2::from_shape_fn((h, w), |(y, x)| luma(arr[[y, x, 0]], arr[[y, x, 1]], arr[[y, x, 2]]));
+            f.colour_mask = Some(Array2::from_shape_fn((h, w), |(y, x)| {
+                u8::from(chroma(arr[[y, x, 0]], arr[[y, x, 1]], arr[[y, x, 2]]) > COLOUR_CHROMA_THRESHOLD)
+            }));
+            f.rgb = Some(arr);
+        }
+        Ok(f)
+    }
+
+    /// Frame `index` of a DICOM file held in memory.
+    pub fn from_dicom_bytes(bytes: Vec<u8>, index: usize) -> crate::Result<Frame> {
+        let file = crate::dicom::DicomFile::from_bytes("<memory>", bytes, &crate::dicom::ReadOptions::default())?;
+        Ok(file.read_frame(index)?)
+    }
+
     /// The intensity as 8-bit grey (rounded, clamped).
     pub fn gray8(&self) -> Vec<u8> {
         self.intensity.iter().map(|v| v.round().clamp(0.0, 255.0) as u8).collect()
@@ -265,6 +306,14 @@ impl Frame {
             Some(rgb) => rgb.iter().copied().collect(),
             None => self.gray8().iter().flat_map(|g| [*g, *g, *g]).collect(),
         }
+    }
+}
+
+/// A calibration given by the caller (checked: unusable values are marked so).
+fn given(mm_per_px: (f64, f64)) -> Calibration {
+    match check_spacing_mm(mm_per_px.0, mm_per_px.1) {
+        None => Calibration::Ok { mm_per_px_x: mm_per_px.0, mm_per_px_y: mm_per_px.1, reference_px: None, source: CalibrationSource::Given },
+        Some(reason) => Calibration::Unusable { reason },
     }
 }
 

@@ -46,5 +46,6 @@ pub use error::{Error, Result};
 pub use despeckle::{Despeckler, Filter};
 pub use frame::{Calibration, Frame, ImagingRegion, Rect};
 pub use gpu::Backend;
-pub use pipeline::{FrameResult, Pipeline, PipelineConfig, Session};
+pub use pipeline::{FrameResult, Pipeline, PipelineBuilder, PipelineConfig, Session, StageTimings};
+pub use segment::Segmentation;
 pub use plan::NeedlePlan;

@@ -157,6 +157,10 @@ enum Command {
         /// Time whole frames through the pipeline (per stage) at 640x480 and 1024x768 instead.
         #[arg(long)]
         pipeline: bool,
+        /// Measure the OpenIGTLink server's latency (IMAGE received → results sent) over
+        /// --repeats frames at --size instead.
+        #[arg(long)]
+        serve: bool,
     },
     /// Score despeckling on phantoms from fresh seeds against their clean maps.
     EvalDespeckle {
@@ -405,6 +409,7 @@ fn main() -> ExitCode {
         Command::EvalPlan { count, seed, cines, cine_frames, backend, json } => eval_plan(count, seed, cines, cine_frames, backend.into(), json),
         Command::Serve { bind, port, backend } => serve(&bind, port, backend.into()),
         Command::Bench { backend, repeats, json, pipeline: true, .. } => bench_pipeline(backend.into(), repeats, json),
+        Command::Bench { backend, repeats, json, size, serve: true, .. } => bench_serve(backend.into(), size, repeats, json),
         Command::Bench { backend, size, repeats, json, .. } => bench(backend.into(), size, repeats, json),
         Command::EvalDespeckle { count, seed, backend, json } => eval_despeckle(count, seed, backend.into(), json),
         Command::EvalSegment { count, seed, despeckle, geometry, backend, json } => {
@@ -955,5 +960,30 @@ fn serve(bind: &str, port: u16, backend: Backend) -> ExitCode {
     } else {
         eprintln!("stopped");
     }
+    ExitCode::SUCCESS
+}
+
+fn bench_serve(backend: Backend, size: (usize, usize), frames: usize, json: bool) -> ExitCode {
+    let pipeline = match sonoguide::Pipeline::builder().backend(backend).build() {
+        Ok(p) => std::sync::Arc::new(p),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INPUT_FAILED);
+        }
+    };
+    let row = match sonoguide::bench::run_serve(pipeline, size.0, size.1, frames) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INPUT_FAILED);
+        }
+    };
+    if json {
+        return print_json(&[row]);
+    }
+    println!(
+        "{} on {}: {} frames of {}x{}; latency (IMAGE received → results sent) median {:.2} ms, 99th percentile {:.2} ms; client round trip median {:.2} ms",
+        row.backend, row.adapter, row.frames, row.width, row.height, row.latency_median_ms, row.latency_p99_ms, row.round_trip_median_ms
+    );
     ExitCode::SUCCESS
 }

@@ -89,13 +89,93 @@ impl Session {
 }
 
 /// The pipeline, built once.
+///
+/// ```
+/// use sonoguide::phantom::{frame_of, generate, PhantomParams};
+/// use sonoguide::{Backend, Pipeline};
+///
+/// let pipeline = Pipeline::builder().backend(Backend::Cpu).margin_mm(2.0).build()?;
+/// let mut params = PhantomParams::default();
+/// params.seed = 2;
+/// let frame = frame_of(&generate("doc", &params)?, 0)?;
+/// let result = pipeline.process(&frame)?;
+/// println!("{} in {:.1} ms", result.plan.status, result.timings.total_ms);
+/// assert_eq!(result.segmentation.labels.dim(), frame.intensity.dim());
+/// # Ok::<(), sonoguide::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct Pipeline {
     despeckler: Despeckler,
     config: PipelineConfig,
 }
 
+/// Builds a [`Pipeline`]: `Pipeline::builder().backend(..).filter(..).build()?`.
+#[derive(Debug, Default)]
+#[must_use]
+pub struct PipelineBuilder {
+    config: PipelineConfig,
+    #[cfg(feature = "gpu")]
+    gpu: Option<std::sync::Arc<crate::gpu::GpuContext>>,
+}
+
+impl PipelineBuilder {
+    /// Where kernels run (default `Backend::Auto`).
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.config.backend = backend;
+        self
+    }
+    /// One despeckling filter (default SRAD, 15 iterations).
+    pub fn filter(mut self, filter: Filter) -> Self {
+        self.config.filters = vec![filter];
+        self
+    }
+    /// Despeckling filters applied in order (none: no despeckling).
+    pub fn filters(mut self, filters: Vec<Filter>) -> Self {
+        self.config.filters = filters;
+        self
+    }
+    /// Segmentation settings.
+    pub fn segment(mut self, params: SegmentParams) -> Self {
+        self.config.segment = params;
+        self
+    }
+    /// Planning settings.
+    pub fn plan(mut self, params: PlanParams) -> Self {
+        self.config.plan = params;
+        self
+    }
+    /// Clearance from bone, shadow and vessels, mm.
+    pub fn margin_mm(mut self, mm: f64) -> Self {
+        self.config.plan.margin_mm = mm;
+        self
+    }
+    /// A target in mm (lateral, depth) instead of the automatic choice.
+    pub fn target_mm(mut self, x: f64, y: f64) -> Self {
+        self.config.plan.target_mm = Some((x, y));
+        self
+    }
+    /// Share a GPU device already opened by another pipeline.
+    #[cfg(feature = "gpu")]
+    pub fn shared_gpu(mut self, gpu: std::sync::Arc<crate::gpu::GpuContext>) -> Self {
+        self.gpu = Some(gpu);
+        self
+    }
+    /// Builds the pipeline (opens the GPU if asked and none is shared).
+    pub fn build(self) -> Result<Pipeline> {
+        #[cfg(feature = "gpu")]
+        if let Some(gpu) = self.gpu {
+            return Ok(Pipeline { despeckler: Despeckler::with_gpu(gpu), config: self.config });
+        }
+        Pipeline::new(self.config)
+    }
+}
+
 impl Pipeline {
+    /// A builder with the defaults.
+    pub fn builder() -> PipelineBuilder {
+        PipelineBuilder::default()
+    }
+
     /// Builds the pipeline (opens the GPU if the backend asks for one).
     pub fn new(config: PipelineConfig) -> Result<Pipeline> {
         Ok(Pipeline { despeckler: Despeckler::new(config.backend)?, config })

@@ -1,0 +1,94 @@
+//! The library surface guidance software uses: a pipeline built once, frames from anything,
+//! sessions for streams, sharing a GPU device, and thread safety.
+
+use sonoguide::dicom::{DicomFile, ReadOptions};
+use sonoguide::phantom::{frame_of, generate, PhantomParams};
+use sonoguide::{Backend, Frame, Pipeline, Session};
+
+#[test]
+fn pipeline_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Pipeline>();
+    check::<Session>();
+    check::<sonoguide::Error>();
+}
+
+fn sample() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sample-data/linear_0002.dcm")
+}
+
+#[test]
+fn frames_from_dicom_bytes_raw_buffers_and_images_give_the_same_plan() {
+    let pipeline = Pipeline::builder().backend(Backend::Cpu).build().unwrap();
+    let file = DicomFile::open(sample(), &ReadOptions::default()).unwrap();
+    let from_file = file.read_frame(0).unwrap();
+    let reference = pipeline.process(&from_file).unwrap();
+    assert!(reference.plan.is_ok());
+
+    let from_bytes = Frame::from_dicom_bytes(std::fs::read(sample()).unwrap(), 0).unwrap();
+    assert_eq!(from_bytes.intensity, from_file.intensity);
+
+    let (w, h) = (from_file.width(), from_file.height());
+    let gray = from_file.gray8();
+    let gray16: Vec<u16> = gray.iter().map(|v| *v as u16 * 257).collect();
+    let raw16 = Frame::from_gray16(w, h, &gray16, 16, (0.08, 0.08)).unwrap();
+    let img = image::DynamicImage::ImageLuma8(image::GrayImage::from_raw(w as u32, h as u32, gray.clone()).unwrap());
+    let from_image = Frame::from_image(&img, (0.08, 0.08)).unwrap();
+    for f in [&raw16, &from_image] {
+        let r = pipeline.process(f).unwrap();
+        // No reference pixel here: the same target, laterally offset by the reference column.
+        assert_eq!(r.plan.status, reference.plan.status);
+        assert_eq!(r.plan.target.unwrap().px, reference.plan.target.unwrap().px);
+        assert!((r.plan.depth_mm.unwrap() - reference.plan.depth_mm.unwrap()).abs() < 1e-9);
+    }
+    // Bad buffers are refused, not panicked on.
+    assert!(Frame::from_gray16(w, h, &gray16[1..], 16, (0.08, 0.08)).is_err());
+    assert!(Frame::from_gray16(w, h, &gray16, 0, (0.08, 0.08)).is_err());
+    assert_eq!(Frame::from_gray16(w, h, &gray16, 16, (0.0, 0.08)).unwrap().calibration.status(), "unusable");
+}
+
+#[test]
+fn sessions_keep_their_own_state() {
+    let pipeline = Pipeline::builder().backend(Backend::Cpu).build().unwrap();
+    let mut p = PhantomParams::default();
+    p.seed = 2;
+    p.frames = 3;
+    let ph = generate("s", &p).unwrap();
+    let (mut a, mut b) = (Session::new(), Session::new());
+    for k in 0..3 {
+        let f = frame_of(&ph, k).unwrap();
+        let ra = pipeline.process_in(&mut a, &f).unwrap();
+        let rb = pipeline.process_in(&mut b, &f).unwrap();
+        assert_eq!(ra.plan, rb.plan, "two streams of the same frames agree");
+    }
+    assert_eq!((a.frames(), b.frames()), (3, 3));
+}
+
+#[test]
+fn pipelines_can_share_one_gpu_device_across_threads() {
+    let first = match Pipeline::builder().backend(Backend::Gpu).build() {
+        Ok(p) => p,
+        Err(e) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI must have a GPU adapter (lavapipe): {e}");
+            }
+            eprintln!("skipping: {e}");
+            return;
+        }
+    };
+    let gpu = first.despeckler().gpu_handle().unwrap();
+    let second = Pipeline::builder().shared_gpu(gpu.clone()).build().unwrap();
+    assert!(std::sync::Arc::ptr_eq(&gpu, &second.despeckler().gpu_handle().unwrap()));
+    let mut p = PhantomParams::default();
+    p.seed = 2;
+    p.width = 200;
+    p.height = 160;
+    let frame = frame_of(&generate("g", &p).unwrap(), 0).unwrap();
+    let expected = first.process(&frame).unwrap().despeckled;
+    std::thread::scope(|s| {
+        let hs: Vec<_> = [&first, &second, &first, &second].into_iter().map(|pl| s.spawn(|| pl.process(&frame).unwrap().despeckled)).collect();
+        for h in hs {
+            assert_eq!(h.join().unwrap(), expected, "concurrent chains on one device");
+        }
+    });
+}
