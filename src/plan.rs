@@ -76,6 +76,7 @@ pub struct PlanPoint {
 
 /// The result of planning one frame. Serialises to the documented JSON.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct NeedlePlan {
     /// `"ok"` or `"no_safe_path"`.
     pub status: &'static str,

@@ -62,6 +62,7 @@ impl Default for SegmentParams {
 
 /// What the segmenter found in one frame.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Segmentation {
     /// Labels, full-frame size (0 background, 1 tendon, 2 bone, 3 shadow, 4 joint, 5 vessel).
     pub labels: Array2<u8>,
