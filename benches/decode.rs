@@ -6,9 +6,15 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sonoguide::dicom::{DicomFile, ReadOptions};
 
 fn decode(c: &mut Criterion) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dicom-corpus/files");
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dicom-corpus/files");
     let mut group = c.benchmark_group("decode");
-    for name in ["examples_ybr_color.dcm", "examples_palette.dcm", "US1_J2KR.dcm", "OBXXXX1A_rle.dcm"] {
+    for name in [
+        "examples_ybr_color.dcm",
+        "examples_palette.dcm",
+        "US1_J2KR.dcm",
+        "OBXXXX1A_rle.dcm",
+    ] {
         let file = match DicomFile::open(dir.join(name), &ReadOptions::default()) {
             Ok(f) => f,
             Err(e) => {

@@ -11,16 +11,29 @@ use sonoguide::{Backend, Despeckler, Filter};
 
 fn gpu() -> Option<Despeckler> {
     let d = Despeckler::new(Backend::Gpu).ok()?;
-    let software = sonoguide::gpu::list_adapters().iter().any(|a| a.name == d.device_name() && !a.hardware);
-    if software && std::env::var("SONOGUIDE_BENCH_SOFTWARE_GPU").map(|v| v != "1").unwrap_or(true) {
-        eprintln!("GPU benches skipped: only a software adapter ({})", d.device_name());
+    let software = sonoguide::gpu::list_adapters()
+        .iter()
+        .any(|a| a.name == d.device_name() && !a.hardware);
+    if software
+        && std::env::var("SONOGUIDE_BENCH_SOFTWARE_GPU")
+            .map(|v| v != "1")
+            .unwrap_or(true)
+    {
+        eprintln!(
+            "GPU benches skipped: only a software adapter ({})",
+            d.device_name()
+        );
         return None;
     }
     Some(d)
 }
 
 fn case_name(f: &Filter) -> String {
-    let p: Vec<String> = f.parameters().iter().map(|(k, v)| format!("{k}{v}")).collect();
+    let p: Vec<String> = f
+        .parameters()
+        .iter()
+        .map(|(k, v)| format!("{k}{v}"))
+        .collect();
     p.join("_")
 }
 
@@ -33,7 +46,8 @@ fn kernels(c: &mut Criterion) {
         for f in &filters {
             let mut group = c.benchmark_group(f.name());
             group.throughput(Throughput::Elements((w * h) as u64));
-            let heavy = matches!(f, Filter::Obnlm(_)) || matches!(f, Filter::Srad(s) if s.iterations > 10);
+            let heavy =
+                matches!(f, Filter::Obnlm(_)) || matches!(f, Filter::Srad(s) if s.iterations > 10);
             if heavy {
                 group.sample_size(10);
             }

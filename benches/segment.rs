@@ -10,8 +10,14 @@ use sonoguide::{Backend, Despeckler, Filter};
 
 fn gpu() -> Option<Despeckler> {
     let d = Despeckler::new(Backend::Gpu).ok()?;
-    let software = sonoguide::gpu::list_adapters().iter().any(|a| a.name == d.device_name() && !a.hardware);
-    if software && std::env::var("SONOGUIDE_BENCH_SOFTWARE_GPU").map(|v| v != "1").unwrap_or(true) {
+    let software = sonoguide::gpu::list_adapters()
+        .iter()
+        .any(|a| a.name == d.device_name() && !a.hardware);
+    if software
+        && std::env::var("SONOGUIDE_BENCH_SOFTWARE_GPU")
+            .map(|v| v != "1")
+            .unwrap_or(true)
+    {
         return None;
     }
     Some(d)
@@ -36,7 +42,9 @@ fn segment(c: &mut Criterion) {
         let plan = sonoguide::kernels::phase_symmetry::Plan::new(&fp.0, grid.ncols(), grid.nrows());
         let mut g = c.benchmark_group("phase_symmetry");
         g.throughput(Throughput::Elements((grid.len()) as u64));
-        g.bench_with_input(BenchmarkId::new("cpu", &id), &grid, |b, grid| b.iter(|| plan.run(grid).expect("ps")));
+        g.bench_with_input(BenchmarkId::new("cpu", &id), &grid, |b, grid| {
+            b.iter(|| plan.run(grid).expect("ps"))
+        });
         if let Some(d) = &gpu {
             let ctx = d.gpu_context().expect("ctx");
             g.bench_with_input(BenchmarkId::new("gpu", &id), &grid, |b, grid| {
@@ -49,10 +57,14 @@ fn segment(c: &mut Criterion) {
         }
         g.finish();
         let mut g = c.benchmark_group("shadow");
-        g.bench_with_input(BenchmarkId::new("cpu", &id), &grid, |b, grid| b.iter(|| sonoguide::kernels::shadow::cpu(grid, &fp.1).expect("shadow")));
+        g.bench_with_input(BenchmarkId::new("cpu", &id), &grid, |b, grid| {
+            b.iter(|| sonoguide::kernels::shadow::cpu(grid, &fp.1).expect("shadow"))
+        });
         g.finish();
         let mut g = c.benchmark_group("coherence");
-        g.bench_with_input(BenchmarkId::new("cpu", &id), &grid, |b, grid| b.iter(|| sonoguide::kernels::coherence::cpu_fast(grid, &fp.2).expect("coherence")));
+        g.bench_with_input(BenchmarkId::new("cpu", &id), &grid, |b, grid| {
+            b.iter(|| sonoguide::kernels::coherence::cpu_fast(grid, &fp.2).expect("coherence"))
+        });
         g.finish();
         let mut g = c.benchmark_group("segment");
         g.sample_size(20);
@@ -61,7 +73,9 @@ fn segment(c: &mut Criterion) {
             let Some(d) = d else { continue };
             g.bench_with_input(BenchmarkId::new(name, &id), &frame, |b, frame| {
                 b.iter(|| {
-                    let des = d.run(&frame.intensity, std::slice::from_ref(&srad)).expect("despeckle");
+                    let des = d
+                        .run(&frame.intensity, std::slice::from_ref(&srad))
+                        .expect("despeckle");
                     segment_with(d, frame, &des, &seg).expect("segment")
                 })
             });

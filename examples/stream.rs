@@ -5,7 +5,9 @@ use sonoguide::dicom::{DicomFile, ReadOptions};
 use sonoguide::{Pipeline, Session};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let input = std::env::args().nth(1).unwrap_or_else(|| "sample-data/cine_0005.dcm".into());
+    let input = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "sample-data/cine_0005.dcm".into());
     let pipeline = Pipeline::builder().build()?;
     let file = DicomFile::open(&input, &ReadOptions::default())?;
     let mut session = Session::new();
@@ -14,7 +16,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let frame = frame?;
         let r = pipeline.process_in(&mut session, &frame)?;
         latencies.push(r.timings.total_ms);
-        let target = r.plan.target.map(|t| format!("({:.1}, {:.1}) mm", t.mm[0], t.mm[1])).unwrap_or_else(|| "-".into());
+        let target = r
+            .plan
+            .target
+            .map(|t| format!("({:.1}, {:.1}) mm", t.mm[0], t.mm[1]))
+            .unwrap_or_else(|| "-".into());
         println!(
             "frame {:3}: {:>12} target {target:>20} angle {:>5} | {:.1} ms (despeckle {:.1}, features {:.1}, segment {:.1}, plan {:.1})",
             frame.index,
@@ -29,7 +35,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     latencies.sort_by(|a, b| a.total_cmp(b));
     if let Some(m) = latencies.get(latencies.len() / 2) {
-        println!("{} frames on {}: median {m:.1} ms", latencies.len(), pipeline.despeckler().device_name());
+        println!(
+            "{} frames on {}: median {m:.1} ms",
+            latencies.len(),
+            pipeline.despeckler().device_name()
+        );
     }
     Ok(())
 }

@@ -52,13 +52,20 @@ struct FileSummary {
 
 /// Collects the DICOM candidates: files as given; folders' regular files (recursively if
 /// asked), leaving out hidden files and anything inside the output folder.
-fn collect(inputs: &[PathBuf], out: &Path, recursive: bool, missing: &mut Vec<FileSummary>) -> Vec<PathBuf> {
+fn collect(
+    inputs: &[PathBuf],
+    out: &Path,
+    recursive: bool,
+    missing: &mut Vec<FileSummary>,
+) -> Vec<PathBuf> {
     let out_abs = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
     let mut files = Vec::new();
     let mut stack: Vec<(PathBuf, bool)> = inputs.iter().map(|p| (p.clone(), true)).collect();
     stack.reverse();
     while let Some((p, top)) = stack.pop() {
-        let hidden = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        let hidden = p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
         if p.is_dir() {
             if !top && (!recursive || hidden) {
                 continue;
@@ -69,7 +76,10 @@ fn collect(inputs: &[PathBuf], out: &Path, recursive: bool, missing: &mut Vec<Fi
             let mut entries: Vec<PathBuf> = match std::fs::read_dir(&p) {
                 Ok(r) => r.filter_map(|e| e.ok().map(|e| e.path())).collect(),
                 Err(e) => {
-                    missing.push(failed(&p, format!("{}: cannot read folder: {e}", p.display())));
+                    missing.push(failed(
+                        &p,
+                        format!("{}: cannot read folder: {e}", p.display()),
+                    ));
                     continue;
                 }
             };
@@ -85,23 +95,39 @@ fn collect(inputs: &[PathBuf], out: &Path, recursive: bool, missing: &mut Vec<Fi
             }
             files.push(p);
         } else {
-            missing.push(failed(&p, format!("{}: no such file or folder", p.display())));
+            missing.push(failed(
+                &p,
+                format!("{}: no such file or folder", p.display()),
+            ));
         }
     }
     files
 }
 
 fn looks_like_dicom(p: &Path) -> bool {
-    let ext = p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase());
+    let ext = p
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
     if matches!(ext.as_deref(), Some("dcm") | Some("dicom")) {
         return true;
     }
     let mut head = [0u8; 132];
-    std::fs::File::open(p).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)).is_ok() && &head[128..132] == b"DICM"
+    std::fs::File::open(p)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .is_ok()
+        && &head[128..132] == b"DICM"
 }
 
 fn failed(p: &Path, error: String) -> FileSummary {
-    FileSummary { path: p.to_path_buf(), status: "failed", output: None, frames: 0, plan: None, timings: None, error: Some(error) }
+    FileSummary {
+        path: p.to_path_buf(),
+        status: "failed",
+        output: None,
+        frames: 0,
+        plan: None,
+        timings: None,
+        error: Some(error),
+    }
 }
 
 fn median(v: &mut [f64]) -> Option<f64> {
@@ -123,33 +149,63 @@ fn mean_step(points: &[Option<[f64; 2]>]) -> Option<f64> {
     (!steps.is_empty()).then(|| steps.iter().sum::<f64>() / steps.len() as f64)
 }
 
-fn process_file(path: &Path, dir: &Path, stem: &str, pipeline: &Pipeline, opts: &Options) -> Result<FileSummary, String> {
+fn process_file(
+    path: &Path,
+    dir: &Path,
+    stem: &str,
+    pipeline: &Pipeline,
+    opts: &Options,
+) -> Result<FileSummary, String> {
     let dicom_out = dir.join(format!("{stem}.overlay.dcm"));
     if opts.skip_existing && dicom_out.is_file() {
-        return Ok(FileSummary { path: path.to_path_buf(), status: "skipped", output: Some(dir.to_path_buf()), frames: 0, plan: None, timings: None, error: None });
+        return Ok(FileSummary {
+            path: path.to_path_buf(),
+            status: "skipped",
+            output: Some(dir.to_path_buf()),
+            frames: 0,
+            plan: None,
+            timings: None,
+            error: None,
+        });
     }
     let file = DicomFile::open(path, &ReadOptions::default()).map_err(|e| e.to_string())?;
     let n = file.frame_count();
     let (start, end) = opts.frames.unwrap_or((0, n));
     let end = end.min(n);
     if start >= end {
-        return Err(format!("{}: frames {start}..{end} are outside its {n} frame(s)", path.display()));
+        return Err(format!(
+            "{}: frames {start}..{end} are outside its {n} frame(s)",
+            path.display()
+        ));
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: cannot create {}: {e}", path.display(), dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("{}: cannot create {}: {e}", path.display(), dir.display()))?;
     // Never overwrite an input.
     let input_abs = std::fs::canonicalize(path).ok();
-    if input_abs.is_some() && std::fs::canonicalize(dir).ok().map(|d| d.join(format!("{stem}.overlay.dcm"))) == input_abs {
-        return Err(format!("{}: the output would overwrite the input", path.display()));
+    if input_abs.is_some()
+        && std::fs::canonicalize(dir)
+            .ok()
+            .map(|d| d.join(format!("{stem}.overlay.dcm")))
+            == input_abs
+    {
+        return Err(format!(
+            "{}: the output would overwrite the input",
+            path.display()
+        ));
     }
     let mut session = Session::new();
     let mut overlays: Vec<Vec<u8>> = Vec::new();
-    let (mut t_despeckle, mut t_features, mut t_segment, mut t_plan, mut t_total) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut t_despeckle, mut t_features, mut t_segment, mut t_plan, mut t_total) =
+        (vec![], vec![], vec![], vec![], vec![]);
     let (mut angles, mut depths, mut lengths) = (vec![], vec![], vec![]);
     let (mut targets, mut entries) = (vec![], vec![]);
     let mut first = None;
     let mut with_path = 0;
     let (w, h) = (file.info().columns as usize, file.info().rows as usize);
-    let mut mm = (sonoguide::segment::ASSUMED_MM_PER_PX, sonoguide::segment::ASSUMED_MM_PER_PX);
+    let mut mm = (
+        sonoguide::segment::ASSUMED_MM_PER_PX,
+        sonoguide::segment::ASSUMED_MM_PER_PX,
+    );
     let mut region = sonoguide::Rect::full(w, h);
     let mut reference = (0i64, 0i64);
     let wrap = |e: sonoguide::Error| e.to_string();
@@ -157,21 +213,54 @@ fn process_file(path: &Path, dir: &Path, stem: &str, pipeline: &Pipeline, opts: 
         let frame = file.read_frame(k).map_err(|e| e.to_string())?;
         if k == start {
             region = frame.region.bounds;
-            if let sonoguide::Calibration::Ok { mm_per_px_x, mm_per_px_y, reference_px, .. } = &frame.calibration {
+            if let sonoguide::Calibration::Ok {
+                mm_per_px_x,
+                mm_per_px_y,
+                reference_px,
+                ..
+            } = &frame.calibration
+            {
                 mm = (*mm_per_px_x, *mm_per_px_y);
-                reference = reference_px.map(|r| (r.0.round() as i64, r.1.round() as i64)).unwrap_or((region.x0 as i64, region.y0 as i64));
+                reference = reference_px
+                    .map(|r| (r.0.round() as i64, r.1.round() as i64))
+                    .unwrap_or((region.x0 as i64, region.y0 as i64));
             } else {
                 reference = (region.x0 as i64, region.y0 as i64);
             }
         }
         let r = pipeline.process_in(&mut session, &frame).map_err(wrap)?;
         let name = format!("frame_{k:04}");
-        let base = if opts.overlay_on_original { &frame.intensity } else { &r.despeckled };
-        let overlay = sonoguide::overlay::draw_plan(base, &r.segmentation.labels, &r.plan, r.segmentation.mm_per_px).map_err(wrap)?;
-        sonoguide::imageio::write_rgb_png(&dir.join(format!("{name}.overlay.png")), w, h, overlay.as_raw()).map_err(wrap)?;
-        sonoguide::imageio::write_gray_png(&dir.join(format!("{name}.labels.png")), &r.segmentation.labels).map_err(wrap)?;
-        sonoguide::imageio::write_json(&dir.join(format!("{name}.bone.json")), &r.segmentation.bone_json()).map_err(wrap)?;
-        sonoguide::imageio::write_json(&dir.join(format!("{name}.plan.json")), &r.plan).map_err(wrap)?;
+        let base = if opts.overlay_on_original {
+            &frame.intensity
+        } else {
+            &r.despeckled
+        };
+        let overlay = sonoguide::overlay::draw_plan(
+            base,
+            &r.segmentation.labels,
+            &r.plan,
+            r.segmentation.mm_per_px,
+        )
+        .map_err(wrap)?;
+        sonoguide::imageio::write_rgb_png(
+            &dir.join(format!("{name}.overlay.png")),
+            w,
+            h,
+            overlay.as_raw(),
+        )
+        .map_err(wrap)?;
+        sonoguide::imageio::write_gray_png(
+            &dir.join(format!("{name}.labels.png")),
+            &r.segmentation.labels,
+        )
+        .map_err(wrap)?;
+        sonoguide::imageio::write_json(
+            &dir.join(format!("{name}.bone.json")),
+            &r.segmentation.bone_json(),
+        )
+        .map_err(wrap)?;
+        sonoguide::imageio::write_json(&dir.join(format!("{name}.plan.json")), &r.plan)
+            .map_err(wrap)?;
         overlays.push(overlay.into_raw());
         let t = r.timings;
         t_despeckle.push(t.despeckle_ms);
@@ -192,7 +281,13 @@ fn process_file(path: &Path, dir: &Path, stem: &str, pipeline: &Pipeline, opts: 
         }
     }
     let (identity, derived) = derived_identity(file.object(), "sonoguide overlay (research tool)");
-    let source_desc = derived.map(|(c, i, _)| (c, i, "Despeckled, segmented, needle path suggested and burned in by sonoguide".to_string()));
+    let source_desc = derived.map(|(c, i, _)| {
+        (
+            c,
+            i,
+            "Despeckled, segmented, needle path suggested and burned in by sonoguide".to_string(),
+        )
+    });
     let mut image = UsImage::new(w, h, Colour::Rgb, overlays, mm, region, reference, identity);
     image.derived_from = source_desc;
     write_us_image(&dicom_out, &image).map_err(|e| e.to_string())?;
@@ -245,7 +340,10 @@ pub fn run(inputs: &[PathBuf], out: &Path, config: PipelineConfig, opts: &Option
     let jobs: Vec<(PathBuf, String)> = files
         .into_iter()
         .map(|f| {
-            let base = f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "input".into());
+            let base = f
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "input".into());
             let mut stem = base.clone();
             let mut k = 2;
             while !used.insert(stem.clone()) {
@@ -270,7 +368,9 @@ pub fn run(inputs: &[PathBuf], out: &Path, config: PipelineConfig, opts: &Option
         for _ in 0..opts.jobs.min(total.max(1)) {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((path, stem)) = jobs.get(i) else { break };
+                let Some((path, stem)) = jobs.get(i) else {
+                    break;
+                };
                 let summary = match process_file(path, &out.join(stem), stem, &pipeline, opts) {
                     Ok(s) => s,
                     Err(e) => failed(path, e),
@@ -278,12 +378,21 @@ pub fn run(inputs: &[PathBuf], out: &Path, config: PipelineConfig, opts: &Option
                 let k = done.fetch_add(1, Ordering::Relaxed) + 1;
                 let line = match &summary.error {
                     Some(e) => format!("[{k}/{total}] failed: {e}"),
-                    None => format!("[{k}/{total}] {}: {} ({} frame(s))", path.display(), summary.status, summary.frames),
+                    None => format!(
+                        "[{k}/{total}] {}: {} ({} frame(s))",
+                        path.display(),
+                        summary.status,
+                        summary.frames
+                    ),
                 };
                 match &bar {
                     Some(b) => {
                         b.inc(1);
-                        b.set_message(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+                        b.set_message(
+                            path.file_name()
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_default(),
+                        );
                         if summary.error.is_some() {
                             b.println(line);
                         }
@@ -317,7 +426,11 @@ pub fn run(inputs: &[PathBuf], out: &Path, config: PipelineConfig, opts: &Option
     }
     let ok = summaries.iter().filter(|s| s.status == "ok").count();
     let skipped = summaries.iter().filter(|s| s.status == "skipped").count();
-    eprintln!("{ok} processed, {skipped} skipped, {} failed; summary in {}", failures.len(), out.join("summary.json").display());
+    eprintln!(
+        "{ok} processed, {skipped} skipped, {} failed; summary in {}",
+        failures.len(),
+        out.join("summary.json").display()
+    );
     if failures.is_empty() {
         return ExitCode::SUCCESS;
     }

@@ -61,7 +61,11 @@ pub fn median_of(v: &[f64]) -> f64 {
     if s.is_empty() {
         return f64::NAN;
     }
-    if s.len() % 2 == 1 { s[s.len() / 2] } else { (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0 }
+    if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    }
 }
 
 /// Times `f` `repeats` times after `warmup` runs; returns the median in ms.
@@ -79,7 +83,12 @@ pub fn time_ms(warmup: usize, repeats: usize, mut f: impl FnMut() -> Result<()>)
 }
 
 /// Times every kernel on the despeckler's backend.
-pub fn run(despeckler: &Despeckler, width: usize, height: usize, repeats: usize) -> Result<Vec<BenchRow>> {
+pub fn run(
+    despeckler: &Despeckler,
+    width: usize,
+    height: usize,
+    repeats: usize,
+) -> Result<Vec<BenchRow>> {
     let img = speckle_frame(width, height)?;
     let mut rows = Vec::new();
     let row = |kernel: &str, parameters: Vec<(&'static str, f64)>, ms: f64| BenchRow {
@@ -88,7 +97,10 @@ pub fn run(despeckler: &Despeckler, width: usize, height: usize, repeats: usize)
         adapter: despeckler.device_name(),
         width,
         height,
-        parameters: parameters.into_iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect(),
+        parameters: parameters
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+            .collect(),
         ms_median: ms,
         mpix_per_s: (width * height) as f64 / 1e6 / (ms / 1e3),
     };
@@ -106,7 +118,8 @@ pub fn run(despeckler: &Despeckler, width: usize, height: usize, repeats: usize)
         let frame = crate::phantom::frame_of(&ph, 0)?;
         let seg = crate::segment::SegmentParams::default();
         let valid = crate::segment::valid_mask(&frame);
-        let (grid, _, _, mm) = crate::segment::analysis_grid(&frame, &frame.intensity, &valid, &seg);
+        let (grid, _, _, mm) =
+            crate::segment::analysis_grid(&frame, &frame.intensity, &valid, &seg);
         let fp = crate::segment::feature_params(&seg, mm, grid.nrows())?;
         let (gh, gw) = grid.dim();
         let grid_row = |kernel: &str, parameters: Vec<(&'static str, f64)>, ms: f64| {
@@ -131,18 +144,42 @@ pub fn run(despeckler: &Despeckler, width: usize, height: usize, repeats: usize)
                     Ok(())
                 })
             };
-            rows.push(grid_row("phase_symmetry", ps_params.clone(), gpu_ms(&|c| crate::kernels::phase_symmetry::encode(c, &fp.0))?));
-            rows.push(grid_row("shadow", Vec::new(), gpu_ms(&|c| crate::kernels::shadow::encode(c, &fp.1))?));
-            rows.push(grid_row("coherence", vec![("radius", fp.2.radius as f64)], gpu_ms(&|c| crate::kernels::coherence::encode(c, &fp.2))?));
-        }
-        if despeckler.backend_name() == "cpu" {
-            let plan = crate::kernels::phase_symmetry::Plan::new(&fp.0, gw, gh);
-            rows.push(grid_row("phase_symmetry", ps_params, time_ms(1, repeats, || plan.run(&grid).map(|_| ()))?));
-            rows.push(grid_row("shadow", Vec::new(), time_ms(1, repeats, || crate::kernels::shadow::cpu(&grid, &fp.1).map(|_| ()))?));
+            rows.push(grid_row(
+                "phase_symmetry",
+                ps_params.clone(),
+                gpu_ms(&|c| crate::kernels::phase_symmetry::encode(c, &fp.0))?,
+            ));
+            rows.push(grid_row(
+                "shadow",
+                Vec::new(),
+                gpu_ms(&|c| crate::kernels::shadow::encode(c, &fp.1))?,
+            ));
             rows.push(grid_row(
                 "coherence",
                 vec![("radius", fp.2.radius as f64)],
-                time_ms(1, repeats, || crate::kernels::coherence::cpu_fast(&grid, &fp.2).map(|_| ()))?,
+                gpu_ms(&|c| crate::kernels::coherence::encode(c, &fp.2))?,
+            ));
+        }
+        if despeckler.backend_name() == "cpu" {
+            let plan = crate::kernels::phase_symmetry::Plan::new(&fp.0, gw, gh);
+            rows.push(grid_row(
+                "phase_symmetry",
+                ps_params,
+                time_ms(1, repeats, || plan.run(&grid).map(|_| ()))?,
+            ));
+            rows.push(grid_row(
+                "shadow",
+                Vec::new(),
+                time_ms(1, repeats, || {
+                    crate::kernels::shadow::cpu(&grid, &fp.1).map(|_| ())
+                })?,
+            ));
+            rows.push(grid_row(
+                "coherence",
+                vec![("radius", fp.2.radius as f64)],
+                time_ms(1, repeats, || {
+                    crate::kernels::coherence::cpu_fast(&grid, &fp.2).map(|_| ())
+                })?,
             ));
         }
         let srad = Filter::default_for("srad")?;
@@ -150,13 +187,30 @@ pub fn run(despeckler: &Despeckler, width: usize, height: usize, repeats: usize)
             let des = despeckler.run(&frame.intensity, std::slice::from_ref(&srad))?;
             crate::segment::segment_with(despeckler, &frame, &des, &seg).map(|_| ())
         })?;
-        rows.push(row("segment", vec![("despeckle_srad_iterations", crate::despeckle::defaults::SRAD_ITERATIONS as f64)], ms));
+        rows.push(row(
+            "segment",
+            vec![(
+                "despeckle_srad_iterations",
+                crate::despeckle::defaults::SRAD_ITERATIONS as f64,
+            )],
+            ms,
+        ));
     }
     for f in bench_filters()? {
         // The heavy CPU cases get fewer repeats: their run time dwarfs the machine's noise.
-        let slow = despeckler.backend_name() == "cpu" && matches!(f, Filter::Obnlm(_) | Filter::Srad(srad::Srad { iterations: 100, .. }));
+        let slow = despeckler.backend_name() == "cpu"
+            && matches!(
+                f,
+                Filter::Obnlm(_)
+                    | Filter::Srad(srad::Srad {
+                        iterations: 100,
+                        ..
+                    })
+            );
         let reps = if slow { repeats.min(5) } else { repeats };
-        let ms = time_ms(1, reps, || despeckler.run(&img, std::slice::from_ref(&f)).map(|_| ()))?;
+        let ms = time_ms(1, reps, || {
+            despeckler.run(&img, std::slice::from_ref(&f)).map(|_| ())
+        })?;
         rows.push(row(f.name(), f.parameters(), ms));
     }
     Ok(rows)
@@ -182,7 +236,12 @@ pub struct PipelineRow {
 }
 
 /// Times whole frames through `pipeline` on a phantom of the given size.
-pub fn run_pipeline(pipeline: &crate::Pipeline, width: usize, height: usize, repeats: usize) -> Result<PipelineRow> {
+pub fn run_pipeline(
+    pipeline: &crate::Pipeline,
+    width: usize,
+    height: usize,
+    repeats: usize,
+) -> Result<PipelineRow> {
     let mut p = PhantomParams::default();
     p.width = width;
     p.height = height;
@@ -194,7 +253,9 @@ pub fn run_pipeline(pipeline: &crate::Pipeline, width: usize, height: usize, rep
     for _ in 0..repeats.max(1) {
         t.push(pipeline.process(&frame)?.timings);
     }
-    let med = |f: fn(&crate::pipeline::StageTimings) -> f64| median_of(&t.iter().map(f).collect::<Vec<_>>());
+    let med = |f: fn(&crate::pipeline::StageTimings) -> f64| {
+        median_of(&t.iter().map(f).collect::<Vec<_>>())
+    };
     let stages = crate::pipeline::StageTimings {
         despeckle_ms: med(|s| s.despeckle_ms),
         features_ms: med(|s| s.features_ms),
@@ -236,7 +297,12 @@ pub struct ServeRow {
 
 /// Runs a server on loopback around `pipeline`, sends `frames` IMAGE messages of a phantom cine
 /// (sequentially, waiting for the replies), and measures the latencies.
-pub fn run_serve(pipeline: std::sync::Arc<crate::Pipeline>, width: usize, height: usize, frames: usize) -> Result<ServeRow> {
+pub fn run_serve(
+    pipeline: std::sync::Arc<crate::Pipeline>,
+    width: usize,
+    height: usize,
+    frames: usize,
+) -> Result<ServeRow> {
     use std::io::{Read, Write};
     use std::sync::atomic::Ordering;
     let mut p = PhantomParams::default();
@@ -246,13 +312,19 @@ pub fn run_serve(pipeline: std::sync::Arc<crate::Pipeline>, width: usize, height
     p.frames = 8;
     let ph = generate("bench", &p)?;
     let server = crate::igtl::Server::bind("127.0.0.1:0", pipeline.clone(), Default::default())?;
-    let addr = server.local_addr().ok_or(crate::Error::InvalidParameter { name: "address", reason: "no local address".into() })?;
+    let addr = server.local_addr().ok_or(crate::Error::InvalidParameter {
+        name: "address",
+        reason: "no local address".into(),
+    })?;
     let stop = server.stop_flag();
     let mut matrix = [0f32; 12];
     matrix[0] = p.mm_per_px as f32;
     matrix[4] = p.mm_per_px as f32;
     matrix[8] = 1.0;
-    let io = |e: std::io::Error| crate::Error::Write { path: addr.to_string().into(), source: e };
+    let io = |e: std::io::Error| crate::Error::Write {
+        path: addr.to_string().into(),
+        source: e,
+    };
     let mut round_trips = Vec::with_capacity(frames);
     std::thread::scope(|s| -> Result<()> {
         s.spawn(|| server.run(&|_| {}));
@@ -283,7 +355,10 @@ pub fn run_serve(pipeline: std::sync::Arc<crate::Pipeline>, width: usize, height
     })?;
     let mut l = server.latencies_ms();
     l.sort_by(|a, b| a.total_cmp(b));
-    let p99 = l.get(((l.len().max(1) - 1) as f64 * 0.99) as usize).copied().unwrap_or(f64::NAN);
+    let p99 = l
+        .get(((l.len().max(1) - 1) as f64 * 0.99) as usize)
+        .copied()
+        .unwrap_or(f64::NAN);
     Ok(ServeRow {
         backend: pipeline.despeckler().backend_name().to_string(),
         adapter: pipeline.despeckler().device_name(),

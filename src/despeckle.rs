@@ -89,14 +89,23 @@ impl Filter {
     /// Named parameters, for reports.
     pub fn parameters(&self) -> Vec<(&'static str, f64)> {
         match self {
-            Filter::Srad(s) => vec![("lambda", s.params.lambda as f64), ("iterations", s.iterations as f64)],
+            Filter::Srad(s) => vec![
+                ("lambda", s.params.lambda as f64),
+                ("iterations", s.iterations as f64),
+            ],
             Filter::Obnlm(p) => vec![
                 ("search", (2 * p.search_radius + 1) as f64),
                 ("patch", (2 * p.patch_radius + 1) as f64),
                 ("h", p.h as f64),
             ],
-            Filter::Lee(p) => vec![("window", (2 * p.radius + 1) as f64), ("noise_cv", p.noise_cv as f64)],
-            Filter::Frost(p) => vec![("window", (2 * p.radius + 1) as f64), ("damping", p.damping as f64)],
+            Filter::Lee(p) => vec![
+                ("window", (2 * p.radius + 1) as f64),
+                ("noise_cv", p.noise_cv as f64),
+            ],
+            Filter::Frost(p) => vec![
+                ("window", (2 * p.radius + 1) as f64),
+                ("damping", p.damping as f64),
+            ],
             Filter::Median(p) => vec![("size", (2 * p.radius + 1) as f64)],
         }
     }
@@ -135,7 +144,10 @@ pub struct Despeckler {
 
 impl std::fmt::Debug for Despeckler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Despeckler").field("backend", &self.backend).field("device", &self.device_name()).finish()
+        f.debug_struct("Despeckler")
+            .field("backend", &self.backend)
+            .field("device", &self.device_name())
+            .finish()
     }
 }
 
@@ -147,7 +159,12 @@ impl Despeckler {
         {
             let (gpu, note) = match backend {
                 Backend::Cpu => (None, None),
-                Backend::Gpu => (Some(std::sync::Arc::new(crate::gpu::GpuContext::new(Backend::Gpu)?)), None),
+                Backend::Gpu => (
+                    Some(std::sync::Arc::new(crate::gpu::GpuContext::new(
+                        Backend::Gpu,
+                    )?)),
+                    None,
+                ),
                 Backend::Auto => match crate::gpu::GpuContext::new(Backend::Auto) {
                     Ok(c) => (Some(std::sync::Arc::new(c)), None),
                     Err(e) => (None, Some(format!("using the CPU: {e}"))),
@@ -160,7 +177,10 @@ impl Despeckler {
             if backend == Backend::Gpu {
                 return Err(GpuError::NotBuilt.into());
             }
-            Ok(Despeckler { backend, note: None })
+            Ok(Despeckler {
+                backend,
+                note: None,
+            })
         }
     }
 
@@ -168,7 +188,11 @@ impl Despeckler {
     /// chains take turns).
     #[cfg(feature = "gpu")]
     pub fn with_gpu(gpu: std::sync::Arc<crate::gpu::GpuContext>) -> Despeckler {
-        Despeckler { backend: Backend::Gpu, gpu: Some(gpu), note: None }
+        Despeckler {
+            backend: Backend::Gpu,
+            gpu: Some(gpu),
+            note: None,
+        }
     }
 
     /// The shared handle of the GPU device, if the GPU runs.

@@ -54,14 +54,17 @@ fn masks(clean: &Array2<f32>, labels: &Array2<u8>) -> Masks {
     let m2 = quality::blur(&(&c * &c), 2.0, 4);
     let homogeneous = Array2::from_shape_fn((h, w), |(y, x)| {
         let sd = (m2[[y, x]] - m[[y, x]].powi(2)).max(0.0).sqrt();
-        labels[[y, x]] == label::BACKGROUND && sd < HOMOGENEOUS_STD && m[[y, x]] > HOMOGENEOUS_MIN_LEVEL
+        labels[[y, x]] == label::BACKGROUND
+            && sd < HOMOGENEOUS_STD
+            && m[[y, x]] > HOMOGENEOUS_MIN_LEVEL
     });
     let tendon = labels.mapv(|l| l == label::TENDON);
     let mut surround = Array2::from_elem((h, w), false);
     for x in 0..w {
         let rows: Vec<usize> = (0..h).filter(|y| tendon[[*y, x]]).collect();
         if let (Some(&t0), Some(&t1)) = (rows.first(), rows.last()) {
-            let above = t0.saturating_sub(SURROUND_GAP_PX + SURROUND_PX)..t0.saturating_sub(SURROUND_GAP_PX);
+            let above = t0.saturating_sub(SURROUND_GAP_PX + SURROUND_PX)
+                ..t0.saturating_sub(SURROUND_GAP_PX);
             let below = (t1 + SURROUND_GAP_PX).min(h)..(t1 + SURROUND_GAP_PX + SURROUND_PX).min(h);
             for y in above.chain(below) {
                 if labels[[y, x]] == label::BACKGROUND {
@@ -74,11 +77,20 @@ fn masks(clean: &Array2<f32>, labels: &Array2<u8>) -> Masks {
         (y.saturating_sub(2)..(y + 3).min(h)).any(|yy| labels[[yy, x]] == label::BONE)
     });
     let image = clean.mapv(|v| v > 0.0);
-    Masks { image, homogeneous, tendon, surround, bone_band }
+    Masks {
+        image,
+        homogeneous,
+        tendon,
+        surround,
+        bone_band,
+    }
 }
 
 fn values(a: &Array2<f32>, m: &Array2<bool>) -> Vec<f64> {
-    a.indexed_iter().filter(|(i, _)| m[*i]).map(|(_, v)| *v as f64).collect()
+    a.indexed_iter()
+        .filter(|(i, _)| m[*i])
+        .map(|(_, v)| *v as f64)
+        .collect()
 }
 
 /// Scores the unfiltered image and each filter on phantoms with `seeds`.
@@ -100,7 +112,11 @@ pub fn despeckle_scores(
         let mk = masks(&clean, &ph.labels[0]);
         cases += 1;
         for k in 0..=filters.len() {
-            let out = if k == 0 { img.clone() } else { despeckler.run(&img, std::slice::from_ref(&filters[k - 1]))? };
+            let out = if k == 0 {
+                img.clone()
+            } else {
+                despeckler.run(&img, std::slice::from_ref(&filters[k - 1]))?
+            };
             let measures = [
                 Some(quality::ssim(&out, &clean, Some(&mk.image))),
                 Some(quality::psnr(&out, &clean, Some(&mk.image))),
@@ -117,14 +133,28 @@ pub fn despeckle_scores(
             }
         }
     }
-    let avg = |k: usize, i: usize| if counts[k][i] == 0 { f64::NAN } else { sums[k][i] / counts[k][i] as f64 };
+    let avg = |k: usize, i: usize| {
+        if counts[k][i] == 0 {
+            f64::NAN
+        } else {
+            sums[k][i] / counts[k][i] as f64
+        }
+    };
     Ok((0..=filters.len())
         .map(|k| DespeckleScore {
-            filter: if k == 0 { "raw".into() } else { filters[k - 1].name().into() },
+            filter: if k == 0 {
+                "raw".into()
+            } else {
+                filters[k - 1].name().into()
+            },
             parameters: if k == 0 {
                 Vec::new()
             } else {
-                filters[k - 1].parameters().into_iter().map(|(n, v)| (n.to_string(), v)).collect()
+                filters[k - 1]
+                    .parameters()
+                    .into_iter()
+                    .map(|(n, v)| (n.to_string(), v))
+                    .collect()
             },
             ssim: avg(k, 0),
             psnr_db: avg(k, 1),
@@ -163,7 +193,10 @@ pub struct SegmentScore {
 }
 
 fn nearest_mm(p: [f64; 2], set: &[[f64; 2]], mm: f64) -> f64 {
-    set.iter().map(|q| ((p[0] - q[0]).powi(2) + (p[1] - q[1]).powi(2)).sqrt()).fold(f64::INFINITY, f64::min) * mm
+    set.iter()
+        .map(|q| ((p[0] - q[0]).powi(2) + (p[1] - q[1]).powi(2)).sqrt())
+        .fold(f64::INFINITY, f64::min)
+        * mm
 }
 
 /// Dice of label `l` between `a` and `b`; `None` when neither has it.
@@ -208,7 +241,12 @@ pub fn segment_scores(
                 dice_n[l as usize - 1] += 1;
             }
         }
-        let truth_pts: Vec<[f64; 2]> = ph.truth.frames[0].bone_polylines_px.iter().flatten().copied().collect();
+        let truth_pts: Vec<[f64; 2]> = ph.truth.frames[0]
+            .bone_polylines_px
+            .iter()
+            .flatten()
+            .copied()
+            .collect();
         let found_pts: Vec<[f64; 2]> = s.bone_polylines_px.iter().flatten().copied().collect();
         let mm = p.mm_per_px;
         if truth_pts.is_empty() {
@@ -231,8 +269,18 @@ pub fn segment_scores(
     let missed = truth_d.iter().filter(|d| **d > 2.0).count();
     let mut sorted = finite.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
-    let p95 = if sorted.is_empty() { f64::NAN } else { sorted[((sorted.len() - 1) as f64 * 0.95) as usize] };
-    let mean = |v: &[f64]| if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 };
+    let p95 = if sorted.is_empty() {
+        f64::NAN
+    } else {
+        sorted[((sorted.len() - 1) as f64 * 0.95) as usize]
+    };
+    let mean = |v: &[f64]| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
     let mut dice = [f64::NAN; 5];
     for i in 0..5 {
         if dice_n[i] > 0 {
@@ -246,7 +294,11 @@ pub fn segment_scores(
         bone_mean_mm: mean(&finite),
         bone_p95_mm: p95,
         bone_false_mean_mm: mean(&false_d),
-        bone_missed_share: if truth_d.is_empty() { 0.0 } else { missed as f64 / truth_d.len() as f64 },
+        bone_missed_share: if truth_d.is_empty() {
+            0.0
+        } else {
+            missed as f64 / truth_d.len() as f64
+        },
         false_bone_frames: false_bone,
         no_bone_frames: no_bone,
         ms_median: crate::bench::median_of(&times),
@@ -295,7 +347,11 @@ fn path_samples(a: [f64; 2], b: [f64; 2]) -> Vec<(f64, f64, f64)> {
     (0..=n)
         .map(|k| {
             let t = k as f64 / n as f64;
-            (a[0] + t * (b[0] - a[0]), a[1] + t * (b[1] - a[1]), (1.0 - t) * len)
+            (
+                a[0] + t * (b[0] - a[0]),
+                a[1] + t * (b[1] - a[1]),
+                (1.0 - t) * len,
+            )
         })
         .collect()
 }
@@ -341,12 +397,15 @@ pub fn plan_scores(
         if let (Some(t), Some(tt)) = (r.plan.target, ph.truth.frames[0].target_mm) {
             errors.push(((t.mm[0] - tt[0]).powi(2) + (t.mm[1] - tt[1]).powi(2)).sqrt());
         }
-        let (Some(e), Some(t)) = (r.plan.entry, r.plan.target) else { continue };
+        let (Some(e), Some(t)) = (r.plan.entry, r.plan.target) else {
+            continue;
+        };
         if !r.plan.is_ok() {
             continue;
         }
         score.with_path += 1;
-        let forbidden = truth.mapv(|l| l == label::BONE || l == label::SHADOW || l == label::VESSEL);
+        let forbidden =
+            truth.mapv(|l| l == label::BONE || l == label::SHADOW || l == label::VESSEL);
         let dist = crate::plan::distance_mm(&forbidden, (mm, mm));
         let mut crossed = false;
         for (x, y, to_target_px) in path_samples(e.px, t.px) {
@@ -382,9 +441,22 @@ pub fn plan_scores(
             let frame = crate::phantom::frame_of(&ph, k)?;
             let r = pipeline.process_in(&mut session, &frame)?;
             let ideal = ph.truth.frames[k].target_mm;
-            let cur = match (r.raw_plan.target, r.plan.target, r.raw_plan.entry, r.plan.entry, ideal) {
-                (Some(a), Some(b), Some(c), Some(d), Some(i)) if r.plan.is_ok() && r.raw_plan.is_ok() => {
-                    Some(([a.mm[0] - i[0], a.mm[1] - i[1]], [b.mm[0] - i[0], b.mm[1] - i[1]], c.mm, d.mm))
+            let cur = match (
+                r.raw_plan.target,
+                r.plan.target,
+                r.raw_plan.entry,
+                r.plan.entry,
+                ideal,
+            ) {
+                (Some(a), Some(b), Some(c), Some(d), Some(i))
+                    if r.plan.is_ok() && r.raw_plan.is_ok() =>
+                {
+                    Some((
+                        [a.mm[0] - i[0], a.mm[1] - i[1]],
+                        [b.mm[0] - i[0], b.mm[1] - i[1]],
+                        c.mm,
+                        d.mm,
+                    ))
                 }
                 _ => None,
             };
@@ -396,7 +468,9 @@ pub fn plan_scores(
             prev_kind = kind;
             if let (Some(pv), Some(cv)) = (prev, cur) {
                 score.jitter_pairs += 1;
-                let d = |a: [f64; 2], b: [f64; 2]| ((a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2)).sqrt();
+                let d = |a: [f64; 2], b: [f64; 2]| {
+                    ((a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2)).sqrt()
+                };
                 tr.push(d(pv.0, cv.0));
                 ts.push(d(pv.1, cv.1));
                 er.push(d(pv.2, cv.2));
@@ -405,7 +479,13 @@ pub fn plan_scores(
             prev = cur;
         }
     }
-    let mean = |v: &[f64]| if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 };
+    let mean = |v: &[f64]| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
     score.target_jitter_raw_mm = mean(&tr);
     score.target_jitter_smoothed_mm = mean(&ts);
     score.entry_jitter_raw_mm = mean(&er);

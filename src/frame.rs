@@ -26,7 +26,12 @@ pub struct Rect {
 impl Rect {
     /// The whole of a `width` × `height` image.
     pub fn full(width: usize, height: usize) -> Self {
-        Rect { x0: 0, y0: 0, x1: width, y1: height }
+        Rect {
+            x0: 0,
+            y0: 0,
+            x1: width,
+            y1: height,
+        }
     }
     /// Width in pixels.
     pub fn width(&self) -> usize {
@@ -142,7 +147,11 @@ impl Calibration {
     /// Millimetres per pixel (x, y), if usable.
     pub fn mm_per_px(&self) -> Option<(f64, f64)> {
         match self {
-            Calibration::Ok { mm_per_px_x, mm_per_px_y, .. } => Some((*mm_per_px_x, *mm_per_px_y)),
+            Calibration::Ok {
+                mm_per_px_x,
+                mm_per_px_y,
+                ..
+            } => Some((*mm_per_px_x, *mm_per_px_y)),
             _ => None,
         }
     }
@@ -152,7 +161,12 @@ impl Calibration {
     /// gives no reference pixel).
     pub fn px_to_mm(&self, x: f64, y: f64, top_row: f64) -> Option<(f64, f64)> {
         match self {
-            Calibration::Ok { mm_per_px_x, mm_per_px_y, reference_px, .. } => {
+            Calibration::Ok {
+                mm_per_px_x,
+                mm_per_px_y,
+                reference_px,
+                ..
+            } => {
                 let (rx, ry) = reference_px.unwrap_or((0.0, top_row));
                 Some(((x - rx) * mm_per_px_x, (y - ry) * mm_per_px_y))
             }
@@ -163,7 +177,12 @@ impl Calibration {
     /// Inverse of [`Calibration::px_to_mm`].
     pub fn mm_to_px(&self, x_mm: f64, y_mm: f64, top_row: f64) -> Option<(f64, f64)> {
         match self {
-            Calibration::Ok { mm_per_px_x, mm_per_px_y, reference_px, .. } => {
+            Calibration::Ok {
+                mm_per_px_x,
+                mm_per_px_y,
+                reference_px,
+                ..
+            } => {
                 let (rx, ry) = reference_px.unwrap_or((0.0, top_row));
                 Some((x_mm / mm_per_px_x + rx, y_mm / mm_per_px_y + ry))
             }
@@ -238,7 +257,8 @@ impl Frame {
                 ),
             });
         }
-        let intensity = Array2::from_shape_fn((height, width), |(y, x)| pixels[y * width + x] as f32);
+        let intensity =
+            Array2::from_shape_fn((height, width), |(y, x)| pixels[y * width + x] as f32);
         Ok(Frame {
             intensity,
             rgb: None,
@@ -256,16 +276,31 @@ impl Frame {
 
     /// Builds a frame from a 16-bit greyscale buffer (row-major), scaled to 0–255 by
     /// `bits_stored`, with `mm_per_px` (x, y) as its calibration (depth 0 at the top row).
-    pub fn from_gray16(width: usize, height: usize, pixels: &[u16], bits_stored: u32, mm_per_px: (f64, f64)) -> crate::Result<Frame> {
-        if width == 0 || height == 0 || pixels.len() != width * height || !(1..=16).contains(&bits_stored) {
+    pub fn from_gray16(
+        width: usize,
+        height: usize,
+        pixels: &[u16],
+        bits_stored: u32,
+        mm_per_px: (f64, f64),
+    ) -> crate::Result<Frame> {
+        if width == 0
+            || height == 0
+            || pixels.len() != width * height
+            || !(1..=16).contains(&bits_stored)
+        {
             return Err(crate::Error::InvalidParameter {
                 name: "pixels",
-                reason: format!("{} samples of {bits_stored} bits do not make a {width}x{height} frame", pixels.len()),
+                reason: format!(
+                    "{} samples of {bits_stored} bits do not make a {width}x{height} frame",
+                    pixels.len()
+                ),
             });
         }
         let max = ((1u32 << bits_stored) - 1) as f32;
         let mut f = Frame::from_gray8(width, height, &vec![0u8; width * height], given(mm_per_px))?;
-        f.intensity = Array2::from_shape_fn((height, width), |(y, x)| (pixels[y * width + x] as f32).min(max) / max * 255.0);
+        f.intensity = Array2::from_shape_fn((height, width), |(y, x)| {
+            (pixels[y * width + x] as f32).min(max) / max * 255.0
+        });
         Ok(f)
     }
 
@@ -275,14 +310,26 @@ impl Frame {
         let rgb = img.to_rgb8();
         let (w, h) = (rgb.width() as usize, rgb.height() as usize);
         let grey = img.color().channel_count() < 3;
-        let grey8: Vec<u8> = rgb.pixels().map(|p| luma(p.0[0], p.0[1], p.0[2]).round().clamp(0.0, 255.0) as u8).collect();
+        let grey8: Vec<u8> = rgb
+            .pixels()
+            .map(|p| luma(p.0[0], p.0[1], p.0[2]).round().clamp(0.0, 255.0) as u8)
+            .collect();
         let mut f = Frame::from_gray8(w, h, &grey8, given(mm_per_px))?;
         if !grey {
-            let arr = ndarray::Array3::from_shape_vec((h, w, 3), rgb.into_raw())
-                .map_err(|e| crate::Error::InvalidParameter { name: "image", reason: e.to_string() })?;
-            f.intensity = Array2::from_shape_fn((h, w), |(y, x)| luma(arr[[y, x, 0]], arr[[y, x, 1]], arr[[y, x, 2]]));
+            let arr = ndarray::Array3::from_shape_vec((h, w, 3), rgb.into_raw()).map_err(|e| {
+                crate::Error::InvalidParameter {
+                    name: "image",
+                    reason: e.to_string(),
+                }
+            })?;
+            f.intensity = Array2::from_shape_fn((h, w), |(y, x)| {
+                luma(arr[[y, x, 0]], arr[[y, x, 1]], arr[[y, x, 2]])
+            });
             f.colour_mask = Some(Array2::from_shape_fn((h, w), |(y, x)| {
-                u8::from(chroma(arr[[y, x, 0]], arr[[y, x, 1]], arr[[y, x, 2]]) > COLOUR_CHROMA_THRESHOLD)
+                u8::from(
+                    chroma(arr[[y, x, 0]], arr[[y, x, 1]], arr[[y, x, 2]])
+                        > COLOUR_CHROMA_THRESHOLD,
+                )
             }));
             f.rgb = Some(arr);
         }
@@ -291,13 +338,20 @@ impl Frame {
 
     /// Frame `index` of a DICOM file held in memory.
     pub fn from_dicom_bytes(bytes: Vec<u8>, index: usize) -> crate::Result<Frame> {
-        let file = crate::dicom::DicomFile::from_bytes("<memory>", bytes, &crate::dicom::ReadOptions::default())?;
+        let file = crate::dicom::DicomFile::from_bytes(
+            "<memory>",
+            bytes,
+            &crate::dicom::ReadOptions::default(),
+        )?;
         Ok(file.read_frame(index)?)
     }
 
     /// The intensity as 8-bit grey (rounded, clamped).
     pub fn gray8(&self) -> Vec<u8> {
-        self.intensity.iter().map(|v| v.round().clamp(0.0, 255.0) as u8).collect()
+        self.intensity
+            .iter()
+            .map(|v| v.round().clamp(0.0, 255.0) as u8)
+            .collect()
     }
 
     /// The displayed image as 8-bit RGB, row-major: the source colours, or grey repeated.
@@ -312,7 +366,12 @@ impl Frame {
 /// A calibration given by the caller (checked: unusable values are marked so).
 fn given(mm_per_px: (f64, f64)) -> Calibration {
     match check_spacing_mm(mm_per_px.0, mm_per_px.1) {
-        None => Calibration::Ok { mm_per_px_x: mm_per_px.0, mm_per_px_y: mm_per_px.1, reference_px: None, source: CalibrationSource::Given },
+        None => Calibration::Ok {
+            mm_per_px_x: mm_per_px.0,
+            mm_per_px_y: mm_per_px.1,
+            reference_px: None,
+            source: CalibrationSource::Given,
+        },
         Some(reason) => Calibration::Unusable { reason },
     }
 }

@@ -49,7 +49,11 @@ pub fn crc64(data: &[u8]) -> u64 {
         for (i, e) in t.iter_mut().enumerate() {
             let mut c = (i as u64) << 56;
             for _ in 0..8 {
-                c = if c & (1 << 63) != 0 { (c << 1) ^ POLY } else { c << 1 };
+                c = if c & (1 << 63) != 0 {
+                    (c << 1) ^ POLY
+                } else {
+                    c << 1
+                };
             }
             *e = c;
         }
@@ -121,7 +125,9 @@ pub fn message(kind: &str, device: &str, content: &[u8]) -> Vec<u8> {
     let mut dev = [0u8; 20];
     dev[..device.len().min(20)].copy_from_slice(&device.as_bytes()[..device.len().min(20)]);
     out.extend_from_slice(&dev);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let frac = ((now.subsec_nanos() as u64) << 32) / 1_000_000_000;
     out.extend_from_slice(&((now.as_secs() << 32) | frac).to_be_bytes());
     out.extend_from_slice(&(content.len() as u64).to_be_bytes());
@@ -141,7 +147,10 @@ pub fn content(header: &Header, body: &[u8]) -> std::result::Result<Vec<u8>, Str
     let ext = be_u16(&body[0..2]) as usize;
     let meta_header = be_u16(&body[2..4]) as usize;
     let meta = be_u32(&body[4..8]) as usize;
-    let end = body.len().checked_sub(meta_header + meta).ok_or("metadata larger than the body")?;
+    let end = body
+        .len()
+        .checked_sub(meta_header + meta)
+        .ok_or("metadata larger than the body")?;
     if ext < 12 || ext > end {
         return Err(format!("bad extended header size {ext}"));
     }
@@ -168,12 +177,19 @@ pub struct ImageIn {
 /// Parses IMAGE content: 2-D, 8- or 16-bit, 1 or 3 components.
 pub fn parse_image(c: &[u8], max_pixels: u64) -> std::result::Result<ImageIn, String> {
     if c.len() < IMAGE_HEADER_BYTES {
-        return Err(format!("IMAGE content of {} bytes is shorter than its header", c.len()));
+        return Err(format!(
+            "IMAGE content of {} bytes is shorter than its header",
+            c.len()
+        ));
     }
     let components = c[2] as usize;
     let scalar = c[3];
     let little = c[4] == 2;
-    let (w, h, d) = (be_u16(&c[6..8]) as usize, be_u16(&c[8..10]) as usize, be_u16(&c[10..12]) as usize);
+    let (w, h, d) = (
+        be_u16(&c[6..8]) as usize,
+        be_u16(&c[8..10]) as usize,
+        be_u16(&c[10..12]) as usize,
+    );
     let mut matrix = [0f32; 12];
     for (k, m) in matrix.iter_mut().enumerate() {
         *m = be_f32(&c[12 + 4 * k..16 + 4 * k]);
@@ -190,12 +206,19 @@ pub fn parse_image(c: &[u8], max_pixels: u64) -> std::result::Result<ImageIn, St
     let bytes = match scalar {
         2 | 3 => 1,
         4 | 5 => 2,
-        other => return Err(format!("scalar type {other} (8- and 16-bit integers handled)")),
+        other => {
+            return Err(format!(
+                "scalar type {other} (8- and 16-bit integers handled)"
+            ))
+        }
     };
     let need = w * h * components * bytes;
     let px = &c[IMAGE_HEADER_BYTES..];
     if px.len() < need {
-        return Err(format!("IMAGE holds {} pixel bytes, {w}x{h}x{components} needs {need}", px.len()));
+        return Err(format!(
+            "IMAGE holds {} pixel bytes, {w}x{h}x{components} needs {need}",
+            px.len()
+        ));
     }
     let sample = |i: usize| -> f32 {
         match scalar {
@@ -203,8 +226,16 @@ pub fn parse_image(c: &[u8], max_pixels: u64) -> std::result::Result<ImageIn, St
             2 => (px[i] as i8 as f32 + 128.0).max(0.0),
             _ => {
                 let b = [px[2 * i], px[2 * i + 1]];
-                let v = if little { u16::from_le_bytes(b) } else { u16::from_be_bytes(b) };
-                let v = if scalar == 4 { (v as i16 as i32 + 32768) as f32 } else { v as f32 };
+                let v = if little {
+                    u16::from_le_bytes(b)
+                } else {
+                    u16::from_be_bytes(b)
+                };
+                let v = if scalar == 4 {
+                    (v as i16 as i32 + 32768) as f32
+                } else {
+                    v as f32
+                };
                 v / 257.0
             }
         }
@@ -218,7 +249,14 @@ pub fn parse_image(c: &[u8], max_pixels: u64) -> std::result::Result<ImageIn, St
         }
     });
     let norm = |a: &[f32]| ((a[0] * a[0] + a[1] * a[1] + a[2] * a[2]) as f64).sqrt();
-    Ok(ImageIn { width: w, height: h, components, intensity, matrix, spacing_mm: (norm(&matrix[0..3]), norm(&matrix[3..6])) })
+    Ok(ImageIn {
+        width: w,
+        height: h,
+        components,
+        intensity,
+        matrix,
+        spacing_mm: (norm(&matrix[0..3]), norm(&matrix[3..6])),
+    })
 }
 
 /// IMAGE content for an RGB 8-bit image with the given matrix.
@@ -264,7 +302,11 @@ pub fn point_content(points: &[(&str, [f32; 3])]) -> Vec<u8> {
 
 /// STRING content (US-ASCII, MIBenum 3).
 pub fn string_content(s: &str) -> Vec<u8> {
-    let bytes: Vec<u8> = s.bytes().filter(|b| b.is_ascii()).take(u16::MAX as usize).collect();
+    let bytes: Vec<u8> = s
+        .bytes()
+        .filter(|b| b.is_ascii())
+        .take(u16::MAX as usize)
+        .collect();
     let mut c = Vec::with_capacity(4 + bytes.len());
     c.extend_from_slice(&3u16.to_be_bytes());
     c.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
@@ -333,7 +375,11 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { max_body_bytes: DEFAULT_MAX_BODY_BYTES, max_pixels: 4096 * 4096, body_timeout: Duration::from_secs(10) }
+        ServerConfig {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_pixels: 4096 * 4096,
+            body_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -356,20 +402,39 @@ enum ReadError {
 /// Polling interval of blocking reads and of the accept loop (how fast a stop is noticed).
 const POLL: Duration = Duration::from_millis(50);
 
-fn read_full(s: &mut TcpStream, buf: &mut [u8], stop: &AtomicBool, deadline: Option<Instant>) -> std::result::Result<(), ReadError> {
+fn read_full(
+    s: &mut TcpStream,
+    buf: &mut [u8],
+    stop: &AtomicBool,
+    deadline: Option<Instant>,
+) -> std::result::Result<(), ReadError> {
     let mut got = 0;
     while got < buf.len() {
         if stop.load(Ordering::Relaxed) {
             return Err(ReadError::Stopped);
         }
         if got > 0 && deadline.is_some_and(|d| Instant::now() > d) {
-            return Err(ReadError::Failed(format!("message cut short: {got} of {} bytes arrived", buf.len())));
+            return Err(ReadError::Failed(format!(
+                "message cut short: {got} of {} bytes arrived",
+                buf.len()
+            )));
         }
         match s.read(&mut buf[got..]) {
             Ok(0) if got == 0 => return Err(ReadError::Closed),
-            Ok(0) => return Err(ReadError::Failed(format!("connection closed after {got} of {} bytes", buf.len()))),
+            Ok(0) => {
+                return Err(ReadError::Failed(format!(
+                    "connection closed after {got} of {} bytes",
+                    buf.len()
+                )))
+            }
             Ok(n) => got += n,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
             Err(e) => return Err(ReadError::Failed(e.to_string())),
         }
     }
@@ -379,9 +444,23 @@ fn read_full(s: &mut TcpStream, buf: &mut [u8], stop: &AtomicBool, deadline: Opt
 impl Server {
     /// Binds to `addr` (port 0 picks a free port).
     pub fn bind(addr: &str, pipeline: Arc<Pipeline>, config: ServerConfig) -> Result<Server> {
-        let listener = TcpListener::bind(addr).map_err(|source| Error::Write { path: addr.into(), source })?;
-        listener.set_nonblocking(true).map_err(|source| Error::Write { path: addr.into(), source })?;
-        Ok(Server { listener, pipeline, config, stop: Arc::new(AtomicBool::new(false)), latencies: Arc::default() })
+        let listener = TcpListener::bind(addr).map_err(|source| Error::Write {
+            path: addr.into(),
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| Error::Write {
+                path: addr.into(),
+                source,
+            })?;
+        Ok(Server {
+            listener,
+            pipeline,
+            config,
+            stop: Arc::new(AtomicBool::new(false)),
+            latencies: Arc::default(),
+        })
     }
 
     /// The bound address.
@@ -416,40 +495,70 @@ impl Server {
                             on_event(Event::Disconnected(peer));
                         });
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(POLL)
+                    }
                     Err(_) => std::thread::sleep(POLL),
                 }
             }
         });
     }
 
-    fn serve_client(&self, mut s: TcpStream, peer: SocketAddr, on_event: &(dyn Fn(Event) + Sync)) -> std::result::Result<(), String> {
+    fn serve_client(
+        &self,
+        mut s: TcpStream,
+        peer: SocketAddr,
+        on_event: &(dyn Fn(Event) + Sync),
+    ) -> std::result::Result<(), String> {
         s.set_nonblocking(false).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(POLL)).map_err(|e| e.to_string())?;
         let _ = s.set_nodelay(true);
         let mut session = Session::new();
         loop {
             let mut hb = [0u8; HEADER_BYTES];
-            match read_full(&mut s, &mut hb, &self.stop, Some(Instant::now() + self.config.body_timeout)) {
+            match read_full(
+                &mut s,
+                &mut hb,
+                &self.stop,
+                Some(Instant::now() + self.config.body_timeout),
+            ) {
                 Ok(()) => {}
                 Err(ReadError::Closed) | Err(ReadError::Stopped) => return Ok(()),
                 Err(ReadError::Failed(e)) => return Err(e),
             }
             let header = Header::parse(&hb);
             if header.version != 1 && header.version != 2 {
-                return Err(format!("header version {} (1 or 2 expected): not OpenIGTLink", header.version));
+                return Err(format!(
+                    "header version {} (1 or 2 expected): not OpenIGTLink",
+                    header.version
+                ));
             }
-            if header.kind.is_empty() || !header.kind.bytes().all(|b| b.is_ascii_graphic() || b == b'_') {
+            if header.kind.is_empty()
+                || !header
+                    .kind
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() || b == b'_')
+            {
                 return Err("message type is not text: not OpenIGTLink".into());
             }
             if header.body_size > self.config.max_body_bytes {
-                return Err(format!("{} message of {} bytes exceeds the {}-byte limit", header.kind, header.body_size, self.config.max_body_bytes));
+                return Err(format!(
+                    "{} message of {} bytes exceeds the {}-byte limit",
+                    header.kind, header.body_size, self.config.max_body_bytes
+                ));
             }
             let mut body = vec![0u8; header.body_size as usize];
-            match read_full(&mut s, &mut body, &self.stop, Some(Instant::now() + self.config.body_timeout)) {
+            match read_full(
+                &mut s,
+                &mut body,
+                &self.stop,
+                Some(Instant::now() + self.config.body_timeout),
+            ) {
                 Ok(()) => {}
                 Err(ReadError::Stopped) => return Ok(()),
-                Err(ReadError::Closed) => return Err(format!("{} message cut short: no body", header.kind)),
+                Err(ReadError::Closed) => {
+                    return Err(format!("{} message cut short: no body", header.kind))
+                }
                 Err(ReadError::Failed(e)) => return Err(format!("{} message: {e}", header.kind)),
             }
             let received = Instant::now();
@@ -457,41 +566,77 @@ impl Server {
                 return Err(format!("{} message: CRC mismatch", header.kind));
             }
             if header.kind != "IMAGE" {
-                on_event(Event::Ignored { peer, kind: header.kind });
+                on_event(Event::Ignored {
+                    peer,
+                    kind: header.kind,
+                });
                 continue;
             }
             let c = content(&header, &body)?;
             let image = parse_image(&c, self.config.max_pixels)?;
-            let replies = self.answer(&image, &mut session).map_err(|e| e.to_string())?;
+            let replies = self
+                .answer(&image, &mut session)
+                .map_err(|e| e.to_string())?;
             s.write_all(&replies).map_err(|e| e.to_string())?;
             let ms = received.elapsed().as_secs_f64() * 1e3;
             if let Ok(mut l) = self.latencies.lock() {
                 l.push(ms);
             }
-            on_event(Event::Answered { peer, latency_ms: ms, status: "sent" });
+            on_event(Event::Answered {
+                peer,
+                latency_ms: ms,
+                status: "sent",
+            });
         }
     }
 
     fn answer(&self, image: &ImageIn, session: &mut Session) -> Result<Vec<u8>> {
         let (sx, sy) = image.spacing_mm;
         let calibration = match crate::frame::check_spacing_mm(sx, sy) {
-            None => Calibration::Ok { mm_per_px_x: sx, mm_per_px_y: sy, reference_px: None, source: CalibrationSource::Given },
-            Some(reason) => Calibration::Unusable { reason: format!("IMAGE matrix: {reason}") },
+            None => Calibration::Ok {
+                mm_per_px_x: sx,
+                mm_per_px_y: sy,
+                reference_px: None,
+                source: CalibrationSource::Given,
+            },
+            Some(reason) => Calibration::Unusable {
+                reason: format!("IMAGE matrix: {reason}"),
+            },
         };
-        let gray: Vec<u8> = image.intensity.iter().map(|v| v.round().clamp(0.0, 255.0) as u8).collect();
+        let gray: Vec<u8> = image
+            .intensity
+            .iter()
+            .map(|v| v.round().clamp(0.0, 255.0) as u8)
+            .collect();
         let frame = Frame::from_gray8(image.width, image.height, &gray, calibration)?;
         let r = self.pipeline.process_in(session, &frame)?;
-        let overlay = crate::overlay::draw_plan(&r.despeckled, &r.segmentation.labels, &r.plan, r.segmentation.mm_per_px)?;
-        let mut out = message("IMAGE", OVERLAY_DEVICE, &image_content(image.width, image.height, overlay.as_raw(), &image.matrix));
+        let overlay = crate::overlay::draw_plan(
+            &r.despeckled,
+            &r.segmentation.labels,
+            &r.plan,
+            r.segmentation.mm_per_px,
+        )?;
+        let mut out = message(
+            "IMAGE",
+            OVERLAY_DEVICE,
+            &image_content(image.width, image.height, overlay.as_raw(), &image.matrix),
+        );
         let mut points = Vec::new();
         if let Some(e) = r.plan.entry {
-            points.push(("entry", pixel_to_world(&image.matrix, image.width, image.height, e.px[0], e.px[1])));
+            points.push((
+                "entry",
+                pixel_to_world(&image.matrix, image.width, image.height, e.px[0], e.px[1]),
+            ));
         }
         if let Some(t) = r.plan.target {
-            points.push(("target", pixel_to_world(&image.matrix, image.width, image.height, t.px[0], t.px[1])));
+            points.push((
+                "target",
+                pixel_to_world(&image.matrix, image.width, image.height, t.px[0], t.px[1]),
+            ));
         }
         out.extend(message("POINT", POINTS_DEVICE, &point_content(&points)));
-        let json = serde_json::to_string(&r.plan).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+        let json =
+            serde_json::to_string(&r.plan).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
         out.extend(message("STRING", PLAN_DEVICE, &string_content(&json)));
         Ok(out)
     }
@@ -513,7 +658,10 @@ mod tests {
         let mut hb = [0u8; HEADER_BYTES];
         hb.copy_from_slice(&m[..HEADER_BYTES]);
         let h = Header::parse(&hb);
-        assert_eq!((h.version, h.kind.as_str(), h.device.as_str(), h.body_size), (1, "STRING", "dev", 9));
+        assert_eq!(
+            (h.version, h.kind.as_str(), h.device.as_str(), h.body_size),
+            (1, "STRING", "dev", 9)
+        );
         assert_eq!(h.crc, crc64(&m[HEADER_BYTES..]));
         let rgb = vec![10u8; 4 * 3 * 3];
         let mut matrix = [0f32; 12];

@@ -21,17 +21,20 @@
 #![allow(clippy::field_reassign_with_default)]
 // Image loops index several arrays by the same coordinates; iterators would hide that.
 #![allow(clippy::needless_range_loop)]
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod bench;
-pub mod dicom;
-pub mod eval;
-pub mod error;
 pub mod despeckle;
+pub mod dicom;
+pub mod error;
+pub mod eval;
 pub mod fft;
 pub mod frame;
-pub mod igtl;
 pub mod gpu;
+pub mod igtl;
 pub mod imageio;
 pub mod kernels;
 pub mod overlay;
@@ -42,10 +45,10 @@ pub mod quality;
 pub mod segment;
 pub(crate) mod simd;
 
-pub use error::{Error, Result};
 pub use despeckle::{Despeckler, Filter};
+pub use error::{Error, Result};
 pub use frame::{Calibration, Frame, ImagingRegion, Rect};
 pub use gpu::Backend;
 pub use pipeline::{FrameResult, Pipeline, PipelineBuilder, PipelineConfig, Session, StageTimings};
-pub use segment::Segmentation;
 pub use plan::NeedlePlan;
+pub use segment::Segmentation;

@@ -10,8 +10,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
 use sonoguide::dicom::{DicomFile, ReadOptions};
-use sonoguide::{Backend, Despeckler, Filter};
 use sonoguide::phantom::{self, Geometry, PhantomParams};
+use sonoguide::{Backend, Despeckler, Filter};
 
 /// Exit code when some inputs failed (the others were processed).
 pub(crate) const EXIT_INPUT_FAILED: u8 = 1;
@@ -19,7 +19,11 @@ pub(crate) const EXIT_INPUT_FAILED: u8 = 1;
 pub(crate) const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser)]
-#[command(name = "sonoguide", version, about = "Ultrasound-guidance image pipeline (research tool, not a medical device)")]
+#[command(
+    name = "sonoguide",
+    version,
+    about = "Ultrasound-guidance image pipeline (research tool, not a medical device)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -306,15 +310,26 @@ impl FilterArgs {
         use sonoguide::despeckle::defaults as d;
         use sonoguide::kernels::{frost, lee, median, obnlm, srad};
         Ok(match self.filter.as_str() {
-            "srad" => Filter::Srad(srad::Srad::new(self.lambda.unwrap_or(d::SRAD_LAMBDA), self.iterations.unwrap_or(d::SRAD_ITERATIONS))?),
+            "srad" => Filter::Srad(srad::Srad::new(
+                self.lambda.unwrap_or(d::SRAD_LAMBDA),
+                self.iterations.unwrap_or(d::SRAD_ITERATIONS),
+            )?),
             "obnlm" => Filter::Obnlm(obnlm::Params::new(
                 self.search.unwrap_or(d::OBNLM_SEARCH),
                 self.patch.unwrap_or(d::OBNLM_PATCH),
                 self.h.unwrap_or(d::OBNLM_H),
             )?),
-            "lee" => Filter::Lee(lee::Params::new(self.window.unwrap_or(d::LEE_WINDOW), self.noise_cv.unwrap_or(d::LEE_NOISE_CV))?),
-            "frost" => Filter::Frost(frost::Params::new(self.window.unwrap_or(d::FROST_WINDOW), self.damping.unwrap_or(d::FROST_DAMPING))?),
-            "median" => Filter::Median(median::Params::new(self.median_size.unwrap_or(d::MEDIAN_SIZE))?),
+            "lee" => Filter::Lee(lee::Params::new(
+                self.window.unwrap_or(d::LEE_WINDOW),
+                self.noise_cv.unwrap_or(d::LEE_NOISE_CV),
+            )?),
+            "frost" => Filter::Frost(frost::Params::new(
+                self.window.unwrap_or(d::FROST_WINDOW),
+                self.damping.unwrap_or(d::FROST_DAMPING),
+            )?),
+            "median" => Filter::Median(median::Params::new(
+                self.median_size.unwrap_or(d::MEDIAN_SIZE),
+            )?),
             other => Filter::default_for(other)?,
         })
     }
@@ -327,21 +342,35 @@ enum OverlayOn {
 }
 
 fn parse_frames(s: &str) -> Result<(usize, usize), String> {
-    let num = |t: &str| t.trim().parse::<usize>().map_err(|_| format!("'{t}' is not a frame number"));
+    let num = |t: &str| {
+        t.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("'{t}' is not a frame number"))
+    };
     if let Some((a, b)) = s.split_once("..") {
         let (a, b) = (num(a)?, num(b)?);
-        return if b > a { Ok((a, b)) } else { Err(format!("empty range '{s}'")) };
+        return if b > a {
+            Ok((a, b))
+        } else {
+            Err(format!("empty range '{s}'"))
+        };
     }
     if let Some((a, b)) = s.split_once('-') {
         let (a, b) = (num(a)?, num(b)?);
-        return if b >= a { Ok((a, b + 1)) } else { Err(format!("empty range '{s}'")) };
+        return if b >= a {
+            Ok((a, b + 1))
+        } else {
+            Err(format!("empty range '{s}'"))
+        };
     }
     let n = num(s)?;
     Ok((n, n + 1))
 }
 
 fn parse_target(s: &str) -> Result<(f64, f64), String> {
-    let (x, y) = s.split_once(',').ok_or_else(|| format!("'{s}' is not X_MM,Y_MM"))?;
+    let (x, y) = s
+        .split_once(',')
+        .ok_or_else(|| format!("'{s}' is not X_MM,Y_MM"))?;
     let x: f64 = x.trim().parse().map_err(|_| format!("bad X in '{s}'"))?;
     let y: f64 = y.trim().parse().map_err(|_| format!("bad Y in '{s}'"))?;
     if !x.is_finite() || !y.is_finite() || y < 0.0 {
@@ -357,9 +386,17 @@ enum GeometryArg {
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize), String> {
-    let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| format!("'{s}' is not WIDTHxHEIGHT"))?;
-    let w = w.trim().parse().map_err(|_| format!("bad width in '{s}'"))?;
-    let h = h.trim().parse().map_err(|_| format!("bad height in '{s}'"))?;
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("'{s}' is not WIDTHxHEIGHT"))?;
+    let w = w
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad width in '{s}'"))?;
+    let h = h
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad height in '{s}'"))?;
     Ok((w, h))
 }
 
@@ -368,8 +405,18 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Info { files, json } => info(&files, json),
         Command::Adapters { json } => adapters(json),
-        Command::Despeckle { files, out, filter, backend } => despeckle(&files, &out, &filter, backend.into()),
-        Command::Segment { files, out, despeckle, backend } => segment(&files, &out, &despeckle, backend.into()),
+        Command::Despeckle {
+            files,
+            out,
+            filter,
+            backend,
+        } => despeckle(&files, &out, &filter, backend.into()),
+        Command::Segment {
+            files,
+            out,
+            despeckle,
+            backend,
+        } => segment(&files, &out, &despeckle, backend.into()),
         Command::Process {
             inputs,
             out,
@@ -392,8 +439,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
-            if !((0.0..90.0).contains(&min_angle) && (min_angle..90.0).contains(&max_angle) && (0.0..50.0).contains(&margin_mm)) {
-                eprintln!("error: need 0 ≤ --min-angle ≤ --max-angle < 90 and 0 ≤ --margin-mm < 50");
+            if !((0.0..90.0).contains(&min_angle)
+                && (min_angle..90.0).contains(&max_angle)
+                && (0.0..50.0).contains(&margin_mm))
+            {
+                eprintln!(
+                    "error: need 0 ≤ --min-angle ≤ --max-angle < 90 and 0 ≤ --margin-mm < 50"
+                );
                 return ExitCode::from(EXIT_USAGE);
             }
             let mut config = sonoguide::PipelineConfig::default();
@@ -403,20 +455,75 @@ fn main() -> ExitCode {
             config.plan.max_angle_deg = max_angle;
             config.plan.margin_mm = margin_mm;
             config.plan.target_mm = target;
-            let opts = batch::Options { recursive, jobs: jobs.max(1), frames, skip_existing, overlay_on_original: overlay_on == OverlayOn::Original };
+            let opts = batch::Options {
+                recursive,
+                jobs: jobs.max(1),
+                frames,
+                skip_existing,
+                overlay_on_original: overlay_on == OverlayOn::Original,
+            };
             batch::run(&inputs, &out, config, &opts)
         }
-        Command::EvalPlan { count, seed, cines, cine_frames, backend, json } => eval_plan(count, seed, cines, cine_frames, backend.into(), json),
-        Command::Serve { bind, port, backend } => serve(&bind, port, backend.into()),
-        Command::Bench { backend, repeats, json, pipeline: true, .. } => bench_pipeline(backend.into(), repeats, json),
-        Command::Bench { backend, repeats, json, size, serve: true, .. } => bench_serve(backend.into(), size, repeats, json),
-        Command::Bench { backend, size, repeats, json, .. } => bench(backend.into(), size, repeats, json),
-        Command::EvalDespeckle { count, seed, backend, json } => eval_despeckle(count, seed, backend.into(), json),
-        Command::EvalSegment { count, seed, despeckle, geometry, backend, json } => {
-            eval_segment(count, seed, &despeckle, geometry, backend.into(), json)
-        }
+        Command::EvalPlan {
+            count,
+            seed,
+            cines,
+            cine_frames,
+            backend,
+            json,
+        } => eval_plan(count, seed, cines, cine_frames, backend.into(), json),
+        Command::Serve {
+            bind,
+            port,
+            backend,
+        } => serve(&bind, port, backend.into()),
+        Command::Bench {
+            backend,
+            repeats,
+            json,
+            pipeline: true,
+            ..
+        } => bench_pipeline(backend.into(), repeats, json),
+        Command::Bench {
+            backend,
+            repeats,
+            json,
+            size,
+            serve: true,
+            ..
+        } => bench_serve(backend.into(), size, repeats, json),
+        Command::Bench {
+            backend,
+            size,
+            repeats,
+            json,
+            ..
+        } => bench(backend.into(), size, repeats, json),
+        Command::EvalDespeckle {
+            count,
+            seed,
+            backend,
+            json,
+        } => eval_despeckle(count, seed, backend.into(), json),
+        Command::EvalSegment {
+            count,
+            seed,
+            despeckle,
+            geometry,
+            backend,
+            json,
+        } => eval_segment(count, seed, &despeckle, geometry, backend.into(), json),
         Command::Frames { file, out, gray } => frames(&file, &out, gray),
-        Command::Phantom { out, count, seed, frames, geometry, size, mm_per_px, prefix } => {
+        Command::Phantom {
+            out,
+            count,
+            seed,
+            frames,
+            geometry,
+            size,
+            mm_per_px,
+            prefix,
+        } => {
             let geometry = match geometry {
                 GeometryArg::Linear => Geometry::Linear,
                 GeometryArg::Curved => Geometry::Curved,
@@ -496,11 +603,19 @@ fn info(files: &[PathBuf], as_json: bool) -> ExitCode {
     for r in reports.iter().filter(|r| r.get("error").is_some()) {
         eprintln!("error: {}", r["error"].as_str().unwrap_or("unknown"));
     }
-    if failed > 0 { ExitCode::from(EXIT_INPUT_FAILED) } else { ExitCode::SUCCESS }
+    if failed > 0 {
+        ExitCode::from(EXIT_INPUT_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn print_info_text(r: &Value) {
-    let s = |k: &str| r.get(k).map(|v| v.to_string().trim_matches('"').to_string()).unwrap_or_default();
+    let s = |k: &str| {
+        r.get(k)
+            .map(|v| v.to_string().trim_matches('"').to_string())
+            .unwrap_or_default()
+    };
     println!("{}", s("path"));
     if r.get("error").is_some() {
         println!("  error: {}", s("error"));
@@ -509,8 +624,18 @@ fn print_info_text(r: &Value) {
     println!("  SOP class            {}", s("sop_class_uid"));
     println!("  transfer syntax      {}", s("transfer_syntax_uid"));
     println!("  photometric          {}", s("photometric_interpretation"));
-    println!("  size                 {} x {} px, {} frame(s)", s("columns"), s("rows"), s("frames"));
-    println!("  bits allocated       {} ({} stored), {} sample(s) per pixel", s("bits_allocated"), s("bits_stored"), s("samples_per_pixel"));
+    println!(
+        "  size                 {} x {} px, {} frame(s)",
+        s("columns"),
+        s("rows"),
+        s("frames")
+    );
+    println!(
+        "  bits allocated       {} ({} stored), {} sample(s) per pixel",
+        s("bits_allocated"),
+        s("bits_stored"),
+        s("samples_per_pixel")
+    );
     if let Some(regions) = r["ultrasound_regions"].as_array() {
         for (k, g) in regions.iter().enumerate() {
             println!(
@@ -524,7 +649,14 @@ fn print_info_text(r: &Value) {
     let ir = &r["imaging_region"];
     println!(
         "  imaging region       ({},{})-({},{}) {} from {}, mm/px {} x {}",
-        ir["x0"], ir["y0"], ir["x1"], ir["y1"], ir["shape"], ir["source"], ir["mm_per_px_x"], ir["mm_per_px_y"]
+        ir["x0"],
+        ir["y0"],
+        ir["x1"],
+        ir["y1"],
+        ir["shape"],
+        ir["source"],
+        ir["mm_per_px_x"],
+        ir["mm_per_px_y"]
     );
     match r["calibration_reason"].as_str() {
         Some(reason) => println!("  calibration          {} ({reason})", s("calibration")),
@@ -547,25 +679,41 @@ fn frames(file: &Path, out: &Path, gray: bool) -> ExitCode {
     let mut failed = 0;
     for i in 0..dicom.frame_count() {
         let path = out.join(format!("frame_{i:04}.png"));
-        let result = dicom.decode_display(i).map_err(sonoguide::Error::from).and_then(|(rgb, intensity)| {
-            if gray {
-                let g = intensity.mapv(|v| v.round().clamp(0.0, 255.0) as u8);
-                sonoguide::imageio::write_gray_png(&path, &g)
-            } else {
-                let buf: Vec<u8> = match rgb {
-                    Some(rgb) => rgb.iter().copied().collect(),
-                    None => intensity.iter().flat_map(|v| [v.round().clamp(0.0, 255.0) as u8; 3]).collect(),
-                };
-                sonoguide::imageio::write_rgb_png(&path, w, h, &buf)
-            }
-        });
+        let result = dicom
+            .decode_display(i)
+            .map_err(sonoguide::Error::from)
+            .and_then(|(rgb, intensity)| {
+                if gray {
+                    let g = intensity.mapv(|v| v.round().clamp(0.0, 255.0) as u8);
+                    sonoguide::imageio::write_gray_png(&path, &g)
+                } else {
+                    let buf: Vec<u8> = match rgb {
+                        Some(rgb) => rgb.iter().copied().collect(),
+                        None => intensity
+                            .iter()
+                            .flat_map(|v| [v.round().clamp(0.0, 255.0) as u8; 3])
+                            .collect(),
+                    };
+                    sonoguide::imageio::write_rgb_png(&path, w, h, &buf)
+                }
+            });
         if let Err(e) = result {
             eprintln!("error: {e}");
             failed += 1;
         }
     }
-    eprintln!("{}: wrote {} of {} frame(s) to {}", file.display(), dicom.frame_count() - failed, dicom.frame_count(), out.display());
-    if failed > 0 { ExitCode::from(EXIT_INPUT_FAILED) } else { ExitCode::SUCCESS }
+    eprintln!(
+        "{}: wrote {} of {} frame(s) to {}",
+        file.display(),
+        dicom.frame_count() - failed,
+        dicom.frame_count(),
+        out.display()
+    );
+    if failed > 0 {
+        ExitCode::from(EXIT_INPUT_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn phantoms(out: &Path, count: usize, seed: u64, prefix: &str, params: PhantomParams) -> ExitCode {
@@ -591,7 +739,11 @@ fn phantoms(out: &Path, count: usize, seed: u64, prefix: &str, params: PhantomPa
             }
         }
     }
-    if failed > 0 { ExitCode::from(EXIT_INPUT_FAILED) } else { ExitCode::SUCCESS }
+    if failed > 0 {
+        ExitCode::from(EXIT_INPUT_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> ExitCode {
@@ -638,7 +790,11 @@ fn adapters(json: bool) -> ExitCode {
             a.device_type,
             a.driver,
             a.max_storage_buffer_binding_size >> 20,
-            if a.hardware { "" } else { " (software: used only with --backend gpu)" }
+            if a.hardware {
+                ""
+            } else {
+                " (software: used only with --backend gpu)"
+            }
         );
     }
     ExitCode::SUCCESS
@@ -663,19 +819,33 @@ fn despeckle(files: &[PathBuf], out: &Path, args: &FilterArgs, backend: Backend)
     for file in files {
         let result = (|| -> sonoguide::Result<usize> {
             let dicom = DicomFile::open(file, &ReadOptions::default())?;
-            let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "input".into());
+            let stem = file
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "input".into());
             let dir = out.join(stem);
-            std::fs::create_dir_all(&dir).map_err(|source| sonoguide::Error::Write { path: dir.clone(), source })?;
+            std::fs::create_dir_all(&dir).map_err(|source| sonoguide::Error::Write {
+                path: dir.clone(),
+                source,
+            })?;
             for frame in dicom.frames() {
                 let frame = frame?;
                 let filtered = d.run(&frame.intensity, std::slice::from_ref(&filter))?;
                 let g = filtered.mapv(|v| v.round().clamp(0.0, 255.0) as u8);
-                sonoguide::imageio::write_gray_png(&dir.join(format!("frame_{:04}.png", frame.index)), &g)?;
+                sonoguide::imageio::write_gray_png(
+                    &dir.join(format!("frame_{:04}.png", frame.index)),
+                    &g,
+                )?;
             }
             Ok(dicom.frame_count())
         })();
         match result {
-            Ok(n) => eprintln!("{}: {n} frame(s) despeckled with {} on {}", file.display(), filter.name(), d.device_name()),
+            Ok(n) => eprintln!(
+                "{}: {n} frame(s) despeckled with {} on {}",
+                file.display(),
+                filter.name(),
+                d.device_name()
+            ),
             Err(e) => {
                 eprintln!("error: {e}");
                 failures.push(e.to_string());
@@ -700,12 +870,26 @@ fn bench(backend: Backend, size: (usize, usize), repeats: usize, json: bool) -> 
     if json {
         return print_json(&rows);
     }
-    println!("{:<10} {:<8} {:<28} {:>6} {:>6} {:<36} {:>10} {:>10}", "kernel", "backend", "adapter", "width", "height", "parameters", "ms_median", "mpix_per_s");
+    println!(
+        "{:<10} {:<8} {:<28} {:>6} {:>6} {:<36} {:>10} {:>10}",
+        "kernel", "backend", "adapter", "width", "height", "parameters", "ms_median", "mpix_per_s"
+    );
     for r in &rows {
-        let params: Vec<String> = r.parameters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let params: Vec<String> = r
+            .parameters
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         println!(
             "{:<10} {:<8} {:<28} {:>6} {:>6} {:<36} {:>10.3} {:>10.1}",
-            r.kernel, r.backend, r.adapter, r.width, r.height, params.join(","), r.ms_median, r.mpix_per_s
+            r.kernel,
+            r.backend,
+            r.adapter,
+            r.width,
+            r.height,
+            params.join(","),
+            r.ms_median,
+            r.mpix_per_s
         );
     }
     ExitCode::SUCCESS
@@ -716,14 +900,23 @@ fn eval_despeckle(count: u64, seed: u64, backend: Backend, json: bool) -> ExitCo
         Ok(d) => d,
         Err(c) => return c,
     };
-    let filters: Vec<Filter> = match sonoguide::despeckle::FILTER_NAMES.iter().map(|n| Filter::default_for(n)).collect() {
+    let filters: Vec<Filter> = match sonoguide::despeckle::FILTER_NAMES
+        .iter()
+        .map(|n| Filter::default_for(n))
+        .collect()
+    {
         Ok(f) => f,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_INPUT_FAILED);
         }
     };
-    let scores = match sonoguide::eval::despeckle_scores(&d, &filters, seed..seed + count, &sonoguide::phantom::PhantomParams::default()) {
+    let scores = match sonoguide::eval::despeckle_scores(
+        &d,
+        &filters,
+        seed..seed + count,
+        &sonoguide::phantom::PhantomParams::default(),
+    ) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
@@ -736,17 +929,39 @@ fn eval_despeckle(count: u64, seed: u64, backend: Backend, json: bool) -> ExitCo
     println!("| filter | parameters | SSIM | PSNR dB | ENL | CNR tendon | bone edge ratio |");
     println!("|---|---|---|---|---|---|---|");
     for s in &scores {
-        let params: Vec<String> = s.parameters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let params: Vec<String> = s
+            .parameters
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         println!(
             "| {} | {} | {:.3} | {:.2} | {:.1} | {:.2} | {:.2} |",
-            s.filter, params.join(", "), s.ssim, s.psnr_db, s.enl, s.cnr_tendon, s.bone_edge_ratio
+            s.filter,
+            params.join(", "),
+            s.ssim,
+            s.psnr_db,
+            s.enl,
+            s.cnr_tendon,
+            s.bone_edge_ratio
         );
     }
-    eprintln!("{} phantoms, seeds {seed}..{}, on {}", count, seed + count, d.device_name());
+    eprintln!(
+        "{} phantoms, seeds {seed}..{}, on {}",
+        count,
+        seed + count,
+        d.device_name()
+    );
     ExitCode::SUCCESS
 }
 
-fn eval_segment(count: u64, seed: u64, despeckle: &str, geometry: GeometryArg, backend: Backend, json: bool) -> ExitCode {
+fn eval_segment(
+    count: u64,
+    seed: u64,
+    despeckle: &str,
+    geometry: GeometryArg,
+    backend: Backend,
+    json: bool,
+) -> ExitCode {
     let d = match open_despeckler(backend) {
         Ok(d) => d,
         Err(c) => return c,
@@ -757,7 +972,13 @@ fn eval_segment(count: u64, seed: u64, despeckle: &str, geometry: GeometryArg, b
         GeometryArg::Curved => Geometry::Curved,
     };
     let result = Filter::default_for(despeckle).and_then(|f| {
-        sonoguide::eval::segment_scores(&d, &f, &sonoguide::segment::SegmentParams::default(), seed..seed + count, &params)
+        sonoguide::eval::segment_scores(
+            &d,
+            &f,
+            &sonoguide::segment::SegmentParams::default(),
+            seed..seed + count,
+            &params,
+        )
     });
     let s = match result {
         Ok(s) => s,
@@ -775,13 +996,36 @@ fn eval_segment(count: u64, seed: u64, despeckle: &str, geometry: GeometryArg, b
     for (i, n) in names.iter().enumerate() {
         println!("| Dice {n} | {:.3} | {} |", s.dice[i], s.dice_cases[i]);
     }
-    println!("| bone surface distance, mean (truth → found) | {:.3} mm | |", s.bone_mean_mm);
-    println!("| bone surface distance, 95th percentile | {:.3} mm | |", s.bone_p95_mm);
-    println!("| found → truth distance, mean | {:.3} mm | |", s.bone_false_mean_mm);
-    println!("| truth bone points missed (> 2 mm) | {:.1} % | |", 100.0 * s.bone_missed_share);
-    println!("| frames without bone where bone was labelled | {} of {} | |", s.false_bone_frames, s.no_bone_frames);
-    println!("| despeckle + segment, median per frame | {:.1} ms | |", s.ms_median);
-    eprintln!("{} phantoms ({} seeds from {seed}), despeckled with {despeckle}, on {}", s.cases, count, d.device_name());
+    println!(
+        "| bone surface distance, mean (truth → found) | {:.3} mm | |",
+        s.bone_mean_mm
+    );
+    println!(
+        "| bone surface distance, 95th percentile | {:.3} mm | |",
+        s.bone_p95_mm
+    );
+    println!(
+        "| found → truth distance, mean | {:.3} mm | |",
+        s.bone_false_mean_mm
+    );
+    println!(
+        "| truth bone points missed (> 2 mm) | {:.1} % | |",
+        100.0 * s.bone_missed_share
+    );
+    println!(
+        "| frames without bone where bone was labelled | {} of {} | |",
+        s.false_bone_frames, s.no_bone_frames
+    );
+    println!(
+        "| despeckle + segment, median per frame | {:.1} ms | |",
+        s.ms_median
+    );
+    eprintln!(
+        "{} phantoms ({} seeds from {seed}), despeckled with {despeckle}, on {}",
+        s.cases,
+        count,
+        d.device_name()
+    );
     ExitCode::SUCCESS
 }
 
@@ -805,19 +1049,36 @@ fn segment(files: &[PathBuf], out: &Path, despeckle: &str, backend: Backend) -> 
     for file in files {
         let result = (|| -> sonoguide::Result<(usize, usize)> {
             let dicom = DicomFile::open(file, &ReadOptions::default())?;
-            let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "input".into());
+            let stem = file
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "input".into());
             let dir = out.join(stem);
-            std::fs::create_dir_all(&dir).map_err(|source| sonoguide::Error::Write { path: dir.clone(), source })?;
+            std::fs::create_dir_all(&dir).map_err(|source| sonoguide::Error::Write {
+                path: dir.clone(),
+                source,
+            })?;
             let mut with_bone = 0;
             for frame in dicom.frames() {
                 let frame = frame?;
                 let despeckled = d.run(&frame.intensity, std::slice::from_ref(&filter))?;
                 let seg = sonoguide::segment::segment_with(&d, &frame, &despeckled, &params)?;
                 let name = format!("frame_{:04}", frame.index);
-                sonoguide::imageio::write_gray_png(&dir.join(format!("{name}.labels.png")), &seg.labels)?;
+                sonoguide::imageio::write_gray_png(
+                    &dir.join(format!("{name}.labels.png")),
+                    &seg.labels,
+                )?;
                 let preview = sonoguide::overlay::label_preview(&despeckled, &seg.labels)?;
-                sonoguide::imageio::write_rgb_png(&dir.join(format!("{name}.labels_preview.png")), preview.width() as usize, preview.height() as usize, preview.as_raw())?;
-                sonoguide::imageio::write_json(&dir.join(format!("{name}.bone.json")), &seg.bone_json())?;
+                sonoguide::imageio::write_rgb_png(
+                    &dir.join(format!("{name}.labels_preview.png")),
+                    preview.width() as usize,
+                    preview.height() as usize,
+                    preview.as_raw(),
+                )?;
+                sonoguide::imageio::write_json(
+                    &dir.join(format!("{name}.bone.json")),
+                    &seg.bone_json(),
+                )?;
                 if !seg.bone_polylines_px.is_empty() {
                     with_bone += 1;
                 }
@@ -825,7 +1086,10 @@ fn segment(files: &[PathBuf], out: &Path, despeckle: &str, backend: Backend) -> 
             Ok((dicom.frame_count(), with_bone))
         })();
         match result {
-            Ok((n, b)) => eprintln!("{}: {n} frame(s) segmented, bone found in {b}", file.display()),
+            Ok((n, b)) => eprintln!(
+                "{}: {n} frame(s) segmented, bone found in {b}",
+                file.display()
+            ),
             Err(e) => {
                 eprintln!("error: {e}");
                 failures.push(e.to_string());
@@ -846,7 +1110,14 @@ fn report_failures(failures: &[String], total: usize) -> ExitCode {
     ExitCode::from(EXIT_INPUT_FAILED)
 }
 
-fn eval_plan(count: u64, seed: u64, cines: u64, cine_frames: usize, backend: Backend, json: bool) -> ExitCode {
+fn eval_plan(
+    count: u64,
+    seed: u64,
+    cines: u64,
+    cine_frames: usize,
+    backend: Backend,
+    json: bool,
+) -> ExitCode {
     let mut config = sonoguide::PipelineConfig::default();
     config.backend = backend;
     let pipeline = match sonoguide::Pipeline::new(config) {
@@ -857,7 +1128,13 @@ fn eval_plan(count: u64, seed: u64, cines: u64, cine_frames: usize, backend: Bac
         }
     };
     let cine_seeds = seed + count..seed + count + cines;
-    let s = match sonoguide::eval::plan_scores(&pipeline, seed..seed + count, cine_seeds, cine_frames, &sonoguide::phantom::PhantomParams::default()) {
+    let s = match sonoguide::eval::plan_scores(
+        &pipeline,
+        seed..seed + count,
+        cine_seeds,
+        cine_frames,
+        &sonoguide::phantom::PhantomParams::default(),
+    ) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
@@ -871,15 +1148,40 @@ fn eval_plan(count: u64, seed: u64, cines: u64, cine_frames: usize, backend: Bac
     println!("|---|---|");
     println!("| phantoms | {} |", s.cases);
     println!("| frames with a safe path | {} |", s.with_path);
-    println!("| paths crossing bone, shadow or vessel (truth) | {} |", s.unsafe_paths);
-    println!("| smallest truth clearance along a path | {:.2} mm |", s.min_truth_clearance_mm);
-    println!("| target kind as in the truth | {} of {} |", s.kind_matches, s.cases);
+    println!(
+        "| paths crossing bone, shadow or vessel (truth) | {} |",
+        s.unsafe_paths
+    );
+    println!(
+        "| smallest truth clearance along a path | {:.2} mm |",
+        s.min_truth_clearance_mm
+    );
+    println!(
+        "| target kind as in the truth | {} of {} |",
+        s.kind_matches, s.cases
+    );
     println!("| target error, mean | {:.2} mm |", s.target_error_mean_mm);
-    println!("| target error, 95th percentile | {:.2} mm |", s.target_error_p95_mm);
-    println!("| cine target jitter, raw → smoothed | {:.3} → {:.3} mm/frame |", s.target_jitter_raw_mm, s.target_jitter_smoothed_mm);
-    println!("| cine entry jitter, raw → smoothed | {:.3} → {:.3} mm/frame |", s.entry_jitter_raw_mm, s.entry_jitter_smoothed_mm);
-    println!("| cine frame pairs measured / target kind switches | {} / {} |", s.jitter_pairs, s.kind_switches);
-    eprintln!("seeds {seed}..{} and {cines} cine(s) of {cine_frames} frames, on {}", seed + count, pipeline.despeckler().device_name());
+    println!(
+        "| target error, 95th percentile | {:.2} mm |",
+        s.target_error_p95_mm
+    );
+    println!(
+        "| cine target jitter, raw → smoothed | {:.3} → {:.3} mm/frame |",
+        s.target_jitter_raw_mm, s.target_jitter_smoothed_mm
+    );
+    println!(
+        "| cine entry jitter, raw → smoothed | {:.3} → {:.3} mm/frame |",
+        s.entry_jitter_raw_mm, s.entry_jitter_smoothed_mm
+    );
+    println!(
+        "| cine frame pairs measured / target kind switches | {} / {} |",
+        s.jitter_pairs, s.kind_switches
+    );
+    eprintln!(
+        "seeds {seed}..{} and {cines} cine(s) of {cine_frames} frames, on {}",
+        seed + count,
+        pipeline.despeckler().device_name()
+    );
     ExitCode::SUCCESS
 }
 
@@ -906,12 +1208,33 @@ fn bench_pipeline(backend: Backend, repeats: usize, json: bool) -> ExitCode {
     if json {
         return print_json(&rows);
     }
-    println!("{:<8} {:<28} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}", "backend", "adapter", "width", "height", "despeckle", "features", "segment", "plan", "ms_median", "frames/s");
+    println!(
+        "{:<8} {:<28} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
+        "backend",
+        "adapter",
+        "width",
+        "height",
+        "despeckle",
+        "features",
+        "segment",
+        "plan",
+        "ms_median",
+        "frames/s"
+    );
     for r in &rows {
         let s = r.stages;
         println!(
             "{:<8} {:<28} {:>6} {:>6} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>9.1}",
-            r.backend, r.adapter, r.width, r.height, s.despeckle_ms, s.features_ms, s.segment_ms, s.plan_ms, r.ms_median, r.frames_per_s
+            r.backend,
+            r.adapter,
+            r.width,
+            r.height,
+            s.despeckle_ms,
+            s.features_ms,
+            s.segment_ms,
+            s.plan_ms,
+            r.ms_median,
+            r.frames_per_s
         );
     }
     ExitCode::SUCCESS
@@ -927,7 +1250,11 @@ fn serve(bind: &str, port: u16, backend: Backend) -> ExitCode {
             return ExitCode::from(EXIT_INPUT_FAILED);
         }
     };
-    let server = match sonoguide::igtl::Server::bind(&format!("{bind}:{port}"), pipeline.clone(), Default::default()) {
+    let server = match sonoguide::igtl::Server::bind(
+        &format!("{bind}:{port}"),
+        pipeline.clone(),
+        Default::default(),
+    ) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: cannot listen on {bind}:{port}: {e}");
@@ -935,17 +1262,27 @@ fn serve(bind: &str, port: u16, backend: Backend) -> ExitCode {
         }
     };
     let stop = server.stop_flag();
-    if let Err(e) = ctrlc::set_handler(move || stop.store(true, std::sync::atomic::Ordering::Relaxed)) {
+    if let Err(e) =
+        ctrlc::set_handler(move || stop.store(true, std::sync::atomic::Ordering::Relaxed))
+    {
         eprintln!("warning: no signal handler ({e}); stop with SIGKILL");
     }
-    eprintln!("sonoguide serve on {} ({}); research tool, not a medical device", pipeline.despeckler().device_name(), pipeline.despeckler().backend_name());
+    eprintln!(
+        "sonoguide serve on {} ({}); research tool, not a medical device",
+        pipeline.despeckler().device_name(),
+        pipeline.despeckler().backend_name()
+    );
     server.run(&|event| match event {
         sonoguide::igtl::Event::Listening(a) => eprintln!("listening on {a}"),
         sonoguide::igtl::Event::Connected(a) => eprintln!("{a}: connected"),
         sonoguide::igtl::Event::Disconnected(a) => eprintln!("{a}: disconnected"),
-        sonoguide::igtl::Event::Answered { peer, latency_ms, .. } => eprintln!("{peer}: answered in {latency_ms:.1} ms"),
+        sonoguide::igtl::Event::Answered {
+            peer, latency_ms, ..
+        } => eprintln!("{peer}: answered in {latency_ms:.1} ms"),
         sonoguide::igtl::Event::Refused { peer, reason } => eprintln!("{peer}: closed: {reason}"),
-        sonoguide::igtl::Event::Ignored { peer, kind } => eprintln!("{peer}: ignored a {kind} message"),
+        sonoguide::igtl::Event::Ignored { peer, kind } => {
+            eprintln!("{peer}: ignored a {kind} message")
+        }
         _ => {}
     });
     let mut l = server.latencies_ms();

@@ -12,10 +12,24 @@ use ndarray::Array2;
 use crate::phantom::label;
 
 /// Label names, indexed by label value.
-pub const LABEL_NAMES: [&str; 6] = ["background", "tendon", "bone surface", "acoustic shadow", "joint space / effusion", "vessel"];
+pub const LABEL_NAMES: [&str; 6] = [
+    "background",
+    "tendon",
+    "bone surface",
+    "acoustic shadow",
+    "joint space / effusion",
+    "vessel",
+];
 
 /// Okabe–Ito colours, indexed by label value (background unused).
-pub const LABEL_COLOURS: [[u8; 3]; 6] = [[0, 0, 0], [230, 159, 0], [240, 228, 66], [0, 114, 178], [0, 158, 115], [213, 94, 0]];
+pub const LABEL_COLOURS: [[u8; 3]; 6] = [
+    [0, 0, 0],
+    [230, 159, 0],
+    [240, 228, 66],
+    [0, 114, 178],
+    [0, 158, 115],
+    [213, 94, 0],
+];
 
 /// Opacity of label fills in previews.
 const FILL_ALPHA: f32 = 0.35;
@@ -24,7 +38,10 @@ static FONT_BYTES: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
 
 /// The bundled font.
 pub fn font() -> crate::Result<FontRef<'static>> {
-    FontRef::try_from_slice(FONT_BYTES).map_err(|e| crate::Error::InvalidParameter { name: "font", reason: e.to_string() })
+    FontRef::try_from_slice(FONT_BYTES).map_err(|e| crate::Error::InvalidParameter {
+        name: "font",
+        reason: e.to_string(),
+    })
 }
 
 /// An RGB image of a greyscale frame (0–255, clamped).
@@ -52,17 +69,29 @@ pub fn label_preview(gray: &Array2<f32>, labels: &Array2<u8>) -> crate::Result<R
                 continue;
             }
             let c = LABEL_COLOURS[l];
-            let edge = [(0i64, -1i64), (0, 1), (-1, 0), (1, 0)].iter().any(|(dx, dy)| {
-                let (nx, ny) = (x as i64 + dx, y as i64 + dy);
-                nx < 0 || ny < 0 || nx >= w as i64 || ny >= h as i64 || labels[[ny as usize, nx as usize]] as usize != l
-            });
+            let edge = [(0i64, -1i64), (0, 1), (-1, 0), (1, 0)]
+                .iter()
+                .any(|(dx, dy)| {
+                    let (nx, ny) = (x as i64 + dx, y as i64 + dy);
+                    nx < 0
+                        || ny < 0
+                        || nx >= w as i64
+                        || ny >= h as i64
+                        || labels[[ny as usize, nx as usize]] as usize != l
+                });
             let p = img.get_pixel_mut(x as u32, y as u32);
             for (v, ck) in p.0.iter_mut().zip(c) {
-                *v = if edge { ck } else { ((1.0 - FILL_ALPHA) * *v as f32 + FILL_ALPHA * ck as f32) as u8 };
+                *v = if edge {
+                    ck
+                } else {
+                    ((1.0 - FILL_ALPHA) * *v as f32 + FILL_ALPHA * ck as f32) as u8
+                };
             }
         }
     }
-    let present: Vec<usize> = (1..LABEL_NAMES.len()).filter(|l| labels.iter().any(|v| *v as usize == *l)).collect();
+    let present: Vec<usize> = (1..LABEL_NAMES.len())
+        .filter(|l| labels.iter().any(|v| *v as usize == *l))
+        .collect();
     draw_legend(&mut img, &present)?;
     Ok(img)
 }
@@ -73,8 +102,16 @@ pub fn draw_legend(img: &mut RgbImage, labels: &[usize]) -> crate::Result<()> {
     let px = text_px(img.height());
     let scale = PxScale::from(px);
     let line = (px * 1.3) as u32;
-    let names: Vec<&str> = if labels.is_empty() { vec!["no structures found"] } else { labels.iter().map(|l| LABEL_NAMES[*l]).collect() };
-    let text_w = names.iter().map(|n| text_size(scale, &font, n).0).max().unwrap_or(0);
+    let names: Vec<&str> = if labels.is_empty() {
+        vec!["no structures found"]
+    } else {
+        labels.iter().map(|l| LABEL_NAMES[*l]).collect()
+    };
+    let text_w = names
+        .iter()
+        .map(|n| text_size(scale, &font, n).0)
+        .max()
+        .unwrap_or(0);
     let box_w = text_w + line + 12;
     let box_h = line * names.len() as u32 + 8;
     if box_w + 4 > img.width() || box_h + 4 > img.height() {
@@ -82,15 +119,35 @@ pub fn draw_legend(img: &mut RgbImage, labels: &[usize]) -> crate::Result<()> {
     }
     let x0 = img.width() - box_w - 4;
     let y0 = 4;
-    draw_filled_rect_mut(img, DrawRect::at(x0 as i32, y0 as i32).of_size(box_w, box_h), Rgb([20, 20, 20]));
-    draw_hollow_rect_mut(img, DrawRect::at(x0 as i32, y0 as i32).of_size(box_w, box_h), Rgb([200, 200, 200]));
+    draw_filled_rect_mut(
+        img,
+        DrawRect::at(x0 as i32, y0 as i32).of_size(box_w, box_h),
+        Rgb([20, 20, 20]),
+    );
+    draw_hollow_rect_mut(
+        img,
+        DrawRect::at(x0 as i32, y0 as i32).of_size(box_w, box_h),
+        Rgb([200, 200, 200]),
+    );
     for (i, name) in names.iter().enumerate() {
         let ty = y0 + 4 + i as u32 * line;
         if let Some(l) = labels.get(i) {
             let c = LABEL_COLOURS[*l];
-            draw_filled_rect_mut(img, DrawRect::at(x0 as i32 + 4, ty as i32 + 2).of_size(line - 6, line - 6), Rgb(c));
+            draw_filled_rect_mut(
+                img,
+                DrawRect::at(x0 as i32 + 4, ty as i32 + 2).of_size(line - 6, line - 6),
+                Rgb(c),
+            );
         }
-        draw_text_mut(img, Rgb([240, 240, 240]), (x0 + line + 4) as i32, ty as i32, scale, &font, name);
+        draw_text_mut(
+            img,
+            Rgb([240, 240, 240]),
+            (x0 + line + 4) as i32,
+            ty as i32,
+            scale,
+            &font,
+            name,
+        );
     }
     let _ = label::BACKGROUND;
     Ok(())
@@ -117,23 +174,36 @@ pub fn draw_contours(img: &mut RgbImage, labels: &Array2<u8>) -> crate::Result<(
             if l == 0 || l >= LABEL_COLOURS.len() {
                 continue;
             }
-            let edge = [(0i64, -1i64), (0, 1), (-1, 0), (1, 0)].iter().any(|(dx, dy)| {
-                let (nx, ny) = (x as i64 + dx, y as i64 + dy);
-                nx >= 0 && ny >= 0 && nx < w as i64 && ny < h as i64 && labels[[ny as usize, nx as usize]] as usize != l
-            });
+            let edge = [(0i64, -1i64), (0, 1), (-1, 0), (1, 0)]
+                .iter()
+                .any(|(dx, dy)| {
+                    let (nx, ny) = (x as i64 + dx, y as i64 + dy);
+                    nx >= 0
+                        && ny >= 0
+                        && nx < w as i64
+                        && ny < h as i64
+                        && labels[[ny as usize, nx as usize]] as usize != l
+                });
             if edge {
                 img.put_pixel(x as u32, y as u32, Rgb(LABEL_COLOURS[l]));
             }
         }
     }
-    let present: Vec<usize> = (1..LABEL_NAMES.len()).filter(|l| labels.iter().any(|v| *v as usize == *l)).collect();
+    let present: Vec<usize> = (1..LABEL_NAMES.len())
+        .filter(|l| labels.iter().any(|v| *v as usize == *l))
+        .collect();
     draw_legend(img, &present)
 }
 
 fn thick_line(img: &mut RgbImage, a: (f32, f32), b: (f32, f32), colour: Rgb<u8>, half: i32) {
     for dx in -half..=half {
         for dy in -half..=half {
-            imageproc::drawing::draw_line_segment_mut(img, (a.0 + dx as f32, a.1 + dy as f32), (b.0 + dx as f32, b.1 + dy as f32), colour);
+            imageproc::drawing::draw_line_segment_mut(
+                img,
+                (a.0 + dx as f32, a.1 + dy as f32),
+                (b.0 + dx as f32, b.1 + dy as f32),
+                colour,
+            );
         }
     }
 }
@@ -153,7 +223,10 @@ pub fn draw_plan(
     let px = text_px(img.height());
     let scale = PxScale::from(px);
     if let (Some(e), Some(t)) = (plan.entry, plan.target) {
-        let (a, b) = ((e.px[0] as f32, e.px[1] as f32), (t.px[0] as f32, t.px[1] as f32));
+        let (a, b) = (
+            (e.px[0] as f32, e.px[1] as f32),
+            (t.px[0] as f32, t.px[1] as f32),
+        );
         thick_line(&mut img, a, b, OUTLINE, 2);
         thick_line(&mut img, a, b, NEEDLE, 1);
         // Depth ticks every 5 mm along the needle, perpendicular to it.
@@ -166,30 +239,64 @@ pub fn draw_plan(
         while d < len_mm {
             let f = (d / len_mm) as f32;
             let c = (a.0 + f * dx, a.1 + f * dy);
-            thick_line(&mut img, (c.0 - nx * tick, c.1 - ny * tick), (c.0 + nx * tick, c.1 + ny * tick), NEEDLE, 0);
+            thick_line(
+                &mut img,
+                (c.0 - nx * tick, c.1 - ny * tick),
+                (c.0 + nx * tick, c.1 + ny * tick),
+                NEEDLE,
+                0,
+            );
             d += TICK_MM;
         }
-        imageproc::drawing::draw_filled_circle_mut(&mut img, (a.0 as i32, a.1 as i32), (px * 0.35) as i32 + 2, ENTRY);
-        imageproc::drawing::draw_hollow_circle_mut(&mut img, (a.0 as i32, a.1 as i32), (px * 0.35) as i32 + 3, OUTLINE);
+        imageproc::drawing::draw_filled_circle_mut(
+            &mut img,
+            (a.0 as i32, a.1 as i32),
+            (px * 0.35) as i32 + 2,
+            ENTRY,
+        );
+        imageproc::drawing::draw_hollow_circle_mut(
+            &mut img,
+            (a.0 as i32, a.1 as i32),
+            (px * 0.35) as i32 + 3,
+            OUTLINE,
+        );
     }
     if let Some(t) = plan.target {
         let (x, y) = (t.px[0] as f32, t.px[1] as f32);
         let r = (px * 0.6).max(6.0);
         thick_line(&mut img, (x - r, y), (x + r, y), TARGET, 1);
         thick_line(&mut img, (x, y - r), (x, y + r), TARGET, 1);
-        imageproc::drawing::draw_hollow_circle_mut(&mut img, (x as i32, y as i32), (r * 0.6) as i32, TARGET);
+        imageproc::drawing::draw_hollow_circle_mut(
+            &mut img,
+            (x as i32, y as i32),
+            (r * 0.6) as i32,
+            TARGET,
+        );
     }
     // Text box, bottom left above the scale bar.
     let lines: Vec<String> = if plan.is_ok() {
         vec![
-            format!("angle {:.0} deg, side {}", plan.angle_deg.unwrap_or(0.0), plan.side.unwrap_or("-")),
+            format!(
+                "angle {:.0} deg, side {}",
+                plan.angle_deg.unwrap_or(0.0),
+                plan.side.unwrap_or("-")
+            ),
             format!("target depth {:.1} mm", plan.depth_mm.unwrap_or(0.0)),
             format!("path length {:.1} mm", plan.length_mm.unwrap_or(0.0)),
-            format!("clearance {:.1} mm", plan.clearance_mm.unwrap_or(0.0).min(99.9)),
-            format!("target: {}", plan.target_kind.unwrap_or("-").replace('_', " ")),
+            format!(
+                "clearance {:.1} mm",
+                plan.clearance_mm.unwrap_or(0.0).min(99.9)
+            ),
+            format!(
+                "target: {}",
+                plan.target_kind.unwrap_or("-").replace('_', " ")
+            ),
         ]
     } else {
-        vec![format!("target: {}", plan.target_kind.unwrap_or("none").replace('_', " "))]
+        vec![format!(
+            "target: {}",
+            plan.target_kind.unwrap_or("none").replace('_', " ")
+        )]
     };
     let mut lines = lines;
     if plan.calibration_assumed {
@@ -197,27 +304,63 @@ pub fn draw_plan(
     }
     lines.push("research tool - not for clinical use".into());
     let line_h = (px * 1.25) as u32;
-    let box_w = lines.iter().map(|l| text_size(scale, &font, l).0).max().unwrap_or(0) + 10;
+    let box_w = lines
+        .iter()
+        .map(|l| text_size(scale, &font, l).0)
+        .max()
+        .unwrap_or(0)
+        + 10;
     let box_h = line_h * lines.len() as u32 + 8;
     let bar_h = line_h + 12;
     if box_w < img.width() && box_h + bar_h + 8 < img.height() {
         let y0 = img.height() - box_h - bar_h - 4;
-        draw_filled_rect_mut(&mut img, DrawRect::at(4, y0 as i32).of_size(box_w, box_h), Rgb([20, 20, 20]));
+        draw_filled_rect_mut(
+            &mut img,
+            DrawRect::at(4, y0 as i32).of_size(box_w, box_h),
+            Rgb([20, 20, 20]),
+        );
         for (i, l) in lines.iter().enumerate() {
-            draw_text_mut(&mut img, Rgb([240, 240, 240]), 9, (y0 + 4 + i as u32 * line_h) as i32, scale, &font, l);
+            draw_text_mut(
+                &mut img,
+                Rgb([240, 240, 240]),
+                9,
+                (y0 + 4 + i as u32 * line_h) as i32,
+                scale,
+                &font,
+                l,
+            );
         }
     }
     // Scale bar: 10 mm (5 mm on narrow frames).
-    let bar_mm = if img.width() as f64 * mm_per_px.0 > 30.0 { 10.0 } else { 5.0 };
+    let bar_mm = if img.width() as f64 * mm_per_px.0 > 30.0 {
+        10.0
+    } else {
+        5.0
+    };
     let bar_px = (bar_mm / mm_per_px.0).round() as u32;
     if bar_px + 20 < img.width() {
         let y = img.height() - 8;
-        draw_filled_rect_mut(&mut img, DrawRect::at(8, y as i32 - 3).of_size(bar_px, 4), NEEDLE);
+        draw_filled_rect_mut(
+            &mut img,
+            DrawRect::at(8, y as i32 - 3).of_size(bar_px, 4),
+            NEEDLE,
+        );
         let label = format!("{bar_mm:.0} mm");
-        draw_text_mut(&mut img, NEEDLE, (bar_px + 14) as i32, y as i32 - px as i32, scale, &font, &label);
+        draw_text_mut(
+            &mut img,
+            NEEDLE,
+            (bar_px + 14) as i32,
+            y as i32 - px as i32,
+            scale,
+            &font,
+            &label,
+        );
     }
     if !plan.is_ok() {
-        let text = format!("NO SAFE PATH: {}", plan.reason.as_deref().unwrap_or("unknown"));
+        let text = format!(
+            "NO SAFE PATH: {}",
+            plan.reason.as_deref().unwrap_or("unknown")
+        );
         let big = PxScale::from(px * 1.2);
         let bh = (px * 1.8) as u32;
         let iw = img.width();
@@ -229,7 +372,15 @@ pub fn draw_plan(
             chars.pop();
             t = chars.into_iter().collect::<String>() + "...";
         }
-        draw_text_mut(&mut img, Rgb([255, 255, 255]), 6, (px * 0.2) as i32, big, &font, &t);
+        draw_text_mut(
+            &mut img,
+            Rgb([255, 255, 255]),
+            6,
+            (px * 0.2) as i32,
+            big,
+            &font,
+            &t,
+        );
     }
     Ok(img)
 }

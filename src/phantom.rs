@@ -274,7 +274,13 @@ impl Anatomy {
         let skin_mm = rng.range(0.6, 1.1);
         let fat_mm = skin_mm + rng.range(1.5, 3.5);
         let septa = (0..rng.range(1.0, 4.0) as usize)
-            .map(|_| (rng.range(skin_mm + 0.4, fat_mm - 0.2), rng.range(-0.08, 0.08), rng.range(0.1, 0.2)))
+            .map(|_| {
+                (
+                    rng.range(skin_mm + 0.4, fat_mm - 0.2),
+                    rng.range(-0.08, 0.08),
+                    rng.range(0.1, 0.2),
+                )
+            })
             .collect();
         let tendon_top = fat_mm + rng.range(0.3, 1.5);
         let tendon_thick = rng.range(2.5, 4.0);
@@ -291,11 +297,21 @@ impl Anatomy {
             tendon_top,
             tendon_thick,
             tendon_slope: rng.range(-0.04, 0.04),
-            tendon_u: (width_mm * rng.range(-0.1, 0.1), width_mm * rng.range(0.9, 1.1)),
+            tendon_u: (
+                width_mm * rng.range(-0.1, 0.1),
+                width_mm * rng.range(0.9, 1.1),
+            ),
             fibre_period: rng.range(0.3, 0.5),
             fibre_phase: rng.range(0.0, 2.0 * PI),
-            bone_base: [bone_depth + rng.range(-1.0, 1.0), bone_depth + rng.range(-1.0, 1.0)],
-            bone_wave: (rng.range(0.2, 0.7), rng.range(25.0, 50.0), rng.range(0.0, 2.0 * PI)),
+            bone_base: [
+                bone_depth + rng.range(-1.0, 1.0),
+                bone_depth + rng.range(-1.0, 1.0),
+            ],
+            bone_wave: (
+                rng.range(0.2, 0.7),
+                rng.range(25.0, 50.0),
+                rng.range(0.0, 2.0 * PI),
+            ),
             gap: (gap_c - gap_w / 2.0, gap_c + gap_w / 2.0),
             end_radius: rng.range(2.5, 4.0),
             cartilage_mm: rng.range(0.8, 1.4),
@@ -306,7 +322,9 @@ impl Anatomy {
             width_mm,
         };
         match scene {
-            Scene::Joint => a.effusion_u = (a.gap.0 - rng.range(1.5, 3.0), a.gap.1 + rng.range(1.5, 3.0)),
+            Scene::Joint => {
+                a.effusion_u = (a.gap.0 - rng.range(1.5, 3.0), a.gap.1 + rng.range(1.5, 3.0))
+            }
             Scene::Bone => {
                 // A bursa-like anechoic collection over the bone, half of the time.
                 if rng.unit() < 0.5 {
@@ -323,14 +341,26 @@ impl Anatomy {
             let bottom = if scene == Scene::SoftTissue {
                 depth_mm - vessel_r - 3.0
             } else {
-                a.bone_base[0].min(a.bone_base[1]) - a.bone_wave.0 - a.cartilage_mm - a.effusion_height - vessel_r - 1.0
+                a.bone_base[0].min(a.bone_base[1])
+                    - a.bone_wave.0
+                    - a.cartilage_mm
+                    - a.effusion_height
+                    - vessel_r
+                    - 1.0
             };
             if bottom > top {
                 let d = rng.range(top, bottom);
                 let mut u = width_mm * rng.range(0.12, 0.88);
-                let busy = (a.effusion_u.0.min(a.gap.0) - vessel_r - 3.0, a.effusion_u.1.max(a.gap.1) + vessel_r + 3.0);
+                let busy = (
+                    a.effusion_u.0.min(a.gap.0) - vessel_r - 3.0,
+                    a.effusion_u.1.max(a.gap.1) + vessel_r + 3.0,
+                );
                 if scene != Scene::SoftTissue && u > busy.0 && u < busy.1 {
-                    u = if busy.0 > width_mm - busy.1 { busy.0 * 0.5 } else { (busy.1 + width_mm) * 0.5 };
+                    u = if busy.0 > width_mm - busy.1 {
+                        busy.0 * 0.5
+                    } else {
+                        (busy.1 + width_mm) * 0.5
+                    };
                 }
                 a.vessel = Some((u, d, vessel_r));
             }
@@ -404,7 +434,12 @@ impl Anatomy {
                 return (echo::FLUID, 0.02, label::VESSEL, false);
             }
             if r < vr + 0.15 {
-                return (echo::VESSEL_WALL, TISSUE_ATTEN_DB_CM_MHZ, label::VESSEL, false);
+                return (
+                    echo::VESSEL_WALL,
+                    TISSUE_ATTEN_DB_CM_MHZ,
+                    label::VESSEL,
+                    false,
+                );
             }
         }
         if self.scene != Scene::SoftTissue && self.has_bone_at(u) {
@@ -416,7 +451,16 @@ impl Anatomy {
                     return (echo::CARTILAGE, 0.3, label::BONE, false);
                 }
                 let specular = d < bd + 0.15;
-                return (if specular { echo::BONE } else { echo::BONE * 0.05 }, 40.0, label::BONE, specular);
+                return (
+                    if specular {
+                        echo::BONE
+                    } else {
+                        echo::BONE * 0.05
+                    },
+                    40.0,
+                    label::BONE,
+                    specular,
+                );
             }
             if d >= bd + BONE_BAND_BELOW {
                 return (echo::MUSCLE, 40.0, label::SHADOW, false);
@@ -443,7 +487,12 @@ impl Anatomy {
             if d >= t0 && d < t1 {
                 // Fibrils run along the tendon: a quasi-periodic modulation across them.
                 let along = d - t0 + self.tendon_slope * u;
-                let m = 0.25 + 1.5 * (0.5 + 0.5 * (2.0 * PI * along / self.fibre_period + self.fibre_phase).cos()).powi(2);
+                let m = 0.25
+                    + 1.5
+                        * (0.5
+                            + 0.5
+                                * (2.0 * PI * along / self.fibre_period + self.fibre_phase).cos())
+                        .powi(2);
                 return (echo::TENDON * m, 0.9, label::TENDON, false);
             }
         }
@@ -454,14 +503,24 @@ impl Anatomy {
             for (d0, slope, thick) in &self.septa {
                 let sd = d0 + slope * u;
                 if (d - sd).abs() < thick / 2.0 {
-                    return (echo::SEPTUM, TISSUE_ATTEN_DB_CM_MHZ, label::BACKGROUND, false);
+                    return (
+                        echo::SEPTUM,
+                        TISSUE_ATTEN_DB_CM_MHZ,
+                        label::BACKGROUND,
+                        false,
+                    );
                 }
             }
             return (echo::FAT, 0.6, label::BACKGROUND, false);
         }
         // Muscle with faint perimysium striations.
         let stria = 1.0 + 0.6 * ((2.0 * PI * (d + 0.15 * u) / 1.6).sin().max(0.0)).powi(6);
-        (echo::MUSCLE * stria, TISSUE_ATTEN_DB_CM_MHZ, label::BACKGROUND, false)
+        (
+            echo::MUSCLE * stria,
+            TISSUE_ATTEN_DB_CM_MHZ,
+            label::BACKGROUND,
+            false,
+        )
     }
 }
 
@@ -475,7 +534,9 @@ fn convolve_gaussian(field: &mut Array2<Complex<f64>>, sigma_y: f64, sigma_x: f6
     let mut total = 0.0;
     for dy in -ry..=ry {
         for dx in -rx..=rx {
-            let mut g = (-(dy * dy) as f64 / (2.0 * sigma_y * sigma_y) - (dx * dx) as f64 / (2.0 * sigma_x * sigma_x)).exp();
+            let mut g = (-(dy * dy) as f64 / (2.0 * sigma_y * sigma_y)
+                - (dx * dx) as f64 / (2.0 * sigma_x * sigma_x))
+                .exp();
             if squared {
                 g *= g;
             }
@@ -487,12 +548,18 @@ fn convolve_gaussian(field: &mut Array2<Complex<f64>>, sigma_y: f64, sigma_x: f6
     }
     // Amplitude PSF normalised to unit energy (speckle power = scatterer power); the power
     // PSF (|h|²) to unit sum, so that mean power is preserved.
-    let norm = if squared { kernel.iter().map(|c| c.re).sum::<f64>() } else { total.sqrt() };
+    let norm = if squared {
+        kernel.iter().map(|c| c.re).sum::<f64>()
+    } else {
+        total.sqrt()
+    };
     kernel.mapv_inplace(|c| c / norm);
     fft2(field, false);
     fft2(&mut kernel, false);
     let n = (h * w) as f64;
-    ndarray::Zip::from(&mut *field).and(&kernel).par_for_each(|f, k| *f = *f * *k / n);
+    ndarray::Zip::from(&mut *field)
+        .and(&kernel)
+        .par_for_each(|f, k| *f = *f * *k / n);
     fft2(field, true);
 }
 
@@ -505,16 +572,28 @@ fn power_to_grey(p: f64) -> f64 {
 pub fn generate(name: &str, params: &PhantomParams) -> crate::Result<Phantom> {
     let p = params;
     if p.width < 32 || p.height < 32 || p.width > 4096 || p.height > 4096 {
-        return Err(crate::Error::InvalidParameter { name: "size", reason: format!("{}x{} (32..4096 each)", p.width, p.height) });
+        return Err(crate::Error::InvalidParameter {
+            name: "size",
+            reason: format!("{}x{} (32..4096 each)", p.width, p.height),
+        });
     }
     if p.frames == 0 || p.frames > 1000 {
-        return Err(crate::Error::InvalidParameter { name: "frames", reason: format!("{} (1..1000)", p.frames) });
+        return Err(crate::Error::InvalidParameter {
+            name: "frames",
+            reason: format!("{} (1..1000)", p.frames),
+        });
     }
     if !(p.mm_per_px > 0.01 && p.mm_per_px < 1.0) {
-        return Err(crate::Error::InvalidParameter { name: "mm_per_px", reason: format!("{} (0.01..1)", p.mm_per_px) });
+        return Err(crate::Error::InvalidParameter {
+            name: "mm_per_px",
+            reason: format!("{} (0.01..1)", p.mm_per_px),
+        });
     }
     if !(p.frequency_mhz >= 2.0 && p.frequency_mhz <= 20.0) {
-        return Err(crate::Error::InvalidParameter { name: "frequency_mhz", reason: format!("{} (2..20)", p.frequency_mhz) });
+        return Err(crate::Error::InvalidParameter {
+            name: "frequency_mhz",
+            reason: format!("{} (2..20)", p.frequency_mhz),
+        });
     }
     let mut rng = Rng::new(p.seed);
     let s = p.mm_per_px;
@@ -600,7 +679,8 @@ pub fn generate(name: &str, params: &PhantomParams) -> crate::Result<Phantom> {
         let mut lab = Array2::<u8>::zeros((bh, beam_cols));
         for y in 0..bh {
             for x in 0..beam_cols {
-                let z = iq[[y + pad, x + off + pad]] + Complex::new(rng.normal(), rng.normal()) * noise_amp;
+                let z = iq[[y + pad, x + off + pad]]
+                    + Complex::new(rng.normal(), rng.normal()) * noise_amp;
                 img[[y, x]] = power_to_grey(z.norm_sqr());
                 let mp = mean_power[[y + pad, x + off + pad]].re.max(0.0) + NOISE_POWER;
                 clean[[y, x]] = power_to_grey(mp * 10f64.powf(LOG_SPECKLE_BIAS_DB / 10.0));
@@ -640,7 +720,13 @@ pub fn generate(name: &str, params: &PhantomParams) -> crate::Result<Phantom> {
         Scene::Joint => {
             let u = (anatomy.gap.0 + anatomy.gap.1) / 2.0;
             let floor = anatomy.effusion_base(u);
-            ("joint_space", (u, floor + (anatomy.cartilage_mm + anatomy.recess_depth) / 2.0))
+            (
+                "joint_space",
+                (
+                    u,
+                    floor + (anatomy.cartilage_mm + anatomy.recess_depth) / 2.0,
+                ),
+            )
         }
         _ if anatomy.effusion_u.1 > anatomy.effusion_u.0 => {
             let u = (anatomy.effusion_u.0 + anatomy.effusion_u.1) / 2.0;
@@ -649,7 +735,10 @@ pub fn generate(name: &str, params: &PhantomParams) -> crate::Result<Phantom> {
         }
         _ => {
             let u = anatomy.width_mm / 2.0;
-            let top = anatomy.tendon_range(u).map(|r| r.0).unwrap_or(anatomy.tendon_top);
+            let top = anatomy
+                .tendon_range(u)
+                .map(|r| r.0)
+                .unwrap_or(anatomy.tendon_top);
             ("peritendinous", (u, top - 0.5))
         }
     };
@@ -670,9 +759,13 @@ pub fn generate(name: &str, params: &PhantomParams) -> crate::Result<Phantom> {
                 polylines.push(current);
             }
         }
-        let mm: Vec<Vec<[f64; 2]>> = polylines.iter().map(|l| l.iter().map(|q| to_mm(*q)).collect()).collect();
+        let mm: Vec<Vec<[f64; 2]>> = polylines
+            .iter()
+            .map(|l| l.iter().map(|q| to_mm(*q)).collect())
+            .collect();
         let tpx = to_px(target_ud.0, target_ud.1, *off);
-        let inside = tpx[0] >= 0.0 && tpx[0] < p.width as f64 && tpx[1] >= 0.0 && tpx[1] < p.height as f64;
+        let inside =
+            tpx[0] >= 0.0 && tpx[0] < p.width as f64 && tpx[1] >= 0.0 && tpx[1] < p.height as f64;
         frame_truths.push(FrameTruth {
             index: k,
             bone_polylines_px: polylines,
@@ -684,12 +777,22 @@ pub fn generate(name: &str, params: &PhantomParams) -> crate::Result<Phantom> {
     let mut forbidden = Vec::new();
     if let Some(first) = frame_truths.first() {
         for l in &first.bone_polylines_px {
-            forbidden.push(Forbidden { kind: "bone", points_px: l.clone(), points_mm: l.iter().map(|q| to_mm(*q)).collect(), radius_mm: None });
+            forbidden.push(Forbidden {
+                kind: "bone",
+                points_px: l.clone(),
+                points_mm: l.iter().map(|q| to_mm(*q)).collect(),
+                radius_mm: None,
+            });
         }
     }
     if let Some((vu, vd, vr)) = anatomy.vessel {
         let c = to_px(vu, vd, 0);
-        forbidden.push(Forbidden { kind: "vessel", points_px: vec![c], points_mm: vec![to_mm(c)], radius_mm: Some(vr) });
+        forbidden.push(Forbidden {
+            kind: "vessel",
+            points_px: vec![c],
+            points_mm: vec![to_mm(c)],
+            radius_mm: Some(vr),
+        });
     }
     let region = match p.geometry {
         Geometry::Linear => Rect::full(p.width, p.height),
@@ -713,7 +816,12 @@ pub fn generate(name: &str, params: &PhantomParams) -> crate::Result<Phantom> {
         forbidden,
         frames: frame_truths,
     };
-    Ok(Phantom { frames, clean: cleans, labels: label_frames, truth })
+    Ok(Phantom {
+        frames,
+        clean: cleans,
+        labels: label_frames,
+        truth,
+    })
 }
 
 /// Maps a beam-space image (columns = angle, rows = range) onto a fan.
@@ -736,9 +844,17 @@ impl ScanConverter {
     fn new(width: usize, height: usize, s: f64) -> Self {
         let radius_px = CURVED_RADIUS_MM / s;
         // Widest half-angle whose deepest point stays inside the frame, with a 2 % margin.
-        let half = ((width as f64 / 2.0) / (radius_px + height as f64)).min(1.0).asin() * 0.98;
+        let half = ((width as f64 / 2.0) / (radius_px + height as f64))
+            .min(1.0)
+            .asin()
+            * 0.98;
         let beam_cols = ((2.0 * half * radius_px) as usize).clamp(8, width);
-        ScanConverter { width, height, radius_px, beam_cols }
+        ScanConverter {
+            width,
+            height,
+            radius_px,
+            beam_cols,
+        }
     }
     fn apex(&self) -> (f64, f64) {
         (self.width as f64 / 2.0, -self.radius_px)
@@ -751,7 +867,11 @@ impl ScanConverter {
         let theta = dx.atan2(dy);
         let bx = theta * self.radius_px + self.beam_cols as f64 / 2.0;
         let by = r - self.radius_px;
-        (bx >= 0.0 && bx <= (self.beam_cols - 1) as f64 && by >= 0.0 && by <= (self.height - 1) as f64).then_some((bx, by))
+        (bx >= 0.0
+            && bx <= (self.beam_cols - 1) as f64
+            && by >= 0.0
+            && by <= (self.height - 1) as f64)
+            .then_some((bx, by))
     }
     fn beam_to_image(&self, bx: f64, by: f64) -> [f64; 2] {
         let (ax, ay) = self.apex();
@@ -760,26 +880,38 @@ impl ScanConverter {
         [ax + r * theta.sin(), ay + r * theta.cos()]
     }
     fn convert(&self, beam: &Array2<f64>) -> Array2<f64> {
-        Array2::from_shape_fn((self.height, self.width), |(y, x)| match self.image_to_beam(x as f64, y as f64) {
-            Some((bx, by)) => {
-                let (x0, y0) = (bx.floor() as usize, by.floor() as usize);
-                let (x1, y1) = ((x0 + 1).min(self.beam_cols - 1), (y0 + 1).min(self.height - 1));
-                let (fx, fy) = (bx - x0 as f64, by - y0 as f64);
-                let top = beam[[y0, x0]] * (1.0 - fx) + beam[[y0, x1]] * fx;
-                let bot = beam[[y1, x0]] * (1.0 - fx) + beam[[y1, x1]] * fx;
-                top * (1.0 - fy) + bot * fy
+        Array2::from_shape_fn((self.height, self.width), |(y, x)| {
+            match self.image_to_beam(x as f64, y as f64) {
+                Some((bx, by)) => {
+                    let (x0, y0) = (bx.floor() as usize, by.floor() as usize);
+                    let (x1, y1) = (
+                        (x0 + 1).min(self.beam_cols - 1),
+                        (y0 + 1).min(self.height - 1),
+                    );
+                    let (fx, fy) = (bx - x0 as f64, by - y0 as f64);
+                    let top = beam[[y0, x0]] * (1.0 - fx) + beam[[y0, x1]] * fx;
+                    let bot = beam[[y1, x0]] * (1.0 - fx) + beam[[y1, x1]] * fx;
+                    top * (1.0 - fy) + bot * fy
+                }
+                None => 0.0,
             }
-            None => 0.0,
         })
     }
     fn convert_nearest(&self, beam: &Array2<u8>) -> Array2<u8> {
-        Array2::from_shape_fn((self.height, self.width), |(y, x)| match self.image_to_beam(x as f64, y as f64) {
-            Some((bx, by)) => beam[[by.round() as usize, bx.round() as usize]],
-            None => 0,
+        Array2::from_shape_fn((self.height, self.width), |(y, x)| {
+            match self.image_to_beam(x as f64, y as f64) {
+                Some((bx, by)) => beam[[by.round() as usize, bx.round() as usize]],
+                None => 0,
+            }
         })
     }
     fn bounds(&self) -> Rect {
-        let mut r = Rect { x0: self.width, y0: self.height, x1: 0, y1: 0 };
+        let mut r = Rect {
+            x0: self.width,
+            y0: self.height,
+            x1: 0,
+            y1: 0,
+        };
         for y in 0..self.height {
             for x in 0..self.width {
                 if self.image_to_beam(x as f64, y as f64).is_some() {
@@ -803,7 +935,11 @@ pub fn gray_to_rgb(a: &Array2<u8>) -> Array3<u8> {
 /// Generates case `name` and writes `NAME.dcm`, `NAME.truth.png`, `NAME.clean.png` and
 /// `NAME.truth.json` into `dir` (for a cine, also `NAME.truth_NNNN.png` and
 /// `NAME.clean_NNNN.png` for frames after the first).
-pub fn write_case(dir: &std::path::Path, name: &str, params: &PhantomParams) -> crate::Result<Truth> {
+pub fn write_case(
+    dir: &std::path::Path,
+    name: &str,
+    params: &PhantomParams,
+) -> crate::Result<Truth> {
     use crate::dicom::write::{uid_from, write_us_image, Colour, Identity, UsImage};
     let case = generate(name, params)?;
     let key = format!("sonoguide-phantom/{name}/{}", params.seed);
@@ -822,17 +958,28 @@ pub fn write_case(dir: &std::path::Path, name: &str, params: &PhantomParams) -> 
         width: params.width,
         height: params.height,
         colour: Colour::Gray,
-        frames: case.frames.iter().map(|f| f.iter().copied().collect()).collect(),
+        frames: case
+            .frames
+            .iter()
+            .map(|f| f.iter().copied().collect())
+            .collect(),
         mm_per_px: (params.mm_per_px, params.mm_per_px),
         region: case.truth.region,
-        reference_px: (case.truth.reference_px[0].round() as i64, case.truth.reference_px[1].round() as i64),
+        reference_px: (
+            case.truth.reference_px[0].round() as i64,
+            case.truth.reference_px[1].round() as i64,
+        ),
         frame_time_ms: 33.3,
         identity,
         derived_from: None,
     };
     write_us_image(&dir.join(format!("{name}.dcm")), &image)?;
     for (k, (labels, clean)) in case.labels.iter().zip(&case.clean).enumerate() {
-        let suffix = if k == 0 { String::new() } else { format!("_{k:04}") };
+        let suffix = if k == 0 {
+            String::new()
+        } else {
+            format!("_{k:04}")
+        };
         crate::imageio::write_gray_png(&dir.join(format!("{name}.truth{suffix}.png")), labels)?;
         crate::imageio::write_gray_png(&dir.join(format!("{name}.clean{suffix}.png")), clean)?;
     }
@@ -844,7 +991,10 @@ pub fn write_case(dir: &std::path::Path, name: &str, params: &PhantomParams) -> 
 /// (with the reference pixel), and the imaging region (a fan mask for curved arrays).
 pub fn frame_of(ph: &Phantom, k: usize) -> crate::Result<crate::Frame> {
     use crate::frame::{Calibration, CalibrationSource, ImagingRegion, RegionShape, RegionSource};
-    let img = ph.frames.get(k).ok_or(crate::Error::InvalidParameter { name: "frame", reason: format!("{k} of {}", ph.frames.len()) })?;
+    let img = ph.frames.get(k).ok_or(crate::Error::InvalidParameter {
+        name: "frame",
+        reason: format!("{k} of {}", ph.frames.len()),
+    })?;
     let (h, w) = img.dim();
     let pixels: Vec<u8> = img.iter().copied().collect();
     let t = &ph.truth;
@@ -857,11 +1007,23 @@ pub fn frame_of(ph: &Phantom, k: usize) -> crate::Result<crate::Frame> {
     let mut frame = crate::Frame::from_gray8(w, h, &pixels, calibration)?;
     frame.index = k;
     frame.region = match t.geometry {
-        Geometry::Linear => ImagingRegion { bounds: t.region, shape: RegionShape::Rectangle, source: RegionSource::UltrasoundRegion, mask: None },
+        Geometry::Linear => ImagingRegion {
+            bounds: t.region,
+            shape: RegionShape::Rectangle,
+            source: RegionSource::UltrasoundRegion,
+            mask: None,
+        },
         Geometry::Curved => {
             let conv = ScanConverter::new(w, h, t.spacing_mm[0]);
-            let mask = Array2::from_shape_fn((h, w), |(y, x)| u8::from(conv.image_to_beam(x as f64, y as f64).is_some()));
-            ImagingRegion { bounds: t.region, shape: RegionShape::Sector, source: RegionSource::UltrasoundRegion, mask: Some(mask) }
+            let mask = Array2::from_shape_fn((h, w), |(y, x)| {
+                u8::from(conv.image_to_beam(x as f64, y as f64).is_some())
+            });
+            ImagingRegion {
+                bounds: t.region,
+                shape: RegionShape::Sector,
+                source: RegionSource::UltrasoundRegion,
+                mask: Some(mask),
+            }
         }
     };
     Ok(frame)

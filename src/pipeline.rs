@@ -32,7 +32,9 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
             backend: Backend::Auto,
-            filters: Filter::default_for("srad").map(|f| vec![f]).unwrap_or_default(),
+            filters: Filter::default_for("srad")
+                .map(|f| vec![f])
+                .unwrap_or_default(),
             segment: SegmentParams::default(),
             plan: PlanParams::default(),
         }
@@ -164,7 +166,10 @@ impl PipelineBuilder {
     pub fn build(self) -> Result<Pipeline> {
         #[cfg(feature = "gpu")]
         if let Some(gpu) = self.gpu {
-            return Ok(Pipeline { despeckler: Despeckler::with_gpu(gpu), config: self.config });
+            return Ok(Pipeline {
+                despeckler: Despeckler::with_gpu(gpu),
+                config: self.config,
+            });
         }
         Pipeline::new(self.config)
     }
@@ -178,7 +183,10 @@ impl Pipeline {
 
     /// Builds the pipeline (opens the GPU if the backend asks for one).
     pub fn new(config: PipelineConfig) -> Result<Pipeline> {
-        Ok(Pipeline { despeckler: Despeckler::new(config.backend)?, config })
+        Ok(Pipeline {
+            despeckler: Despeckler::new(config.backend)?,
+            config,
+        })
     }
 
     /// The configuration.
@@ -203,17 +211,22 @@ impl Pipeline {
 
     fn run(&self, frame: &Frame, session: Option<&mut Session>) -> Result<FrameResult> {
         let t0 = Instant::now();
-        let despeckled = self.despeckler.run(&frame.intensity, &self.config.filters)?;
+        let despeckled = self
+            .despeckler
+            .run(&frame.intensity, &self.config.filters)?;
         let t1 = Instant::now();
-        let features = segment::features(&self.despeckler, frame, &despeckled, &self.config.segment)?;
+        let features =
+            segment::features(&self.despeckler, frame, &despeckled, &self.config.segment)?;
         let t2 = Instant::now();
-        let segmentation = segment::segment_from_features(frame, &despeckled, &features, &self.config.segment)?;
+        let segmentation =
+            segment::segment_from_features(frame, &despeckled, &features, &self.config.segment)?;
         let t3 = Instant::now();
         let raw_plan = plan(frame, &segmentation, &self.config.plan);
         let plan = match session {
             Some(s) => {
                 s.frames += 1;
-                s.smoother.smooth(frame, &segmentation, &raw_plan, &self.config.plan)
+                s.smoother
+                    .smooth(frame, &segmentation, &raw_plan, &self.config.plan)
             }
             None => raw_plan.clone(),
         };
@@ -226,6 +239,12 @@ impl Pipeline {
             plan_ms: ms(t3, t4),
             total_ms: ms(t0, t4),
         };
-        Ok(FrameResult { despeckled, segmentation, plan, raw_plan, timings })
+        Ok(FrameResult {
+            despeckled,
+            segmentation,
+            plan,
+            raw_plan,
+            timings,
+        })
     }
 }

@@ -42,7 +42,13 @@ pub struct PlanParams {
 
 impl Default for PlanParams {
     fn default() -> Self {
-        PlanParams { min_angle_deg: 15.0, max_angle_deg: 45.0, preferred_angle_deg: 30.0, margin_mm: 2.0, target_mm: None }
+        PlanParams {
+            min_angle_deg: 15.0,
+            max_angle_deg: 45.0,
+            preferred_angle_deg: 30.0,
+            margin_mm: 2.0,
+            target_mm: None,
+        }
     }
 }
 
@@ -103,7 +109,12 @@ pub struct NeedlePlan {
 }
 
 impl NeedlePlan {
-    fn none(reason: impl Into<String>, target: Option<PlanPoint>, kind: Option<&'static str>, assumed: bool) -> NeedlePlan {
+    fn none(
+        reason: impl Into<String>,
+        target: Option<PlanPoint>,
+        kind: Option<&'static str>,
+        assumed: bool,
+    ) -> NeedlePlan {
         NeedlePlan {
             status: "no_safe_path",
             reason: Some(reason.into()),
@@ -135,7 +146,8 @@ fn edt_1d(f: &[f64], out: &mut [f64], v: &mut [usize], z: &mut [f64]) {
     for q in 1..n {
         loop {
             let p = v[k];
-            let s = ((f[q] + (q * q) as f64) - (f[p] + (p * p) as f64)) / (2.0 * (q as f64 - p as f64));
+            let s =
+                ((f[q] + (q * q) as f64) - (f[p] + (p * p) as f64)) / (2.0 * (q as f64 - p as f64));
             if s <= z[k] && k > 0 {
                 k -= 1;
                 continue;
@@ -185,7 +197,11 @@ pub fn distance_mm(mask: &Array2<bool>, mm: (f64, f64)) -> Array2<f64> {
         }
         edt_1d(&f[..h], &mut out[..h], &mut v, &mut z);
         for y in 0..h {
-            d[y * w + x] = if out[y] >= BIG / 2.0 { BIG } else { out[y] * mm.1 * mm.1 };
+            d[y * w + x] = if out[y] >= BIG / 2.0 {
+                BIG
+            } else {
+                out[y] * mm.1 * mm.1
+            };
         }
     }
     let sx2 = mm.0 * mm.0;
@@ -195,7 +211,11 @@ pub fn distance_mm(mask: &Array2<bool>, mm: (f64, f64)) -> Array2<f64> {
         }
         edt_1d(&f[..w], &mut out[..w], &mut v, &mut z);
         for x in 0..w {
-            d[y * w + x] = if out[x] >= BIG / (2.0 * sx2) { f64::INFINITY } else { (out[x] * sx2).sqrt() };
+            d[y * w + x] = if out[x] >= BIG / (2.0 * sx2) {
+                f64::INFINITY
+            } else {
+                (out[x] * sx2).sqrt()
+            };
         }
     }
     Array2::from_shape_vec((h, w), d).unwrap_or_else(|_| Array2::from_elem((h, w), f64::INFINITY))
@@ -212,25 +232,41 @@ impl Geometry<'_> {
     fn to_mm(&self, x: f64, y: f64) -> [f64; 2] {
         match self.frame.calibration.px_to_mm(x, y, self.top_row) {
             Some((a, b)) => [a, b],
-            None => [(x - self.frame.region.bounds.x0 as f64) * self.mm.0, (y - self.top_row) * self.mm.1],
+            None => [
+                (x - self.frame.region.bounds.x0 as f64) * self.mm.0,
+                (y - self.top_row) * self.mm.1,
+            ],
         }
     }
     fn point(&self, x: f64, y: f64) -> PlanPoint {
-        PlanPoint { px: [x, y], mm: self.to_mm(x, y) }
+        PlanPoint {
+            px: [x, y],
+            mm: self.to_mm(x, y),
+        }
     }
     fn mm_to_px(&self, xm: f64, ym: f64) -> (f64, f64) {
         match self.frame.calibration.mm_to_px(xm, ym, self.top_row) {
             Some(p) => p,
-            None => (xm / self.mm.0 + self.frame.region.bounds.x0 as f64, ym / self.mm.1 + self.top_row),
+            None => (
+                xm / self.mm.0 + self.frame.region.bounds.x0 as f64,
+                ym / self.mm.1 + self.top_row,
+            ),
         }
     }
 }
 
 /// Chooses the target: the joint space, an effusion's deepest safe point, or peritendinous.
-fn auto_target(seg: &Segmentation, forbidden_dist: &Array2<f64>, margin_mm: f64, mm: (f64, f64)) -> Option<((f64, f64), &'static str)> {
+fn auto_target(
+    seg: &Segmentation,
+    forbidden_dist: &Array2<f64>,
+    margin_mm: f64,
+    mm: (f64, f64),
+) -> Option<((f64, f64), &'static str)> {
     let labels = &seg.labels;
     let (h, w) = labels.dim();
-    let bone_cols: Vec<bool> = (0..w).map(|x| (0..h).any(|y| labels[[y, x]] == label::BONE)).collect();
+    let bone_cols: Vec<bool> = (0..w)
+        .map(|x| (0..h).any(|y| labels[[y, x]] == label::BONE))
+        .collect();
     // Joint space: label 4 in columns without bone, lying between bone columns on both sides.
     let first_bone = bone_cols.iter().position(|b| *b);
     let last_bone = bone_cols.iter().rposition(|b| *b);
@@ -253,8 +289,10 @@ fn auto_target(seg: &Segmentation, forbidden_dist: &Array2<f64>, margin_mm: f64,
         let cx = joint.iter().map(|p| p.1 as f64).sum::<f64>() / n;
         // Snap to the nearest joint pixel (the centroid of a curved recess may lie outside it).
         let best = joint.iter().min_by(|a, b| {
-            let da = (a.0 as f64 - cy).powi(2) * mm.1 * mm.1 + (a.1 as f64 - cx).powi(2) * mm.0 * mm.0;
-            let db = (b.0 as f64 - cy).powi(2) * mm.1 * mm.1 + (b.1 as f64 - cx).powi(2) * mm.0 * mm.0;
+            let da =
+                (a.0 as f64 - cy).powi(2) * mm.1 * mm.1 + (a.1 as f64 - cx).powi(2) * mm.0 * mm.0;
+            let db =
+                (b.0 as f64 - cy).powi(2) * mm.1 * mm.1 + (b.1 as f64 - cx).powi(2) * mm.0 * mm.0;
             da.total_cmp(&db)
         })?;
         return Some(((best.1 as f64, best.0 as f64), "joint_space"));
@@ -262,13 +300,25 @@ fn auto_target(seg: &Segmentation, forbidden_dist: &Array2<f64>, margin_mm: f64,
     if !effusion.is_empty() {
         // The deepest effusion pixel that keeps the margin from bone, shadow and vessels; else
         // the one with the most clearance.
-        let safe = effusion.iter().filter(|(y, x)| forbidden_dist[[*y, *x]] >= margin_mm).max_by_key(|(y, _)| *y);
-        let best = safe.or_else(|| effusion.iter().max_by(|a, b| forbidden_dist[[a.0, a.1]].total_cmp(&forbidden_dist[[b.0, b.1]])))?;
+        let safe = effusion
+            .iter()
+            .filter(|(y, x)| forbidden_dist[[*y, *x]] >= margin_mm)
+            .max_by_key(|(y, _)| *y);
+        let best = safe.or_else(|| {
+            effusion
+                .iter()
+                .max_by(|a, b| forbidden_dist[[a.0, a.1]].total_cmp(&forbidden_dist[[b.0, b.1]]))
+        })?;
         return Some(((best.1 as f64, best.0 as f64), "effusion"));
     }
-    let tendon: Vec<(usize, usize)> = labels.indexed_iter().filter(|(_, l)| **l == label::TENDON).map(|(p, _)| p).collect();
+    let tendon: Vec<(usize, usize)> = labels
+        .indexed_iter()
+        .filter(|(_, l)| **l == label::TENDON)
+        .map(|(p, _)| p)
+        .collect();
     if !tendon.is_empty() {
-        let cx = (tendon.iter().map(|p| p.1 as f64).sum::<f64>() / tendon.len() as f64).round() as usize;
+        let cx =
+            (tendon.iter().map(|p| p.1 as f64).sum::<f64>() / tendon.len() as f64).round() as usize;
         let top = tendon.iter().filter(|p| p.1 == cx).map(|p| p.0).min()?;
         let y = top as f64 - PERITENDINOUS_MM / mm.1;
         return Some(((cx as f64, y.max(0.0)), "peritendinous"));
@@ -280,15 +330,29 @@ fn auto_target(seg: &Segmentation, forbidden_dist: &Array2<f64>, margin_mm: f64,
 fn skin_line(frame: &Frame) -> Vec<Option<usize>> {
     let b = frame.region.bounds;
     (0..frame.width())
-        .map(|x| if x < b.x0 || x >= b.x1 { None } else { (b.y0..b.y1).find(|y| frame.region.contains(x, *y)) })
+        .map(|x| {
+            if x < b.x0 || x >= b.x1 {
+                None
+            } else {
+                (b.y0..b.y1).find(|y| frame.region.contains(x, *y))
+            }
+        })
         .collect()
 }
 
 /// Plans a needle path for one segmented frame.
 pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePlan {
     let assumed = frame.calibration.mm_per_px().is_none();
-    let mm = frame.calibration.mm_per_px().unwrap_or((ASSUMED_MM_PER_PX, ASSUMED_MM_PER_PX));
-    let g = Geometry { frame, mm, top_row: frame.region.bounds.y0 as f64, assumed };
+    let mm = frame
+        .calibration
+        .mm_per_px()
+        .unwrap_or((ASSUMED_MM_PER_PX, ASSUMED_MM_PER_PX));
+    let g = Geometry {
+        frame,
+        mm,
+        top_row: frame.region.bounds.y0 as f64,
+        assumed,
+    };
     let labels = &seg.labels;
     let (h, w) = labels.dim();
     let forbidden = labels.mapv(|l| l == label::BONE || l == label::SHADOW || l == label::VESSEL);
@@ -297,21 +361,47 @@ pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePla
         Some((xm, ym)) => (g.mm_to_px(xm, ym), "user"),
         None => match auto_target(seg, &dist, params.margin_mm, mm) {
             Some(t) => t,
-            None => return NeedlePlan::none("no target found: no joint space, effusion or tendon in the frame", None, None, g.assumed),
+            None => {
+                return NeedlePlan::none(
+                    "no target found: no joint space, effusion or tendon in the frame",
+                    None,
+                    None,
+                    g.assumed,
+                )
+            }
         },
     };
     let (tx, ty) = target_px;
     let target = g.point(tx, ty);
-    if tx < 0.0 || ty < 0.0 || tx >= w as f64 || ty >= h as f64 || !frame.region.contains(tx as usize, ty as usize) {
-        return NeedlePlan::none("the target lies outside the imaging region", Some(target), Some(kind), g.assumed);
+    if tx < 0.0
+        || ty < 0.0
+        || tx >= w as f64
+        || ty >= h as f64
+        || !frame.region.contains(tx as usize, ty as usize)
+    {
+        return NeedlePlan::none(
+            "the target lies outside the imaging region",
+            Some(target),
+            Some(kind),
+            g.assumed,
+        );
     }
     if forbidden[[ty as usize, tx as usize]] {
-        return NeedlePlan::none("the target lies in bone, acoustic shadow or a vessel", Some(target), Some(kind), g.assumed);
+        return NeedlePlan::none(
+            "the target lies in bone, acoustic shadow or a vessel",
+            Some(target),
+            Some(kind),
+            g.assumed,
+        );
     }
     let skin = skin_line(frame);
     let mut best: Option<(f64, NeedlePlan)> = None;
     let mut reasons = [0usize; 4]; // angle, outside, too close, crosses
-    for (ex, ey) in skin.iter().enumerate().filter_map(|(x, y)| y.map(|y| (x, y))) {
+    for (ex, ey) in skin
+        .iter()
+        .enumerate()
+        .filter_map(|(x, y)| y.map(|y| (x, y)))
+    {
         if (ex as f64 - tx).abs() < 1.0 {
             continue;
         }
@@ -325,11 +415,15 @@ pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePla
         // Skin line direction at the entry (the region's top edge), in mm.
         let (xa, xb) = (ex.saturating_sub(3), (ex + 3).min(w - 1));
         let skin_dir = match (skin[xa], skin[xb]) {
-            (Some(ya), Some(yb)) if xb > xa => ((xb - xa) as f64 * mm.0, (yb as f64 - ya as f64) * mm.1),
+            (Some(ya), Some(yb)) if xb > xa => {
+                ((xb - xa) as f64 * mm.0, (yb as f64 - ya as f64) * mm.1)
+            }
             _ => (1.0, 0.0),
         };
         let len = (dx * dx + dy * dy).sqrt();
-        let cos = ((dx * skin_dir.0 + dy * skin_dir.1) / (len * (skin_dir.0.powi(2) + skin_dir.1.powi(2)).sqrt())).abs();
+        let cos = ((dx * skin_dir.0 + dy * skin_dir.1)
+            / (len * (skin_dir.0.powi(2) + skin_dir.1.powi(2)).sqrt()))
+        .abs();
         let angle = cos.clamp(0.0, 1.0).acos().to_degrees();
         if angle < params.min_angle_deg || angle > params.max_angle_deg {
             reasons[0] += 1;
@@ -364,7 +458,9 @@ pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePla
             reasons[2] += 1;
             continue;
         }
-        let cost = len / LENGTH_SCALE_MM + (angle - params.preferred_angle_deg).abs() / ANGLE_SCALE_DEG + CLEARANCE_SCALE_MM / clearance.max(1e-3);
+        let cost = len / LENGTH_SCALE_MM
+            + (angle - params.preferred_angle_deg).abs() / ANGLE_SCALE_DEG
+            + CLEARANCE_SCALE_MM / clearance.max(1e-3);
         if best.as_ref().is_none_or(|(c, _)| cost < *c) {
             let plan = NeedlePlan {
                 status: "ok",
@@ -374,7 +470,11 @@ pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePla
                 angle_deg: Some(angle),
                 depth_mm: Some(target.mm[1]),
                 length_mm: Some(len),
-                clearance_mm: Some(if clearance.is_finite() { clearance } else { f64::MAX.min(1e6) }),
+                clearance_mm: Some(if clearance.is_finite() {
+                    clearance
+                } else {
+                    f64::MAX.min(1e6)
+                }),
                 target_kind: Some(kind),
                 side: Some(if ex_f < tx { "left" } else { "right" }),
                 calibration_assumed: g.assumed,
@@ -419,7 +519,13 @@ impl PlanSmoother {
     }
 
     /// Smooths `raw` (planned on `frame` with `seg`).
-    pub fn smooth(&mut self, frame: &Frame, seg: &Segmentation, raw: &NeedlePlan, params: &PlanParams) -> NeedlePlan {
+    pub fn smooth(
+        &mut self,
+        frame: &Frame,
+        seg: &Segmentation,
+        raw: &NeedlePlan,
+        params: &PlanParams,
+    ) -> NeedlePlan {
         let (Some(e), Some(t)) = (raw.entry, raw.target) else {
             self.state = None;
             return raw.clone();
@@ -436,7 +542,12 @@ impl PlanSmoother {
         }
         let mut p = params.clone();
         p.target_mm = None;
-        let mix = |a: [f64; 2], b: [f64; 2]| [a[0] + SMOOTHING_ALPHA * (b[0] - a[0]), a[1] + SMOOTHING_ALPHA * (b[1] - a[1])];
+        let mix = |a: [f64; 2], b: [f64; 2]| {
+            [
+                a[0] + SMOOTHING_ALPHA * (b[0] - a[0]),
+                a[1] + SMOOTHING_ALPHA * (b[1] - a[1]),
+            ]
+        };
         if let Some((pe, pt)) = self.state {
             // Even when this frame's best entry is on the other side, the previous one is kept
             // if it is still safe: near-equal costs must not flip the suggestion.
@@ -464,14 +575,35 @@ impl PlanSmoother {
 }
 
 /// Re-evaluates a given entry → target path under the constraints; `None` if unsafe.
-fn check_path(frame: &Frame, seg: &Segmentation, entry: [f64; 2], target: [f64; 2], raw: &NeedlePlan, params: &PlanParams) -> Option<NeedlePlan> {
+fn check_path(
+    frame: &Frame,
+    seg: &Segmentation,
+    entry: [f64; 2],
+    target: [f64; 2],
+    raw: &NeedlePlan,
+    params: &PlanParams,
+) -> Option<NeedlePlan> {
     let assumed = frame.calibration.mm_per_px().is_none();
-    let mm = frame.calibration.mm_per_px().unwrap_or((ASSUMED_MM_PER_PX, ASSUMED_MM_PER_PX));
-    let g = Geometry { frame, mm, top_row: frame.region.bounds.y0 as f64, assumed };
+    let mm = frame
+        .calibration
+        .mm_per_px()
+        .unwrap_or((ASSUMED_MM_PER_PX, ASSUMED_MM_PER_PX));
+    let g = Geometry {
+        frame,
+        mm,
+        top_row: frame.region.bounds.y0 as f64,
+        assumed,
+    };
     let (h, w) = seg.labels.dim();
-    let forbidden = seg.labels.mapv(|l| l == label::BONE || l == label::SHADOW || l == label::VESSEL);
+    let forbidden = seg
+        .labels
+        .mapv(|l| l == label::BONE || l == label::SHADOW || l == label::VESSEL);
     let (e, t) = (g.point(entry[0], entry[1]), g.point(target[0], target[1]));
-    if !frame.region.contains(target[0] as usize, target[1] as usize) || forbidden[[target[1] as usize, target[0] as usize]] {
+    if !frame
+        .region
+        .contains(target[0] as usize, target[1] as usize)
+        || forbidden[[target[1] as usize, target[0] as usize]]
+    {
         return None;
     }
     let (dx, dy) = (t.mm[0] - e.mm[0], t.mm[1] - e.mm[1]);
@@ -488,7 +620,10 @@ fn check_path(frame: &Frame, seg: &Segmentation, entry: [f64; 2], target: [f64; 
     let mut clearance = f64::INFINITY;
     for k in 0..=steps {
         let s = k as f64 / steps as f64;
-        let (px, py) = (entry[0] + s * (target[0] - entry[0]), entry[1] + s * (target[1] - entry[1]));
+        let (px, py) = (
+            entry[0] + s * (target[0] - entry[0]),
+            entry[1] + s * (target[1] - entry[1]),
+        );
         let (xi, yi) = (px.round() as usize, py.round() as usize);
         if xi >= w || yi >= h || !frame.region.contains(xi, yi) || forbidden[[yi, xi]] {
             return None;
@@ -508,9 +643,17 @@ fn check_path(frame: &Frame, seg: &Segmentation, entry: [f64; 2], target: [f64; 
         angle_deg: Some(angle),
         depth_mm: Some(t.mm[1]),
         length_mm: Some(len),
-        clearance_mm: Some(if clearance.is_finite() { clearance } else { 1e6 }),
+        clearance_mm: Some(if clearance.is_finite() {
+            clearance
+        } else {
+            1e6
+        }),
         target_kind: raw.target_kind,
-        side: Some(if entry[0] < target[0] { "left" } else { "right" }),
+        side: Some(if entry[0] < target[0] {
+            "left"
+        } else {
+            "right"
+        }),
         calibration_assumed: assumed,
     })
 }

@@ -10,7 +10,9 @@
 use ndarray::Array2;
 
 fn gaussian_kernel(sigma: f64, radius: usize) -> Vec<f64> {
-    let k: Vec<f64> = (0..=2 * radius).map(|i| (-((i as f64 - radius as f64).powi(2)) / (2.0 * sigma * sigma)).exp()).collect();
+    let k: Vec<f64> = (0..=2 * radius)
+        .map(|i| (-((i as f64 - radius as f64).powi(2)) / (2.0 * sigma * sigma)).exp())
+        .collect();
     let s: f64 = k.iter().sum();
     k.into_iter().map(|v| v / s).collect()
 }
@@ -21,10 +23,18 @@ pub fn blur(a: &Array2<f64>, sigma: f64, radius: usize) -> Array2<f64> {
     let (h, w) = a.dim();
     let r = radius as isize;
     let tmp = Array2::from_shape_fn((h, w), |(y, x)| {
-        (-r..=r).map(|d| a[[y, (x as isize + d).clamp(0, w as isize - 1) as usize]] * k[(d + r) as usize]).sum::<f64>()
+        (-r..=r)
+            .map(|d| {
+                a[[y, (x as isize + d).clamp(0, w as isize - 1) as usize]] * k[(d + r) as usize]
+            })
+            .sum::<f64>()
     });
     Array2::from_shape_fn((h, w), |(y, x)| {
-        (-r..=r).map(|d| tmp[[(y as isize + d).clamp(0, h as isize - 1) as usize, x]] * k[(d + r) as usize]).sum::<f64>()
+        (-r..=r)
+            .map(|d| {
+                tmp[[(y as isize + d).clamp(0, h as isize - 1) as usize, x]] * k[(d + r) as usize]
+            })
+            .sum::<f64>()
     })
 }
 
@@ -48,10 +58,15 @@ pub fn ssim(a: &Array2<f32>, b: &Array2<f32>, mask: Option<&Array2<bool>>) -> f6
         let vx = aa[[y, x]] - mx * mx;
         let vy = bb[[y, x]] - my * my;
         let cxy = ab[[y, x]] - mx * my;
-        sum += ((2.0 * mx * my + C1) * (2.0 * cxy + C2)) / ((mx * mx + my * my + C1) * (vx + vy + C2));
+        sum +=
+            ((2.0 * mx * my + C1) * (2.0 * cxy + C2)) / ((mx * mx + my * my + C1) * (vx + vy + C2));
         n += 1;
     }
-    if n == 0 { 0.0 } else { sum / n as f64 }
+    if n == 0 {
+        0.0
+    } else {
+        sum / n as f64
+    }
 }
 
 /// PSNR in dB (peak 255) over the masked pixels.
@@ -76,20 +91,31 @@ pub fn mean_var(v: &[f64]) -> (f64, f64) {
         return (0.0, 0.0);
     }
     let m = v.iter().sum::<f64>() / v.len() as f64;
-    (m, v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / v.len() as f64)
+    (
+        m,
+        v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / v.len() as f64,
+    )
 }
 
 /// Equivalent number of looks of the values (mean² / variance).
 pub fn enl(v: &[f64]) -> f64 {
     let (m, var) = mean_var(v);
-    if var <= 0.0 { f64::INFINITY } else { m * m / var }
+    if var <= 0.0 {
+        f64::INFINITY
+    } else {
+        m * m / var
+    }
 }
 
 /// Contrast-to-noise ratio between two sets.
 pub fn cnr(a: &[f64], b: &[f64]) -> f64 {
     let (ma, va) = mean_var(a);
     let (mb, vb) = mean_var(b);
-    if va + vb <= 0.0 { f64::INFINITY } else { (ma - mb).abs() / (va + vb).sqrt() }
+    if va + vb <= 0.0 {
+        f64::INFINITY
+    } else {
+        (ma - mb).abs() / (va + vb).sqrt()
+    }
 }
 
 /// Central-difference gradient magnitude at (x, y), edges clamped.
@@ -122,7 +148,9 @@ mod tests {
     fn ssim_is_one_for_identical_and_lower_for_noisy() {
         let a = Array2::from_shape_fn((40, 40), |(y, x)| ((x * 7 + y * 3) % 50) as f32 + 100.0);
         assert!((ssim(&a, &a, None) - 1.0).abs() < 1e-9);
-        let noisy = Array2::from_shape_fn((40, 40), |(y, x)| a[[y, x]] + if (x + y) % 2 == 0 { 20.0 } else { -20.0 });
+        let noisy = Array2::from_shape_fn((40, 40), |(y, x)| {
+            a[[y, x]] + if (x + y) % 2 == 0 { 20.0 } else { -20.0 }
+        });
         assert!(ssim(&noisy, &a, None) < 0.8);
         assert!(psnr(&noisy, &a, None) < 25.0);
         assert!(psnr(&a, &a, None).is_infinite());

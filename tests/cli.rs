@@ -8,7 +8,9 @@ fn bin() -> Command {
 }
 
 fn corpus(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dicom-corpus").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/dicom-corpus")
+        .join(rel)
 }
 
 fn tempdir(tag: &str) -> PathBuf {
@@ -27,13 +29,27 @@ fn info_json_reports_every_file_and_the_failures() {
         .arg(corpus("files/US1_J2KR.dcm"))
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "a failed input gives exit code 1");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failed input gives exit code 1"
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let a = v.as_array().unwrap();
     assert_eq!(a.len(), 3);
     for key in [
-        "path", "sop_class_uid", "transfer_syntax_uid", "photometric_interpretation", "rows", "columns", "frames",
-        "bits_allocated", "samples_per_pixel", "ultrasound_regions", "imaging_region", "calibration",
+        "path",
+        "sop_class_uid",
+        "transfer_syntax_uid",
+        "photometric_interpretation",
+        "rows",
+        "columns",
+        "frames",
+        "bits_allocated",
+        "samples_per_pixel",
+        "ultrasound_regions",
+        "imaging_region",
+        "calibration",
     ] {
         assert!(a[0].get(key).is_some(), "missing {key}");
     }
@@ -42,7 +58,10 @@ fn info_json_reports_every_file_and_the_failures() {
     assert!((r["mm_per_px_x"].as_f64().unwrap() - 0.26228787661969977).abs() < 1e-9);
     assert_eq!(r["reference_pixel_x0"].as_f64(), Some(460.0));
     assert_eq!(a[0]["ultrasound_regions"].as_array().unwrap().len(), 2);
-    assert!(a[1]["error"].as_str().unwrap().contains("truncated_in_pixels.dcm"));
+    assert!(a[1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("truncated_in_pixels.dcm"));
     assert_eq!(a[2]["calibration"], "missing");
     assert_eq!(a[2]["transfer_syntax_uid"], "1.2.840.10008.1.2.4.90");
     assert!(String::from_utf8_lossy(&out.stderr).contains("truncated_in_pixels.dcm"));
@@ -50,33 +69,71 @@ fn info_json_reports_every_file_and_the_failures() {
 
 #[test]
 fn info_text_succeeds_on_good_files() {
-    let out = bin().arg("info").arg(corpus("files/examples_palette.dcm")).output().unwrap();
+    let out = bin()
+        .arg("info")
+        .arg(corpus("files/examples_palette.dcm"))
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("PALETTE COLOR") && text.contains("calibration"), "{text}");
+    assert!(
+        text.contains("PALETTE COLOR") && text.contains("calibration"),
+        "{text}"
+    );
 }
 
 #[test]
 fn frames_writes_every_frame_as_png() {
     let dir = tempdir("frames");
-    let status = bin().arg("frames").arg(corpus("files/examples_ybr_color.dcm")).arg("--out").arg(&dir).status().unwrap();
+    let status = bin()
+        .arg("frames")
+        .arg(corpus("files/examples_ybr_color.dcm"))
+        .arg("--out")
+        .arg(&dir)
+        .status()
+        .unwrap();
     assert!(status.success());
-    let n = std::fs::read_dir(&dir).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "png")).count();
+    let n = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "png")
+        })
+        .count();
     assert_eq!(n, 30);
     let img = image::open(dir.join("frame_0029.png")).unwrap();
     assert_eq!((img.width(), img.height()), (320, 240));
     assert!(img.as_rgb8().is_some(), "RGB as displayed");
 
     let gray_dir = tempdir("frames-gray");
-    let status = bin().arg("frames").arg(corpus("files/OBXXXX1A.dcm")).arg("--out").arg(&gray_dir).arg("--gray").status().unwrap();
+    let status = bin()
+        .arg("frames")
+        .arg(corpus("files/OBXXXX1A.dcm"))
+        .arg("--out")
+        .arg(&gray_dir)
+        .arg("--gray")
+        .status()
+        .unwrap();
     assert!(status.success());
-    assert!(image::open(gray_dir.join("frame_0000.png")).unwrap().as_luma8().is_some());
+    assert!(image::open(gray_dir.join("frame_0000.png"))
+        .unwrap()
+        .as_luma8()
+        .is_some());
 }
 
 #[test]
 fn frames_of_a_broken_file_is_exit_1_and_names_it() {
     let dir = tempdir("frames-bad");
-    let out = bin().arg("frames").arg(corpus("bad/truncated_in_pixels.dcm")).arg("--out").arg(&dir).output().unwrap();
+    let out = bin()
+        .arg("frames")
+        .arg(corpus("bad/truncated_in_pixels.dcm"))
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("truncated_in_pixels.dcm"));
 }
@@ -85,7 +142,10 @@ fn frames_of_a_broken_file_is_exit_1_and_names_it() {
 fn phantom_writes_cases_that_read_back() {
     let dir = tempdir("phantom");
     let status = bin()
-        .args(["phantom", "--count", "2", "--seed", "40", "--size", "200x160", "--frames", "2", "--out"])
+        .args([
+            "phantom", "--count", "2", "--seed", "40", "--size", "200x160", "--frames", "2",
+            "--out",
+        ])
         .arg(&dir)
         .status()
         .unwrap();
@@ -95,7 +155,11 @@ fn phantom_writes_cases_that_read_back() {
             assert!(dir.join(format!("{name}.{ext}")).is_file(), "{name}.{ext}");
         }
     }
-    let out = bin().args(["info", "--json"]).arg(dir.join("phantom_0040.dcm")).output().unwrap();
+    let out = bin()
+        .args(["info", "--json"])
+        .arg(dir.join("phantom_0040.dcm"))
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["frames"], 2);
@@ -105,9 +169,21 @@ fn phantom_writes_cases_that_read_back() {
 #[test]
 fn usage_errors_are_exit_2() {
     assert_eq!(bin().arg("frobnicate").status().unwrap().code(), Some(2));
-    assert_eq!(bin().args(["phantom", "--size", "banana", "--out", "/tmp/x"]).status().unwrap().code(), Some(2));
+    assert_eq!(
+        bin()
+            .args(["phantom", "--size", "banana", "--out", "/tmp/x"])
+            .status()
+            .unwrap()
+            .code(),
+        Some(2)
+    );
     // An output folder that cannot be created.
-    let out = bin().arg("frames").arg(corpus("files/OBXXXX1A.dcm")).args(["--out", "/proc/sonoguide/nope"]).output().unwrap();
+    let out = bin()
+        .arg("frames")
+        .arg(corpus("files/OBXXXX1A.dcm"))
+        .args(["--out", "/proc/sonoguide/nope"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/proc/sonoguide/nope"));
 }

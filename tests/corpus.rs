@@ -37,17 +37,31 @@ fn reference_dir(case: &Value) -> String {
 
 #[test]
 fn big_endian_reference_is_the_byte_swapped_palette() {
-    let le = image::open(corpus().join("reference/OBXXXX1A/frame_0000.png")).unwrap().to_rgb8();
-    let be = image::open(corpus().join("reference/OBXXXX1A_expb/frame_0000.png")).unwrap().to_rgb8();
+    let le = image::open(corpus().join("reference/OBXXXX1A/frame_0000.png"))
+        .unwrap()
+        .to_rgb8();
+    let be = image::open(corpus().join("reference/OBXXXX1A_expb/frame_0000.png"))
+        .unwrap()
+        .to_rgb8();
     // Every palette entry of this file is an 8-bit value shifted left by 8 (v << 8); with the
     // bytes swapped its top byte is 0. So the big-endian reference is black wherever the
     // true image is not, and equal where the true image is black.
     for (a, b) in le.as_raw().iter().zip(be.as_raw()) {
-        assert_eq!(*b, 0, "pydicom's big-endian reference has a non-zero sample ({a} in the LE decode)");
+        assert_eq!(
+            *b, 0,
+            "pydicom's big-endian reference has a non-zero sample ({a} in the LE decode)"
+        );
     }
-    let file = DicomFile::open(corpus().join("files/OBXXXX1A_expb.dcm"), &ReadOptions::default()).unwrap();
+    let file = DicomFile::open(
+        corpus().join("files/OBXXXX1A_expb.dcm"),
+        &ReadOptions::default(),
+    )
+    .unwrap();
     let (rgb, _) = file.decode_display(0).unwrap();
-    assert!(rgb.unwrap().iter().any(|v| *v > 0), "the big-endian file decodes to a real image");
+    assert!(
+        rgb.unwrap().iter().any(|v| *v > 0),
+        "the big-endian file decodes to a real image"
+    );
 }
 
 #[test]
@@ -57,18 +71,35 @@ fn every_corpus_file_matches_its_reference_decode() {
     assert!(cases.len() >= 9);
     for case in cases {
         let path = corpus().join(case["file"].as_str().unwrap());
-        let file = DicomFile::open(&path, &ReadOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+        let file =
+            DicomFile::open(&path, &ReadOptions::default()).unwrap_or_else(|e| panic!("{e}"));
         let info = file.info();
         assert_eq!(info.rows as u64, case["rows"].as_u64().unwrap(), "{path:?}");
-        assert_eq!(info.columns as u64, case["columns"].as_u64().unwrap(), "{path:?}");
-        assert_eq!(info.frames as u64, case["frames"].as_u64().unwrap(), "{path:?}");
-        assert_eq!(info.transfer_syntax_uid, case["transfer_syntax_uid"].as_str().unwrap());
-        assert_eq!(info.photometric_interpretation, case["photometric_interpretation"].as_str().unwrap());
+        assert_eq!(
+            info.columns as u64,
+            case["columns"].as_u64().unwrap(),
+            "{path:?}"
+        );
+        assert_eq!(
+            info.frames as u64,
+            case["frames"].as_u64().unwrap(),
+            "{path:?}"
+        );
+        assert_eq!(
+            info.transfer_syntax_uid,
+            case["transfer_syntax_uid"].as_str().unwrap()
+        );
+        assert_eq!(
+            info.photometric_interpretation,
+            case["photometric_interpretation"].as_str().unwrap()
+        );
         assert_eq!(info.sop_class_uid, case["sop_class_uid"].as_str().unwrap());
         let tolerance = case["max_abs_diff"].as_u64().unwrap() as i32;
         for f in case["reference_frames"].as_array().unwrap() {
             let k = f.as_u64().unwrap() as usize;
-            let reference = corpus().join(reference_dir(case)).join(format!("frame_{k:04}.png"));
+            let reference = corpus()
+                .join(reference_dir(case))
+                .join(format!("frame_{k:04}.png"));
             let want = image::open(&reference).expect("reference png").to_rgb8();
             let (rgb, gray) = file.decode_display(k).unwrap_or_else(|e| panic!("{e}"));
             let got: Vec<u8> = match rgb {
@@ -80,24 +111,42 @@ fn every_corpus_file_matches_its_reference_decode() {
             for (a, b) in got.iter().zip(want.as_raw()) {
                 worst = worst.max((*a as i32 - *b as i32).abs());
             }
-            assert!(worst <= tolerance, "{path:?} frame {k}: max abs diff {worst} > {tolerance}");
+            assert!(
+                worst <= tolerance,
+                "{path:?} frame {k}: max abs diff {worst} > {tolerance}"
+            );
         }
         // Calibration regions, item by item.
-        let want_regions = case["ultrasound_regions"].as_array().cloned().unwrap_or_default();
-        assert_eq!(info.ultrasound_regions.len(), want_regions.len(), "{path:?}");
+        let want_regions = case["ultrasound_regions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            info.ultrasound_regions.len(),
+            want_regions.len(),
+            "{path:?}"
+        );
         for (got, want) in info.ultrasound_regions.iter().zip(&want_regions) {
             assert_eq!(got.min_x0, want["min_x0"].as_i64().unwrap());
             assert_eq!(got.max_y1, want["max_y1"].as_i64().unwrap());
             assert_eq!(got.spatial_format, want["spatial_format"].as_i64().unwrap());
             assert_eq!(got.units_x, want["units_x"].as_i64().unwrap());
             assert_eq!(got.reference_pixel_x0, want["reference_pixel_x0"].as_i64());
-            assert!((got.physical_delta_x - want["physical_delta_x"].as_f64().unwrap()).abs() < CALIBRATION_TOLERANCE);
+            assert!(
+                (got.physical_delta_x - want["physical_delta_x"].as_f64().unwrap()).abs()
+                    < CALIBRATION_TOLERANCE
+            );
             match want.get("mm_per_px_x").and_then(|v| v.as_f64()) {
                 Some(mm) => {
                     let g = got.mm_per_px_x.expect("mm per px");
-                    assert!((g - mm).abs() < CALIBRATION_TOLERANCE, "{path:?}: {g} vs {mm}");
+                    assert!(
+                        (g - mm).abs() < CALIBRATION_TOLERANCE,
+                        "{path:?}: {g} vs {mm}"
+                    );
                     let gy = got.mm_per_px_y.expect("mm per px y");
-                    assert!((gy - want["mm_per_px_y"].as_f64().unwrap()).abs() < CALIBRATION_TOLERANCE);
+                    assert!(
+                        (gy - want["mm_per_px_y"].as_f64().unwrap()).abs() < CALIBRATION_TOLERANCE
+                    );
                 }
                 None => assert!(got.mm_per_px_x.is_none() || want["units_x"].as_i64() == Some(3)),
             }
@@ -110,7 +159,12 @@ fn calibrated_files_report_mm_per_pixel_and_the_transducer_face() {
     let path = corpus().join("files/OBXXXX1A.dcm");
     let file = DicomFile::open(&path, &ReadOptions::default()).unwrap();
     match &file.info().calibration {
-        Calibration::Ok { mm_per_px_x, mm_per_px_y, reference_px, .. } => {
+        Calibration::Ok {
+            mm_per_px_x,
+            mm_per_px_y,
+            reference_px,
+            ..
+        } => {
             assert!((mm_per_px_x - 0.26228787661969977).abs() < CALIBRATION_TOLERANCE);
             assert!((mm_per_px_y - 0.26228787661969977).abs() < CALIBRATION_TOLERANCE);
             // Reference pixel (340, 36) relative to the region at (120, 60).
@@ -121,7 +175,11 @@ fn calibrated_files_report_mm_per_pixel_and_the_transducer_face() {
     let region = file.imaging_region().unwrap();
     assert_eq!((region.bounds.x0, region.bounds.y0), (120, 60));
     // A point 10 mm deep on the reference column.
-    let (x_mm, y_mm) = file.info().calibration.px_to_mm(460.0, 96.0 + 10.0 / 0.26228787661969977, 60.0).unwrap();
+    let (x_mm, y_mm) = file
+        .info()
+        .calibration
+        .px_to_mm(460.0, 96.0 + 10.0 / 0.26228787661969977, 60.0)
+        .unwrap();
     assert!(x_mm.abs() < 1e-9 && (y_mm - 10.0).abs() < 1e-9);
 }
 
@@ -139,7 +197,11 @@ fn colour_frames_carry_a_colour_mask_and_luma() {
     }
     // The YBR cine is a Doppler clip: it has coloured pixels, but most of it is grey.
     let coloured = mask.iter().filter(|v| **v != 0).count();
-    assert!(coloured > 0 && coloured < mask.len() / 2, "{coloured} coloured of {}", mask.len());
+    assert!(
+        coloured > 0 && coloured < mask.len() / 2,
+        "{coloured} coloured of {}",
+        mask.len()
+    );
 }
 
 #[test]
@@ -164,16 +226,22 @@ fn bad_inputs_give_clear_errors() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().to_string();
         seen += 1;
-        let result = DicomFile::open(&path, &ReadOptions::default()).and_then(|f| f.read_frame(0).map(|fr| (f, fr)));
+        let result = DicomFile::open(&path, &ReadOptions::default())
+            .and_then(|f| f.read_frame(0).map(|fr| (f, fr)));
         if name == "bad_calibration.dcm" {
             let (file, frame) = result.unwrap_or_else(|e| panic!("{name} should load: {e}"));
             assert_eq!(file.info().calibration.status(), "unusable", "{name}");
             assert_eq!(frame.calibration.status(), "unusable");
             continue;
         }
-        let err = result.err().unwrap_or_else(|| panic!("{name} was accepted"));
+        let err = result
+            .err()
+            .unwrap_or_else(|| panic!("{name} was accepted"));
         let msg = err.to_string();
-        assert!(msg.contains(&name), "{name}: error does not name the file: {msg}");
+        assert!(
+            msg.contains(&name),
+            "{name}: error does not name the file: {msg}"
+        );
         let expect = match name.as_str() {
             "empty.dcm" => "empty",
             "not_dicom.dcm" => "DICM",
@@ -203,7 +271,10 @@ fn configurable_limits_refuse_large_frames_before_decoding() {
 fn every_truncation_of_a_file_is_refused_without_panic() {
     let bytes = std::fs::read(corpus().join("files/OBXXXX1A_rle.dcm")).unwrap();
     // Cut at many points, through the header, the regions sequence and the fragments.
-    for cut in (0..bytes.len()).step_by(997).chain([bytes.len() - 1, bytes.len() - 7]) {
+    for cut in (0..bytes.len())
+        .step_by(997)
+        .chain([bytes.len() - 1, bytes.len() - 7])
+    {
         let r = DicomFile::from_bytes("cut.dcm", bytes[..cut].to_vec(), &ReadOptions::default())
             .and_then(|f| f.read_frame(0).map(|_| ()));
         if let Err(e) = r {

@@ -16,13 +16,27 @@ fn root() -> std::path::PathBuf {
 fn every_shader_has_a_twin_and_every_twin_a_shader() {
     let mut shaders: Vec<String> = std::fs::read_dir(root().join("shaders"))
         .unwrap()
-        .map(|e| e.unwrap().path().file_stem().unwrap().to_string_lossy().to_string())
+        .map(|e| {
+            e.unwrap()
+                .path()
+                .file_stem()
+                .unwrap()
+                .to_string_lossy()
+                .to_string()
+        })
         .filter(|s| s != "common")
         .collect();
     shaders.sort();
     let mut twins: Vec<String> = std::fs::read_dir(root().join("src/kernels"))
         .unwrap()
-        .map(|e| e.unwrap().path().file_stem().unwrap().to_string_lossy().to_string())
+        .map(|e| {
+            e.unwrap()
+                .path()
+                .file_stem()
+                .unwrap()
+                .to_string_lossy()
+                .to_string()
+        })
         .filter(|s| s != "mod")
         .collect();
     twins.sort();
@@ -37,7 +51,10 @@ fn wgsl_params_size(stem: &str) -> usize {
     let src = std::fs::read_to_string(root().join(format!("shaders/{stem}.wgsl"))).unwrap();
     let start = src.find("struct Params {").unwrap();
     let body = &src[start..start + src[start..].find('}').unwrap()];
-    body.lines().filter(|l| l.contains(": u32") || l.contains(": f32")).count() * 4
+    body.lines()
+        .filter(|l| l.contains(": u32") || l.contains(": f32"))
+        .count()
+        * 4
 }
 
 #[test]
@@ -74,8 +91,15 @@ fn fast_obnlm_agrees_with_its_twin() {
         let p = obnlm::Params::new(7, 3, 4.0).unwrap();
         let a = obnlm::cpu(&img, &p).unwrap();
         let b = obnlm::cpu_fast(&img, &p).unwrap();
-        let worst = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-        assert!(worst < OBNLM_FAST_TOLERANCE, "{w}x{h}: max abs diff {worst}");
+        let worst = a
+            .iter()
+            .zip(b.iter())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst < OBNLM_FAST_TOLERANCE,
+            "{w}x{h}: max abs diff {worst}"
+        );
     }
 }
 
@@ -103,7 +127,10 @@ fn filters_reduce_speckle_on_the_cpu() {
         assert_eq!(out.dim(), img.dim());
         assert!(out.iter().all(|v| v.is_finite()), "{name}");
         let after = sd(&out.slice(ndarray::s![20..60, 20..80]).to_owned());
-        assert!(after < before * 0.9, "{name}: std {before:.1} -> {after:.1}");
+        assert!(
+            after < before * 0.9,
+            "{name}: std {before:.1} -> {after:.1}"
+        );
     }
 }
 
@@ -155,13 +182,34 @@ fn gpu_matches_cpu_twins() {
     let Some(d) = gpu() else { return };
     eprintln!("adapter: {}", d.device_name());
     let filters: Vec<(Filter, f32)> = vec![
-        (Filter::Median(median::Params::new(3).unwrap()), MEDIAN_TOLERANCE),
-        (Filter::Median(median::Params::new(5).unwrap()), MEDIAN_TOLERANCE),
-        (Filter::Lee(lee::Params::new(7, 0.25).unwrap()), LOCAL_STATS_TOLERANCE),
-        (Filter::Frost(frost::Params::new(5, 2.0).unwrap()), LOCAL_STATS_TOLERANCE),
-        (Filter::Srad(srad::Srad::new(0.5, 30).unwrap()), SRAD_TOLERANCE),
-        (Filter::Srad(srad::Srad::new(0.5, 5).unwrap().with_roi(4, 4, 20, 10)), SRAD_TOLERANCE),
-        (Filter::Obnlm(obnlm::Params::new(11, 5, 4.0).unwrap()), OBNLM_TOLERANCE),
+        (
+            Filter::Median(median::Params::new(3).unwrap()),
+            MEDIAN_TOLERANCE,
+        ),
+        (
+            Filter::Median(median::Params::new(5).unwrap()),
+            MEDIAN_TOLERANCE,
+        ),
+        (
+            Filter::Lee(lee::Params::new(7, 0.25).unwrap()),
+            LOCAL_STATS_TOLERANCE,
+        ),
+        (
+            Filter::Frost(frost::Params::new(5, 2.0).unwrap()),
+            LOCAL_STATS_TOLERANCE,
+        ),
+        (
+            Filter::Srad(srad::Srad::new(0.5, 30).unwrap()),
+            SRAD_TOLERANCE,
+        ),
+        (
+            Filter::Srad(srad::Srad::new(0.5, 5).unwrap().with_roi(4, 4, 20, 10)),
+            SRAD_TOLERANCE,
+        ),
+        (
+            Filter::Obnlm(obnlm::Params::new(11, 5, 4.0).unwrap()),
+            OBNLM_TOLERANCE,
+        ),
     ];
     for (w, h) in [(67, 53), (1, 37), (37, 1), (1, 1), (16, 16), (130, 17)] {
         let img = speckle(w, h, 5);
@@ -172,11 +220,23 @@ fn gpu_matches_cpu_twins() {
                 other => other.cpu(&img).unwrap(),
             };
             let got = d.run(&img, std::slice::from_ref(f)).unwrap();
-            let diffs: Vec<f32> = want.iter().zip(got.iter()).map(|(a, b)| (a - b).abs()).collect();
+            let diffs: Vec<f32> = want
+                .iter()
+                .zip(got.iter())
+                .map(|(a, b)| (a - b).abs())
+                .collect();
             let max = diffs.iter().cloned().fold(0.0f32, f32::max);
             let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
-            eprintln!("{:>6} {:?} {w}x{h}: max abs {max:.2e}, mean abs {mean:.2e}", f.name(), f.parameters());
-            assert!(max <= *tol, "{} {w}x{h}: max abs error {max} > {tol}", f.name());
+            eprintln!(
+                "{:>6} {:?} {w}x{h}: max abs {max:.2e}, mean abs {mean:.2e}",
+                f.name(),
+                f.parameters()
+            );
+            assert!(
+                max <= *tol,
+                "{} {w}x{h}: max abs error {max} > {tol}",
+                f.name()
+            );
         }
     }
 }
@@ -185,8 +245,14 @@ fn gpu_matches_cpu_twins() {
 fn gpu_chain_keeps_the_frame_on_the_gpu_and_reuses_buffers() {
     let Some(d) = gpu() else { return };
     let img = speckle(64, 48, 6);
-    let chain = [Filter::Median(median::Params::new(3).unwrap()), Filter::Lee(lee::Params::new(5, 0.25).unwrap())];
-    let want = chain.iter().try_fold(img.clone(), |cur, f| f.cpu(&cur)).unwrap();
+    let chain = [
+        Filter::Median(median::Params::new(3).unwrap()),
+        Filter::Lee(lee::Params::new(5, 0.25).unwrap()),
+    ];
+    let want = chain
+        .iter()
+        .try_fold(img.clone(), |cur, f| f.cpu(&cur))
+        .unwrap();
     let first = d.run(&img, &chain).unwrap();
     let ctx = d.gpu_context().unwrap();
     let (sizes, kernels) = (ctx.cached_sizes(), ctx.compiled_kernels());
@@ -194,9 +260,21 @@ fn gpu_chain_keeps_the_frame_on_the_gpu_and_reuses_buffers() {
         let again = d.run(&img, &chain).unwrap();
         assert_eq!(again, first, "same input, same output");
     }
-    assert_eq!(ctx.cached_sizes(), sizes, "no new buffers for a size already seen");
-    assert_eq!(ctx.compiled_kernels(), kernels, "no new pipelines after the first frame");
-    let worst = want.iter().zip(first.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert_eq!(
+        ctx.cached_sizes(),
+        sizes,
+        "no new buffers for a size already seen"
+    );
+    assert_eq!(
+        ctx.compiled_kernels(),
+        kernels,
+        "no new pipelines after the first frame"
+    );
+    let worst = want
+        .iter()
+        .zip(first.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
     assert!(worst <= LOCAL_STATS_TOLERANCE, "chained result {worst}");
 }
 
@@ -206,7 +284,11 @@ fn fast_median_gives_exactly_the_twins_values() {
         let img = pure_speckle(w, h, 17);
         for size in [3, 5] {
             let p = median::Params::new(size).unwrap();
-            assert_eq!(median::cpu_fast(&img, &p).unwrap(), median::cpu(&img, &p).unwrap(), "{size}x{size} on {w}x{h}");
+            assert_eq!(
+                median::cpu_fast(&img, &p).unwrap(),
+                median::cpu(&img, &p).unwrap(),
+                "{size}x{size} on {w}x{h}"
+            );
         }
     }
 }
@@ -219,10 +301,17 @@ const SRAD_FAST_TOLERANCE: f32 = 0.05;
 fn fast_srad_agrees_with_its_twin() {
     for (w, h) in [(67, 53), (1, 40), (40, 1), (100, 70)] {
         let img = speckle(w, h, 8);
-        for s in [srad::Srad::new(0.5, 30).unwrap(), srad::Srad::new(1.0, 10).unwrap().with_roi(2, 2, 20, 20)] {
+        for s in [
+            srad::Srad::new(0.5, 30).unwrap(),
+            srad::Srad::new(1.0, 10).unwrap().with_roi(2, 2, 20, 20),
+        ] {
             let a = srad::cpu(&img, &s).unwrap();
             let b = srad::cpu_fast(&img, &s).unwrap();
-            let worst = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            let worst = a
+                .iter()
+                .zip(b.iter())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
             assert!(worst < SRAD_FAST_TOLERANCE, "{w}x{h}: max abs diff {worst}");
         }
     }
@@ -239,11 +328,26 @@ fn fast_lee_and_frost_agree_with_their_twins() {
         let lp = lee::Params::new(7, 0.25).unwrap();
         let fp = frost::Params::new(7, 2.0).unwrap();
         for (name, a, b) in [
-            ("lee", lee::cpu(&img, &lp).unwrap(), lee::cpu_fast(&img, &lp).unwrap()),
-            ("frost", frost::cpu(&img, &fp).unwrap(), frost::cpu_fast(&img, &fp).unwrap()),
+            (
+                "lee",
+                lee::cpu(&img, &lp).unwrap(),
+                lee::cpu_fast(&img, &lp).unwrap(),
+            ),
+            (
+                "frost",
+                frost::cpu(&img, &fp).unwrap(),
+                frost::cpu_fast(&img, &fp).unwrap(),
+            ),
         ] {
-            let worst = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-            assert!(worst < LOCAL_STATS_FAST_TOLERANCE, "{name} {w}x{h}: max abs diff {worst}");
+            let worst = a
+                .iter()
+                .zip(b.iter())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst < LOCAL_STATS_FAST_TOLERANCE,
+                "{name} {w}x{h}: max abs diff {worst}"
+            );
         }
     }
 }
@@ -257,7 +361,10 @@ fn feature_params_match_their_shaders() {
     for (stem, size) in [
         ("shadow", std::mem::size_of::<shadow::Params>()),
         ("coherence", std::mem::size_of::<coherence::Params>()),
-        ("phase_symmetry", std::mem::size_of::<phase_symmetry::Params>()),
+        (
+            "phase_symmetry",
+            std::mem::size_of::<phase_symmetry::Params>(),
+        ),
     ] {
         assert_eq!(size, wgsl_params_size(stem), "{stem}");
         assert_eq!(size % 16, 0, "{stem} params must be 16-byte padded");
@@ -274,7 +381,11 @@ fn fast_coherence_and_phase_symmetry_plan_agree_with_their_twins() {
         let p = coherence::Params::new(3).unwrap();
         let (c1, o1) = coherence::cpu(&img, &p).unwrap();
         let (c2, o2) = coherence::cpu_fast(&img, &p).unwrap();
-        let wc = c1.iter().zip(c2.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let wc = c1
+            .iter()
+            .zip(c2.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(wc < COHERENCE_FAST_TOLERANCE, "coherence {w}x{h}: {wc}");
         // Orientation is compared where the structure is clear (it is undefined in flat areas).
         for ((a, b), c) in o1.iter().zip(o2.iter()).zip(c1.iter()) {
@@ -285,7 +396,11 @@ fn fast_coherence_and_phase_symmetry_plan_agree_with_their_twins() {
         }
         let pp = phase_symmetry::Params::new(3, 4, 4.0).unwrap();
         let plan = phase_symmetry::Plan::new(&pp, w, h);
-        assert_eq!(plan.run(&img).unwrap(), phase_symmetry::cpu(&img, &pp).unwrap(), "{w}x{h}");
+        assert_eq!(
+            plan.run(&img).unwrap(),
+            phase_symmetry::cpu(&img, &pp).unwrap(),
+            "{w}x{h}"
+        );
     }
 }
 
@@ -340,7 +455,12 @@ fn gpu_feature_kernels_match_cpu_twins() {
         let sp = shadow::Params::new(3, 9).unwrap();
         let mut chain = ctx.begin(&img).unwrap();
         shadow::encode(&mut chain, &sp).unwrap();
-        report("shadow", &chain.finish().unwrap(), &shadow::cpu(&img, &sp).unwrap(), SHADOW_TOLERANCE);
+        report(
+            "shadow",
+            &chain.finish().unwrap(),
+            &shadow::cpu(&img, &sp).unwrap(),
+            SHADOW_TOLERANCE,
+        );
 
         let cp = coherence::Params::new(2).unwrap();
         let mut chain = ctx.begin(&img).unwrap();
@@ -349,12 +469,23 @@ fn gpu_feature_kernels_match_cpu_twins() {
         let (c_cpu, o_cpu) = coherence::cpu(&img, &cp).unwrap();
         report("coherence", &c, &c_cpu, COHERENCE_TOLERANCE);
         let o_masked = Array2::from_shape_fn(o.dim(), |i| if c_cpu[i] > 0.2 { o[i] } else { 0.0 });
-        let o_cpu_masked = Array2::from_shape_fn(o.dim(), |i| if c_cpu[i] > 0.2 { o_cpu[i] } else { 0.0 });
-        report("orientation", &o_masked, &o_cpu_masked, COHERENCE_TOLERANCE * 10.0);
+        let o_cpu_masked =
+            Array2::from_shape_fn(o.dim(), |i| if c_cpu[i] > 0.2 { o_cpu[i] } else { 0.0 });
+        report(
+            "orientation",
+            &o_masked,
+            &o_cpu_masked,
+            COHERENCE_TOLERANCE * 10.0,
+        );
 
         let pp = phase_symmetry::Params::new(3, 4, 4.0).unwrap();
         let mut chain = ctx.begin(&img).unwrap();
         phase_symmetry::encode(&mut chain, &pp).unwrap();
-        report("phase_symmetry", &chain.finish().unwrap(), &phase_symmetry::cpu(&img, &pp).unwrap(), PHASE_SYMMETRY_TOLERANCE);
+        report(
+            "phase_symmetry",
+            &chain.finish().unwrap(),
+            &phase_symmetry::cpu(&img, &pp).unwrap(),
+            PHASE_SYMMETRY_TOLERANCE,
+        );
     }
 }

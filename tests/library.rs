@@ -32,7 +32,9 @@ fn frames_from_dicom_bytes_raw_buffers_and_images_give_the_same_plan() {
     let gray = from_file.gray8();
     let gray16: Vec<u16> = gray.iter().map(|v| *v as u16 * 257).collect();
     let raw16 = Frame::from_gray16(w, h, &gray16, 16, (0.08, 0.08)).unwrap();
-    let img = image::DynamicImage::ImageLuma8(image::GrayImage::from_raw(w as u32, h as u32, gray.clone()).unwrap());
+    let img = image::DynamicImage::ImageLuma8(
+        image::GrayImage::from_raw(w as u32, h as u32, gray.clone()).unwrap(),
+    );
     let from_image = Frame::from_image(&img, (0.08, 0.08)).unwrap();
     for f in [&raw16, &from_image] {
         let r = pipeline.process(f).unwrap();
@@ -44,7 +46,13 @@ fn frames_from_dicom_bytes_raw_buffers_and_images_give_the_same_plan() {
     // Bad buffers are refused, not panicked on.
     assert!(Frame::from_gray16(w, h, &gray16[1..], 16, (0.08, 0.08)).is_err());
     assert!(Frame::from_gray16(w, h, &gray16, 0, (0.08, 0.08)).is_err());
-    assert_eq!(Frame::from_gray16(w, h, &gray16, 16, (0.0, 0.08)).unwrap().calibration.status(), "unusable");
+    assert_eq!(
+        Frame::from_gray16(w, h, &gray16, 16, (0.0, 0.08))
+            .unwrap()
+            .calibration
+            .status(),
+        "unusable"
+    );
 }
 
 #[test]
@@ -78,7 +86,10 @@ fn pipelines_can_share_one_gpu_device_across_threads() {
     };
     let gpu = first.despeckler().gpu_handle().unwrap();
     let second = Pipeline::builder().shared_gpu(gpu.clone()).build().unwrap();
-    assert!(std::sync::Arc::ptr_eq(&gpu, &second.despeckler().gpu_handle().unwrap()));
+    assert!(std::sync::Arc::ptr_eq(
+        &gpu,
+        &second.despeckler().gpu_handle().unwrap()
+    ));
     let mut p = PhantomParams::default();
     p.seed = 2;
     p.width = 200;
@@ -86,9 +97,16 @@ fn pipelines_can_share_one_gpu_device_across_threads() {
     let frame = frame_of(&generate("g", &p).unwrap(), 0).unwrap();
     let expected = first.process(&frame).unwrap().despeckled;
     std::thread::scope(|s| {
-        let hs: Vec<_> = [&first, &second, &first, &second].into_iter().map(|pl| s.spawn(|| pl.process(&frame).unwrap().despeckled)).collect();
+        let hs: Vec<_> = [&first, &second, &first, &second]
+            .into_iter()
+            .map(|pl| s.spawn(|| pl.process(&frame).unwrap().despeckled))
+            .collect();
         for h in hs {
-            assert_eq!(h.join().unwrap(), expected, "concurrent chains on one device");
+            assert_eq!(
+                h.join().unwrap(),
+                expected,
+                "concurrent chains on one device"
+            );
         }
     });
 }

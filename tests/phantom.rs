@@ -13,7 +13,11 @@ fn params(seed: u64) -> PhantomParams {
     p
 }
 
-fn mean_where(img: &Array2<u8>, labels: &Array2<u8>, want: impl Fn(u8, usize) -> bool) -> Option<f64> {
+fn mean_where(
+    img: &Array2<u8>,
+    labels: &Array2<u8>,
+    want: impl Fn(u8, usize) -> bool,
+) -> Option<f64> {
     let (mut s, mut n) = (0.0, 0usize);
     for ((y, x), v) in img.indexed_iter() {
         if want(labels[[y, x]], y) {
@@ -53,24 +57,46 @@ fn labels_agree_with_the_image_over_many_seeds() {
         let skin_px = 80;
         let tissue = mean_where(img, lab, |l, y| l == label::BACKGROUND && y > skin_px).unwrap();
         if let Some(shadow) = mean_where(img, lab, |l, _| l == label::SHADOW) {
-            assert!(shadow + SHADOW_MARGIN < tissue, "seed {seed}: shadow {shadow:.0} vs tissue {tissue:.0}");
+            assert!(
+                shadow + SHADOW_MARGIN < tissue,
+                "seed {seed}: shadow {shadow:.0} vs tissue {tissue:.0}"
+            );
         }
         if let Some(bone) = mean_where(img, lab, |l, _| l == label::BONE) {
-            assert!(bone > tissue + BONE_MARGIN, "seed {seed}: bone {bone:.0} vs tissue {tissue:.0}");
+            assert!(
+                bone > tissue + BONE_MARGIN,
+                "seed {seed}: bone {bone:.0} vs tissue {tissue:.0}"
+            );
         }
         let tendon = mean_where(img, lab, |l, _| l == label::TENDON).unwrap();
-        assert!(tendon > tissue + TENDON_MARGIN, "seed {seed}: tendon {tendon:.0} vs tissue {tissue:.0}");
+        assert!(
+            tendon > tissue + TENDON_MARGIN,
+            "seed {seed}: tendon {tendon:.0} vs tissue {tissue:.0}"
+        );
         for fluid_label in [label::VESSEL, label::JOINT] {
             if let Some(f) = mean_where(img, lab, |l, _| l == fluid_label) {
-                assert!(f + FLUID_MARGIN < tissue, "seed {seed}: label {fluid_label} {f:.0} vs tissue {tissue:.0}");
+                assert!(
+                    f + FLUID_MARGIN < tissue,
+                    "seed {seed}: label {fluid_label} {f:.0} vs tissue {tissue:.0}"
+                );
             }
         }
         // Bone truth is present exactly when bone is labelled.
         let has_bone_label = lab.iter().any(|l| *l == label::BONE);
-        assert_eq!(has_bone_label, !ph.truth.frames[0].bone_polylines_px.is_empty(), "seed {seed}");
-        assert!(ph.truth.frames[0].target_px.is_some(), "seed {seed}: a target");
+        assert_eq!(
+            has_bone_label,
+            !ph.truth.frames[0].bone_polylines_px.is_empty(),
+            "seed {seed}"
+        );
+        assert!(
+            ph.truth.frames[0].target_px.is_some(),
+            "seed {seed}: a target"
+        );
     }
-    assert!(scenes.len() >= 2, "seeds 100..112 should cover several scenes: {scenes:?}");
+    assert!(
+        scenes.len() >= 2,
+        "seeds 100..112 should cover several scenes: {scenes:?}"
+    );
 }
 
 /// Fully developed speckle, log-compressed, has a standard deviation of 5.57 dB (Burckhardt
@@ -85,8 +111,14 @@ fn muscle_has_fully_developed_speckle() {
     // Homogeneous muscle: background label with a 15-row clear neighbourhood above and below,
     // and a clean level within 4 grey levels of the muscle level (the median of such pixels).
     let (h, _) = lab.dim();
-    let clear = |y: usize, x: usize| (y.saturating_sub(15)..(y + 16).min(h)).all(|yy| lab[[yy, x]] == label::BACKGROUND);
-    let mut cand: Vec<(usize, usize)> = lab.indexed_iter().filter(|((y, x), l)| **l == 0 && *y > 40 && clear(*y, *x)).map(|(p, _)| p).collect();
+    let clear = |y: usize, x: usize| {
+        (y.saturating_sub(15)..(y + 16).min(h)).all(|yy| lab[[yy, x]] == label::BACKGROUND)
+    };
+    let mut cand: Vec<(usize, usize)> = lab
+        .indexed_iter()
+        .filter(|((y, x), l)| **l == 0 && *y > 40 && clear(*y, *x))
+        .map(|(p, _)| p)
+        .collect();
     let mut levels: Vec<u8> = cand.iter().map(|p| clean[*p]).collect();
     levels.sort_unstable();
     let level = levels[levels.len() / 2] as i32;
@@ -95,10 +127,16 @@ fn muscle_has_fully_developed_speckle() {
     assert!(vals.len() > 1000, "{} muscle pixels", vals.len());
     let m = vals.iter().sum::<f64>() / vals.len() as f64;
     let sd = (vals.iter().map(|v| (v - m).powi(2)).sum::<f64>() / vals.len() as f64).sqrt();
-    assert!(sd > SPECKLE_STD_RANGE.0 && sd < SPECKLE_STD_RANGE.1, "speckle std {sd:.1}");
+    assert!(
+        sd > SPECKLE_STD_RANGE.0 && sd < SPECKLE_STD_RANGE.1,
+        "speckle std {sd:.1}"
+    );
     // The clean map is the speckled image's expected level (the log bias is included).
     let cm = cand.iter().map(|p| clean[*p] as f64).sum::<f64>() / cand.len() as f64;
-    assert!((cm - m).abs() < 6.0, "clean mean {cm:.1} vs image mean {m:.1}");
+    assert!(
+        (cm - m).abs() < 6.0,
+        "clean mean {cm:.1} vs image mean {m:.1}"
+    );
 }
 
 #[test]
@@ -123,13 +161,21 @@ fn written_case_reads_back_with_calibration_and_pixels() {
     let a = ph.labels[0].slice(ndarray::s![.., 1..]).to_owned();
     let b = ph.labels[1].slice(ndarray::s![.., ..-1]).to_owned();
     assert_eq!(a, b, "labels move with the probe");
-    for name in ["cine.truth.png", "cine.clean.png", "cine.truth.json", "cine.truth_0001.png", "cine.clean_0002.png"] {
+    for name in [
+        "cine.truth.png",
+        "cine.clean.png",
+        "cine.truth.json",
+        "cine.truth_0001.png",
+        "cine.clean_0002.png",
+    ] {
         assert!(dir.join(name).is_file(), "{name}");
     }
     let labels = sonoguide::imageio::read_gray_png(&dir.join("cine.truth.png")).unwrap();
     assert_eq!(labels, ph.labels[0]);
     assert!(labels.iter().all(|v| *v <= 5));
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cine.truth.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cine.truth.json")).unwrap())
+            .unwrap();
     assert_eq!(json["spacing_mm"][0].as_f64(), Some(0.08));
     assert_eq!(json["frames"].as_array().unwrap().len(), 3);
     assert_eq!(json["target_kind"], truth.target_kind);
@@ -152,7 +198,10 @@ fn curved_phantom_is_a_fan_and_reads_as_one() {
     // Corners outside the fan are black; the centre is not.
     assert_eq!(img[[h - 1, 0]], 0);
     assert_eq!(img[[h - 1, w - 1]], 0);
-    assert!(img.slice(ndarray::s![h / 2 - 5..h / 2 + 5, w / 2 - 5..w / 2 + 5]).iter().any(|v| *v > 20));
+    assert!(img
+        .slice(ndarray::s![h / 2 - 5..h / 2 + 5, w / 2 - 5..w / 2 + 5])
+        .iter()
+        .any(|v| *v > 20));
     assert!(ph.truth.region.width() < w || ph.truth.region.x0 > 0 || img[[0, 0]] == 0);
 }
 
@@ -183,6 +232,9 @@ fn sample_data_matches_its_recipe() {
     for ext in ["dcm", "truth.png", "clean.png", "truth.json"] {
         let a = std::fs::read(root.join(format!("linear_0001.{ext}"))).unwrap();
         let b = std::fs::read(dir.join(format!("linear_0001.{ext}"))).unwrap();
-        assert!(a == b, "sample-data/linear_0001.{ext} differs from its recipe");
+        assert!(
+            a == b,
+            "sample-data/linear_0001.{ext} differs from its recipe"
+        );
     }
 }

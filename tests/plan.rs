@@ -22,13 +22,27 @@ const TRUTH_CLEARANCE_SLACK_MM: f64 = 0.25;
 #[test]
 fn planned_paths_never_cross_bone_shadow_or_vessel_in_the_truth() {
     let p = cpu_pipeline();
-    let s = sonoguide::eval::plan_scores(&p, 8000..8012, 0..0, 0, &PhantomParams::default()).unwrap();
+    let s =
+        sonoguide::eval::plan_scores(&p, 8000..8012, 0..0, 0, &PhantomParams::default()).unwrap();
     eprintln!("{s:?}");
     assert_eq!(s.unsafe_paths, 0);
-    assert!(s.with_path >= 3, "only {} of {} phantoms got a path", s.with_path, s.cases);
-    assert!(s.min_truth_clearance_mm >= 2.0 - TRUTH_CLEARANCE_SLACK_MM, "truth clearance {}", s.min_truth_clearance_mm);
+    assert!(
+        s.with_path >= 3,
+        "only {} of {} phantoms got a path",
+        s.with_path,
+        s.cases
+    );
+    assert!(
+        s.min_truth_clearance_mm >= 2.0 - TRUTH_CLEARANCE_SLACK_MM,
+        "truth clearance {}",
+        s.min_truth_clearance_mm
+    );
     assert_eq!(s.kind_matches, s.cases, "target kinds");
-    assert!(s.target_error_mean_mm < 2.0, "target error {} mm", s.target_error_mean_mm);
+    assert!(
+        s.target_error_mean_mm < 2.0,
+        "target error {} mm",
+        s.target_error_mean_mm
+    );
 }
 
 #[test]
@@ -39,7 +53,18 @@ fn plan_json_has_the_documented_shape() {
     let ph = generate("j", &pp).unwrap();
     let r = p.process(&frame_of(&ph, 0).unwrap()).unwrap();
     let v = serde_json::to_value(&r.plan).unwrap();
-    for key in ["status", "reason", "entry", "target", "angle_deg", "depth_mm", "length_mm", "clearance_mm", "target_kind", "side"] {
+    for key in [
+        "status",
+        "reason",
+        "entry",
+        "target",
+        "angle_deg",
+        "depth_mm",
+        "length_mm",
+        "clearance_mm",
+        "target_kind",
+        "side",
+    ] {
         assert!(v.get(key).is_some(), "missing {key}");
     }
     assert_eq!(v["status"], "ok", "{v}");
@@ -47,15 +72,23 @@ fn plan_json_has_the_documented_shape() {
     assert_eq!(v["target_kind"], "peritendinous");
     let angle = v["angle_deg"].as_f64().unwrap();
     assert!((15.0..=45.0).contains(&angle));
-    assert!(v["entry"]["px"].as_array().unwrap().len() == 2 && v["entry"]["mm"].as_array().unwrap().len() == 2);
+    assert!(
+        v["entry"]["px"].as_array().unwrap().len() == 2
+            && v["entry"]["mm"].as_array().unwrap().len() == 2
+    );
     // The entry is on the skin line (the top row of this linear phantom).
     assert_eq!(v["entry"]["px"][1].as_f64(), Some(0.0));
     let side = v["side"].as_str().unwrap();
-    let (ex, tx) = (v["entry"]["px"][0].as_f64().unwrap(), v["target"]["px"][0].as_f64().unwrap());
+    let (ex, tx) = (
+        v["entry"]["px"][0].as_f64().unwrap(),
+        v["target"]["px"][0].as_f64().unwrap(),
+    );
     assert_eq!(side, if ex < tx { "left" } else { "right" });
     // Depth and length agree with the points.
     let (e, t) = (&v["entry"]["mm"], &v["target"]["mm"]);
-    let len = ((e[0].as_f64().unwrap() - t[0].as_f64().unwrap()).powi(2) + (e[1].as_f64().unwrap() - t[1].as_f64().unwrap()).powi(2)).sqrt();
+    let len = ((e[0].as_f64().unwrap() - t[0].as_f64().unwrap()).powi(2)
+        + (e[1].as_f64().unwrap() - t[1].as_f64().unwrap()).powi(2))
+    .sqrt();
     assert!((len - v["length_mm"].as_f64().unwrap()).abs() < 1e-9);
     assert!((v["depth_mm"].as_f64().unwrap() - t[1].as_f64().unwrap()).abs() < 1e-9);
 }
@@ -69,14 +102,23 @@ fn impossible_requests_say_no_safe_path_and_why() {
     let frame = frame_of(&ph, 0).unwrap();
     let r = p.process(&frame).unwrap();
     // A user target inside the bone shadow.
-    let shadow = r.segmentation.labels.indexed_iter().find(|(_, l)| **l == label::SHADOW).map(|(p, _)| p);
+    let shadow = r
+        .segmentation
+        .labels
+        .indexed_iter()
+        .find(|(_, l)| **l == label::SHADOW)
+        .map(|(p, _)| p);
     if let Some((y, x)) = shadow {
         let (xm, ym) = frame.calibration.px_to_mm(x as f64, y as f64, 0.0).unwrap();
         let mut params = PlanParams::default();
         params.target_mm = Some((xm, ym));
         let pl = plan(&frame, &r.segmentation, &params);
         assert_eq!(pl.status, "no_safe_path");
-        assert!(pl.reason.as_deref().unwrap().contains("shadow"), "{:?}", pl.reason);
+        assert!(
+            pl.reason.as_deref().unwrap().contains("shadow"),
+            "{:?}",
+            pl.reason
+        );
     }
     // A target outside the image.
     let mut params = PlanParams::default();
@@ -101,12 +143,21 @@ fn impossible_requests_say_no_safe_path_and_why() {
 #[test]
 fn smoothing_keeps_a_cine_suggestion_steady() {
     let p = cpu_pipeline();
-    let s = sonoguide::eval::plan_scores(&p, 0..0, 9000..9003, 12, &PhantomParams::default()).unwrap();
+    let s =
+        sonoguide::eval::plan_scores(&p, 0..0, 9000..9003, 12, &PhantomParams::default()).unwrap();
     eprintln!("{s:?}");
     if s.jitter_pairs > 0 {
         // The probe moves 0.08 mm per frame; the suggestion must not wander much more.
-        assert!(s.entry_jitter_smoothed_mm < 1.0, "entry jitter {}", s.entry_jitter_smoothed_mm);
-        assert!(s.target_jitter_smoothed_mm < 1.0, "target jitter {}", s.target_jitter_smoothed_mm);
+        assert!(
+            s.entry_jitter_smoothed_mm < 1.0,
+            "entry jitter {}",
+            s.entry_jitter_smoothed_mm
+        );
+        assert!(
+            s.target_jitter_smoothed_mm < 1.0,
+            "target jitter {}",
+            s.target_jitter_smoothed_mm
+        );
     }
 }
 
@@ -119,7 +170,11 @@ fn root() -> PathBuf {
 }
 
 fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file()));
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
     if found.is_none() && std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("CI must have {name} (.ci/run installs dcmtk and dicom3tools)");
     }
@@ -134,37 +189,94 @@ fn process_writes_every_output_resumes_and_reports_failures() {
     let input = out.with_extension("in");
     let _ = std::fs::remove_dir_all(&input);
     std::fs::create_dir_all(input.join("sub")).unwrap();
-    std::fs::copy(root().join("sample-data/cine_0005.dcm"), input.join("cine.dcm")).unwrap();
-    std::fs::copy(root().join("sample-data/linear_0002.dcm"), input.join("sub/soft.dcm")).unwrap();
+    std::fs::copy(
+        root().join("sample-data/cine_0005.dcm"),
+        input.join("cine.dcm"),
+    )
+    .unwrap();
+    std::fs::copy(
+        root().join("sample-data/linear_0002.dcm"),
+        input.join("sub/soft.dcm"),
+    )
+    .unwrap();
     std::fs::write(input.join("notes.txt"), "not an image").unwrap();
-    std::fs::copy(root().join("tests/data/dicom-corpus/bad/truncated_in_pixels.dcm"), input.join("broken.dcm")).unwrap();
+    std::fs::copy(
+        root().join("tests/data/dicom-corpus/bad/truncated_in_pixels.dcm"),
+        input.join("broken.dcm"),
+    )
+    .unwrap();
     let run = |extra: &[&str]| {
-        bin().arg("process").arg(&input).args(["--backend", "cpu", "--recursive", "--frames", "0..3", "--out"]).arg(&out).args(extra).output().unwrap()
+        bin()
+            .arg("process")
+            .arg(&input)
+            .args([
+                "--backend",
+                "cpu",
+                "--recursive",
+                "--frames",
+                "0..3",
+                "--out",
+            ])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
     };
     let o = run(&[]);
-    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(stderr.contains("broken.dcm"), "{stderr}");
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     let files = summary["files"].as_array().unwrap();
-    assert_eq!(files.len(), 3, "two images and the broken file; notes.txt ignored");
-    let cine = files.iter().find(|f| f["path"].as_str().unwrap().ends_with("cine.dcm")).unwrap();
+    assert_eq!(
+        files.len(),
+        3,
+        "two images and the broken file; notes.txt ignored"
+    );
+    let cine = files
+        .iter()
+        .find(|f| f["path"].as_str().unwrap().ends_with("cine.dcm"))
+        .unwrap();
     assert_eq!(cine["status"], "ok");
     assert_eq!(cine["frames"], 3);
-    for k in ["despeckle_ms", "features_ms", "segment_ms", "plan_ms", "total_ms"] {
+    for k in [
+        "despeckle_ms",
+        "features_ms",
+        "segment_ms",
+        "plan_ms",
+        "total_ms",
+    ] {
         assert!(cine["timings"][k].as_f64().unwrap() >= 0.0);
     }
-    assert!(files.iter().any(|f| f["status"] == "failed" && f["error"].as_str().unwrap().contains("broken.dcm")));
+    assert!(files
+        .iter()
+        .any(|f| f["status"] == "failed" && f["error"].as_str().unwrap().contains("broken.dcm")));
     let dir = out.join("cine");
     for k in 0..3 {
         for ext in ["overlay.png", "labels.png", "bone.json", "plan.json"] {
-            assert!(dir.join(format!("frame_{k:04}.{ext}")).is_file(), "frame {k} {ext}");
+            assert!(
+                dir.join(format!("frame_{k:04}.{ext}")).is_file(),
+                "frame {k} {ext}"
+            );
         }
     }
-    assert!(!dir.join("frame_0003.overlay.png").exists(), "--frames 0..3 stops at frame 2");
+    assert!(
+        !dir.join("frame_0003.overlay.png").exists(),
+        "--frames 0..3 stops at frame 2"
+    );
     assert!(out.join("soft").join("soft.overlay.dcm").is_file());
     // No temporary files left behind.
-    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
     assert!(leftovers.is_empty());
 
     // The derived DICOM reads back: 3 RGB frames, the same study, a new series, a reference.
@@ -172,23 +284,65 @@ fn process_writes_every_output_resumes_and_reports_failures() {
     let derived = sonoguide::dicom::DicomFile::open(&dcm, &Default::default()).unwrap();
     assert_eq!(derived.frame_count(), 3);
     assert_eq!(derived.info().photometric_interpretation, "RGB");
-    let src = sonoguide::dicom::DicomFile::open(input.join("cine.dcm"), &Default::default()).unwrap();
-    let uid = |f: &sonoguide::dicom::DicomFile, t| f.object().element(t).unwrap().value().to_str().unwrap().to_string();
+    let src =
+        sonoguide::dicom::DicomFile::open(input.join("cine.dcm"), &Default::default()).unwrap();
+    let uid = |f: &sonoguide::dicom::DicomFile, t| {
+        f.object()
+            .element(t)
+            .unwrap()
+            .value()
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
     use dicom_dictionary_std::tags;
-    assert_eq!(uid(&derived, tags::STUDY_INSTANCE_UID), uid(&src, tags::STUDY_INSTANCE_UID));
-    assert_ne!(uid(&derived, tags::SERIES_INSTANCE_UID), uid(&src, tags::SERIES_INSTANCE_UID));
-    assert_ne!(uid(&derived, tags::SOP_INSTANCE_UID), uid(&src, tags::SOP_INSTANCE_UID));
+    assert_eq!(
+        uid(&derived, tags::STUDY_INSTANCE_UID),
+        uid(&src, tags::STUDY_INSTANCE_UID)
+    );
+    assert_ne!(
+        uid(&derived, tags::SERIES_INSTANCE_UID),
+        uid(&src, tags::SERIES_INSTANCE_UID)
+    );
+    assert_ne!(
+        uid(&derived, tags::SOP_INSTANCE_UID),
+        uid(&src, tags::SOP_INSTANCE_UID)
+    );
     assert_eq!(uid(&derived, tags::BURNED_IN_ANNOTATION), "YES");
-    let item = &derived.object().element(tags::SOURCE_IMAGE_SEQUENCE).unwrap().value().items().unwrap()[0];
-    assert_eq!(item.element(tags::REFERENCED_SOP_INSTANCE_UID).unwrap().value().to_str().unwrap(), uid(&src, tags::SOP_INSTANCE_UID));
+    let item = &derived
+        .object()
+        .element(tags::SOURCE_IMAGE_SEQUENCE)
+        .unwrap()
+        .value()
+        .items()
+        .unwrap()[0];
+    assert_eq!(
+        item.element(tags::REFERENCED_SOP_INSTANCE_UID)
+            .unwrap()
+            .value()
+            .to_str()
+            .unwrap(),
+        uid(&src, tags::SOP_INSTANCE_UID)
+    );
     if let Some(dcmdump) = tool("dcmdump") {
         let o = Command::new(dcmdump).arg(&dcm).output().unwrap();
-        assert!(o.status.success(), "dcmdump: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "dcmdump: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     if let Some(dciodvfy) = tool("dciodvfy") {
         let o = Command::new(dciodvfy).arg(&dcm).output().unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-        assert!(!text.lines().any(|l| l.starts_with("Error")), "dciodvfy: {text}");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            !text.lines().any(|l| l.starts_with("Error")),
+            "dciodvfy: {text}"
+        );
     }
 
     // Resume: with --skip-existing nothing is redone.
@@ -196,16 +350,39 @@ fn process_writes_every_output_resumes_and_reports_failures() {
     let o = run(&["--skip-existing"]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(std::fs::metadata(&dcm).unwrap().modified().unwrap(), before);
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
-    assert!(summary["files"].as_array().unwrap().iter().any(|f| f["status"] == "skipped"));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert!(summary["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["status"] == "skipped"));
 }
 
 #[test]
 fn process_refuses_bad_arguments_with_exit_2() {
-    let o = bin().args(["process", "x.dcm", "--out", "/tmp/x", "--target", "banana"]).output().unwrap();
+    let o = bin()
+        .args(["process", "x.dcm", "--out", "/tmp/x", "--target", "banana"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
-    let o = bin().args(["process", "x.dcm", "--out", "/tmp/x", "--frames", "5..2"]).output().unwrap();
+    let o = bin()
+        .args(["process", "x.dcm", "--out", "/tmp/x", "--frames", "5..2"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
-    let o = bin().args(["process", "x.dcm", "--out", "/tmp/x", "--min-angle", "50", "--max-angle", "40"]).output().unwrap();
+    let o = bin()
+        .args([
+            "process",
+            "x.dcm",
+            "--out",
+            "/tmp/x",
+            "--min-angle",
+            "50",
+            "--max-angle",
+            "40",
+        ])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
 }

@@ -21,13 +21,28 @@ const CEILING_BONE_MEAN_MM: f64 = 0.3;
 fn phantoms_from_fresh_seeds_are_segmented_accurately() {
     let d = Despeckler::new(Backend::Cpu).unwrap();
     let f = Filter::default_for("srad").unwrap();
-    let s = segment_scores(&d, &f, &SegmentParams::default(), 7000..7008, &PhantomParams::default()).unwrap();
+    let s = segment_scores(
+        &d,
+        &f,
+        &SegmentParams::default(),
+        7000..7008,
+        &PhantomParams::default(),
+    )
+    .unwrap();
     eprintln!("{s:?}");
     assert!(s.dice[1] > FLOOR_DICE_BONE, "bone band {}", s.dice[1]);
     assert!(s.dice[2] > FLOOR_DICE_SHADOW, "shadow {}", s.dice[2]);
     assert!(s.dice[0] > FLOOR_DICE_TENDON, "tendon {}", s.dice[0]);
-    assert!(s.dice[3].is_nan() || s.dice[3] > FLOOR_DICE_JOINT, "joint {}", s.dice[3]);
-    assert!(s.bone_mean_mm < CEILING_BONE_MEAN_MM, "bone distance {} mm", s.bone_mean_mm);
+    assert!(
+        s.dice[3].is_nan() || s.dice[3] > FLOOR_DICE_JOINT,
+        "joint {}",
+        s.dice[3]
+    );
+    assert!(
+        s.bone_mean_mm < CEILING_BONE_MEAN_MM,
+        "bone distance {} mm",
+        s.bone_mean_mm
+    );
     assert_eq!(s.false_bone_frames, 0);
 }
 
@@ -48,14 +63,22 @@ fn no_bone_is_labelled_where_there_is_none() {
         let frame = frame_of(&ph, 0).unwrap();
         let des = d.run(&frame.intensity, std::slice::from_ref(&f)).unwrap();
         let s = segment(&frame, &des, &SegmentParams::default()).unwrap();
-        assert!(s.labels.iter().all(|l| *l != label::BONE && *l != label::SHADOW), "seed {seed}: bone found in soft tissue");
+        assert!(
+            s.labels
+                .iter()
+                .all(|l| *l != label::BONE && *l != label::SHADOW),
+            "seed {seed}: bone found in soft tissue"
+        );
         assert!(s.bone_polylines_px.is_empty());
         checked += 1;
         if checked == 4 {
             break;
         }
     }
-    assert!(checked >= 3, "only {checked} soft-tissue phantoms in seeds 100..200");
+    assert!(
+        checked >= 3,
+        "only {checked} soft-tissue phantoms in seeds 100..200"
+    );
 }
 
 #[test]
@@ -66,11 +89,16 @@ fn curved_phantoms_segment_inside_the_fan() {
     p.seed = 3;
     let ph = generate("c", &p).unwrap();
     let frame = frame_of(&ph, 0).unwrap();
-    let des = d.run(&frame.intensity, &[Filter::default_for("srad").unwrap()]).unwrap();
+    let des = d
+        .run(&frame.intensity, &[Filter::default_for("srad").unwrap()])
+        .unwrap();
     let s = segment(&frame, &des, &SegmentParams::default()).unwrap();
     for ((y, x), l) in s.labels.indexed_iter() {
         if *l != 0 {
-            assert!(frame.region.contains(x, y), "label {l} outside the fan at ({x}, {y})");
+            assert!(
+                frame.region.contains(x, y),
+                "label {l} outside the fan at ({x}, {y})"
+            );
         }
     }
     if ph.truth.frames[0].bone_polylines_px.is_empty() {
@@ -80,15 +108,24 @@ fn curved_phantoms_segment_inside_the_fan() {
 }
 
 fn corpus(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dicom-corpus").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/dicom-corpus")
+        .join(rel)
 }
 
 #[test]
 fn real_corpus_frames_segment_inside_region_and_outside_colour() {
     let d = Despeckler::new(Backend::Cpu).unwrap();
     let f = Filter::default_for("srad").unwrap();
-    for name in ["OBXXXX1A.dcm", "US1_UNCR.dcm", "examples_ybr_color.dcm", "examples_palette.dcm", "examples_rgb_color.dcm"] {
-        let file = DicomFile::open(corpus(&format!("files/{name}")), &ReadOptions::default()).unwrap();
+    for name in [
+        "OBXXXX1A.dcm",
+        "US1_UNCR.dcm",
+        "examples_ybr_color.dcm",
+        "examples_palette.dcm",
+        "examples_rgb_color.dcm",
+    ] {
+        let file =
+            DicomFile::open(corpus(&format!("files/{name}")), &ReadOptions::default()).unwrap();
         let frame = file.read_frame(0).unwrap();
         let des = d.run(&frame.intensity, std::slice::from_ref(&f)).unwrap();
         let s = segment(&frame, &des, &SegmentParams::default()).unwrap();
@@ -97,13 +134,19 @@ fn real_corpus_frames_segment_inside_region_and_outside_colour() {
             if *l == 0 {
                 continue;
             }
-            assert!(frame.region.contains(x, y), "{name}: label outside the imaging region");
+            assert!(
+                frame.region.contains(x, y),
+                "{name}: label outside the imaging region"
+            );
             if let Some(m) = &frame.colour_mask {
                 assert_eq!(m[[y, x]], 0, "{name}: label on a colour pixel");
             }
         }
         // These are cardiac and obstetric scans: a bone surface would be a false one.
-        assert!(s.bone_polylines_px.is_empty(), "{name}: bone found in a non-MSK scan");
+        assert!(
+            s.bone_polylines_px.is_empty(),
+            "{name}: bone found in a non-MSK scan"
+        );
     }
 }
 
@@ -132,7 +175,13 @@ fn gpu_features_give_the_same_segmentation() {
     let des = cpu.run(&frame.intensity, std::slice::from_ref(&f)).unwrap();
     let a = segment_with(&cpu, &frame, &des, &SegmentParams::default()).unwrap();
     let b = segment_with(&gpu, &frame, &des, &SegmentParams::default()).unwrap();
-    let same = a.labels.iter().zip(b.labels.iter()).filter(|(x, y)| x == y).count() as f64 / a.labels.len() as f64;
+    let same = a
+        .labels
+        .iter()
+        .zip(b.labels.iter())
+        .filter(|(x, y)| x == y)
+        .count() as f64
+        / a.labels.len() as f64;
     assert!(same >= GPU_LABEL_AGREEMENT, "labels agree on {:.4}", same);
 }
 
@@ -149,16 +198,25 @@ fn segment_command_writes_labels_previews_and_bone_json() {
         .arg(&out)
         .status()
         .unwrap();
-    assert_eq!(status.code(), Some(1), "the bad file fails, the good one is still processed");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the bad file fails, the good one is still processed"
+    );
     let dir = out.join("linear_0001");
     let labels = image::open(dir.join("frame_0000.labels.png")).unwrap();
     assert!(labels.as_luma8().is_some());
     assert_eq!((labels.width(), labels.height()), (480, 360));
     assert!(labels.as_luma8().unwrap().pixels().all(|p| p.0[0] <= 5));
-    assert!(labels.as_luma8().unwrap().pixels().any(|p| p.0[0] == 2), "the sample joint has bone");
+    assert!(
+        labels.as_luma8().unwrap().pixels().any(|p| p.0[0] == 2),
+        "the sample joint has bone"
+    );
     let preview = image::open(dir.join("frame_0000.labels_preview.png")).unwrap();
     assert!(preview.as_rgb8().is_some());
-    let bone: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("frame_0000.bone.json")).unwrap()).unwrap();
+    let bone: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("frame_0000.bone.json")).unwrap())
+            .unwrap();
     let px = bone["polylines_px"].as_array().unwrap();
     let mm = bone["polylines_mm"].as_array().unwrap();
     assert!(!px.is_empty() && px.len() == mm.len());
@@ -166,5 +224,7 @@ fn segment_command_writes_labels_previews_and_bone_json() {
     let (p0, m0) = (&px[0][0], &mm[0][0]);
     let xm = (p0[0].as_f64().unwrap() - 240.0) * 0.08;
     let ym = p0[1].as_f64().unwrap() * 0.08;
-    assert!((xm - m0[0].as_f64().unwrap()).abs() < 1e-6 && (ym - m0[1].as_f64().unwrap()).abs() < 1e-6);
+    assert!(
+        (xm - m0[0].as_f64().unwrap()).abs() < 1e-6 && (ym - m0[1].as_f64().unwrap()).abs() < 1e-6
+    );
 }

@@ -84,7 +84,11 @@ fn ask(port: u16, w: usize, h: usize, gray: &[u8]) -> serde_json::Value {
     s.write_all(&image_message(w, h, gray)).unwrap();
     let (h1, b1) = read_message(&mut s);
     assert_eq!(h1.kind, "IMAGE");
-    assert_eq!(b1.len(), 72 + w * h * 3, "an RGB overlay of the frame's size");
+    assert_eq!(
+        b1.len(),
+        72 + w * h * 3,
+        "an RGB overlay of the frame's size"
+    );
     let (h2, b2) = read_message(&mut s);
     assert_eq!(h2.kind, "POINT");
     assert_eq!(b2.len() % 136, 0);
@@ -151,21 +155,32 @@ fn stops_cleanly_on_sigterm() {
     assert_eq!(ask(server.port, w, h, &gray)["status"], "ok");
     let _ = connect(server.port); // an idle client must not keep it alive
     let pid = server.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let start = Instant::now();
     loop {
         if let Some(status) = server.child.try_wait().unwrap() {
             assert!(status.success(), "exit status {status}");
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "server did not stop");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "server did not stop"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 #[test]
 fn a_real_pyigtl_client_gets_overlay_points_and_plan() {
-    let has_pyigtl = Command::new("python3").args(["-c", "import pyigtl, numpy"]).status().map(|s| s.success()).unwrap_or(false);
+    let has_pyigtl = Command::new("python3")
+        .args(["-c", "import pyigtl, numpy"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     if !has_pyigtl {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("CI must have python3 with pyigtl (.ci/run installs it)");
@@ -180,11 +195,26 @@ fn a_real_pyigtl_client_gets_overlay_points_and_plan() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/igtl_client.py");
     let out = Command::new("python3")
         .arg(script)
-        .args([server.port.to_string(), raw.display().to_string(), w.to_string(), h.to_string(), "0.08".into()])
+        .args([
+            server.port.to_string(),
+            raw.display().to_string(),
+            w.to_string(),
+            h.to_string(),
+            "0.08".into(),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "pyigtl client failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_string();
+    assert!(
+        out.status.success(),
+        "pyigtl client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string();
     let plan: serde_json::Value = serde_json::from_str(&last).unwrap();
     assert_eq!(plan["status"], "ok");
 }

@@ -40,7 +40,19 @@ const MAX_DEPTH: usize = 64;
 fn long_length_vr(vr: [u8; 2]) -> bool {
     matches!(
         &vr,
-        b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR" | b"UT" | b"UV"
+        b"OB"
+            | b"OD"
+            | b"OF"
+            | b"OL"
+            | b"OV"
+            | b"OW"
+            | b"SQ"
+            | b"SV"
+            | b"UC"
+            | b"UN"
+            | b"UR"
+            | b"UT"
+            | b"UV"
     )
 }
 
@@ -54,12 +66,20 @@ pub(crate) fn check(bytes: &[u8], start: usize, layout: Layout) -> Result<(), St
     let explicit = layout != Layout::ImplicitLittle;
     let u16_at = |p: usize| -> Option<u16> {
         let b = bytes.get(p..p + 2)?;
-        Some(if big { u16::from_be_bytes([b[0], b[1]]) } else { u16::from_le_bytes([b[0], b[1]]) })
+        Some(if big {
+            u16::from_be_bytes([b[0], b[1]])
+        } else {
+            u16::from_le_bytes([b[0], b[1]])
+        })
     };
     let u32_at = |p: usize| -> Option<u32> {
         let b = bytes.get(p..p + 4)?;
         let a = [b[0], b[1], b[2], b[3]];
-        Some(if big { u32::from_be_bytes(a) } else { u32::from_le_bytes(a) })
+        Some(if big {
+            u32::from_be_bytes(a)
+        } else {
+            u32::from_le_bytes(a)
+        })
     };
     // Each open container: (end offset if defined, is encapsulated pixel data).
     let mut stack: Vec<(Option<usize>, bool)> = Vec::new();
@@ -73,7 +93,9 @@ pub(crate) fn check(bytes: &[u8], start: usize, layout: Layout) -> Result<(), St
             }
         }
         if stack.len() > MAX_DEPTH {
-            return Err(format!("sequences nested deeper than {MAX_DEPTH} at byte {pos}"));
+            return Err(format!(
+                "sequences nested deeper than {MAX_DEPTH} at byte {pos}"
+            ));
         }
         let Some(group) = u16_at(pos) else {
             return Err(format!("truncated element header at byte {pos}"));
@@ -96,11 +118,15 @@ pub(crate) fn check(bytes: &[u8], start: usize, layout: Layout) -> Result<(), St
                 continue;
             }
             if tag != ITEM {
-                return Err(format!("unexpected delimiter ({group:04X},{elem:04X}) at byte {pos}"));
+                return Err(format!(
+                    "unexpected delimiter ({group:04X},{elem:04X}) at byte {pos}"
+                ));
             }
             if len == UNDEFINED {
                 if in_fragments {
-                    return Err(format!("pixel data fragment of undefined length at byte {pos}"));
+                    return Err(format!(
+                        "pixel data fragment of undefined length at byte {pos}"
+                    ));
                 }
                 stack.push((None, false));
                 pos = body;

@@ -12,8 +12,8 @@ use std::sync::OnceLock;
 use dicom_core::value::Value as DicomValue;
 use dicom_core::Tag;
 use dicom_dictionary_std::tags;
-use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
 use dicom_encoding::TransferSyntaxIndex;
+use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
 use dicom_pixeldata::PixelDecoder;
 use ndarray::{Array2, Array3};
 use serde::Serialize;
@@ -22,8 +22,8 @@ use super::prescan::{self, Layout};
 use super::region::detect_imaging_region;
 use super::DicomError;
 use crate::frame::{
-    check_spacing_mm, chroma, luma, Calibration, CalibrationSource, Frame, ImagingRegion, Rect, RegionShape,
-    RegionSource, COLOUR_CHROMA_THRESHOLD,
+    check_spacing_mm, chroma, luma, Calibration, CalibrationSource, Frame, ImagingRegion, Rect,
+    RegionShape, RegionSource, COLOUR_CHROMA_THRESHOLD,
 };
 
 /// Limits applied before any pixel buffer is allocated.
@@ -171,12 +171,18 @@ pub struct DicomFile {
 
 impl std::fmt::Debug for DicomFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DicomFile").field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("DicomFile")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
     }
 }
 
 fn bad(path: &Path, attribute: &'static str, reason: impl Into<String>) -> DicomError {
-    DicomError::BadAttribute { path: path.to_path_buf(), attribute, reason: reason.into() }
+    DicomError::BadAttribute {
+        path: path.to_path_buf(),
+        attribute,
+        reason: reason.into(),
+    }
 }
 
 fn get_u32(obj: &InMemDicomObject, tag: Tag) -> Option<u32> {
@@ -221,7 +227,10 @@ fn locate_dataset(bytes: &[u8]) -> Result<(usize, String), String> {
             let Some(l) = bytes.get(pos + 8..pos + 12) else {
                 return Err(format!("file ends inside the file meta group (byte {pos})"));
             };
-            (u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize, pos + 12)
+            (
+                u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize,
+                pos + 12,
+            )
         } else {
             (u16::from_le_bytes([h[6], h[7]]) as usize, pos + 8)
         };
@@ -229,7 +238,11 @@ fn locate_dataset(bytes: &[u8]) -> Result<(usize, String), String> {
             format!("file meta element (0002,{elem:04X}) claims {len} bytes past the end of the file")
         })?;
         if elem == 0x0010 {
-            ts = Some(String::from_utf8_lossy(&bytes[body..end]).trim_end_matches(['\0', ' ']).to_string());
+            ts = Some(
+                String::from_utf8_lossy(&bytes[body..end])
+                    .trim_end_matches(['\0', ' '])
+                    .to_string(),
+            );
         }
         pos = end;
     }
@@ -241,9 +254,15 @@ impl DicomFile {
     /// Opens and checks a DICOM file.
     pub fn open(path: impl AsRef<Path>, options: &ReadOptions) -> Result<DicomFile, DicomError> {
         let path = path.as_ref();
-        let meta = std::fs::metadata(path).map_err(|source| DicomError::Io { path: path.into(), source })?;
+        let meta = std::fs::metadata(path).map_err(|source| DicomError::Io {
+            path: path.into(),
+            source,
+        })?;
         if !meta.is_file() {
-            return Err(DicomError::Malformed { path: path.into(), reason: "not a regular file".into() });
+            return Err(DicomError::Malformed {
+                path: path.into(),
+                reason: "not a regular file".into(),
+            });
         }
         if meta.len() > options.max_file_bytes {
             return Err(DicomError::TooLarge {
@@ -252,14 +271,24 @@ impl DicomFile {
                 limit: format!("{} bytes", options.max_file_bytes),
             });
         }
-        let bytes = std::fs::read(path).map_err(|source| DicomError::Io { path: path.into(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| DicomError::Io {
+            path: path.into(),
+            source,
+        })?;
         Self::from_bytes(path, bytes, options)
     }
 
     /// Parses a DICOM file held in memory; `name` is used in error messages.
-    pub fn from_bytes(name: impl AsRef<Path>, bytes: Vec<u8>, options: &ReadOptions) -> Result<DicomFile, DicomError> {
+    pub fn from_bytes(
+        name: impl AsRef<Path>,
+        bytes: Vec<u8>,
+        options: &ReadOptions,
+    ) -> Result<DicomFile, DicomError> {
         let path = name.as_ref().to_path_buf();
-        let malformed = |reason: String| DicomError::Malformed { path: path.clone(), reason };
+        let malformed = |reason: String| DicomError::Malformed {
+            path: path.clone(),
+            reason,
+        };
         if bytes.len() as u64 > options.max_file_bytes {
             return Err(DicomError::TooLarge {
                 path: path.clone(),
@@ -269,18 +298,32 @@ impl DicomFile {
         }
         let (start, ts) = locate_dataset(&bytes).map_err(malformed)?;
         prescan::check(&bytes, start, Layout::for_transfer_syntax(&ts)).map_err(malformed)?;
-        let preamble_len = if bytes.get(128..132) == Some(b"DICM") { 128 } else { 0 };
+        let preamble_len = if bytes.get(128..132) == Some(b"DICM") {
+            128
+        } else {
+            0
+        };
         let obj = OpenFileOptions::new()
             .read_preamble(dicom_object::file::ReadPreamble::Never)
             .from_reader(&bytes[preamble_len..])
             .map_err(|e| malformed(e.to_string()))?;
-        let ts_uid = obj.meta().transfer_syntax().trim_end_matches('\0').to_string();
+        let ts_uid = obj
+            .meta()
+            .transfer_syntax()
+            .trim_end_matches('\0')
+            .to_string();
         let o: &InMemDicomObject = &obj;
 
-        let rows = get_u32(o, tags::ROWS).ok_or_else(|| bad(&path, "Rows", "missing or not a number"))?;
-        let columns = get_u32(o, tags::COLUMNS).ok_or_else(|| bad(&path, "Columns", "missing or not a number"))?;
+        let rows =
+            get_u32(o, tags::ROWS).ok_or_else(|| bad(&path, "Rows", "missing or not a number"))?;
+        let columns = get_u32(o, tags::COLUMNS)
+            .ok_or_else(|| bad(&path, "Columns", "missing or not a number"))?;
         if rows == 0 || columns == 0 {
-            return Err(bad(&path, "Rows/Columns", format!("{rows}x{columns} is an empty image")));
+            return Err(bad(
+                &path,
+                "Rows/Columns",
+                format!("{rows}x{columns} is an empty image"),
+            ));
         }
         let pixels = rows as u64 * columns as u64;
         if pixels > options.max_frame_pixels {
@@ -291,7 +334,10 @@ impl DicomFile {
             });
         }
         let frames_raw = get_str(o, tags::NUMBER_OF_FRAMES)
-            .map(|s| s.parse::<i64>().map_err(|_| bad(&path, "NumberOfFrames", format!("'{s}' is not a number"))))
+            .map(|s| {
+                s.parse::<i64>()
+                    .map_err(|_| bad(&path, "NumberOfFrames", format!("'{s}' is not a number")))
+            })
             .transpose()?
             .unwrap_or(1);
         if frames_raw < 1 {
@@ -308,16 +354,28 @@ impl DicomFile {
         let samples_per_pixel = get_u32(o, tags::SAMPLES_PER_PIXEL)
             .ok_or_else(|| bad(&path, "SamplesPerPixel", "missing or not a number"))?;
         if samples_per_pixel != 1 && samples_per_pixel != 3 {
-            return Err(bad(&path, "SamplesPerPixel", format!("{samples_per_pixel} (only 1 and 3 exist in ultrasound)")));
+            return Err(bad(
+                &path,
+                "SamplesPerPixel",
+                format!("{samples_per_pixel} (only 1 and 3 exist in ultrasound)"),
+            ));
         }
         let bits_allocated = get_u32(o, tags::BITS_ALLOCATED)
             .ok_or_else(|| bad(&path, "BitsAllocated", "missing or not a number"))?;
         if bits_allocated != 8 && bits_allocated != 16 {
-            return Err(bad(&path, "BitsAllocated", format!("{bits_allocated} (supported: 8 and 16)")));
+            return Err(bad(
+                &path,
+                "BitsAllocated",
+                format!("{bits_allocated} (supported: 8 and 16)"),
+            ));
         }
         let bits_stored = get_u32(o, tags::BITS_STORED).unwrap_or(bits_allocated);
         if bits_stored == 0 || bits_stored > bits_allocated {
-            return Err(bad(&path, "BitsStored", format!("{bits_stored} with BitsAllocated {bits_allocated}")));
+            return Err(bad(
+                &path,
+                "BitsStored",
+                format!("{bits_stored} with BitsAllocated {bits_allocated}"),
+            ));
         }
         let pi = get_str(o, tags::PHOTOMETRIC_INTERPRETATION)
             .ok_or_else(|| bad(&path, "PhotometricInterpretation", "missing"))?;
@@ -325,17 +383,26 @@ impl DicomFile {
             "MONOCHROME1" | "MONOCHROME2" | "PALETTE COLOR" => 1,
             "RGB" | "YBR_FULL" | "YBR_FULL_422" | "YBR_RCT" | "YBR_ICT" | "YBR_PARTIAL_420" => 3,
             other => {
-                return Err(DicomError::Unsupported { path: path.clone(), what: format!("photometric interpretation '{other}'") })
+                return Err(DicomError::Unsupported {
+                    path: path.clone(),
+                    what: format!("photometric interpretation '{other}'"),
+                })
             }
         };
         if expected_spp != samples_per_pixel {
-            return Err(bad(&path, "SamplesPerPixel", format!("{samples_per_pixel} does not match {pi}")));
+            return Err(bad(
+                &path,
+                "SamplesPerPixel",
+                format!("{samples_per_pixel} does not match {pi}"),
+            ));
         }
         let planar_configuration = get_u32(o, tags::PLANAR_CONFIGURATION).unwrap_or(0);
         let pixel_representation = get_u32(o, tags::PIXEL_REPRESENTATION).unwrap_or(0);
 
         // Pixel data present and, for native encodings, long enough for every frame.
-        let pixel_elem = o.get(tags::PIXEL_DATA).ok_or_else(|| DicomError::NoPixelData { path: path.clone() })?;
+        let pixel_elem = o
+            .get(tags::PIXEL_DATA)
+            .ok_or_else(|| DicomError::NoPixelData { path: path.clone() })?;
         let frame_bytes = native_frame_bytes(rows, columns, samples_per_pixel, bits_allocated, &pi);
         match pixel_elem.value() {
             DicomValue::Primitive(p) => {
@@ -352,14 +419,21 @@ impl DicomFile {
             }
             DicomValue::PixelSequence(seq) => {
                 if seq.fragments().is_empty() {
-                    return Err(DicomError::Malformed { path: path.clone(), reason: "encapsulated pixel data has no fragments".into() });
+                    return Err(DicomError::Malformed {
+                        path: path.clone(),
+                        reason: "encapsulated pixel data has no fragments".into(),
+                    });
                 }
             }
             DicomValue::Sequence(_) => {
-                return Err(DicomError::Malformed { path: path.clone(), reason: "pixel data is a sequence".into() })
+                return Err(DicomError::Malformed {
+                    path: path.clone(),
+                    reason: "pixel data is a sequence".into(),
+                })
             }
         }
-        if let Some(ts_entry) = dicom_transfer_syntax_registry::TransferSyntaxRegistry.get(&ts_uid) {
+        if let Some(ts_entry) = dicom_transfer_syntax_registry::TransferSyntaxRegistry.get(&ts_uid)
+        {
             if !ts_entry.can_decode_all() {
                 return Err(DicomError::Unsupported {
                     path: path.clone(),
@@ -367,10 +441,17 @@ impl DicomFile {
                 });
             }
         } else {
-            return Err(DicomError::Unsupported { path: path.clone(), what: format!("unknown transfer syntax {ts_uid}") });
+            return Err(DicomError::Unsupported {
+                path: path.clone(),
+                what: format!("unknown transfer syntax {ts_uid}"),
+            });
         }
 
-        let palette = if pi == "PALETTE COLOR" { Some(read_palette(&path, o)?) } else { None };
+        let palette = if pi == "PALETTE COLOR" {
+            Some(read_palette(&path, o)?)
+        } else {
+            None
+        };
         let ultrasound_regions = read_regions(o);
         let (header_region, calibration) = choose_region(o, &ultrasound_regions, rows, columns);
 
@@ -390,7 +471,14 @@ impl DicomFile {
             ultrasound_regions,
             calibration,
         };
-        Ok(DicomFile { path, obj, info, palette, header_region, detected_region: OnceLock::new() })
+        Ok(DicomFile {
+            path,
+            obj,
+            info,
+            palette,
+            header_region,
+            detected_region: OnceLock::new(),
+        })
     }
 
     /// The header facts.
@@ -430,7 +518,12 @@ impl DicomFile {
     pub fn imaging_region_info(&self) -> Result<ImagingRegionInfo, DicomError> {
         let region = self.imaging_region()?;
         let (mx, my, rx, ry) = match &self.info.calibration {
-            Calibration::Ok { mm_per_px_x, mm_per_px_y, reference_px, .. } => (
+            Calibration::Ok {
+                mm_per_px_x,
+                mm_per_px_y,
+                reference_px,
+                ..
+            } => (
                 Some(*mm_per_px_x),
                 Some(*mm_per_px_y),
                 reference_px.map(|r| r.0),
@@ -454,11 +547,21 @@ impl DicomFile {
         let (rgb, intensity) = self.decode_display(index)?;
         let colour_mask = rgb.as_ref().map(|rgb| {
             Array2::from_shape_fn(intensity.dim(), |(y, x)| {
-                u8::from(chroma(rgb[[y, x, 0]], rgb[[y, x, 1]], rgb[[y, x, 2]]) > COLOUR_CHROMA_THRESHOLD)
+                u8::from(
+                    chroma(rgb[[y, x, 0]], rgb[[y, x, 1]], rgb[[y, x, 2]])
+                        > COLOUR_CHROMA_THRESHOLD,
+                )
             })
         });
         let region = self.imaging_region()?;
-        Ok(Frame { intensity, rgb, colour_mask, region, calibration: self.info.calibration.clone(), index })
+        Ok(Frame {
+            intensity,
+            rgb,
+            colour_mask,
+            region,
+            calibration: self.info.calibration.clone(),
+            index,
+        })
     }
 
     /// Iterates over the frames, decoding each when it is reached.
@@ -468,7 +571,10 @@ impl DicomFile {
 
     /// Decodes frame `index` to the displayed RGB (for colour sources) and the B-mode
     /// intensity (0–255).
-    pub fn decode_display(&self, index: usize) -> Result<(Option<Array3<u8>>, Array2<f32>), DicomError> {
+    pub fn decode_display(
+        &self,
+        index: usize,
+    ) -> Result<(Option<Array3<u8>>, Array2<f32>), DicomError> {
         let info = &self.info;
         if index >= info.frames as usize {
             return Err(DicomError::Decode {
@@ -477,7 +583,11 @@ impl DicomFile {
                 reason: format!("the file has {} frame(s)", info.frames),
             });
         }
-        let decode_err = |reason: String| DicomError::Decode { path: self.path.clone(), frame: index, reason };
+        let decode_err = |reason: String| DicomError::Decode {
+            path: self.path.clone(),
+            frame: index,
+            reason,
+        };
         let (h, w) = (info.rows as usize, info.columns as usize);
         let n = h * w;
         let samples = self.frame_samples(index).map_err(decode_err)?;
@@ -502,34 +612,52 @@ impl DicomFile {
                 let max = ((1u32 << info.bits_stored) - 1) as f32;
                 let gray = Array2::from_shape_fn((h, w), |(y, x)| {
                     let v = samples.values[y * w + x] as f32 / max * 255.0;
-                    if inverted { 255.0 - v } else { v }
+                    if inverted {
+                        255.0 - v
+                    } else {
+                        v
+                    }
                 });
                 Ok((None, gray))
             }
             Model::Palette => {
-                let pal = self.palette.as_ref().ok_or_else(|| decode_err("palette colour without a palette".into()))?;
+                let pal = self
+                    .palette
+                    .as_ref()
+                    .ok_or_else(|| decode_err("palette colour without a palette".into()))?;
                 let signed = info.pixel_representation == 1;
                 let mut buf = Vec::with_capacity(n * 3);
                 for raw in &samples.values[..n] {
-                    let v = if signed && info.bits_allocated == 16 { *raw as i16 as i64 } else { *raw as i64 };
+                    let v = if signed && info.bits_allocated == 16 {
+                        *raw as i16 as i64
+                    } else {
+                        *raw as i64
+                    };
                     buf.extend_from_slice(&pal.lookup(v));
                 }
-                let rgb = Array3::from_shape_vec((h, w, 3), buf).map_err(|e| decode_err(e.to_string()))?;
+                let rgb = Array3::from_shape_vec((h, w, 3), buf)
+                    .map_err(|e| decode_err(e.to_string()))?;
                 let gray = luma_of(&rgb);
                 Ok((Some(rgb), gray))
             }
             Model::Rgb => {
                 let buf: Vec<u8> = samples.values[..n * 3].iter().map(|v| to8(*v)).collect();
-                let rgb = Array3::from_shape_vec((h, w, 3), buf).map_err(|e| decode_err(e.to_string()))?;
+                let rgb = Array3::from_shape_vec((h, w, 3), buf)
+                    .map_err(|e| decode_err(e.to_string()))?;
                 let gray = luma_of(&rgb);
                 Ok((Some(rgb), gray))
             }
             Model::YbrFull => {
                 let mut buf = Vec::with_capacity(n * 3);
                 for s in samples.values[..n * 3].chunks_exact(3) {
-                    buf.extend_from_slice(&ybr_full_to_rgb(to8(s[0]) as f32, to8(s[1]) as f32, to8(s[2]) as f32));
+                    buf.extend_from_slice(&ybr_full_to_rgb(
+                        to8(s[0]) as f32,
+                        to8(s[1]) as f32,
+                        to8(s[2]) as f32,
+                    ));
                 }
-                let rgb = Array3::from_shape_vec((h, w, 3), buf).map_err(|e| decode_err(e.to_string()))?;
+                let rgb = Array3::from_shape_vec((h, w, 3), buf)
+                    .map_err(|e| decode_err(e.to_string()))?;
                 let gray = luma_of(&rgb);
                 Ok((Some(rgb), gray))
             }
@@ -540,7 +668,11 @@ impl DicomFile {
     /// they are in.
     fn frame_samples(&self, index: usize) -> Result<Samples, String> {
         let info = &self.info;
-        let (h, w, spp) = (info.rows as usize, info.columns as usize, info.samples_per_pixel as usize);
+        let (h, w, spp) = (
+            info.rows as usize,
+            info.columns as usize,
+            info.samples_per_pixel as usize,
+        );
         let n = h * w;
         let pi = info.photometric_interpretation.as_str();
         let pixel = self.obj.get(tags::PIXEL_DATA).ok_or("no pixel data")?;
@@ -551,25 +683,49 @@ impl DicomFile {
         };
         match pixel.value() {
             DicomValue::Primitive(p) => {
-                let fb = native_frame_bytes(info.rows, info.columns, info.samples_per_pixel as u32, info.bits_allocated as u32, pi) as usize;
+                let fb = native_frame_bytes(
+                    info.rows,
+                    info.columns,
+                    info.samples_per_pixel as u32,
+                    info.bits_allocated as u32,
+                    pi,
+                ) as usize;
                 let start = fb * index;
                 let values: Cow<[u16]> = match (p, info.bits_allocated) {
-                    (dicom_core::PrimitiveValue::U16(v), 16) => Cow::Borrowed(v.get(start / 2..(start + fb) / 2).ok_or("pixel data too short for this frame")?),
+                    (dicom_core::PrimitiveValue::U16(v), 16) => Cow::Borrowed(
+                        v.get(start / 2..(start + fb) / 2)
+                            .ok_or("pixel data too short for this frame")?,
+                    ),
                     (_, 16) => {
                         let b = p.to_bytes();
-                        let b = b.get(start..start + fb).ok_or("pixel data too short for this frame")?;
-                        Cow::Owned(b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
+                        let b = b
+                            .get(start..start + fb)
+                            .ok_or("pixel data too short for this frame")?;
+                        Cow::Owned(
+                            b.chunks_exact(2)
+                                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                                .collect(),
+                        )
                     }
                     _ => {
                         let b = p.to_bytes();
-                        let b = b.get(start..start + fb).ok_or("pixel data too short for this frame")?;
+                        let b = b
+                            .get(start..start + fb)
+                            .ok_or("pixel data too short for this frame")?;
                         Cow::Owned(b.iter().map(|v| *v as u16).collect())
                     }
                 };
-                let mask = if info.bits_stored < 16 { (1u32 << info.bits_stored) as u16 - 1 } else { u16::MAX };
+                let mask = if info.bits_stored < 16 {
+                    (1u32 << info.bits_stored) as u16 - 1
+                } else {
+                    u16::MAX
+                };
                 let mut values: Vec<u16> = values.iter().map(|v| v & mask).collect();
                 if spp == 1 {
-                    return Ok(Samples { values, model: mono_or_palette(pi) });
+                    return Ok(Samples {
+                        values,
+                        model: mono_or_palette(pi),
+                    });
                 }
                 if pi == "YBR_FULL_422" {
                     // Native 4:2:2: Y1 Y2 Cb Cr per pair of pixels along a row.
@@ -583,32 +739,55 @@ impl DicomFile {
                             out.extend_from_slice(&[y, cb, cr]);
                         }
                     }
-                    return Ok(Samples { values: out, model: Model::YbrFull });
+                    return Ok(Samples {
+                        values: out,
+                        model: Model::YbrFull,
+                    });
                 }
                 if info.planar_configuration == 1 {
                     values = (0..n * 3).map(|i| values[(i % 3) * n + i / 3]).collect();
                 }
-                let model = if pi.starts_with("YBR_FULL") { Model::YbrFull } else { Model::Rgb };
+                let model = if pi.starts_with("YBR_FULL") {
+                    Model::YbrFull
+                } else {
+                    Model::Rgb
+                };
                 Ok(Samples { values, model })
             }
             DicomValue::PixelSequence(_) => {
-                let decoded = self.obj.decode_pixel_data_frame(index as u32).map_err(|e| e.to_string())?;
+                let decoded = self
+                    .obj
+                    .decode_pixel_data_frame(index as u32)
+                    .map_err(|e| e.to_string())?;
                 let data = decoded.data();
                 let values: Vec<u16> = if info.bits_allocated == 16 {
-                    data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+                    data.chunks_exact(2)
+                        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                        .collect()
                 } else {
                     data.iter().map(|v| *v as u16).collect()
                 };
                 if values.len() < n * spp {
-                    return Err(format!("decoder returned {} samples, expected {}", values.len(), n * spp));
+                    return Err(format!(
+                        "decoder returned {} samples, expected {}",
+                        values.len(),
+                        n * spp
+                    ));
                 }
                 if spp == 1 {
-                    return Ok(Samples { values, model: mono_or_palette(pi) });
+                    return Ok(Samples {
+                        values,
+                        model: mono_or_palette(pi),
+                    });
                 }
                 // The JPEG and JPEG 2000 decoders return RGB; RLE keeps the stored model and
                 // its planes are interleaved by the decoder.
                 let rle = info.transfer_syntax_uid == "1.2.840.10008.1.2.5";
-                let model = if rle && pi.starts_with("YBR_FULL") { Model::YbrFull } else { Model::Rgb };
+                let model = if rle && pi.starts_with("YBR_FULL") {
+                    Model::YbrFull
+                } else {
+                    Model::Rgb
+                };
                 Ok(Samples { values, model })
             }
             DicomValue::Sequence(_) => Err("pixel data is a sequence".into()),
@@ -645,20 +824,41 @@ pub fn ybr_full_to_rgb(y: f32, cb: f32, cr: f32) -> [u8; 3] {
     let r = y + 1.402 * (cr - 128.0);
     let g = y - 0.344_136 * (cb - 128.0) - 0.714_136 * (cr - 128.0);
     let b = y + 1.772 * (cb - 128.0);
-    [r.round().clamp(0.0, 255.0) as u8, g.round().clamp(0.0, 255.0) as u8, b.round().clamp(0.0, 255.0) as u8]
+    [
+        r.round().clamp(0.0, 255.0) as u8,
+        g.round().clamp(0.0, 255.0) as u8,
+        b.round().clamp(0.0, 255.0) as u8,
+    ]
 }
 
 fn luma_of(rgb: &Array3<u8>) -> Array2<f32> {
     let (h, w, _) = rgb.dim();
-    Array2::from_shape_fn((h, w), |(y, x)| luma(rgb[[y, x, 0]], rgb[[y, x, 1]], rgb[[y, x, 2]]))
+    Array2::from_shape_fn((h, w), |(y, x)| {
+        luma(rgb[[y, x, 0]], rgb[[y, x, 1]], rgb[[y, x, 2]])
+    })
 }
 
 /// Reads the three palette colour LUTs (plain or segmented), reducing entries to 8 bits.
 fn read_palette(path: &Path, o: &InMemDicomObject) -> Result<Palette, DicomError> {
     let channels = [
-        ("Red", tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR, tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA, tags::SEGMENTED_RED_PALETTE_COLOR_LOOKUP_TABLE_DATA),
-        ("Green", tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR, tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA, tags::SEGMENTED_GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA),
-        ("Blue", tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR, tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA, tags::SEGMENTED_BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA),
+        (
+            "Red",
+            tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+            tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            tags::SEGMENTED_RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+        ),
+        (
+            "Green",
+            tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+            tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            tags::SEGMENTED_GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+        ),
+        (
+            "Blue",
+            tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+            tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            tags::SEGMENTED_BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+        ),
     ];
     let mut luts: Vec<Vec<u8>> = Vec::with_capacity(3);
     let mut first_mapped = 0;
@@ -667,45 +867,93 @@ fn read_palette(path: &Path, o: &InMemDicomObject) -> Result<Palette, DicomError
             .get(desc_tag)
             .and_then(|e| e.value().to_multi_int::<i64>().ok())
             .filter(|d| d.len() == 3)
-            .ok_or_else(|| bad(path, "PaletteColorLookupTableDescriptor", format!("{name} descriptor missing or not three numbers")))?;
-        let entries = if desc[0] == 0 { 65536 } else { (desc[0] & 0xFFFF) as usize };
+            .ok_or_else(|| {
+                bad(
+                    path,
+                    "PaletteColorLookupTableDescriptor",
+                    format!("{name} descriptor missing or not three numbers"),
+                )
+            })?;
+        let entries = if desc[0] == 0 {
+            65536
+        } else {
+            (desc[0] & 0xFFFF) as usize
+        };
         first_mapped = desc[1];
         let bits = desc[2];
         if bits != 8 && bits != 16 {
-            return Err(bad(path, "PaletteColorLookupTableDescriptor", format!("{name} entries of {bits} bits")));
+            return Err(bad(
+                path,
+                "PaletteColorLookupTableDescriptor",
+                format!("{name} entries of {bits} bits"),
+            ));
         }
         let words = |tag: Tag| -> Option<Vec<u16>> {
             let e = o.get(tag)?;
             match e.value() {
                 DicomValue::Primitive(dicom_core::PrimitiveValue::U16(v)) => Some(v.to_vec()),
-                DicomValue::Primitive(p) => {
-                    Some(p.to_bytes().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
-                }
+                DicomValue::Primitive(p) => Some(
+                    p.to_bytes()
+                        .chunks_exact(2)
+                        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                        .collect(),
+                ),
                 _ => None,
             }
         };
         let lut16: Vec<u16> = if let Some(w) = words(data_tag) {
             if bits == 8 && w.len() * 2 >= entries && w.len() < entries {
                 // 8-bit entries packed two to a word.
-                w.iter().flat_map(|v| [(*v & 0xFF), (*v >> 8)]).take(entries).collect()
+                w.iter()
+                    .flat_map(|v| [(*v & 0xFF), (*v >> 8)])
+                    .take(entries)
+                    .collect()
             } else {
                 w
             }
         } else if let Some(seg) = words(seg_tag) {
-            expand_segmented(&seg, entries).map_err(|r| bad(path, "SegmentedPaletteColorLookupTableData", format!("{name}: {r}")))?
+            expand_segmented(&seg, entries).map_err(|r| {
+                bad(
+                    path,
+                    "SegmentedPaletteColorLookupTableData",
+                    format!("{name}: {r}"),
+                )
+            })?
         } else {
-            return Err(bad(path, "PaletteColorLookupTableData", format!("{name} LUT data missing")));
+            return Err(bad(
+                path,
+                "PaletteColorLookupTableData",
+                format!("{name} LUT data missing"),
+            ));
         };
         if lut16.is_empty() {
-            return Err(bad(path, "PaletteColorLookupTableData", format!("{name} LUT is empty")));
+            return Err(bad(
+                path,
+                "PaletteColorLookupTableData",
+                format!("{name} LUT is empty"),
+            ));
         }
-        let lut8 = lut16.iter().map(|v| if bits == 16 { (*v >> 8) as u8 } else { (*v & 0xFF) as u8 }).collect();
+        let lut8 = lut16
+            .iter()
+            .map(|v| {
+                if bits == 16 {
+                    (*v >> 8) as u8
+                } else {
+                    (*v & 0xFF) as u8
+                }
+            })
+            .collect();
         luts.push(lut8);
     }
     let blue = luts.pop().unwrap_or_default();
     let green = luts.pop().unwrap_or_default();
     let red = luts.pop().unwrap_or_default();
-    Ok(Palette { first_mapped, red, green, blue })
+    Ok(Palette {
+        first_mapped,
+        red,
+        green,
+        blue,
+    })
 }
 
 /// Expands segmented palette data (PS3.3 C.7.9.2): discrete, linear and indirect segments.
@@ -720,7 +968,9 @@ fn expand_segmented(seg: &[u16], entries: usize) -> Result<Vec<u16>, String> {
         let len = *seg.get(i + 1).ok_or("segment header cut short")? as usize;
         match op {
             0 => {
-                let vals = seg.get(i + 2..i + 2 + len).ok_or("discrete segment cut short")?;
+                let vals = seg
+                    .get(i + 2..i + 2 + len)
+                    .ok_or("discrete segment cut short")?;
                 out.extend_from_slice(vals);
                 i += 2 + len;
             }
@@ -761,7 +1011,10 @@ fn expand_segmented(seg: &[u16], entries: usize) -> Result<Vec<u16>, String> {
 
 /// Reads every item of the Sequence of Ultrasound Regions.
 fn read_regions(o: &InMemDicomObject) -> Vec<UltrasoundRegion> {
-    let Some(seq) = o.get(tags::SEQUENCE_OF_ULTRASOUND_REGIONS).and_then(|e| e.value().items()) else {
+    let Some(seq) = o
+        .get(tags::SEQUENCE_OF_ULTRASOUND_REGIONS)
+        .and_then(|e| e.value().items())
+    else {
         return Vec::new();
     };
     seq.iter()
@@ -800,10 +1053,16 @@ fn choose_region(
     rows: u32,
     columns: u32,
 ) -> (Option<ImagingRegion>, Calibration) {
-    let tissue: Vec<&UltrasoundRegion> = regions.iter().filter(|r| r.spatial_format == 1 && r.data_type == 1).collect();
+    let tissue: Vec<&UltrasoundRegion> = regions
+        .iter()
+        .filter(|r| r.spatial_format == 1 && r.data_type == 1)
+        .collect();
     // Fall back to any 2-D region when none is marked as tissue.
-    let candidates: Vec<&UltrasoundRegion> =
-        if tissue.is_empty() { regions.iter().filter(|r| r.spatial_format == 1).collect() } else { tissue };
+    let candidates: Vec<&UltrasoundRegion> = if tissue.is_empty() {
+        regions.iter().filter(|r| r.spatial_format == 1).collect()
+    } else {
+        tissue
+    };
     // Scanners often write the last column or row as the frame size (one past the end); an
     // overhang of this many pixels is clipped, a larger one means the region does not belong
     // to these pixels (a resized or cropped export).
@@ -819,7 +1078,11 @@ fn choose_region(
             && r.min_y0 < rows as i64
     };
     let area = |r: &UltrasoundRegion| (r.max_x1 - r.min_x0 + 1) * (r.max_y1 - r.min_y0 + 1);
-    let best = candidates.iter().filter(|r| fits(r)).max_by_key(|r| area(r)).copied();
+    let best = candidates
+        .iter()
+        .filter(|r| fits(r))
+        .max_by_key(|r| area(r))
+        .copied();
     if let Some(r) = best {
         let region = ImagingRegion {
             bounds: Rect {
@@ -838,15 +1101,22 @@ fn choose_region(
                     mm_per_px_x: x,
                     mm_per_px_y: y,
                     reference_px: match (r.reference_pixel_x0, r.reference_pixel_y0) {
-                        (Some(rx), Some(ry)) => Some(((r.min_x0 + rx) as f64, (r.min_y0 + ry) as f64)),
+                        (Some(rx), Some(ry)) => {
+                            Some(((r.min_x0 + rx) as f64, (r.min_y0 + ry) as f64))
+                        }
                         _ => None,
                     },
                     source: CalibrationSource::UltrasoundRegion,
                 },
-                Some(reason) => Calibration::Unusable { reason: format!("ultrasound region: {reason}") },
+                Some(reason) => Calibration::Unusable {
+                    reason: format!("ultrasound region: {reason}"),
+                },
             },
             _ => Calibration::Unusable {
-                reason: format!("ultrasound region units are codes {}/{}, not cm (3)", r.units_x, r.units_y),
+                reason: format!(
+                    "ultrasound region units are codes {}/{}, not cm (3)",
+                    r.units_x, r.units_y
+                ),
             },
         };
         return (Some(region), calibration);
@@ -859,14 +1129,33 @@ fn choose_region(
         );
         return (None, Calibration::Unusable { reason });
     }
-    for (tag, source) in [(tags::PIXEL_SPACING, CalibrationSource::PixelSpacing), (tags::IMAGER_PIXEL_SPACING, CalibrationSource::ImagerPixelSpacing)] {
+    for (tag, source) in [
+        (tags::PIXEL_SPACING, CalibrationSource::PixelSpacing),
+        (
+            tags::IMAGER_PIXEL_SPACING,
+            CalibrationSource::ImagerPixelSpacing,
+        ),
+    ] {
         if let Some(v) = o.get(tag).and_then(|e| e.value().to_multi_float64().ok()) {
             if v.len() != 2 {
-                return (None, Calibration::Unusable { reason: format!("{source:?} has {} values, not 2", v.len()) });
+                return (
+                    None,
+                    Calibration::Unusable {
+                        reason: format!("{source:?} has {} values, not 2", v.len()),
+                    },
+                );
             }
             // Pixel Spacing is row spacing (y) then column spacing (x), in mm.
             return match check_spacing_mm(v[1], v[0]) {
-                None => (None, Calibration::Ok { mm_per_px_x: v[1], mm_per_px_y: v[0], reference_px: None, source }),
+                None => (
+                    None,
+                    Calibration::Ok {
+                        mm_per_px_x: v[1],
+                        mm_per_px_y: v[0],
+                        reference_px: None,
+                        source,
+                    },
+                ),
                 Some(reason) => (None, Calibration::Unusable { reason }),
             };
         }

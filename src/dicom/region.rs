@@ -8,7 +8,9 @@
 
 use ndarray::{Array2, Array3};
 
-use crate::frame::{chroma, ImagingRegion, Rect, RegionShape, RegionSource, COLOUR_CHROMA_THRESHOLD};
+use crate::frame::{
+    chroma, ImagingRegion, Rect, RegionShape, RegionSource, COLOUR_CHROMA_THRESHOLD,
+};
 
 /// Block edge in pixels.
 const BLOCK: usize = 4;
@@ -39,11 +41,15 @@ pub fn detect_imaging_region(gray: &Array2<f32>, rgb: Option<&Array3<u8>>) -> Im
     let mut count = Array2::<f32>::zeros((bh, bw));
     for ((y, x), v) in gray.indexed_iter() {
         // Strongly coloured pixels (banners, logos, annotations) are not B-mode signal.
-        let coloured = rgb.is_some_and(|c| chroma(c[[y, x, 0]], c[[y, x, 1]], c[[y, x, 2]]) > COLOUR_CHROMA_THRESHOLD);
+        let coloured = rgb.is_some_and(|c| {
+            chroma(c[[y, x, 0]], c[[y, x, 1]], c[[y, x, 2]]) > COLOUR_CHROMA_THRESHOLD
+        });
         sum[[y / BLOCK, x / BLOCK]] += if coloured { 0.0 } else { *v };
         count[[y / BLOCK, x / BLOCK]] += 1.0;
     }
-    let signal = Array2::from_shape_fn((bh, bw), |(y, x)| sum[[y, x]] / count[[y, x]].max(1.0) > SIGNAL_FLOOR);
+    let signal = Array2::from_shape_fn((bh, bw), |(y, x)| {
+        sum[[y, x]] / count[[y, x]].max(1.0) > SIGNAL_FLOOR
+    });
     let closed = erode(&dilate(&signal, CLOSE_RADIUS), CLOSE_RADIUS);
     let Some(component) = largest_component(&closed) else {
         return whole;
@@ -71,13 +77,28 @@ pub fn detect_imaging_region(gray: &Array2<f32>, rgb: Option<&Array3<u8>>) -> Im
     if frac < MIN_IMAGE_FRACTION {
         return whole;
     }
-    let bounds = Rect { x0: bx0 * BLOCK, y0: by0 * BLOCK, x1: (bx1 * BLOCK).min(w), y1: (by1 * BLOCK).min(h) };
+    let bounds = Rect {
+        x0: bx0 * BLOCK,
+        y0: by0 * BLOCK,
+        x1: (bx1 * BLOCK).min(w),
+        y1: (by1 * BLOCK).min(h),
+    };
     let fill = blocks as f64 / ((bx1 - bx0) * (by1 - by0)) as f64;
     if fill >= SECTOR_FILL {
-        return ImagingRegion { bounds, shape: RegionShape::Rectangle, source: RegionSource::Detected, mask: None };
+        return ImagingRegion {
+            bounds,
+            shape: RegionShape::Rectangle,
+            source: RegionSource::Detected,
+            mask: None,
+        };
     }
     let mask = Array2::from_shape_fn((h, w), |(y, x)| u8::from(filled[[y / BLOCK, x / BLOCK]]));
-    ImagingRegion { bounds, shape: RegionShape::Sector, source: RegionSource::Detected, mask: Some(mask) }
+    ImagingRegion {
+        bounds,
+        shape: RegionShape::Sector,
+        source: RegionSource::Detected,
+        mask: Some(mask),
+    }
 }
 
 fn dilate(m: &Array2<bool>, r: usize) -> Array2<bool> {
@@ -182,6 +203,9 @@ mod tests {
     #[test]
     fn a_black_frame_is_the_whole_frame() {
         let g = Array2::<f32>::zeros((64, 64));
-        assert_eq!(detect_imaging_region(&g, None).source, RegionSource::WholeFrame);
+        assert_eq!(
+            detect_imaging_region(&g, None).source,
+            RegionSource::WholeFrame
+        );
     }
 }

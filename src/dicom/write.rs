@@ -52,14 +52,19 @@ pub struct Identity {
 
 /// The identity of an image derived from `source`: same patient and study, a new series and
 /// instance, and the reference to the source for the Source Image Sequence.
-pub fn derived_identity(source: &InMemDicomObject, description: &str) -> (Identity, Option<(String, String, String)>) {
+pub fn derived_identity(
+    source: &InMemDicomObject,
+    description: &str,
+) -> (Identity, Option<(String, String, String)>) {
     let get = |tag| {
         source
             .get(tag)
             .and_then(|e| e.value().to_str().ok())
             .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
     };
-    let study_uid = get(tags::STUDY_INSTANCE_UID).filter(|s| !s.is_empty()).unwrap_or_else(new_uid);
+    let study_uid = get(tags::STUDY_INSTANCE_UID)
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(new_uid);
     let mut extra = Vec::new();
     for (tag, vr) in [
         (tags::PATIENT_BIRTH_DATE, VR::DA),
@@ -78,13 +83,19 @@ pub fn derived_identity(source: &InMemDicomObject, description: &str) -> (Identi
         study_uid,
         series_uid: new_uid(),
         sop_instance_uid: new_uid(),
-        study_date: get(tags::STUDY_DATE).filter(|d| d.len() == 8).unwrap_or_else(|| "19700101".into()),
-        study_time: get(tags::STUDY_TIME).filter(|t| !t.is_empty()).unwrap_or_else(|| "000000".into()),
+        study_date: get(tags::STUDY_DATE)
+            .filter(|d| d.len() == 8)
+            .unwrap_or_else(|| "19700101".into()),
+        study_time: get(tags::STUDY_TIME)
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| "000000".into()),
         series_description: description.to_string(),
         extra,
     };
     let reference = match (get(tags::SOP_CLASS_UID), get(tags::SOP_INSTANCE_UID)) {
-        (Some(c), Some(i)) if !c.is_empty() && !i.is_empty() => Some((c, i, description.to_string())),
+        (Some(c), Some(i)) if !c.is_empty() && !i.is_empty() => {
+            Some((c, i, description.to_string()))
+        }
         _ => None,
     };
     (identity, reference)
@@ -131,7 +142,18 @@ impl UsImage {
         reference_px: (i64, i64),
         identity: Identity,
     ) -> UsImage {
-        UsImage { width, height, colour, frames, mm_per_px, region, reference_px, frame_time_ms: 33.3, identity, derived_from: None }
+        UsImage {
+            width,
+            height,
+            colour,
+            frames,
+            mm_per_px,
+            region,
+            reference_px,
+            frame_time_ms: 33.3,
+            identity,
+            derived_from: None,
+        }
     }
 }
 
@@ -159,7 +181,10 @@ pub fn uid_from(entropy: &[u8]) -> String {
 pub fn new_uid() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     let mut e = Vec::new();
     e.extend_from_slice(&t.to_le_bytes());
     e.extend_from_slice(&std::process::id().to_le_bytes());
@@ -176,7 +201,10 @@ fn ds(v: f64) -> String {
 
 /// Writes `image` to `path` (atomically: temporary file, then rename).
 pub fn write_us_image(path: &Path, image: &UsImage) -> Result<(), DicomError> {
-    let err = |reason: String| DicomError::Write { path: path.to_path_buf(), reason };
+    let err = |reason: String| DicomError::Write {
+        path: path.to_path_buf(),
+        reason,
+    };
     let samples = match image.colour {
         Colour::Gray => 1usize,
         Colour::Rgb => 3,
@@ -186,17 +214,28 @@ pub fn write_us_image(path: &Path, image: &UsImage) -> Result<(), DicomError> {
         return Err(err(format!("every frame must hold {frame_len} bytes")));
     }
     if image.width > u16::MAX as usize || image.height > u16::MAX as usize {
-        return Err(err(format!("{}x{} does not fit DICOM Rows/Columns", image.width, image.height)));
+        return Err(err(format!(
+            "{}x{} does not fit DICOM Rows/Columns",
+            image.width, image.height
+        )));
     }
     let multi = image.frames.len() > 1;
-    let sop_class = if multi { uids::ULTRASOUND_MULTI_FRAME_IMAGE_STORAGE } else { uids::ULTRASOUND_IMAGE_STORAGE };
+    let sop_class = if multi {
+        uids::ULTRASOUND_MULTI_FRAME_IMAGE_STORAGE
+    } else {
+        uids::ULTRASOUND_IMAGE_STORAGE
+    };
     let id = &image.identity;
     let mut obj = InMemDicomObject::new_empty();
     let mut put_str = |tag, vr, v: &str| {
         obj.put(DataElement::new(tag, vr, PrimitiveValue::from(v)));
     };
     put_str(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100");
-    let image_type = if image.derived_from.is_some() { "DERIVED\\SECONDARY" } else { "ORIGINAL\\PRIMARY" };
+    let image_type = if image.derived_from.is_some() {
+        "DERIVED\\SECONDARY"
+    } else {
+        "ORIGINAL\\PRIMARY"
+    };
     put_str(tags::IMAGE_TYPE, VR::CS, image_type);
     put_str(tags::SOP_CLASS_UID, VR::UI, sop_class);
     put_str(tags::SOP_INSTANCE_UID, VR::UI, &id.sop_instance_uid);
@@ -225,15 +264,31 @@ pub fn write_us_image(path: &Path, image: &UsImage) -> Result<(), DicomError> {
     put_str(tags::PATIENT_ORIENTATION, VR::CS, "");
     put_str(tags::LATERALITY, VR::CS, "");
     put_str(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00");
-    put_str(tags::BURNED_IN_ANNOTATION, VR::CS, if image.colour == Colour::Rgb { "YES" } else { "NO" });
+    put_str(
+        tags::BURNED_IN_ANNOTATION,
+        VR::CS,
+        if image.colour == Colour::Rgb {
+            "YES"
+        } else {
+            "NO"
+        },
+    );
     for (tag, vr, v) in &id.extra {
         put_str(*tag, *vr, v);
     }
     if let Some((class, instance, description)) = &image.derived_from {
         put_str(tags::DERIVATION_DESCRIPTION, VR::ST, description);
         let item = InMemDicomObject::from_element_iter([
-            DataElement::new(tags::REFERENCED_SOP_CLASS_UID, VR::UI, PrimitiveValue::from(class.as_str())),
-            DataElement::new(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(instance.as_str())),
+            DataElement::new(
+                tags::REFERENCED_SOP_CLASS_UID,
+                VR::UI,
+                PrimitiveValue::from(class.as_str()),
+            ),
+            DataElement::new(
+                tags::REFERENCED_SOP_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from(instance.as_str()),
+            ),
         ]);
         obj.put(DataElement::new(
             tags::SOURCE_IMAGE_SEQUENCE,
@@ -247,7 +302,11 @@ pub fn write_us_image(path: &Path, image: &UsImage) -> Result<(), DicomError> {
         Colour::Gray => "MONOCHROME2",
         Colour::Rgb => "RGB",
     };
-    obj.put(DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, PrimitiveValue::from(pi)));
+    obj.put(DataElement::new(
+        tags::PHOTOMETRIC_INTERPRETATION,
+        VR::CS,
+        PrimitiveValue::from(pi),
+    ));
     if image.colour == Colour::Rgb {
         obj.put(us(tags::PLANAR_CONFIGURATION, 0));
     }
@@ -258,9 +317,21 @@ pub fn write_us_image(path: &Path, image: &UsImage) -> Result<(), DicomError> {
     obj.put(us(tags::HIGH_BIT, 7));
     obj.put(us(tags::PIXEL_REPRESENTATION, 0));
     if multi {
-        obj.put(DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, PrimitiveValue::from(image.frames.len().to_string())));
-        obj.put(DataElement::new(tags::FRAME_INCREMENT_POINTER, VR::AT, PrimitiveValue::from(tags::FRAME_TIME)));
-        obj.put(DataElement::new(tags::FRAME_TIME, VR::DS, PrimitiveValue::from(ds(image.frame_time_ms))));
+        obj.put(DataElement::new(
+            tags::NUMBER_OF_FRAMES,
+            VR::IS,
+            PrimitiveValue::from(image.frames.len().to_string()),
+        ));
+        obj.put(DataElement::new(
+            tags::FRAME_INCREMENT_POINTER,
+            VR::AT,
+            PrimitiveValue::from(tags::FRAME_TIME),
+        ));
+        obj.put(DataElement::new(
+            tags::FRAME_TIME,
+            VR::DS,
+            PrimitiveValue::from(ds(image.frame_time_ms)),
+        ));
     }
     // The calibration, as scanners write it: one 2-D tissue region in centimetres.
     let r = image.region;
@@ -275,8 +346,14 @@ pub fn write_us_image(path: &Path, image: &UsImage) -> Result<(), DicomError> {
         ul(tags::REGION_LOCATION_MIN_Y0, r.y0 as u32),
         ul(tags::REGION_LOCATION_MAX_X1, r.x1.saturating_sub(1) as u32),
         ul(tags::REGION_LOCATION_MAX_Y1, r.y1.saturating_sub(1) as u32),
-        sl(tags::REFERENCE_PIXEL_X0, (image.reference_px.0 - r.x0 as i64) as i32),
-        sl(tags::REFERENCE_PIXEL_Y0, (image.reference_px.1 - r.y0 as i64) as i32),
+        sl(
+            tags::REFERENCE_PIXEL_X0,
+            (image.reference_px.0 - r.x0 as i64) as i32,
+        ),
+        sl(
+            tags::REFERENCE_PIXEL_Y0,
+            (image.reference_px.1 - r.y0 as i64) as i32,
+        ),
         us(tags::PHYSICAL_UNITS_X_DIRECTION, 3),
         us(tags::PHYSICAL_UNITS_Y_DIRECTION, 3),
         fd(tags::REFERENCE_PIXEL_PHYSICAL_VALUE_X, 0.0),
@@ -296,7 +373,11 @@ pub fn write_us_image(path: &Path, image: &UsImage) -> Result<(), DicomError> {
     if pixels.len() % 2 == 1 {
         pixels.push(0);
     }
-    obj.put(DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::from(pixels)));
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        PrimitiveValue::from(pixels),
+    ));
 
     let file = obj
         .with_meta(
@@ -323,6 +404,9 @@ pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.1803682173182364573921764250362
 
 /// A temporary name beside `path`, for write-then-rename.
 pub fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use ndarray::Array2;
 
 use super::{
-    AdapterSummary, Backend, GpuError, NameCache, SizeCache, ADAPTER_ENV, MAX_DISPATCHES, PARAMS_SLOT_BYTES, STATS_LEN,
-    WORKGROUP,
+    AdapterSummary, Backend, GpuError, NameCache, SizeCache, ADAPTER_ENV, MAX_DISPATCHES,
+    PARAMS_SLOT_BYTES, STATS_LEN, WORKGROUP,
 };
 
 /// A compiled kernel entry point.
@@ -81,7 +81,9 @@ pub struct GpuContext {
 
 impl std::fmt::Debug for GpuContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuContext").field("adapter", &self.info.name).finish_non_exhaustive()
+        f.debug_struct("GpuContext")
+            .field("adapter", &self.info.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -92,7 +94,9 @@ fn summary(a: &wgpu::Adapter) -> AdapterSummary {
         name: info.name.clone(),
         backend: format!("{:?}", info.backend),
         device_type: format!("{:?}", info.device_type),
-        driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+        driver: format!("{} {}", info.driver, info.driver_info)
+            .trim()
+            .to_string(),
         max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
         max_compute_workgroup_size_x: limits.max_compute_workgroup_size_x,
         hardware: is_hardware(&info),
@@ -100,7 +104,12 @@ fn summary(a: &wgpu::Adapter) -> AdapterSummary {
 }
 
 fn is_hardware(info: &wgpu::AdapterInfo) -> bool {
-    matches!(info.device_type, wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::VirtualGpu)
+    matches!(
+        info.device_type,
+        wgpu::DeviceType::DiscreteGpu
+            | wgpu::DeviceType::IntegratedGpu
+            | wgpu::DeviceType::VirtualGpu
+    )
 }
 
 fn instance() -> wgpu::Instance {
@@ -112,7 +121,10 @@ fn instance() -> wgpu::Instance {
 
 pub(super) fn list_adapters() -> Vec<AdapterSummary> {
     let inst = instance();
-    pollster::block_on(inst.enumerate_adapters(wgpu::Backends::PRIMARY)).iter().map(summary).collect()
+    pollster::block_on(inst.enumerate_adapters(wgpu::Backends::PRIMARY))
+        .iter()
+        .map(summary)
+        .collect()
 }
 
 impl GpuContext {
@@ -121,16 +133,23 @@ impl GpuContext {
     /// `SONOGUIDE_ADAPTER` environment variable picks an adapter by part of its name.
     pub fn new(backend: Backend) -> Result<GpuContext, GpuError> {
         if backend == Backend::Cpu {
-            return Err(GpuError::NoAdapter(": the CPU backend was asked for".into()));
+            return Err(GpuError::NoAdapter(
+                ": the CPU backend was asked for".into(),
+            ));
         }
         let inst = instance();
         let adapters = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::PRIMARY));
-        let wanted = std::env::var(ADAPTER_ENV).ok().filter(|s| !s.is_empty()).map(|s| s.to_lowercase());
+        let wanted = std::env::var(ADAPTER_ENV)
+            .ok()
+            .filter(|s| !s.is_empty())
+            .map(|s| s.to_lowercase());
         let mut candidates: Vec<wgpu::Adapter> = adapters
             .into_iter()
             .filter(|a| {
                 let info = a.get_info();
-                let name_ok = wanted.as_ref().is_none_or(|w| info.name.to_lowercase().contains(w.as_str()));
+                let name_ok = wanted
+                    .as_ref()
+                    .is_none_or(|w| info.name.to_lowercase().contains(w.as_str()));
                 let kind_ok = backend == Backend::Gpu || is_hardware(&info);
                 name_ok && kind_ok
             })
@@ -156,8 +175,10 @@ impl GpuContext {
         limits.max_storage_buffer_binding_size = adapter_limits.max_storage_buffer_binding_size;
         limits.max_buffer_size = adapter_limits.max_buffer_size;
         // The FFT layout binds five storage buffers; every Vulkan, Metal and DX12 device has 8.
-        limits.max_storage_buffers_per_shader_stage = adapter_limits.max_storage_buffers_per_shader_stage.min(8);
-        limits.max_compute_workgroup_storage_size = adapter_limits.max_compute_workgroup_storage_size.min(32768);
+        limits.max_storage_buffers_per_shader_stage =
+            adapter_limits.max_storage_buffers_per_shader_stage.min(8);
+        limits.max_compute_workgroup_storage_size =
+            adapter_limits.max_compute_workgroup_storage_size.min(32768);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("sonoguide"),
             required_features: wgpu::Features::empty(),
@@ -166,7 +187,10 @@ impl GpuContext {
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
-        .map_err(|e| GpuError::Device { adapter: info.name.clone(), reason: e.to_string() })?;
+        .map_err(|e| GpuError::Device {
+            adapter: info.name.clone(),
+            reason: e.to_string(),
+        })?;
         let errors: Arc<Mutex<Vec<String>>> = Arc::default();
         let sink = errors.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
@@ -277,12 +301,21 @@ impl GpuContext {
         }
         let reason = e.join("; ");
         e.clear();
-        Err(GpuError::Kernel { kernel: kernel.to_string(), reason })
+        Err(GpuError::Kernel {
+            kernel: kernel.to_string(),
+            reason,
+        })
     }
 
     /// The pipeline for `entry` in the shader `file` (`shaders/<file>.wgsl` source given),
     /// compiled on first use.
-    fn kernel(&self, file: &'static str, source: &'static str, entry: &'static str, layout: Layout) -> Result<Arc<Kernel>, GpuError> {
+    fn kernel(
+        &self,
+        file: &'static str,
+        source: &'static str,
+        entry: &'static str,
+        layout: Layout,
+    ) -> Result<Arc<Kernel>, GpuError> {
         let mut cache = self.kernels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = cache.get(entry) {
             return Ok(k.clone());
@@ -292,27 +325,33 @@ impl GpuContext {
             match modules.get(file) {
                 Some(m) => m.clone(),
                 None => {
-                    let m = Arc::new(self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                        label: Some(file),
-                        source: wgpu::ShaderSource::Wgsl(Cow::Owned(super::shader_source(source))),
-                    }));
+                    let m = Arc::new(self.device.create_shader_module(
+                        wgpu::ShaderModuleDescriptor {
+                            label: Some(file),
+                            source: wgpu::ShaderSource::Wgsl(Cow::Owned(super::shader_source(
+                                source,
+                            ))),
+                        },
+                    ));
                     modules.insert(file, m.clone());
                     m
                 }
             }
         };
         let label = format!("sonoguide.{entry}");
-        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(&label),
-            layout: Some(match layout {
-                Layout::Common => &self.pipeline_layout,
-                Layout::Fft => &self.fft_pipeline_layout,
-            }),
-            module: &module,
-            entry_point: Some(entry),
-            compilation_options: Default::default(),
-            cache: None,
-        });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&label),
+                layout: Some(match layout {
+                    Layout::Common => &self.pipeline_layout,
+                    Layout::Fft => &self.fft_pipeline_layout,
+                }),
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: Default::default(),
+                cache: None,
+            });
         self.take_error(entry)?;
         let k = Arc::new(Kernel { pipeline });
         cache.insert(entry, k.clone());
@@ -325,25 +364,40 @@ impl GpuContext {
             return Err(GpuError::TooLarge {
                 width,
                 height,
-                reason: format!("{} bytes per image, binding limit {}", bytes, self.limits.max_storage_buffer_binding_size),
+                reason: format!(
+                    "{} bytes per image, binding limit {}",
+                    bytes, self.limits.max_storage_buffer_binding_size
+                ),
             });
         }
         // Dispatch counts per dimension are limited too.
-        let groups = (width as u32).div_ceil(WORKGROUP).max((height as u32).div_ceil(WORKGROUP));
-        let tiles = (width as u64).div_ceil(WORKGROUP as u64) * (height as u64).div_ceil(WORKGROUP as u64);
+        let groups = (width as u32)
+            .div_ceil(WORKGROUP)
+            .max((height as u32).div_ceil(WORKGROUP));
+        let tiles =
+            (width as u64).div_ceil(WORKGROUP as u64) * (height as u64).div_ceil(WORKGROUP as u64);
         if groups > self.limits.max_compute_workgroups_per_dimension || 4 + 2 * tiles > STATS_LEN {
-            return Err(GpuError::TooLarge { width, height, reason: "too many workgroups".into() });
+            return Err(GpuError::TooLarge {
+                width,
+                height,
+                reason: "too many workgroups".into(),
+            });
         }
         self.sizes.get_or_try_insert((width, height), || {
             let buffer = |label, size| {
                 self.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some(label),
                     size,
-                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                    usage: wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::COPY_SRC
+                        | wgpu::BufferUsages::COPY_DST,
                     mapped_at_creation: false,
                 })
             };
-            let images = [buffer("sonoguide.image.a", bytes), buffer("sonoguide.image.b", bytes)];
+            let images = [
+                buffer("sonoguide.image.a", bytes),
+                buffer("sonoguide.image.b", bytes),
+            ];
             let aux = buffer("sonoguide.aux", bytes);
             let stats = buffer("sonoguide.stats", STATS_LEN * 4);
             let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -383,20 +437,51 @@ impl GpuContext {
                                 size: wgpu::BufferSize::new(PARAMS_SLOT_BYTES),
                             }),
                         },
-                        wgpu::BindGroupEntry { binding: 1, resource: src.as_entire_binding() },
-                        wgpu::BindGroupEntry { binding: 2, resource: dst.as_entire_binding() },
-                        wgpu::BindGroupEntry { binding: 3, resource: aux.as_entire_binding() },
-                        wgpu::BindGroupEntry { binding: 4, resource: stats.as_entire_binding() },
+                        wgpu::BindGroupEntry {
+                            binding: 1,
+                            resource: src.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 2,
+                            resource: dst.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 3,
+                            resource: aux.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 4,
+                            resource: stats.as_entire_binding(),
+                        },
                     ],
                 })
             };
-            let groups = [group(&images[0], &images[1], "sonoguide.group.ab"), group(&images[1], &images[0], "sonoguide.group.ba")];
-            let fb = FrameBuffers { width, height, images, aux, stats, staging, aux_staging, stats_staging, params, groups, fft: Mutex::new(None) };
+            let groups = [
+                group(&images[0], &images[1], "sonoguide.group.ab"),
+                group(&images[1], &images[0], "sonoguide.group.ba"),
+            ];
+            let fb = FrameBuffers {
+                width,
+                height,
+                images,
+                aux,
+                stats,
+                staging,
+                aux_staging,
+                stats_staging,
+                params,
+                groups,
+                fft: Mutex::new(None),
+            };
             self.take_error("buffers").map(|_| fb)
         })
     }
 
-    fn fft_buffers(&self, fb: &FrameBuffers, pad: (usize, usize)) -> Result<Arc<FftBuffers>, GpuError> {
+    fn fft_buffers(
+        &self,
+        fb: &FrameBuffers,
+        pad: (usize, usize),
+    ) -> Result<Arc<FftBuffers>, GpuError> {
         let mut slot = fb.fft.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((size, b)) = slot.as_ref() {
             if *size == pad {
@@ -408,7 +493,11 @@ impl GpuContext {
         let tiles = fb.width.div_ceil(WORKGROUP as usize) * fb.height.div_ceil(WORKGROUP as usize);
         let accum_bytes = ((3 * n + 4 + tiles) * 4) as u64;
         if complex_bytes > self.limits.max_storage_buffer_binding_size {
-            return Err(GpuError::TooLarge { width: fb.width, height: fb.height, reason: "padded FFT exceeds the binding limit".into() });
+            return Err(GpuError::TooLarge {
+                width: fb.width,
+                height: fb.height,
+                reason: "padded FFT exceeds the binding limit".into(),
+            });
         }
         let buffer = |label, size| {
             self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -434,11 +523,26 @@ impl GpuContext {
                             size: wgpu::BufferSize::new(PARAMS_SLOT_BYTES),
                         }),
                     },
-                    wgpu::BindGroupEntry { binding: 1, resource: src.as_entire_binding() },
-                    wgpu::BindGroupEntry { binding: FFT_OUT, resource: dst.as_entire_binding() },
-                    wgpu::BindGroupEntry { binding: FFT_SPECTRUM, resource: spectrum.as_entire_binding() },
-                    wgpu::BindGroupEntry { binding: FFT_WORK, resource: work.as_entire_binding() },
-                    wgpu::BindGroupEntry { binding: FFT_ACCUM, resource: accum.as_entire_binding() },
+                    wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: src.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: FFT_OUT,
+                        resource: dst.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: FFT_SPECTRUM,
+                        resource: spectrum.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: FFT_WORK,
+                        resource: work.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: FFT_ACCUM,
+                        resource: accum.as_entire_binding(),
+                    },
                 ],
             })
         };
@@ -458,10 +562,24 @@ impl GpuContext {
         let (h, w) = image.dim();
         let bufs = self.buffers(w, h)?;
         let data: Vec<f32> = image.iter().copied().collect();
-        self.queue.write_buffer(&bufs.images[0], 0, bytemuck::cast_slice(&data));
-        let encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sonoguide.frame") });
+        self.queue
+            .write_buffer(&bufs.images[0], 0, bytemuck::cast_slice(&data));
+        let encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("sonoguide.frame"),
+            });
         let _ = &bufs.aux;
-        Ok(GpuChain { ctx: self, bufs, current: 0, encoder, params: Vec::new(), last_kernel: "upload", fft: None, _turn: turn })
+        Ok(GpuChain {
+            ctx: self,
+            bufs,
+            current: 0,
+            encoder,
+            params: Vec::new(),
+            last_kernel: "upload",
+            fft: None,
+            _turn: turn,
+        })
     }
 }
 
@@ -516,7 +634,15 @@ impl GpuChain<'_> {
     ) -> Result<(), GpuError> {
         let fft = self.ctx.fft_buffers(&self.bufs, pad)?;
         self.fft = Some(fft);
-        self.dispatch_with(Layout::Fft, "phase_symmetry", source, entry, params, groups, swap)
+        self.dispatch_with(
+            Layout::Fft,
+            "phase_symmetry",
+            source,
+            entry,
+            params,
+            groups,
+            swap,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -532,21 +658,33 @@ impl GpuChain<'_> {
     ) -> Result<(), GpuError> {
         let slot = self.params.len() / PARAMS_SLOT_BYTES as usize;
         if slot >= MAX_DISPATCHES {
-            return Err(GpuError::Kernel { kernel: entry.into(), reason: format!("more than {MAX_DISPATCHES} dispatches in one frame") });
+            return Err(GpuError::Kernel {
+                kernel: entry.into(),
+                reason: format!("more than {MAX_DISPATCHES} dispatches in one frame"),
+            });
         }
         let bytes = bytemuck::bytes_of(params);
         if bytes.len() > PARAMS_SLOT_BYTES as usize {
-            return Err(GpuError::Kernel { kernel: entry.into(), reason: "params larger than a uniform slot".into() });
+            return Err(GpuError::Kernel {
+                kernel: entry.into(),
+                reason: "params larger than a uniform slot".into(),
+            });
         }
         self.params.extend_from_slice(bytes);
-        self.params.resize((slot + 1) * PARAMS_SLOT_BYTES as usize, 0);
+        self.params
+            .resize((slot + 1) * PARAMS_SLOT_BYTES as usize, 0);
         let kernel = self.ctx.kernel(file, source, entry, layout)?;
         {
             let group = match (layout, &self.fft) {
                 (Layout::Fft, Some(f)) => &f.groups[self.current],
                 _ => &self.bufs.groups[self.current],
             };
-            let mut pass = self.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes: None });
+            let mut pass = self
+                .encoder
+                .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some(entry),
+                    timestamp_writes: None,
+                });
             pass.set_pipeline(&kernel.pipeline);
             pass.set_bind_group(0, group, &[(slot as u64 * PARAMS_SLOT_BYTES) as u32]);
             pass.dispatch_workgroups(groups.0.max(1), groups.1.max(1), 1);
@@ -565,7 +703,10 @@ impl GpuChain<'_> {
 
     /// Workgroups covering the frame with 16 × 16 threads.
     pub fn groups_2d(&self) -> (u32, u32) {
-        ((self.bufs.width as u32).div_ceil(WORKGROUP), (self.bufs.height as u32).div_ceil(WORKGROUP))
+        (
+            (self.bufs.width as u32).div_ceil(WORKGROUP),
+            (self.bufs.height as u32).div_ceil(WORKGROUP),
+        )
     }
 
     /// Submits everything queued, waits, and reads the current frame back.
@@ -580,8 +721,15 @@ impl GpuChain<'_> {
         let bytes = (self.bufs.width * self.bufs.height * 4) as u64;
         let ctx = self.ctx;
         let kernel = self.last_kernel;
-        self.encoder.copy_buffer_to_buffer(&self.bufs.images[self.current], 0, &self.bufs.staging, 0, bytes);
-        self.encoder.copy_buffer_to_buffer(&self.bufs.aux, 0, &self.bufs.aux_staging, 0, bytes);
+        self.encoder.copy_buffer_to_buffer(
+            &self.bufs.images[self.current],
+            0,
+            &self.bufs.staging,
+            0,
+            bytes,
+        );
+        self.encoder
+            .copy_buffer_to_buffer(&self.bufs.aux, 0, &self.bufs.aux_staging, 0, bytes);
         if !self.params.is_empty() {
             ctx.queue.write_buffer(&self.bufs.params, 0, &self.params);
         }
@@ -591,8 +739,14 @@ impl GpuChain<'_> {
         let aux = read_buffer(ctx, &self.bufs.aux_staging, kernel)?;
         ctx.take_error(kernel)?;
         let shape = (self.bufs.height, self.bufs.width);
-        let err = |e: ndarray::ShapeError| GpuError::Kernel { kernel: kernel.into(), reason: e.to_string() };
-        Ok((Array2::from_shape_vec(shape, image).map_err(err)?, Array2::from_shape_vec(shape, aux).map_err(err)?))
+        let err = |e: ndarray::ShapeError| GpuError::Kernel {
+            kernel: kernel.into(),
+            reason: e.to_string(),
+        };
+        Ok((
+            Array2::from_shape_vec(shape, image).map_err(err)?,
+            Array2::from_shape_vec(shape, aux).map_err(err)?,
+        ))
     }
 
     /// Like [`GpuChain::finish`], and also reads the `stats` buffer when `stats` is set.
@@ -600,24 +754,49 @@ impl GpuChain<'_> {
         let ctx = self.ctx;
         let kernel = self.last_kernel;
         let bytes = (self.bufs.width * self.bufs.height * 4) as u64;
-        self.encoder.copy_buffer_to_buffer(&self.bufs.images[self.current], 0, &self.bufs.staging, 0, bytes);
+        self.encoder.copy_buffer_to_buffer(
+            &self.bufs.images[self.current],
+            0,
+            &self.bufs.staging,
+            0,
+            bytes,
+        );
         if stats {
-            self.encoder.copy_buffer_to_buffer(&self.bufs.stats, 0, &self.bufs.stats_staging, 0, STATS_LEN * 4);
+            self.encoder.copy_buffer_to_buffer(
+                &self.bufs.stats,
+                0,
+                &self.bufs.stats_staging,
+                0,
+                STATS_LEN * 4,
+            );
         }
         if !self.params.is_empty() {
             ctx.queue.write_buffer(&self.bufs.params, 0, &self.params);
         }
         ctx.queue.submit([self.encoder.finish()]);
         let image = read_buffer(ctx, &self.bufs.staging, kernel)?;
-        let stats_out = if stats { read_buffer(ctx, &self.bufs.stats_staging, kernel)? } else { Vec::new() };
+        let stats_out = if stats {
+            read_buffer(ctx, &self.bufs.stats_staging, kernel)?
+        } else {
+            Vec::new()
+        };
         ctx.take_error(kernel)?;
-        let arr = Array2::from_shape_vec((self.bufs.height, self.bufs.width), image)
-            .map_err(|e| GpuError::Kernel { kernel: kernel.into(), reason: e.to_string() })?;
+        let arr =
+            Array2::from_shape_vec((self.bufs.height, self.bufs.width), image).map_err(|e| {
+                GpuError::Kernel {
+                    kernel: kernel.into(),
+                    reason: e.to_string(),
+                }
+            })?;
         Ok((arr, stats_out))
     }
 }
 
-fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer, kernel: &str) -> Result<Vec<f32>, GpuError> {
+fn read_buffer(
+    ctx: &GpuContext,
+    buffer: &wgpu::Buffer,
+    kernel: &str,
+) -> Result<Vec<f32>, GpuError> {
     let slice = buffer.slice(..);
     let (tx, rx) = std::sync::mpsc::channel();
     slice.map_async(wgpu::MapMode::Read, move |r| {
@@ -625,16 +804,30 @@ fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer, kernel: &str) -> Result<
     });
     ctx.device
         .poll(wgpu::PollType::wait_indefinitely())
-        .map_err(|e| GpuError::Kernel { kernel: kernel.into(), reason: format!("device poll: {e}") })?;
+        .map_err(|e| GpuError::Kernel {
+            kernel: kernel.into(),
+            reason: format!("device poll: {e}"),
+        })?;
     match rx.recv() {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(GpuError::Kernel { kernel: kernel.into(), reason: format!("read-back: {e}") }),
-        Err(_) => return Err(GpuError::Kernel { kernel: kernel.into(), reason: "read-back never completed".into() }),
+        Ok(Err(e)) => {
+            return Err(GpuError::Kernel {
+                kernel: kernel.into(),
+                reason: format!("read-back: {e}"),
+            })
+        }
+        Err(_) => {
+            return Err(GpuError::Kernel {
+                kernel: kernel.into(),
+                reason: "read-back never completed".into(),
+            })
+        }
     }
     let out = {
-        let view = slice
-            .get_mapped_range()
-            .map_err(|e| GpuError::Kernel { kernel: kernel.into(), reason: format!("read-back map: {e}") })?;
+        let view = slice.get_mapped_range().map_err(|e| GpuError::Kernel {
+            kernel: kernel.into(),
+            reason: format!("read-back map: {e}"),
+        })?;
         bytemuck::cast_slice::<u8, f32>(&view).to_vec()
     };
     buffer.unmap();

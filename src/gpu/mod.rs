@@ -127,7 +127,11 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
 
 /// Kernel source: `shaders/common.wgsl` followed by the kernel's own file.
 pub fn shader_source(kernel_file: &str) -> String {
-    format!("{}\n{}", include_str!("../../shaders/common.wgsl"), kernel_file)
+    format!(
+        "{}\n{}",
+        include_str!("../../shaders/common.wgsl"),
+        kernel_file
+    )
 }
 
 /// Per-size buffer cache keyed by (width, height), oldest dropped first.
@@ -141,12 +145,18 @@ type SizeEntry<T> = ((usize, usize), Arc<T>);
 
 impl<T> Default for SizeCache<T> {
     fn default() -> Self {
-        SizeCache { entries: Mutex::new(Vec::new()) }
+        SizeCache {
+            entries: Mutex::new(Vec::new()),
+        }
     }
 }
 
 impl<T> SizeCache<T> {
-    pub(crate) fn get_or_try_insert<E>(&self, key: (usize, usize), make: impl FnOnce() -> Result<T, E>) -> Result<Arc<T>, E> {
+    pub(crate) fn get_or_try_insert<E>(
+        &self,
+        key: (usize, usize),
+        make: impl FnOnce() -> Result<T, E>,
+    ) -> Result<Arc<T>, E> {
         let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(pos) = e.iter().position(|(k, _)| *k == key) {
             let item = e.remove(pos);

@@ -31,9 +31,17 @@ impl Params {
     /// A tensor summed over a (2r+1)² window, r in 1..=8.
     pub fn new(radius: u32) -> crate::Result<Params> {
         if !(1..=8).contains(&radius) {
-            return Err(crate::Error::InvalidParameter { name: "radius", reason: format!("{radius} (1..8)") });
+            return Err(crate::Error::InvalidParameter {
+                name: "radius",
+                reason: format!("{radius} (1..8)"),
+            });
         }
-        Ok(Params { width: 0, height: 0, radius, pad0: 0 })
+        Ok(Params {
+            width: 0,
+            height: 0,
+            radius,
+            pad0: 0,
+        })
     }
 }
 
@@ -86,7 +94,11 @@ pub fn cpu_fast(img: &Array2<f32>, params: &Params) -> crate::Result<(Array2<f32
     let r = params.radius as usize;
     // Gradient products on the window domain (output ± r), edges clamped like the twin.
     let (pw, ph) = (w + 2 * r, h + 2 * r);
-    let mut products = [vec![0f32; pw * ph], vec![0f32; pw * ph], vec![0f32; pw * ph]];
+    let mut products = [
+        vec![0f32; pw * ph],
+        vec![0f32; pw * ph],
+        vec![0f32; pw * ph],
+    ];
     for py in 0..ph {
         for px in 0..pw {
             let (x, y) = (px as isize - r as isize, py as isize - r as isize);

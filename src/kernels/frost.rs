@@ -6,8 +6,8 @@ use ndarray::Array2;
 
 use rayon::prelude::*;
 
-use crate::simd::{exp_neg, multiversion};
 use super::{at, check_image, par_image, window_stats};
+use crate::simd::{exp_neg, multiversion};
 
 /// Floor of m² in Ci²; same constant as the shader.
 pub const MEAN_FLOOR: f32 = 1e-3;
@@ -34,12 +34,25 @@ impl Params {
     /// A `window` × `window` Frost filter (odd, 3..=15) with damping `damping` (> 0).
     pub fn new(window: u32, damping: f32) -> crate::Result<Params> {
         if window % 2 == 0 || !(3..=15).contains(&window) {
-            return Err(crate::Error::InvalidParameter { name: "window", reason: format!("{window} (odd, 3..15)") });
+            return Err(crate::Error::InvalidParameter {
+                name: "window",
+                reason: format!("{window} (odd, 3..15)"),
+            });
         }
         if !(damping > 0.0 && damping < 100.0) {
-            return Err(crate::Error::InvalidParameter { name: "damping", reason: format!("{damping} (0..100)") });
+            return Err(crate::Error::InvalidParameter {
+                name: "damping",
+                reason: format!("{damping} (0..100)"),
+            });
         }
-        Ok(Params { width: 0, height: 0, radius: window / 2, pad0: 0, damping, pad1: [0.0; 3] })
+        Ok(Params {
+            width: 0,
+            height: 0,
+            radius: window / 2,
+            pad0: 0,
+            damping,
+            pad1: [0.0; 3],
+        })
     }
 }
 
@@ -114,7 +127,10 @@ pub fn cpu_fast(img: &Array2<f32>, params: &Params) -> crate::Result<Array2<f32>
         let mut wsum = vec![0f32; w];
         frost_row(&pad, pw, y, r, &k, row, &mut wsum);
     });
-    Array2::from_shape_vec((h, w), out).map_err(|e| crate::Error::InvalidParameter { name: "frost", reason: e.to_string() })
+    Array2::from_shape_vec((h, w), out).map_err(|e| crate::Error::InvalidParameter {
+        name: "frost",
+        reason: e.to_string(),
+    })
 }
 
 /// Queues the kernel on a GPU chain.

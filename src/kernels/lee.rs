@@ -32,12 +32,25 @@ impl Params {
     /// `noise_cv`.
     pub fn new(window: u32, noise_cv: f32) -> crate::Result<Params> {
         if window % 2 == 0 || !(3..=15).contains(&window) {
-            return Err(crate::Error::InvalidParameter { name: "window", reason: format!("{window} (odd, 3..15)") });
+            return Err(crate::Error::InvalidParameter {
+                name: "window",
+                reason: format!("{window} (odd, 3..15)"),
+            });
         }
         if !(noise_cv > 0.0 && noise_cv < 2.0) {
-            return Err(crate::Error::InvalidParameter { name: "noise_cv", reason: format!("{noise_cv} (0..2)") });
+            return Err(crate::Error::InvalidParameter {
+                name: "noise_cv",
+                reason: format!("{noise_cv} (0..2)"),
+            });
         }
-        Ok(Params { width: 0, height: 0, radius: window / 2, pad0: 0, noise_cv, pad1: [0.0; 3] })
+        Ok(Params {
+            width: 0,
+            height: 0,
+            radius: window / 2,
+            pad0: 0,
+            noise_cv,
+            pad1: [0.0; 3],
+        })
     }
 }
 
@@ -55,7 +68,11 @@ pub fn cpu(img: &Array2<f32>, params: &Params) -> crate::Result<Array2<f32>> {
     Ok(par_image(h, w, |x, y| {
         let (m, v) = window_stats(img, x, y, r);
         let ci2 = v / (m * m).max(MEAN_FLOOR);
-        let wgt = if ci2 > 0.0 { (1.0 - cu2 / ci2).clamp(0.0, 1.0) } else { 0.0 };
+        let wgt = if ci2 > 0.0 {
+            (1.0 - cu2 / ci2).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         let i = at(img, x as isize, y as isize);
         m + wgt * (i - m)
     }))
@@ -74,7 +91,11 @@ pub fn cpu_fast(img: &Array2<f32>, params: &Params) -> crate::Result<Array2<f32>
     Ok(par_image(h, w, |x, y| {
         let (m, v) = (mean[y * w + x], var[y * w + x]);
         let ci2 = v / (m * m).max(MEAN_FLOOR);
-        let wgt = if ci2 > 0.0 { (1.0 - cu2 / ci2).clamp(0.0, 1.0) } else { 0.0 };
+        let wgt = if ci2 > 0.0 {
+            (1.0 - cu2 / ci2).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         m + wgt * (pad[(y + r) * pw + x + r] - m)
     }))
 }

@@ -5,8 +5,8 @@ use ndarray::Array2;
 
 use rayon::prelude::*;
 
-use crate::simd::multiversion;
 use super::{at, check_image, par_image};
+use crate::simd::multiversion;
 
 /// Parameters; keep in sync with `Params` in shaders/median.wgsl.
 #[repr(C)]
@@ -26,9 +26,17 @@ impl Params {
     /// A `size` × `size` median (3 or 5).
     pub fn new(size: u32) -> crate::Result<Params> {
         if size != 3 && size != 5 {
-            return Err(crate::Error::InvalidParameter { name: "size", reason: format!("{size} (median sizes: 3, 5)") });
+            return Err(crate::Error::InvalidParameter {
+                name: "size",
+                reason: format!("{size} (median sizes: 3, 5)"),
+            });
         }
-        Ok(Params { width: 0, height: 0, radius: size / 2, pad0: 0 })
+        Ok(Params {
+            width: 0,
+            height: 0,
+            radius: size / 2,
+            pad0: 0,
+        })
     }
 }
 
@@ -283,8 +291,13 @@ pub fn cpu_fast(img: &Array2<f32>, params: &Params) -> crate::Result<Array2<f32>
         }
     };
     let mut out = vec![0f32; w * h];
-    out.par_chunks_mut(w).enumerate().for_each(|(y, row)| median_row(src, w, h, y, r, row));
-    Array2::from_shape_vec((h, w), out).map_err(|e| crate::Error::InvalidParameter { name: "median", reason: e.to_string() })
+    out.par_chunks_mut(w)
+        .enumerate()
+        .for_each(|(y, row)| median_row(src, w, h, y, r, row));
+    Array2::from_shape_vec((h, w), out).map_err(|e| crate::Error::InvalidParameter {
+        name: "median",
+        reason: e.to_string(),
+    })
 }
 
 /// Queues the kernel on a GPU chain.

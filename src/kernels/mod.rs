@@ -19,7 +19,16 @@ use ndarray::Array2;
 use rayon::prelude::*;
 
 /// Names of every kernel with a shader and a twin (the shader stems).
-pub const KERNELS: [&str; 8] = ["coherence", "frost", "lee", "median", "obnlm", "phase_symmetry", "shadow", "srad"];
+pub const KERNELS: [&str; 8] = [
+    "coherence",
+    "frost",
+    "lee",
+    "median",
+    "obnlm",
+    "phase_symmetry",
+    "shadow",
+    "srad",
+];
 
 /// The pixel at (x, y) with coordinates clamped to the image (the edge rule of every kernel).
 #[inline]
@@ -31,13 +40,20 @@ pub fn at(img: &Array2<f32>, x: isize, y: isize) -> f32 {
 }
 
 /// Builds an image by evaluating `f(x, y)` for every pixel, rows in parallel.
-pub fn par_image(height: usize, width: usize, f: impl Fn(usize, usize) -> f32 + Sync) -> Array2<f32> {
+pub fn par_image(
+    height: usize,
+    width: usize,
+    f: impl Fn(usize, usize) -> f32 + Sync,
+) -> Array2<f32> {
     let mut out = Array2::<f32>::zeros((height, width));
-    out.axis_iter_mut(ndarray::Axis(0)).into_par_iter().enumerate().for_each(|(y, mut row)| {
-        for (x, v) in row.iter_mut().enumerate() {
-            *v = f(x, y);
-        }
-    });
+    out.axis_iter_mut(ndarray::Axis(0))
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(y, mut row)| {
+            for (x, v) in row.iter_mut().enumerate() {
+                *v = f(x, y);
+            }
+        });
     out
 }
 
@@ -45,7 +61,10 @@ pub fn par_image(height: usize, width: usize, f: impl Fn(usize, usize) -> f32 + 
 pub(crate) fn check_image(kernel: &'static str, img: &Array2<f32>) -> crate::Result<()> {
     let (h, w) = img.dim();
     if h == 0 || w == 0 || h > u32::MAX as usize / 2 || w > u32::MAX as usize / 2 {
-        return Err(crate::Error::InvalidParameter { name: kernel, reason: format!("image of {w}x{h}") });
+        return Err(crate::Error::InvalidParameter {
+            name: kernel,
+            reason: format!("image of {w}x{h}"),
+        });
     }
     Ok(())
 }
@@ -117,14 +136,17 @@ pub(crate) fn box_stats(pad: &[f32], w: usize, h: usize, r: usize) -> (Vec<f32>,
     let n = ((2 * r + 1) * (2 * r + 1)) as f32;
     let mut mean = vec![0f32; w * h];
     let mut var = vec![0f32; w * h];
-    mean.par_chunks_mut(w).zip(var.par_chunks_mut(w)).enumerate().for_each(|(y, (m, v))| {
-        window_sums_row(pad, pw, y, r, w, m, v);
-        for x in 0..w {
-            let mm = m[x] / n;
-            v[x] = (v[x] / n - mm * mm).max(0.0);
-            m[x] = mm;
-        }
-    });
+    mean.par_chunks_mut(w)
+        .zip(var.par_chunks_mut(w))
+        .enumerate()
+        .for_each(|(y, (m, v))| {
+            window_sums_row(pad, pw, y, r, w, m, v);
+            for x in 0..w {
+                let mm = m[x] / n;
+                v[x] = (v[x] / n - mm * mm).max(0.0);
+                m[x] = mm;
+            }
+        });
     (mean, var)
 }
 

@@ -13,8 +13,8 @@
 use ndarray::Array2;
 use rayon::prelude::*;
 
-use crate::simd::{exp_neg, multiversion};
 use super::{at, check_image, par_image};
+use crate::simd::{exp_neg, multiversion};
 
 /// Floor of the Pearson denominator (grey levels); same constant as the shader.
 pub const PEARSON_FLOOR: f32 = 1.0;
@@ -44,18 +44,34 @@ impl Params {
     /// smoothing `h`.
     pub fn new(search: u32, patch: u32, h: f32) -> crate::Result<Params> {
         if search % 2 == 0 || search < 3 || patch % 2 == 0 || patch < 1 {
-            return Err(crate::Error::InvalidParameter { name: "search/patch", reason: format!("{search}/{patch} (odd)") });
+            return Err(crate::Error::InvalidParameter {
+                name: "search/patch",
+                reason: format!("{search}/{patch} (odd)"),
+            });
         }
         if search / 2 + patch / 2 > MAX_APRON {
             return Err(crate::Error::InvalidParameter {
                 name: "search/patch",
-                reason: format!("search/2 + patch/2 = {} exceeds {MAX_APRON}", search / 2 + patch / 2),
+                reason: format!(
+                    "search/2 + patch/2 = {} exceeds {MAX_APRON}",
+                    search / 2 + patch / 2
+                ),
             });
         }
         if !(h > 0.0 && h < 1000.0) {
-            return Err(crate::Error::InvalidParameter { name: "h", reason: format!("{h} (0..1000)") });
+            return Err(crate::Error::InvalidParameter {
+                name: "h",
+                reason: format!("{h} (0..1000)"),
+            });
         }
-        Ok(Params { width: 0, height: 0, search_radius: search / 2, patch_radius: patch / 2, h, pad0: [0.0; 3] })
+        Ok(Params {
+            width: 0,
+            height: 0,
+            search_radius: search / 2,
+            patch_radius: patch / 2,
+            h,
+            pad0: [0.0; 3],
+        })
     }
 }
 
@@ -187,27 +203,53 @@ pub fn cpu_fast(img: &Array2<f32>, params: &Params) -> crate::Result<Array2<f32>
     let pw = w + 2 * pad;
     let padded = super::padded(img, pad);
     let inv: Vec<f32> = padded.iter().map(|v| 1.0 / v.max(PEARSON_FLOOR)).collect();
-    let offsets: Vec<(isize, isize)> = (-s..=s).flat_map(|sy| (-s..=s).map(move |sx| (sx, sy))).filter(|o| *o != (0, 0)).collect();
+    let offsets: Vec<(isize, isize)> = (-s..=s)
+        .flat_map(|sy| (-s..=s).map(move |sx| (sx, sy)))
+        .filter(|o| *o != (0, 0))
+        .collect();
     let mut out = vec![0f32; w * h];
-    out.par_chunks_mut(BAND_ROWS * w).enumerate().for_each(|(b, band)| {
-        let y0 = b * BAND_ROWS;
-        let rows = band.len() / w;
-        let mut terms = vec![0f32; (rows + 2 * pr) * (w + 2 * pr)];
-        let mut rowsum = vec![0f32; (rows + 2 * pr) * w];
-        let (mut aw, mut av, mut am) = (vec![0f32; rows * w], vec![0f32; rows * w], vec![0f32; rows * w]);
-        for &off in &offsets {
-            band_offset(&padded, &inv, pw, pad, w, y0, rows, pr, off, inv_h, &mut terms, &mut rowsum, (&mut aw, &mut av, &mut am));
-        }
-        for r in 0..rows {
-            for x in 0..w {
-                let i = r * w + x;
-                let wmax = if am[i] <= 0.0 { 1.0 } else { am[i] };
-                let centre = padded[(y0 + r + pad) * pw + pad + x];
-                band[i] = (av[i] + wmax * centre) / (aw[i] + wmax);
+    out.par_chunks_mut(BAND_ROWS * w)
+        .enumerate()
+        .for_each(|(b, band)| {
+            let y0 = b * BAND_ROWS;
+            let rows = band.len() / w;
+            let mut terms = vec![0f32; (rows + 2 * pr) * (w + 2 * pr)];
+            let mut rowsum = vec![0f32; (rows + 2 * pr) * w];
+            let (mut aw, mut av, mut am) = (
+                vec![0f32; rows * w],
+                vec![0f32; rows * w],
+                vec![0f32; rows * w],
+            );
+            for &off in &offsets {
+                band_offset(
+                    &padded,
+                    &inv,
+                    pw,
+                    pad,
+                    w,
+                    y0,
+                    rows,
+                    pr,
+                    off,
+                    inv_h,
+                    &mut terms,
+                    &mut rowsum,
+                    (&mut aw, &mut av, &mut am),
+                );
             }
-        }
-    });
-    Array2::from_shape_vec((h, w), out).map_err(|e| crate::Error::InvalidParameter { name: "obnlm", reason: e.to_string() })
+            for r in 0..rows {
+                for x in 0..w {
+                    let i = r * w + x;
+                    let wmax = if am[i] <= 0.0 { 1.0 } else { am[i] };
+                    let centre = padded[(y0 + r + pad) * pw + pad + x];
+                    band[i] = (av[i] + wmax * centre) / (aw[i] + wmax);
+                }
+            }
+        });
+    Array2::from_shape_vec((h, w), out).map_err(|e| crate::Error::InvalidParameter {
+        name: "obnlm",
+        reason: e.to_string(),
+    })
 }
 
 /// Queues the kernel on a GPU chain.

@@ -70,10 +70,16 @@ impl Params {
     /// `min_wavelength` px.
     pub fn new(scales: u32, orientations: u32, min_wavelength: f32) -> crate::Result<Params> {
         if !(1..=6).contains(&scales) || !(1..=8).contains(&orientations) {
-            return Err(crate::Error::InvalidParameter { name: "scales/orientations", reason: format!("{scales}/{orientations} (1..6, 1..8)") });
+            return Err(crate::Error::InvalidParameter {
+                name: "scales/orientations",
+                reason: format!("{scales}/{orientations} (1..6, 1..8)"),
+            });
         }
         if !(2.0..256.0).contains(&min_wavelength) {
-            return Err(crate::Error::InvalidParameter { name: "min_wavelength", reason: format!("{min_wavelength} px (2..256)") });
+            return Err(crate::Error::InvalidParameter {
+                name: "min_wavelength",
+                reason: format!("{min_wavelength} px (2..256)"),
+            });
         }
         Ok(Params {
             width: 0,
@@ -113,8 +119,16 @@ pub const SHADER: &str = include_str!("../../shaders/phase_symmetry.wgsl");
 pub fn log_gabor(p: &Params, u: usize, v: usize, s: u32, o: u32) -> f32 {
     let (pw, ph) = (p.pad_width as f32, p.pad_height as f32);
     // Signed frequencies in cycles per pixel.
-    let fx = if u as f32 >= pw / 2.0 { u as f32 - pw } else { u as f32 } / pw;
-    let fy = if v as f32 >= ph / 2.0 { v as f32 - ph } else { v as f32 } / ph;
+    let fx = if u as f32 >= pw / 2.0 {
+        u as f32 - pw
+    } else {
+        u as f32
+    } / pw;
+    let fy = if v as f32 >= ph / 2.0 {
+        v as f32 - ph
+    } else {
+        v as f32
+    } / ph;
     let f = (fx * fx + fy * fy).sqrt();
     if f == 0.0 {
         return 0.0;
@@ -155,7 +169,9 @@ pub struct Plan {
 
 impl std::fmt::Debug for Plan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Plan").field("params", &self.params).finish_non_exhaustive()
+        f.debug_struct("Plan")
+            .field("params", &self.params)
+            .finish_non_exhaustive()
     }
 }
 
@@ -166,7 +182,11 @@ impl Plan {
         let (pw, ph) = (p.pad_width as usize, p.pad_height as usize);
         let filters = (0..p.orientations)
             .flat_map(|o| (0..p.scales).map(move |s| (o, s)))
-            .map(|(o, s)| (0..ph * pw).map(|i| log_gabor(&p, i % pw, i / pw, s, o)).collect())
+            .map(|(o, s)| {
+                (0..ph * pw)
+                    .map(|i| log_gabor(&p, i % pw, i / pw, s, o))
+                    .collect()
+            })
             .collect();
         let mut planner = rustfft::FftPlanner::<f32>::new();
         Plan {
@@ -188,17 +208,25 @@ impl Plan {
     }
 
     fn fft2(&self, data: &mut Array2<Complex<f32>>, inverse: bool) {
-        let plans = if inverse { &self.inverse } else { &self.forward };
-        data.axis_iter_mut(ndarray::Axis(0)).into_par_iter().for_each(|mut row| {
-            if let Some(s) = row.as_slice_mut() {
-                plans[0].process(s);
-            }
-        });
-        data.axis_iter_mut(ndarray::Axis(1)).into_par_iter().for_each(|mut col| {
-            let mut buf: Vec<Complex<f32>> = col.iter().copied().collect();
-            plans[1].process(&mut buf);
-            col.iter_mut().zip(buf).for_each(|(d, s)| *d = s);
-        });
+        let plans = if inverse {
+            &self.inverse
+        } else {
+            &self.forward
+        };
+        data.axis_iter_mut(ndarray::Axis(0))
+            .into_par_iter()
+            .for_each(|mut row| {
+                if let Some(s) = row.as_slice_mut() {
+                    plans[0].process(s);
+                }
+            });
+        data.axis_iter_mut(ndarray::Axis(1))
+            .into_par_iter()
+            .for_each(|mut col| {
+                let mut buf: Vec<Complex<f32>> = col.iter().copied().collect();
+                plans[1].process(&mut buf);
+                col.iter_mut().zip(buf).for_each(|(d, s)| *d = s);
+            });
     }
 
     /// The phase symmetry map of `img` (which must have the plan's size).
@@ -206,13 +234,21 @@ impl Plan {
         check_image("phase_symmetry", img)?;
         let (h, w) = img.dim();
         if !self.fits(w, h) {
-            return Err(crate::Error::InvalidParameter { name: "phase_symmetry", reason: format!("plan for another size than {w}x{h}") });
+            return Err(crate::Error::InvalidParameter {
+                name: "phase_symmetry",
+                reason: format!("plan for another size than {w}x{h}"),
+            });
         }
         let p = &self.params;
         let (pw, ph) = (p.pad_width as usize, p.pad_height as usize);
-        let mut spectrum = Array2::from_shape_fn((ph, pw), |(y, x)| Complex::new(img[[y.min(h - 1), x.min(w - 1)]], 0.0f32));
+        let mut spectrum = Array2::from_shape_fn((ph, pw), |(y, x)| {
+            Complex::new(img[[y.min(h - 1), x.min(w - 1)]], 0.0f32)
+        });
         self.fft2(&mut spectrum, false);
-        let spec = spectrum.as_slice().map(|s| s.to_vec()).unwrap_or_else(|| spectrum.iter().copied().collect());
+        let spec = spectrum
+            .as_slice()
+            .map(|s| s.to_vec())
+            .unwrap_or_else(|| spectrum.iter().copied().collect());
         let norm = 1.0 / (pw * ph) as f32;
         let mut numerator = Array2::<f32>::zeros((h, w));
         let mut amplitude = Array2::<f32>::zeros((h, w));
@@ -221,17 +257,28 @@ impl Plan {
             let mut mean_a0 = 0.0f32;
             for s in 0..p.scales as usize {
                 let filt = &self.filters[o * p.scales as usize + s];
-                let prod: Vec<Complex<f32>> = spec.par_iter().zip(filt.par_iter()).map(|(a, g)| a * g).collect();
-                let mut r = Array2::from_shape_vec((ph, pw), prod).map_err(|e| crate::Error::InvalidParameter { name: "phase_symmetry", reason: e.to_string() })?;
+                let prod: Vec<Complex<f32>> = spec
+                    .par_iter()
+                    .zip(filt.par_iter())
+                    .map(|(a, g)| a * g)
+                    .collect();
+                let mut r = Array2::from_shape_vec((ph, pw), prod).map_err(|e| {
+                    crate::Error::InvalidParameter {
+                        name: "phase_symmetry",
+                        reason: e.to_string(),
+                    }
+                })?;
                 self.fft2(&mut r, true);
                 let mut sum_a = 0.0f64;
-                ndarray::Zip::indexed(&mut energy).and(&mut amplitude).for_each(|(y, x), e, a| {
-                    let z = r[[y, x]] * norm;
-                    let amp = (z.re * z.re + z.im * z.im).sqrt();
-                    *a += amp;
-                    *e += z.re - z.im.abs();
-                    sum_a += amp as f64;
-                });
+                ndarray::Zip::indexed(&mut energy)
+                    .and(&mut amplitude)
+                    .for_each(|(y, x), e, a| {
+                        let z = r[[y, x]] * norm;
+                        let amp = (z.re * z.re + z.im * z.im).sqrt();
+                        *a += amp;
+                        *e += z.re - z.im.abs();
+                        sum_a += amp as f64;
+                    });
                 if s == 0 {
                     mean_a0 = (sum_a / (w * h) as f64) as f32;
                 }
@@ -252,7 +299,9 @@ pub fn cpu(img: &Array2<f32>, params: &Params) -> crate::Result<Array2<f32>> {
     let (h, w) = img.dim();
     let p = params.resolved(w, h);
     let (pw, ph) = (p.pad_width as usize, p.pad_height as usize);
-    let mut spectrum = Array2::from_shape_fn((ph, pw), |(y, x)| Complex::new(img[[y.min(h - 1), x.min(w - 1)]], 0.0f32));
+    let mut spectrum = Array2::from_shape_fn((ph, pw), |(y, x)| {
+        Complex::new(img[[y.min(h - 1), x.min(w - 1)]], 0.0f32)
+    });
     fft2(&mut spectrum, false);
     let norm = 1.0 / (pw * ph) as f32;
     let mut numerator = Array2::<f32>::zeros((h, w));
@@ -261,16 +310,20 @@ pub fn cpu(img: &Array2<f32>, params: &Params) -> crate::Result<Array2<f32>> {
         let mut energy = Array2::<f32>::zeros((h, w));
         let mut mean_a0 = 0.0f32;
         for s in 0..p.scales {
-            let mut r = Array2::from_shape_fn((ph, pw), |(v, u)| spectrum[[v, u]] * log_gabor(&p, u, v, s, o));
+            let mut r = Array2::from_shape_fn((ph, pw), |(v, u)| {
+                spectrum[[v, u]] * log_gabor(&p, u, v, s, o)
+            });
             fft2(&mut r, true);
             let mut sum_a = 0.0f64;
-            ndarray::Zip::indexed(&mut energy).and(&mut amplitude).for_each(|(y, x), e, a| {
-                let z = r[[y, x]] * norm;
-                let amp = (z.re * z.re + z.im * z.im).sqrt();
-                *a += amp;
-                *e += z.re - z.im.abs();
-                sum_a += amp as f64;
-            });
+            ndarray::Zip::indexed(&mut energy)
+                .and(&mut amplitude)
+                .for_each(|(y, x), e, a| {
+                    let z = r[[y, x]] * norm;
+                    let amp = (z.re * z.re + z.im * z.im).sqrt();
+                    *a += amp;
+                    *e += z.re - z.im.abs();
+                    sum_a += amp as f64;
+                });
             if s == 0 {
                 mean_a0 = (sum_a / (w * h) as f64) as f32;
             }
@@ -293,15 +346,31 @@ pub fn encode(chain: &mut crate::gpu::GpuChain<'_>, params: &Params) -> crate::R
         return Err(crate::gpu::GpuError::TooLarge {
             width: chain.width(),
             height: chain.height(),
-            reason: format!("phase symmetry pads to {pw}x{ph}; the GPU FFT handles sides up to {MAX_FFT_SIDE}"),
+            reason: format!(
+                "phase symmetry pads to {pw}x{ph}; the GPU FFT handles sides up to {MAX_FFT_SIDE}"
+            ),
         }
         .into());
     }
     let tiles = |w: usize, h: usize| ((w as u32).div_ceil(16), (h as u32).div_ceil(16));
     let pad = (pw, ph);
     chain.dispatch_fft(SHADER, "ps_load", &p, pad, tiles(pw, ph), false)?;
-    chain.dispatch_fft(SHADER, "ps_fft_rows_spectrum", &p, pad, (1, ph as u32), false)?;
-    chain.dispatch_fft(SHADER, "ps_fft_cols_spectrum", &p, pad, (pw as u32, 1), false)?;
+    chain.dispatch_fft(
+        SHADER,
+        "ps_fft_rows_spectrum",
+        &p,
+        pad,
+        (1, ph as u32),
+        false,
+    )?;
+    chain.dispatch_fft(
+        SHADER,
+        "ps_fft_cols_spectrum",
+        &p,
+        pad,
+        (pw as u32, 1),
+        false,
+    )?;
     for o in 0..p.orientations {
         for s in 0..p.scales {
             let mut q = p;
@@ -310,13 +379,34 @@ pub fn encode(chain: &mut crate::gpu::GpuChain<'_>, params: &Params) -> crate::R
             chain.dispatch_fft(SHADER, "ps_filter", &q, pad, tiles(pw, ph), false)?;
             chain.dispatch_fft(SHADER, "ps_fft_rows_work", &q, pad, (1, ph as u32), false)?;
             chain.dispatch_fft(SHADER, "ps_fft_cols_work", &q, pad, (pw as u32, 1), false)?;
-            chain.dispatch_fft(SHADER, "ps_accumulate", &q, pad, tiles(chain.width(), chain.height()), false)?;
+            chain.dispatch_fft(
+                SHADER,
+                "ps_accumulate",
+                &q,
+                pad,
+                tiles(chain.width(), chain.height()),
+                false,
+            )?;
         }
         let mut q = p;
         q.orientation = o;
         chain.dispatch_fft(SHADER, "ps_threshold", &q, pad, (1, 1), false)?;
-        chain.dispatch_fft(SHADER, "ps_orient", &q, pad, tiles(chain.width(), chain.height()), false)?;
+        chain.dispatch_fft(
+            SHADER,
+            "ps_orient",
+            &q,
+            pad,
+            tiles(chain.width(), chain.height()),
+            false,
+        )?;
     }
-    chain.dispatch_fft(SHADER, "ps_finish", &p, pad, tiles(chain.width(), chain.height()), true)?;
+    chain.dispatch_fft(
+        SHADER,
+        "ps_finish",
+        &p,
+        pad,
+        tiles(chain.width(), chain.height()),
+        true,
+    )?;
     Ok(())
 }

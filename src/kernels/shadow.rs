@@ -25,9 +25,17 @@ impl Params {
     /// Averages `length` rows starting `gap` rows below each pixel.
     pub fn new(gap: u32, length: u32) -> crate::Result<Params> {
         if length == 0 || length > 4096 || gap > 4096 {
-            return Err(crate::Error::InvalidParameter { name: "gap/length", reason: format!("{gap}/{length}") });
+            return Err(crate::Error::InvalidParameter {
+                name: "gap/length",
+                reason: format!("{gap}/{length}"),
+            });
         }
-        Ok(Params { width: 0, height: 0, gap, length })
+        Ok(Params {
+            width: 0,
+            height: 0,
+            gap,
+            length,
+        })
     }
 }
 

@@ -15,8 +15,8 @@
 use ndarray::Array2;
 use rayon::prelude::*;
 
-use crate::simd::multiversion;
 use super::{at, check_image, par_image};
+use crate::simd::multiversion;
 
 /// Floor on intensities in the ratios (grey levels); same constant as the shader.
 pub const INTENSITY_FLOOR: f32 = 1.0;
@@ -66,12 +66,28 @@ impl Srad {
     /// whole image.
     pub fn new(lambda: f32, iterations: u32) -> crate::Result<Srad> {
         if !(lambda > 0.0 && lambda <= 1.0) {
-            return Err(crate::Error::InvalidParameter { name: "lambda", reason: format!("{lambda} (0..1]") });
+            return Err(crate::Error::InvalidParameter {
+                name: "lambda",
+                reason: format!("{lambda} (0..1]"),
+            });
         }
         if iterations == 0 || iterations > MAX_ITERATIONS {
-            return Err(crate::Error::InvalidParameter { name: "iterations", reason: format!("{iterations} (1..{MAX_ITERATIONS})") });
+            return Err(crate::Error::InvalidParameter {
+                name: "iterations",
+                reason: format!("{iterations} (1..{MAX_ITERATIONS})"),
+            });
         }
-        let params = Params { width: 0, height: 0, roi_x0: 0, roi_y0: 0, roi_w: 0, roi_h: 0, pad0: [0; 2], lambda, pad1: [0.0; 3] };
+        let params = Params {
+            width: 0,
+            height: 0,
+            roi_x0: 0,
+            roi_y0: 0,
+            roi_w: 0,
+            roi_h: 0,
+            pad0: [0; 2],
+            lambda,
+            pad1: [0.0; 3],
+        };
         Ok(Srad { params, iterations })
     }
 
@@ -301,7 +317,11 @@ pub fn cpu_fast(img: &Array2<f32>, srad: &Srad) -> crate::Result<Array2<f32>> {
         let (s, q) = img
             .axis_iter(ndarray::Axis(0))
             .into_par_iter()
-            .map(|row| row.iter().fold((0.0f64, 0.0f64), |a, v| (a.0 + *v as f64, a.1 + (*v as f64) * (*v as f64))))
+            .map(|row| {
+                row.iter().fold((0.0f64, 0.0f64), |a, v| {
+                    (a.0 + *v as f64, a.1 + (*v as f64) * (*v as f64))
+                })
+            })
             .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
         q0_from_sums(s, q, w * h)
     } else {
@@ -322,7 +342,16 @@ pub fn cpu_fast(img: &Array2<f32>, srad: &Srad) -> crate::Result<Array2<f32>> {
                 for r in 0..rows {
                     let y = y0 + r;
                     coeff_row(cur_ref, w, h, (y + 1).min(h - 1), q02, &mut cs);
-                    let (rs, rq) = update_row(cur_ref, w, h, y, &c, &cs, p.lambda, &mut band[r * w..(r + 1) * w]);
+                    let (rs, rq) = update_row(
+                        cur_ref,
+                        w,
+                        h,
+                        y,
+                        &c,
+                        &cs,
+                        p.lambda,
+                        &mut band[r * w..(r + 1) * w],
+                    );
                     s += rs;
                     q += rq;
                     std::mem::swap(&mut c, &mut cs);
@@ -340,7 +369,10 @@ pub fn cpu_fast(img: &Array2<f32>, srad: &Srad) -> crate::Result<Array2<f32>> {
             };
         }
     }
-    Array2::from_shape_vec((h, w), cur).map_err(|e| crate::Error::InvalidParameter { name: "srad", reason: e.to_string() })
+    Array2::from_shape_vec((h, w), cur).map_err(|e| crate::Error::InvalidParameter {
+        name: "srad",
+        reason: e.to_string(),
+    })
 }
 
 /// Queues all iterations on a GPU chain.

@@ -79,7 +79,9 @@ pub fn surface(f: &Features, params: &SegmentParams) -> Vec<Option<f32>> {
     let mut back = vec![NONE; w * h];
     // none_from[x]: the row at x−1 that "no bone" at x came from, or NONE.
     let mut none_from = vec![NONE; w];
-    let mut prev: Vec<f32> = (0..h).map(|y| score[[y, 0]] - tau - SEGMENT_PENALTY).collect();
+    let mut prev: Vec<f32> = (0..h)
+        .map(|y| score[[y, 0]] - tau - SEGMENT_PENALTY)
+        .collect();
     let mut prev_none = 0.0f32;
     let mut cur = vec![0f32; h];
     for x in 1..w {
@@ -112,15 +114,27 @@ pub fn surface(f: &Features, params: &SegmentParams) -> Vec<Option<f32>> {
     }
     // Backtrack from the best final state.
     let mut out = vec![None; w];
-    let (end_bone, end_y) = prev.iter().enumerate().fold((f32::NEG_INFINITY, 0), |a, (y, v)| if *v > a.0 { (*v, y) } else { a });
-    let mut state: Option<usize> = if end_bone > prev_none { Some(end_y) } else { None };
+    let (end_bone, end_y) =
+        prev.iter().enumerate().fold(
+            (f32::NEG_INFINITY, 0),
+            |a, (y, v)| if *v > a.0 { (*v, y) } else { a },
+        );
+    let mut state: Option<usize> = if end_bone > prev_none {
+        Some(end_y)
+    } else {
+        None
+    };
     for x in (1..w).rev() {
         out[x] = state.map(|y| y as f32);
         let from = match state {
             Some(y) => back[x * h + y],
             None => none_from[x],
         };
-        state = if from == NONE { None } else { Some(from as usize) };
+        state = if from == NONE {
+            None
+        } else {
+            Some(from as usize)
+        };
     }
     out[0] = state.map(|y| y as f32);
     drop_short_runs(&mut out, f.mm_per_px.0, params.bone_min_length_mm);
@@ -148,7 +162,12 @@ fn drop_short_runs(s: &mut [Option<f32>], mm_per_col: f64, min_mm: f64) {
 /// The surface at full resolution: per region column, the peak of the bone echo near the
 /// grid's estimate, to sub-pixel precision by a parabola through the peak and its neighbours.
 /// (The echo's peak lies about half a pulse length, under 0.1 mm, below the interface.)
-pub fn refine(surface: &[Option<f32>], crop: &Array2<f32>, step: usize, _mm: (f64, f64)) -> Vec<Option<f32>> {
+pub fn refine(
+    surface: &[Option<f32>],
+    crop: &Array2<f32>,
+    step: usize,
+    _mm: (f64, f64),
+) -> Vec<Option<f32>> {
     let (h, w) = crop.dim();
     (0..w)
         .map(|x| {
@@ -163,14 +182,23 @@ pub fn refine(surface: &[Option<f32>], crop: &Array2<f32>, step: usize, _mm: (f6
             }
             let (a, b, c) = (crop[[y - 1, x]], crop[[y, x]], crop[[y + 1, x]]);
             let den = a - 2.0 * b + c;
-            let offset = if den < 0.0 { (0.5 * (a - c) / den).clamp(-0.5, 0.5) } else { 0.0 };
+            let offset = if den < 0.0 {
+                (0.5 * (a - c) / den).clamp(-0.5, 0.5)
+            } else {
+                0.0
+            };
             Some(y as f32 + offset)
         })
         .collect()
 }
 
 /// Labels the bone band and the shadow beneath it.
-pub fn label_bone_and_shadow(surface: &[Option<f32>], valid: &Array2<bool>, mm: (f64, f64), labels: &mut Array2<u8>) {
+pub fn label_bone_and_shadow(
+    surface: &[Option<f32>],
+    valid: &Array2<bool>,
+    mm: (f64, f64),
+    labels: &mut Array2<u8>,
+) {
     let (h, _) = labels.dim();
     let above = (BAND_ABOVE_MM / mm.1).round() as isize;
     let below = (BAND_BELOW_MM / mm.1).round().max(1.0) as isize;
@@ -182,14 +210,22 @@ pub fn label_bone_and_shadow(surface: &[Option<f32>], valid: &Array2<bool>, mm: 
             if !valid[[yy, x]] {
                 continue;
             }
-            labels[[yy, x]] = if (yy as isize) < y + below { label::BONE } else { label::SHADOW };
+            labels[[yy, x]] = if (yy as isize) < y + below {
+                label::BONE
+            } else {
+                label::SHADOW
+            };
         }
     }
 }
 
 /// Splits the surface into polylines (region px), breaking at gaps and jumps over 1 mm and
 /// dropping pieces shorter than the minimum length.
-pub fn polylines(surface: &[Option<f32>], mm: (f64, f64), params: &SegmentParams) -> Vec<Vec<[f64; 2]>> {
+pub fn polylines(
+    surface: &[Option<f32>],
+    mm: (f64, f64),
+    params: &SegmentParams,
+) -> Vec<Vec<[f64; 2]>> {
     let mut out: Vec<Vec<[f64; 2]>> = Vec::new();
     let mut cur: Vec<[f64; 2]> = Vec::new();
     let break_rows = POLYLINE_BREAK_MM / mm.1;
@@ -214,5 +250,7 @@ pub fn polylines(surface: &[Option<f32>], mm: (f64, f64), params: &SegmentParams
         out.push(cur);
     }
     let min_cols = params.bone_min_length_mm / mm.0;
-    out.into_iter().filter(|l| l.len() as f64 >= min_cols).collect()
+    out.into_iter()
+        .filter(|l| l.len() as f64 >= min_cols)
+        .collect()
 }

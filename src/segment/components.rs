@@ -44,7 +44,12 @@ pub fn components(mask: &Array2<bool>) -> Vec<Component> {
             stack.push((y, x));
             while let Some((cy, cx)) = stack.pop() {
                 pixels.push((cy, cx));
-                bbox = (bbox.0.min(cy), bbox.1.min(cx), bbox.2.max(cy), bbox.3.max(cx));
+                bbox = (
+                    bbox.0.min(cy),
+                    bbox.1.min(cx),
+                    bbox.2.max(cy),
+                    bbox.3.max(cx),
+                );
                 let mut push = |ny: usize, nx: usize| {
                     if mask[[ny, nx]] && !seen[[ny, nx]] {
                         seen[[ny, nx]] = true;
@@ -121,7 +126,11 @@ pub fn morph(m: &Array2<bool>, r: usize, all: bool) -> Array2<bool> {
         let span = (y + r + 1).min(h) - y.saturating_sub(r);
         let o = &mut out[y * w..(y + 1) * w];
         for x in 0..w {
-            o[x] = if all { count[x] as usize == span } else { count[x] > 0 };
+            o[x] = if all {
+                count[x] as usize == span
+            } else {
+                count[x] > 0
+            };
         }
     }
     Array2::from_shape_vec((h, w), out).unwrap_or_else(|_| Array2::from_elem((h, w), false))
@@ -133,19 +142,30 @@ mod tests {
 
     #[test]
     fn morph_matches_the_definition() {
-        let m = Array2::from_shape_fn((13, 17), |(y, x)| (x * 7 + y * 3) % 5 == 0 || (x > 5 && x < 11 && y > 3 && y < 9));
+        let m = Array2::from_shape_fn((13, 17), |(y, x)| {
+            (x * 7 + y * 3) % 5 == 0 || (x > 5 && x < 11 && y > 3 && y < 9)
+        });
         for r in [1, 2] {
             for all in [false, true] {
                 let fast = morph(&m, r, all);
                 let slow = Array2::from_shape_fn(m.dim(), |(y, x)| {
                     let ys = y.saturating_sub(r)..(y + r + 1).min(13);
-                    let mut it = ys.flat_map(|yy| (x.saturating_sub(r)..(x + r + 1).min(17)).map(move |xx| (yy, xx)));
-                    if all { it.all(|p| m[p]) } else { it.any(|p| m[p]) }
+                    let mut it = ys.flat_map(|yy| {
+                        (x.saturating_sub(r)..(x + r + 1).min(17)).map(move |xx| (yy, xx))
+                    });
+                    if all {
+                        it.all(|p| m[p])
+                    } else {
+                        it.any(|p| m[p])
+                    }
                 });
                 assert_eq!(fast, slow, "r {r} all {all}");
             }
         }
         let c = components(&m);
-        assert_eq!(c.iter().map(|c| c.area()).sum::<usize>(), m.iter().filter(|v| **v).count());
+        assert_eq!(
+            c.iter().map(|c| c.area()).sum::<usize>(),
+            m.iter().filter(|v| **v).count()
+        );
     }
 }

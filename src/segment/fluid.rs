@@ -33,7 +33,9 @@ const VESSEL_WALL_MM: f64 = 0.15;
 
 fn bone_rows(labels: &Array2<u8>) -> Vec<Option<usize>> {
     let (h, w) = labels.dim();
-    (0..w).map(|x| (0..h).find(|y| labels[[*y, x]] == label::BONE)).collect()
+    (0..w)
+        .map(|x| (0..h).find(|y| labels[[*y, x]] == label::BONE))
+        .collect()
 }
 
 /// Labels joint gaps between bone segments and anechoic effusions over bone.
@@ -67,13 +69,18 @@ pub fn label_joint_and_effusion(
         if gap_mm < JOINT_GAP_MM.0 || gap_mm > JOINT_GAP_MM.1 {
             continue;
         }
-        let (Some(ya), Some(yb)) = (surface[a_end], surface[b_start]) else { continue };
+        let (Some(ya), Some(yb)) = (surface[a_end], surface[b_start]) else {
+            continue;
+        };
         let shallow = ya.min(yb) as f64;
         let top = (shallow - JOINT_ABOVE_MM / mm.1).max(0.0) as usize;
         let bottom = ((shallow + JOINT_BELOW_MM / mm.1) as usize).min(h - 1);
         for gx in a_end + 1..b_start {
             for y in top..=bottom {
-                if valid[[y, gx]] && labels[[y, gx]] == label::BACKGROUND && img[[y, gx]] < 2.0 * params.fluid_level {
+                if valid[[y, gx]]
+                    && labels[[y, gx]] == label::BACKGROUND
+                    && img[[y, gx]] < 2.0 * params.fluid_level
+                {
                     joint[[y, gx]] = true;
                 }
             }
@@ -86,9 +93,14 @@ pub fn label_joint_and_effusion(
     let joint_top: Vec<Option<usize>> = (0..w).map(|x| (0..h).find(|y| joint[[*y, x]])).collect();
     let mut dark = Array2::from_elem((h, w), false);
     for x in 0..w {
-        let Some(floor) = bone[x].or(joint_top[x]) else { continue };
+        let Some(floor) = bone[x].or(joint_top[x]) else {
+            continue;
+        };
         for y in floor.saturating_sub(reach + cartilage)..floor.min(h) {
-            if valid[[y, x]] && labels[[y, x]] == label::BACKGROUND && img[[y, x]] < params.fluid_level {
+            if valid[[y, x]]
+                && labels[[y, x]] == label::BACKGROUND
+                && img[[y, x]] < params.fluid_level
+            {
                 dark[[y, x]] = true;
             }
         }
@@ -118,12 +130,23 @@ pub fn label_joint_and_effusion(
 }
 
 /// Labels compact anechoic regions with posterior enhancement, away from bone, as vessels.
-pub fn label_vessels(img: &Array2<f32>, valid: &Array2<bool>, mm: (f64, f64), params: &SegmentParams, labels: &mut Array2<u8>) {
+pub fn label_vessels(
+    img: &Array2<f32>,
+    valid: &Array2<bool>,
+    mm: (f64, f64),
+    params: &SegmentParams,
+    labels: &mut Array2<u8>,
+) {
     let (h, w) = img.dim();
-    let dark = Array2::from_shape_fn((h, w), |(y, x)| valid[[y, x]] && labels[[y, x]] == label::BACKGROUND && img[[y, x]] < params.fluid_level);
+    let dark = Array2::from_shape_fn((h, w), |(y, x)| {
+        valid[[y, x]] && labels[[y, x]] == label::BACKGROUND && img[[y, x]] < params.fluid_level
+    });
     let dark = open_close(&dark, 1);
     let px_area = mm.0 * mm.1;
-    let area_range = (std::f64::consts::PI * VESSEL_RADIUS_MM.0.powi(2) / px_area, std::f64::consts::PI * VESSEL_RADIUS_MM.1.powi(2) / px_area);
+    let area_range = (
+        std::f64::consts::PI * VESSEL_RADIUS_MM.0.powi(2) / px_area,
+        std::f64::consts::PI * VESSEL_RADIUS_MM.1.powi(2) / px_area,
+    );
     let wall = (VESSEL_WALL_MM / mm.1).ceil().max(1.0) as usize;
     for c in components(&dark) {
         let area = c.area() as f64;
@@ -132,7 +155,9 @@ pub fn label_vessels(img: &Array2<f32>, valid: &Array2<bool>, mm: (f64, f64), pa
         }
         let (eh, ew) = c.extent();
         let (eh_mm, ew_mm) = (eh as f64 * mm.1, ew as f64 * mm.0);
-        if eh_mm.max(ew_mm) / eh_mm.min(ew_mm).max(1e-9) > VESSEL_MAX_ASPECT || c.fill() < VESSEL_MIN_FILL {
+        if eh_mm.max(ew_mm) / eh_mm.min(ew_mm).max(1e-9) > VESSEL_MAX_ASPECT
+            || c.fill() < VESSEL_MIN_FILL
+        {
             continue;
         }
         // Not touching the frame's edges (cut-off structures are not judged) nor other labels.
@@ -141,13 +166,17 @@ pub fn label_vessels(img: &Array2<f32>, valid: &Array2<bool>, mm: (f64, f64), pa
             continue;
         }
         let near_label = c.pixels.iter().any(|&(y, x)| {
-            (y.saturating_sub(wall + 1)..(y + wall + 2).min(h)).any(|yy| labels[[yy, x]] != label::BACKGROUND)
+            (y.saturating_sub(wall + 1)..(y + wall + 2).min(h))
+                .any(|yy| labels[[yy, x]] != label::BACKGROUND)
         });
         if near_label {
             continue;
         }
         // Posterior enhancement: the band 0.5–3 mm below, against bands of the same depth beside.
-        let (b0, b1) = (y1 + (0.5 / mm.1) as usize, (y1 + (3.0 / mm.1) as usize).min(h - 1));
+        let (b0, b1) = (
+            y1 + (0.5 / mm.1) as usize,
+            (y1 + (3.0 / mm.1) as usize).min(h - 1),
+        );
         if b0 >= b1 {
             continue;
         }
@@ -163,7 +192,9 @@ pub fn label_vessels(img: &Array2<f32>, valid: &Array2<bool>, mm: (f64, f64), pa
             }
             (n > 0).then(|| s / n as f32)
         };
-        let Some(below) = band_mean(x0, x1 + 1) else { continue };
+        let Some(below) = band_mean(x0, x1 + 1) else {
+            continue;
+        };
         let side = ew.max(2);
         let left = band_mean(x0.saturating_sub(2 * side), x0.saturating_sub(side));
         let right = band_mean(x1 + 1 + side, x1 + 1 + 2 * side);

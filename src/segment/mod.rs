@@ -125,7 +125,11 @@ pub struct Features {
 }
 
 /// Computes the feature maps on the CPU.
-pub fn features_cpu(frame: &Frame, despeckled: &Array2<f32>, params: &SegmentParams) -> Result<Features> {
+pub fn features_cpu(
+    frame: &Frame,
+    despeckled: &Array2<f32>,
+    params: &SegmentParams,
+) -> Result<Features> {
     let valid_full = valid_mask(frame);
     let (grid, valid, step, mm) = analysis_grid(frame, despeckled, &valid_full, params);
     let fp = feature_params(params, mm, grid.nrows())?;
@@ -133,7 +137,17 @@ pub fn features_cpu(frame: &Frame, despeckled: &Array2<f32>, params: &SegmentPar
     let phase_symmetry = plan.run(&grid)?;
     let below = crate::kernels::shadow::cpu(&grid, &fp.1)?;
     let (coherence, orientation) = crate::kernels::coherence::cpu_fast(&grid, &fp.2)?;
-    Ok(Features { intensity: grid, phase_symmetry, below, coherence, orientation, valid, valid_full, step, mm_per_px: mm })
+    Ok(Features {
+        intensity: grid,
+        phase_symmetry,
+        below,
+        coherence,
+        orientation,
+        valid,
+        valid_full,
+        step,
+        mm_per_px: mm,
+    })
 }
 
 /// Phase symmetry plans, kept per size and parameters: building one evaluates every filter.
@@ -142,10 +156,17 @@ static PLANS: PlanCache = std::sync::Mutex::new(Vec::new());
 /// Plans kept (frame sizes seen recently).
 const PLANS_KEPT: usize = 4;
 
-fn cached_plan(p: &crate::kernels::phase_symmetry::Params, width: usize, height: usize) -> std::sync::Arc<crate::kernels::phase_symmetry::Plan> {
+fn cached_plan(
+    p: &crate::kernels::phase_symmetry::Params,
+    width: usize,
+    height: usize,
+) -> std::sync::Arc<crate::kernels::phase_symmetry::Plan> {
     let mut plans = PLANS.lock().unwrap_or_else(|e| e.into_inner());
     let want = p.resolved(width, height);
-    if let Some(found) = plans.iter().find(|pl| pl.fits(width, height) && pl.params_equal(&want)) {
+    if let Some(found) = plans
+        .iter()
+        .find(|pl| pl.fits(width, height) && pl.params_equal(&want))
+    {
         return found.clone();
     }
     let plan = std::sync::Arc::new(crate::kernels::phase_symmetry::Plan::new(p, width, height));
@@ -159,7 +180,12 @@ fn cached_plan(p: &crate::kernels::phase_symmetry::Params, width: usize, height:
 /// Computes the feature maps on the GPU: the analysis grid is uploaded and each feature kernel
 /// runs there (phase symmetry's FFTs included); the maps are read back for the decisions.
 #[cfg(feature = "gpu")]
-pub fn features_gpu(ctx: &crate::gpu::GpuContext, frame: &Frame, despeckled: &Array2<f32>, params: &SegmentParams) -> Result<Features> {
+pub fn features_gpu(
+    ctx: &crate::gpu::GpuContext,
+    frame: &Frame,
+    despeckled: &Array2<f32>,
+    params: &SegmentParams,
+) -> Result<Features> {
     let valid_full = valid_mask(frame);
     let (grid, valid, step, mm) = analysis_grid(frame, despeckled, &valid_full, params);
     let fp = feature_params(params, mm, grid.nrows())?;
@@ -172,7 +198,17 @@ pub fn features_gpu(ctx: &crate::gpu::GpuContext, frame: &Frame, despeckled: &Ar
     let mut chain = ctx.begin(&grid)?;
     crate::kernels::coherence::encode(&mut chain, &fp.2)?;
     let (coherence, orientation) = chain.finish_with_aux()?;
-    Ok(Features { intensity: grid, phase_symmetry, below, coherence, orientation, valid, valid_full, step, mm_per_px: mm })
+    Ok(Features {
+        intensity: grid,
+        phase_symmetry,
+        below,
+        coherence,
+        orientation,
+        valid,
+        valid_full,
+        step,
+        mm_per_px: mm,
+    })
 }
 
 /// Kernel parameters for a grid of `mm` per pixel.
@@ -180,10 +216,18 @@ pub fn feature_params(
     params: &SegmentParams,
     mm: (f64, f64),
     rows: usize,
-) -> Result<(crate::kernels::phase_symmetry::Params, crate::kernels::shadow::Params, crate::kernels::coherence::Params)> {
+) -> Result<(
+    crate::kernels::phase_symmetry::Params,
+    crate::kernels::shadow::Params,
+    crate::kernels::coherence::Params,
+)> {
     let px = |v_mm: f64| v_mm / mm.1;
     let wavelength = px(params.ps_min_wavelength_mm).max(3.0) as f32;
-    let ps = crate::kernels::phase_symmetry::Params::new(params.ps_scales, params.ps_orientations, wavelength)?;
+    let ps = crate::kernels::phase_symmetry::Params::new(
+        params.ps_scales,
+        params.ps_orientations,
+        wavelength,
+    )?;
     // Shadow: skip 1 mm (the echo and its tail), average the next 4 mm.
     let gap = px(1.0).round().max(2.0) as u32;
     let length = (px(4.0).round() as u32).clamp(2, rows.max(2) as u32);
@@ -217,7 +261,10 @@ pub fn valid_mask(frame: &Frame) -> Array2<bool> {
         let mut around: Vec<f32> = Vec::with_capacity(((2 * r + 1) * (2 * r + 1)) as usize);
         for dy in -r..=r {
             for dx in -r..=r {
-                let (xx, yy) = ((fx as isize + dx).clamp(0, w as isize - 1), (fy as isize + dy).clamp(0, h as isize - 1));
+                let (xx, yy) = (
+                    (fx as isize + dx).clamp(0, w as isize - 1),
+                    (fy as isize + dy).clamp(0, h as isize - 1),
+                );
                 around.push(raw[[yy as usize, xx as usize]]);
             }
         }
@@ -228,7 +275,9 @@ pub fn valid_mask(frame: &Frame) -> Array2<bool> {
     let graphics = components::morph(&stroke, GRAPHIC_RADIUS, false);
     Array2::from_shape_fn((b.height(), b.width()), |(y, x)| {
         let (fx, fy) = (x + b.x0, y + b.y0);
-        frame.region.contains(fx, fy) && frame.colour_mask.as_ref().is_none_or(|m| m[[fy, fx]] == 0) && !graphics[[y, x]]
+        frame.region.contains(fx, fy)
+            && frame.colour_mask.as_ref().is_none_or(|m| m[[fy, fx]] == 0)
+            && !graphics[[y, x]]
     })
 }
 
@@ -241,27 +290,42 @@ pub fn analysis_grid(
 ) -> (Array2<f32>, Array2<bool>, usize, (f64, f64)) {
     let b = frame.region.bounds;
     let crop = despeckled.slice(s![b.y0..b.y1, b.x0..b.x1]);
-    let (mmx, mmy) = frame.calibration.mm_per_px().unwrap_or((ASSUMED_MM_PER_PX, ASSUMED_MM_PER_PX));
+    let (mmx, mmy) = frame
+        .calibration
+        .mm_per_px()
+        .unwrap_or((ASSUMED_MM_PER_PX, ASSUMED_MM_PER_PX));
     if b.width() <= params.half_resolution_above_px || b.height() < 4 {
         return (crop.to_owned(), valid_full.clone(), 1, (mmx, mmy));
     }
     let (h, w) = (b.height() / 2, b.width() / 2);
     let grid = Array2::from_shape_fn((h, w), |(y, x)| {
-        0.25 * (crop[[2 * y, 2 * x]] + crop[[2 * y + 1, 2 * x]] + crop[[2 * y, 2 * x + 1]] + crop[[2 * y + 1, 2 * x + 1]])
+        0.25 * (crop[[2 * y, 2 * x]]
+            + crop[[2 * y + 1, 2 * x]]
+            + crop[[2 * y, 2 * x + 1]]
+            + crop[[2 * y + 1, 2 * x + 1]])
     });
-    let valid = Array2::from_shape_fn((h, w), |(y, x)| valid_full[[2 * y, 2 * x]] && valid_full[[2 * y + 1, 2 * x + 1]]);
+    let valid = Array2::from_shape_fn((h, w), |(y, x)| {
+        valid_full[[2 * y, 2 * x]] && valid_full[[2 * y + 1, 2 * x + 1]]
+    });
     (grid, valid, 2, (mmx * 2.0, mmy * 2.0))
 }
 
 /// Computes the feature maps where `despeckler` runs its kernels: on its GPU when it has one
 /// (falling back to the CPU, with a warning, if the GPU fails under `Backend::Auto`), else on
 /// the CPU.
-pub fn features(despeckler: &crate::Despeckler, frame: &Frame, despeckled: &Array2<f32>, params: &SegmentParams) -> Result<Features> {
+pub fn features(
+    despeckler: &crate::Despeckler,
+    frame: &Frame,
+    despeckled: &Array2<f32>,
+    params: &SegmentParams,
+) -> Result<Features> {
     #[cfg(feature = "gpu")]
     if let Some(ctx) = despeckler.gpu_context() {
         match features_gpu(ctx, frame, despeckled, params) {
             Ok(f) => return Ok(f),
-            Err(e) if despeckler.falls_back() => log::warn!("GPU features failed, using the CPU: {e}"),
+            Err(e) if despeckler.falls_back() => {
+                log::warn!("GPU features failed, using the CPU: {e}")
+            }
             Err(e) => return Err(e),
         }
     }
@@ -270,19 +334,33 @@ pub fn features(despeckler: &crate::Despeckler, frame: &Frame, despeckled: &Arra
 }
 
 /// Segments one frame with the features computed where `despeckler` runs.
-pub fn segment_with(despeckler: &crate::Despeckler, frame: &Frame, despeckled: &Array2<f32>, params: &SegmentParams) -> Result<Segmentation> {
+pub fn segment_with(
+    despeckler: &crate::Despeckler,
+    frame: &Frame,
+    despeckled: &Array2<f32>,
+    params: &SegmentParams,
+) -> Result<Segmentation> {
     let f = features(despeckler, frame, despeckled, params)?;
     segment_from_features(frame, despeckled, &f, params)
 }
 
 /// Segments one frame from its despeckled intensity, features on the CPU.
-pub fn segment(frame: &Frame, despeckled: &Array2<f32>, params: &SegmentParams) -> Result<Segmentation> {
+pub fn segment(
+    frame: &Frame,
+    despeckled: &Array2<f32>,
+    params: &SegmentParams,
+) -> Result<Segmentation> {
     let f = features_cpu(frame, despeckled, params)?;
     segment_from_features(frame, despeckled, &f, params)
 }
 
 /// Segments one frame given its feature maps.
-pub fn segment_from_features(frame: &Frame, despeckled: &Array2<f32>, f: &Features, params: &SegmentParams) -> Result<Segmentation> {
+pub fn segment_from_features(
+    frame: &Frame,
+    despeckled: &Array2<f32>,
+    f: &Features,
+    params: &SegmentParams,
+) -> Result<Segmentation> {
     let b = frame.region.bounds;
     let (h, w) = (frame.height(), frame.width());
     let calibration_assumed = frame.calibration.mm_per_px().is_none();
@@ -295,7 +373,14 @@ pub fn segment_from_features(frame: &Frame, despeckled: &Array2<f32>, f: &Featur
         let mut labels = Array2::<u8>::zeros(crop.dim());
         bone::label_bone_and_shadow(&surface_full, valid_full, mm_full, &mut labels);
         if f.step == 1 {
-            fluid::label_joint_and_effusion(&crop, valid_full, &surface_full, mm_full, params, &mut labels);
+            fluid::label_joint_and_effusion(
+                &crop,
+                valid_full,
+                &surface_full,
+                mm_full,
+                params,
+                &mut labels,
+            );
             fluid::label_vessels(&crop, valid_full, mm_full, params, &mut labels);
             tendon::label_tendon(&crop, f, valid_full, &surface_full, mm_full, 1, &mut labels);
         } else {
@@ -303,9 +388,24 @@ pub fn segment_from_features(frame: &Frame, despeckled: &Array2<f32>, f: &Featur
             // carried to full resolution where the full-resolution bone and shadow left room.
             let mut grid = Array2::<u8>::zeros(f.intensity.dim());
             bone::label_bone_and_shadow(&surface, &f.valid, f.mm_per_px, &mut grid);
-            fluid::label_joint_and_effusion(&f.intensity, &f.valid, &surface, f.mm_per_px, params, &mut grid);
+            fluid::label_joint_and_effusion(
+                &f.intensity,
+                &f.valid,
+                &surface,
+                f.mm_per_px,
+                params,
+                &mut grid,
+            );
             fluid::label_vessels(&f.intensity, &f.valid, f.mm_per_px, params, &mut grid);
-            tendon::label_tendon(&f.intensity, f, &f.valid, &surface, f.mm_per_px, 1, &mut grid);
+            tendon::label_tendon(
+                &f.intensity,
+                f,
+                &f.valid,
+                &surface,
+                f.mm_per_px,
+                1,
+                &mut grid,
+            );
             let (gh, gw) = grid.dim();
             for ((y, x), l) in labels.indexed_iter_mut() {
                 if *l != label::BACKGROUND || !valid_full[[y, x]] {
@@ -321,18 +421,36 @@ pub fn segment_from_features(frame: &Frame, despeckled: &Array2<f32>, f: &Featur
     };
     let (crop_labels, surface) = region_labels;
     let mut labels = Array2::<u8>::zeros((h, w));
-    labels.slice_mut(s![b.y0..b.y1, b.x0..b.x1]).assign(&crop_labels);
+    labels
+        .slice_mut(s![b.y0..b.y1, b.x0..b.x1])
+        .assign(&crop_labels);
     let top_row = b.y0 as f64;
     let polylines_px: Vec<Vec<[f64; 2]>> = bone::polylines(&surface, mm_full, params)
         .into_iter()
-        .map(|l| l.into_iter().map(|[x, y]| [x + b.x0 as f64, y + b.y0 as f64]).collect())
+        .map(|l| {
+            l.into_iter()
+                .map(|[x, y]| [x + b.x0 as f64, y + b.y0 as f64])
+                .collect()
+        })
         .collect();
     let to_mm = |p: [f64; 2]| -> [f64; 2] {
         match frame.calibration.px_to_mm(p[0], p[1], top_row) {
             Some((x, y)) => [x, y],
-            None => [(p[0] - b.x0 as f64) * ASSUMED_MM_PER_PX, (p[1] - top_row) * ASSUMED_MM_PER_PX],
+            None => [
+                (p[0] - b.x0 as f64) * ASSUMED_MM_PER_PX,
+                (p[1] - top_row) * ASSUMED_MM_PER_PX,
+            ],
         }
     };
-    let polylines_mm = polylines_px.iter().map(|l| l.iter().map(|p| to_mm(*p)).collect()).collect();
-    Ok(Segmentation { labels, bone_polylines_px: polylines_px, bone_polylines_mm: polylines_mm, mm_per_px: mm_full, calibration_assumed })
+    let polylines_mm = polylines_px
+        .iter()
+        .map(|l| l.iter().map(|p| to_mm(*p)).collect())
+        .collect();
+    Ok(Segmentation {
+        labels,
+        bone_polylines_px: polylines_px,
+        bone_polylines_mm: polylines_mm,
+        mm_per_px: mm_full,
+        calibration_assumed,
+    })
 }

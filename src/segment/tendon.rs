@@ -34,7 +34,15 @@ const ABOVE_BONE_MM: f64 = 0.8;
 /// `step` is the size of a pixel of `img` in pixels of the feature grid `f` (1 when `img` is
 /// the grid itself).
 #[allow(clippy::too_many_arguments)]
-pub fn label_tendon(img: &Array2<f32>, f: &Features, valid: &Array2<bool>, surface: &[Option<f32>], mm: (f64, f64), step: usize, labels: &mut Array2<u8>) {
+pub fn label_tendon(
+    img: &Array2<f32>,
+    f: &Features,
+    valid: &Array2<bool>,
+    surface: &[Option<f32>],
+    mm: (f64, f64),
+    step: usize,
+    labels: &mut Array2<u8>,
+) {
     let (h, w) = img.dim();
     let level = super::bone::tissue_level(f);
     let skin = (SKIN_MM / mm.1) as usize;
@@ -42,7 +50,11 @@ pub fn label_tendon(img: &Array2<f32>, f: &Features, valid: &Array2<bool>, surfa
     let (gh, gw) = f.coherence.dim();
     let max_tilt = MAX_TILT_DEG.to_radians();
     // Brightness smoothed along the fibres (horizontal) more than across them.
-    let smooth = box_blur(img, ((SMOOTH_ALONG_MM / mm.0) as usize).max(1), ((SMOOTH_ACROSS_MM / mm.1) as usize).max(1));
+    let smooth = box_blur(
+        img,
+        ((SMOOTH_ALONG_MM / mm.0) as usize).max(1),
+        ((SMOOTH_ACROSS_MM / mm.1) as usize).max(1),
+    );
     let candidate = Array2::from_shape_fn((h, w), |(y, x)| {
         if !valid[[y, x]] || labels[[y, x]] != label::BACKGROUND || y < skin {
             return false;
@@ -96,7 +108,11 @@ pub fn label_tendon(img: &Array2<f32>, f: &Features, valid: &Array2<bool>, surfa
         for &(y, x) in &c.pixels {
             per_col[x] = (per_col[x].0.min(y), per_col[x].1.max(y));
         }
-        let mut thick: Vec<usize> = per_col.iter().filter(|(a, _)| *a != usize::MAX).map(|(a, b)| b - a + 1).collect();
+        let mut thick: Vec<usize> = per_col
+            .iter()
+            .filter(|(a, _)| *a != usize::MAX)
+            .map(|(a, b)| b - a + 1)
+            .collect();
         thick.sort_unstable();
         if thick.is_empty() || thick[thick.len() / 2] < min_rows {
             continue;
