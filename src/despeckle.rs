@@ -258,8 +258,11 @@ impl Despeckler {
                 Err(e) => return Err(e),
             }
         }
-        let mut cur = img.clone();
-        for f in filters {
+        let Some((first, rest)) = filters.split_first() else {
+            return Ok(img.clone());
+        };
+        let mut cur = first.cpu(img)?;
+        for f in rest {
             cur = f.cpu(&cur)?;
         }
         Ok(cur)

@@ -280,7 +280,24 @@ fn gpu_chain_keeps_the_frame_on_the_gpu_and_reuses_buffers() {
 
 #[test]
 fn fast_median_gives_exactly_the_twins_values() {
-    for (w, h) in [(67, 53), (1, 9), (9, 1), (12, 12), (300, 7), (5, 5)] {
+    // Widths around the vector path's limits: blocks of 8 plus margins of 1 or 2, an overlapping
+    // last block, edge blocks that overlap each other.
+    for (w, h) in [
+        (67, 53),
+        (1, 9),
+        (9, 1),
+        (12, 12),
+        (300, 7),
+        (5, 5),
+        (8, 6),
+        (10, 4),
+        (11, 5),
+        (13, 3),
+        (16, 9),
+        (17, 4),
+        (1024, 3),
+        (20, 97),
+    ] {
         let img = pure_speckle(w, h, 17);
         for size in [3, 5] {
             let p = median::Params::new(size).unwrap();
