@@ -229,7 +229,63 @@ impl Plan {
             });
     }
 
-    /// The phase symmetry map of `img` (which must have the plan's size).
+    /// One filter's response on the `h` × `w` image area: per pixel the even-minus-odd energy
+    /// `e − |o|` and the amplitude, and the amplitudes' sum (f64, in row-major order).
+    ///
+    /// The inverse FFT runs rows first, then only the `w` columns that are kept, as the twin
+    /// does (so the values are the same); each whole pass is one rustfft call, so the scratch
+    /// space is allocated once per pass.
+    fn response(
+        &self,
+        spec: &[Complex<f32>],
+        filter: &[f32],
+        w: usize,
+        h: usize,
+    ) -> (Vec<f32>, Vec<f32>, f64) {
+        let (pw, ph) = (
+            self.params.pad_width as usize,
+            self.params.pad_height as usize,
+        );
+        let mut x: Vec<Complex<f32>> = spec.iter().zip(filter).map(|(a, g)| a * g).collect();
+        self.inverse[0].process(&mut x);
+        // Columns 0..w, transposed in tiles so that neither side is walked with a long stride.
+        const TILE: usize = 32;
+        let mut t = vec![Complex::new(0.0f32, 0.0); w * ph];
+        for v0 in (0..ph).step_by(TILE) {
+            for u0 in (0..w).step_by(TILE) {
+                for v in v0..(v0 + TILE).min(ph) {
+                    for u in u0..(u0 + TILE).min(w) {
+                        t[u * ph + v] = x[v * pw + u];
+                    }
+                }
+            }
+        }
+        drop(x);
+        self.inverse[1].process(&mut t);
+        let norm = 1.0 / (pw * ph) as f32;
+        let mut even_odd = vec![0f32; w * h];
+        let mut amplitude = vec![0f32; w * h];
+        let mut sum_a = 0.0f64;
+        for y0 in (0..h).step_by(TILE) {
+            for u0 in (0..w).step_by(TILE) {
+                for y in y0..(y0 + TILE).min(h) {
+                    for u in u0..(u0 + TILE).min(w) {
+                        let z = t[u * ph + y] * norm;
+                        amplitude[y * w + u] = (z.re * z.re + z.im * z.im).sqrt();
+                        even_odd[y * w + u] = z.re - z.im.abs();
+                    }
+                }
+            }
+        }
+        for &a in &amplitude {
+            sum_a += a as f64;
+        }
+        (even_odd, amplitude, sum_a)
+    }
+
+    /// The phase symmetry map of `img` (which must have the plan's size). The filters run in
+    /// parallel, one task each; their responses are summed in the twin's order, so the result
+    /// is the twin's to the bit.
     pub fn run(&self, img: &Array2<f32>) -> crate::Result<Array2<f32>> {
         check_image("phase_symmetry", img)?;
         let (h, w) = img.dim();
@@ -249,47 +305,41 @@ impl Plan {
             .as_slice()
             .map(|s| s.to_vec())
             .unwrap_or_else(|| spectrum.iter().copied().collect());
-        let norm = 1.0 / (pw * ph) as f32;
-        let mut numerator = Array2::<f32>::zeros((h, w));
-        let mut amplitude = Array2::<f32>::zeros((h, w));
-        for o in 0..p.orientations as usize {
-            let mut energy = Array2::<f32>::zeros((h, w));
-            let mut mean_a0 = 0.0f32;
-            for s in 0..p.scales as usize {
-                let filt = &self.filters[o * p.scales as usize + s];
-                let prod: Vec<Complex<f32>> = spec
-                    .par_iter()
-                    .zip(filt.par_iter())
-                    .map(|(a, g)| a * g)
-                    .collect();
-                let mut r = Array2::from_shape_vec((ph, pw), prod).map_err(|e| {
-                    crate::Error::InvalidParameter {
-                        name: "phase_symmetry",
-                        reason: e.to_string(),
-                    }
-                })?;
-                self.fft2(&mut r, true);
-                let mut sum_a = 0.0f64;
-                ndarray::Zip::indexed(&mut energy)
-                    .and(&mut amplitude)
-                    .for_each(|(y, x), e, a| {
-                        let z = r[[y, x]] * norm;
-                        let amp = (z.re * z.re + z.im * z.im).sqrt();
-                        *a += amp;
-                        *e += z.re - z.im.abs();
-                        sum_a += amp as f64;
-                    });
-                if s == 0 {
-                    mean_a0 = (sum_a / (w * h) as f64) as f32;
+        let responses: Vec<(Vec<f32>, Vec<f32>, f64)> = self
+            .filters
+            .par_iter()
+            .map(|filter| self.response(&spec, filter, w, h))
+            .collect();
+        let mut numerator = vec![0f32; w * h];
+        let mut amplitude = vec![0f32; w * h];
+        for per_orientation in responses.chunks(p.scales as usize) {
+            let mut energy = vec![0f32; w * h];
+            for (even_odd, amp, _) in per_orientation {
+                for (((e, a), &eo), &am) in energy
+                    .iter_mut()
+                    .zip(amplitude.iter_mut())
+                    .zip(even_odd)
+                    .zip(amp)
+                {
+                    *a += am;
+                    *e += eo;
                 }
             }
+            let mean_a0 = (per_orientation[0].2 / (w * h) as f64) as f32;
             let t = noise_threshold(p, mean_a0);
-            numerator.zip_mut_with(&energy, |n, e| *n += (e - t).max(0.0));
+            numerator
+                .iter_mut()
+                .zip(&energy)
+                .for_each(|(n, e)| *n += (e - t).max(0.0));
         }
-        let mut out = numerator;
-        out.zip_mut_with(&amplitude, |n, a| *n /= a + EPSILON);
-        out.par_mapv_inplace(|v| v.clamp(0.0, 1.0));
-        Ok(out)
+        numerator
+            .iter_mut()
+            .zip(&amplitude)
+            .for_each(|(n, a)| *n = (*n / (a + EPSILON)).clamp(0.0, 1.0));
+        Array2::from_shape_vec((h, w), numerator).map_err(|e| crate::Error::InvalidParameter {
+            name: "phase_symmetry",
+            reason: e.to_string(),
+        })
     }
 }
 
