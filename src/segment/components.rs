@@ -145,21 +145,28 @@ mod tests {
         let m = Array2::from_shape_fn((13, 17), |(y, x)| {
             (x * 7 + y * 3) % 5 == 0 || (x > 5 && x < 11 && y > 3 && y < 9)
         });
-        for r in [1, 2] {
-            for all in [false, true] {
-                let fast = morph(&m, r, all);
-                let slow = Array2::from_shape_fn(m.dim(), |(y, x)| {
-                    let ys = y.saturating_sub(r)..(y + r + 1).min(13);
-                    let mut it = ys.flat_map(|yy| {
-                        (x.saturating_sub(r)..(x + r + 1).min(17)).map(move |xx| (yy, xx))
+        // Also a taller mask, with radii that reach past many rows.
+        let tall = Array2::from_shape_fn((150, 23), |(y, x)| {
+            (x * 5 + y * 11) % 7 == 0 || (y > 60 && y < 70)
+        });
+        for (m, radii) in [(&m, &[1usize, 2][..]), (&tall, &[1, 3, 8][..])] {
+            let (h, w) = m.dim();
+            for &r in radii {
+                for all in [false, true] {
+                    let fast = morph(m, r, all);
+                    let slow = Array2::from_shape_fn(m.dim(), |(y, x)| {
+                        let ys = y.saturating_sub(r)..(y + r + 1).min(h);
+                        let mut it = ys.flat_map(|yy| {
+                            (x.saturating_sub(r)..(x + r + 1).min(w)).map(move |xx| (yy, xx))
+                        });
+                        if all {
+                            it.all(|p| m[p])
+                        } else {
+                            it.any(|p| m[p])
+                        }
                     });
-                    if all {
-                        it.all(|p| m[p])
-                    } else {
-                        it.any(|p| m[p])
-                    }
-                });
-                assert_eq!(fast, slow, "r {r} all {all}");
+                    assert_eq!(fast, slow, "{h}x{w} r {r} all {all}");
+                }
             }
         }
         let c = components(&m);
