@@ -233,6 +233,15 @@ pub fn distance_mm(mask: &Array2<bool>, mm: (f64, f64)) -> Array2<f64> {
     Array2::from_shape_vec((h, w), d).unwrap_or_else(|_| Array2::from_elem((h, w), f64::INFINITY))
 }
 
+/// What a needle must keep clear of (bone, shadow, vessel) and the distance to it in mm.
+fn obstacles(seg: &Segmentation, mm: (f64, f64)) -> (Array2<bool>, Array2<f64>) {
+    let forbidden = seg
+        .labels
+        .mapv(|l| l == label::BONE || l == label::SHADOW || l == label::VESSEL);
+    let dist = distance_mm(&forbidden, mm);
+    (forbidden, dist)
+}
+
 struct Geometry<'a> {
     frame: &'a Frame,
     mm: (f64, f64),
@@ -240,7 +249,17 @@ struct Geometry<'a> {
     assumed: bool,
 }
 
-impl Geometry<'_> {
+impl<'a> Geometry<'a> {
+    /// The frame's calibration, or the assumed spacing (flagged) where it has none.
+    fn new(frame: &'a Frame) -> Self {
+        let mm = frame.calibration.mm_per_px();
+        Geometry {
+            frame,
+            mm: mm.unwrap_or((ASSUMED_MM_PER_PX, ASSUMED_MM_PER_PX)),
+            top_row: frame.region.bounds.y0 as f64,
+            assumed: mm.is_none(),
+        }
+    }
     fn to_mm(&self, x: f64, y: f64) -> [f64; 2] {
         match self.frame.calibration.px_to_mm(x, y, self.top_row) {
             Some((a, b)) => [a, b],
@@ -354,21 +373,10 @@ fn skin_line(frame: &Frame) -> Vec<Option<usize>> {
 
 /// Plans a needle path for one segmented frame.
 pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePlan {
-    let assumed = frame.calibration.mm_per_px().is_none();
-    let mm = frame
-        .calibration
-        .mm_per_px()
-        .unwrap_or((ASSUMED_MM_PER_PX, ASSUMED_MM_PER_PX));
-    let g = Geometry {
-        frame,
-        mm,
-        top_row: frame.region.bounds.y0 as f64,
-        assumed,
-    };
-    let labels = &seg.labels;
-    let (h, w) = labels.dim();
-    let forbidden = labels.mapv(|l| l == label::BONE || l == label::SHADOW || l == label::VESSEL);
-    let dist = distance_mm(&forbidden, mm);
+    let g = Geometry::new(frame);
+    let mm = g.mm;
+    let (h, w) = seg.labels.dim();
+    let (forbidden, dist) = obstacles(seg, mm);
     let (target_px, kind) = match params.target_mm {
         Some((xm, ym)) => (g.mm_to_px(xm, ym), "user"),
         None => match auto_target(seg, &dist, params.margin_mm, mm) {
@@ -546,7 +554,6 @@ impl PlanSmoother {
             self.state = None;
             return raw.clone();
         }
-        let _ = e;
         // A different kind of target is a different target: no averaging across it.
         if self.kind != raw.target_kind {
             self.state = None;
@@ -563,15 +570,15 @@ impl PlanSmoother {
         if let Some((pe, pt)) = self.state {
             // Even when this frame's best entry is on the other side, the previous one is kept
             // if it is still safe: near-equal costs must not flip the suggestion.
-            {
-                let st = mix(pt, t.px);
-                // Keep the previous entry while it still gives a safe path (hysteresis: the
-                // exhaustive search may flip between near-equal entries), else move it.
-                for entry in [pe, self.on_skin(frame, mix(pe, e.px))] {
-                    if let Some(plan) = check_path(frame, seg, entry, st, raw, &p) {
-                        self.state = Some((entry, st));
-                        return plan;
-                    }
+            let st = mix(pt, t.px);
+            let g = Geometry::new(frame);
+            let (forbidden, dist) = obstacles(seg, g.mm);
+            // Keep the previous entry while it still gives a safe path (hysteresis: the
+            // exhaustive search may flip between near-equal entries), else move it.
+            for entry in [pe, self.on_skin(frame, mix(pe, e.px))] {
+                if let Some(plan) = check_path(&g, (&forbidden, &dist), entry, st, raw, &p) {
+                    self.state = Some((entry, st));
+                    return plan;
                 }
             }
         }
@@ -588,28 +595,15 @@ impl PlanSmoother {
 
 /// Re-evaluates a given entry → target path under the constraints; `None` if unsafe.
 fn check_path(
-    frame: &Frame,
-    seg: &Segmentation,
+    g: &Geometry<'_>,
+    (forbidden, dist): (&Array2<bool>, &Array2<f64>),
     entry: [f64; 2],
     target: [f64; 2],
     raw: &NeedlePlan,
     params: &PlanParams,
 ) -> Option<NeedlePlan> {
-    let assumed = frame.calibration.mm_per_px().is_none();
-    let mm = frame
-        .calibration
-        .mm_per_px()
-        .unwrap_or((ASSUMED_MM_PER_PX, ASSUMED_MM_PER_PX));
-    let g = Geometry {
-        frame,
-        mm,
-        top_row: frame.region.bounds.y0 as f64,
-        assumed,
-    };
-    let (h, w) = seg.labels.dim();
-    let forbidden = seg
-        .labels
-        .mapv(|l| l == label::BONE || l == label::SHADOW || l == label::VESSEL);
+    let frame = g.frame;
+    let (h, w) = forbidden.dim();
     let (e, t) = (g.point(entry[0], entry[1]), g.point(target[0], target[1]));
     if !frame
         .region
@@ -627,7 +621,6 @@ fn check_path(
     if angle < params.min_angle_deg || angle > params.max_angle_deg {
         return None;
     }
-    let dist = distance_mm(&forbidden, mm);
     let steps = (len * SAMPLES_PER_MM).ceil() as usize;
     let mut clearance = f64::INFINITY;
     for k in 0..=steps {
@@ -666,7 +659,7 @@ fn check_path(
         } else {
             "right"
         }),
-        calibration_assumed: assumed,
+        calibration_assumed: g.assumed,
     })
 }
 
