@@ -9,25 +9,6 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use sonoguide::bench::{bench_filters, speckle_frame};
 use sonoguide::{Backend, Despeckler, Filter};
 
-fn gpu() -> Option<Despeckler> {
-    let d = Despeckler::new(Backend::Gpu).ok()?;
-    let software = sonoguide::gpu::list_adapters()
-        .iter()
-        .any(|a| a.name == d.device_name() && !a.hardware);
-    if software
-        && std::env::var("SONOGUIDE_BENCH_SOFTWARE_GPU")
-            .map(|v| v != "1")
-            .unwrap_or(true)
-    {
-        eprintln!(
-            "GPU benches skipped: only a software adapter ({})",
-            d.device_name()
-        );
-        return None;
-    }
-    Some(d)
-}
-
 fn case_name(f: &Filter) -> String {
     let p: Vec<String> = f
         .parameters()
@@ -39,7 +20,7 @@ fn case_name(f: &Filter) -> String {
 
 fn kernels(c: &mut Criterion) {
     let cpu = Despeckler::new(Backend::Cpu).expect("cpu backend");
-    let gpu = gpu();
+    let gpu = sonoguide::bench::bench_gpu();
     let filters = bench_filters().expect("filters");
     for (w, h) in [(640usize, 480usize), (1024, 768)] {
         let img = speckle_frame(w, h).expect("frame");

@@ -8,24 +8,9 @@ use sonoguide::phantom::{frame_of, generate, PhantomParams};
 use sonoguide::segment::{analysis_grid, feature_params, segment_with, valid_mask, SegmentParams};
 use sonoguide::{Backend, Despeckler, Filter};
 
-fn gpu() -> Option<Despeckler> {
-    let d = Despeckler::new(Backend::Gpu).ok()?;
-    let software = sonoguide::gpu::list_adapters()
-        .iter()
-        .any(|a| a.name == d.device_name() && !a.hardware);
-    if software
-        && std::env::var("SONOGUIDE_BENCH_SOFTWARE_GPU")
-            .map(|v| v != "1")
-            .unwrap_or(true)
-    {
-        return None;
-    }
-    Some(d)
-}
-
 fn segment(c: &mut Criterion) {
     let cpu = Despeckler::new(Backend::Cpu).expect("cpu");
-    let gpu = gpu();
+    let gpu = sonoguide::bench::bench_gpu();
     let seg = SegmentParams::default();
     let srad = Filter::default_for("srad").expect("srad");
     for (w, h) in [(640usize, 480usize), (1024, 768)] {

@@ -45,6 +45,35 @@ pub fn bench_filters() -> Result<Vec<Filter>> {
     ])
 }
 
+/// The GPU despeckler for the criterion benches: a hardware adapter; the software one
+/// (lavapipe, hundreds of times slower than a GPU) only when `SONOGUIDE_BENCH_SOFTWARE_GPU=1`.
+/// `None`, with a line on stderr saying why, when there is no adapter to bench.
+#[cfg(feature = "gpu")]
+pub fn bench_gpu() -> Option<Despeckler> {
+    let d = match Despeckler::new(crate::Backend::Gpu) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("GPU benches skipped: {e}");
+            return None;
+        }
+    };
+    let software = crate::gpu::list_adapters()
+        .iter()
+        .any(|a| a.name == d.device_name() && !a.hardware);
+    if software
+        && std::env::var("SONOGUIDE_BENCH_SOFTWARE_GPU")
+            .map(|v| v != "1")
+            .unwrap_or(true)
+    {
+        eprintln!(
+            "GPU benches skipped: only a software adapter ({})",
+            d.device_name()
+        );
+        return None;
+    }
+    Some(d)
+}
+
 /// A speckle frame of the given size from a phantom.
 pub fn speckle_frame(width: usize, height: usize) -> Result<Array2<f32>> {
     let mut p = PhantomParams::default();
