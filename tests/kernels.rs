@@ -8,6 +8,14 @@ use sonoguide::kernels::{self, frost, lee, median, obnlm, srad};
 use sonoguide::phantom::{generate, PhantomParams};
 use sonoguide::Backend;
 
+/// The largest absolute difference between two images of the same size.
+fn max_abs_diff(a: &ndarray::Array2<f32>, b: &ndarray::Array2<f32>) -> f32 {
+    a.iter()
+        .zip(b.iter())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
 fn root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
@@ -91,11 +99,7 @@ fn fast_obnlm_agrees_with_its_twin() {
         let p = obnlm::Params::new(7, 3, 4.0).unwrap();
         let a = obnlm::cpu(&img, &p).unwrap();
         let b = obnlm::cpu_fast(&img, &p).unwrap();
-        let worst = a
-            .iter()
-            .zip(b.iter())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
+        let worst = max_abs_diff(&a, &b);
         assert!(
             worst < OBNLM_FAST_TOLERANCE,
             "{w}x{h}: max abs diff {worst}"
@@ -270,11 +274,7 @@ fn gpu_chain_keeps_the_frame_on_the_gpu_and_reuses_buffers() {
         kernels,
         "no new pipelines after the first frame"
     );
-    let worst = want
-        .iter()
-        .zip(first.iter())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let worst = max_abs_diff(&want, &first);
     assert!(worst <= LOCAL_STATS_TOLERANCE, "chained result {worst}");
 }
 
@@ -324,11 +324,7 @@ fn fast_srad_agrees_with_its_twin() {
         ] {
             let a = srad::cpu(&img, &s).unwrap();
             let b = srad::cpu_fast(&img, &s).unwrap();
-            let worst = a
-                .iter()
-                .zip(b.iter())
-                .map(|(x, y)| (x - y).abs())
-                .fold(0.0f32, f32::max);
+            let worst = max_abs_diff(&a, &b);
             assert!(worst < SRAD_FAST_TOLERANCE, "{w}x{h}: max abs diff {worst}");
         }
     }
@@ -356,11 +352,7 @@ fn fast_lee_and_frost_agree_with_their_twins() {
                 frost::cpu_fast(&img, &fp).unwrap(),
             ),
         ] {
-            let worst = a
-                .iter()
-                .zip(b.iter())
-                .map(|(x, y)| (x - y).abs())
-                .fold(0.0f32, f32::max);
+            let worst = max_abs_diff(&a, &b);
             assert!(
                 worst < LOCAL_STATS_FAST_TOLERANCE,
                 "{name} {w}x{h}: max abs diff {worst}"
@@ -398,11 +390,7 @@ fn fast_coherence_and_phase_symmetry_plan_agree_with_their_twins() {
         let p = coherence::Params::new(3).unwrap();
         let (c1, o1) = coherence::cpu(&img, &p).unwrap();
         let (c2, o2) = coherence::cpu_fast(&img, &p).unwrap();
-        let wc = c1
-            .iter()
-            .zip(c2.iter())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let wc = max_abs_diff(&c1, &c2);
         assert!(wc < COHERENCE_FAST_TOLERANCE, "coherence {w}x{h}: {wc}");
         // Orientation is compared where the structure is clear (it is undefined in flat areas).
         for ((a, b), c) in o1.iter().zip(o2.iter()).zip(c1.iter()) {

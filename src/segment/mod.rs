@@ -124,19 +124,25 @@ pub struct Features {
     pub mm_per_px: (f64, f64),
 }
 
-/// Computes the feature maps on the CPU.
-pub fn features_cpu(
+/// The three feature kernels' parameters, for [`feature_params`]' result.
+type FeatureParams = (
+    crate::kernels::phase_symmetry::Params,
+    crate::kernels::shadow::Params,
+    crate::kernels::coherence::Params,
+);
+
+/// The feature maps of a frame: the valid mask and analysis grid, then `kernels` on the grid
+/// giving phase symmetry, the mean below, coherence and orientation.
+fn features_with(
     frame: &Frame,
     despeckled: &Array2<f32>,
     params: &SegmentParams,
+    kernels: impl FnOnce(&Array2<f32>, &FeatureParams) -> Result<[Array2<f32>; 4]>,
 ) -> Result<Features> {
     let valid_full = valid_mask(frame);
     let (grid, valid, step, mm) = analysis_grid(frame, despeckled, &valid_full, params);
     let fp = feature_params(params, mm, grid.nrows())?;
-    let plan = cached_plan(&fp.0, grid.ncols(), grid.nrows());
-    let phase_symmetry = plan.run(&grid)?;
-    let below = crate::kernels::shadow::cpu(&grid, &fp.1)?;
-    let (coherence, orientation) = crate::kernels::coherence::cpu_fast(&grid, &fp.2)?;
+    let [phase_symmetry, below, coherence, orientation] = kernels(&grid, &fp)?;
     Ok(Features {
         intensity: grid,
         phase_symmetry,
@@ -147,6 +153,21 @@ pub fn features_cpu(
         valid_full,
         step,
         mm_per_px: mm,
+    })
+}
+
+/// Computes the feature maps on the CPU.
+pub fn features_cpu(
+    frame: &Frame,
+    despeckled: &Array2<f32>,
+    params: &SegmentParams,
+) -> Result<Features> {
+    features_with(frame, despeckled, params, |grid, fp| {
+        let plan = cached_plan(&fp.0, grid.ncols(), grid.nrows());
+        let phase_symmetry = plan.run(grid)?;
+        let below = crate::kernels::shadow::cpu(grid, &fp.1)?;
+        let (coherence, orientation) = crate::kernels::coherence::cpu_fast(grid, &fp.2)?;
+        Ok([phase_symmetry, below, coherence, orientation])
     })
 }
 
@@ -186,28 +207,17 @@ pub fn features_gpu(
     despeckled: &Array2<f32>,
     params: &SegmentParams,
 ) -> Result<Features> {
-    let valid_full = valid_mask(frame);
-    let (grid, valid, step, mm) = analysis_grid(frame, despeckled, &valid_full, params);
-    let fp = feature_params(params, mm, grid.nrows())?;
-    let mut chain = ctx.begin(&grid)?;
-    crate::kernels::phase_symmetry::encode(&mut chain, &fp.0)?;
-    let phase_symmetry = chain.finish()?;
-    let mut chain = ctx.begin(&grid)?;
-    crate::kernels::shadow::encode(&mut chain, &fp.1)?;
-    let below = chain.finish()?;
-    let mut chain = ctx.begin(&grid)?;
-    crate::kernels::coherence::encode(&mut chain, &fp.2)?;
-    let (coherence, orientation) = chain.finish_with_aux()?;
-    Ok(Features {
-        intensity: grid,
-        phase_symmetry,
-        below,
-        coherence,
-        orientation,
-        valid,
-        valid_full,
-        step,
-        mm_per_px: mm,
+    features_with(frame, despeckled, params, |grid, fp| {
+        let mut chain = ctx.begin(grid)?;
+        crate::kernels::phase_symmetry::encode(&mut chain, &fp.0)?;
+        let phase_symmetry = chain.finish()?;
+        let mut chain = ctx.begin(grid)?;
+        crate::kernels::shadow::encode(&mut chain, &fp.1)?;
+        let below = chain.finish()?;
+        let mut chain = ctx.begin(grid)?;
+        crate::kernels::coherence::encode(&mut chain, &fp.2)?;
+        let (coherence, orientation) = chain.finish_with_aux()?;
+        Ok([phase_symmetry, below, coherence, orientation])
     })
 }
 
@@ -216,11 +226,7 @@ pub fn feature_params(
     params: &SegmentParams,
     mm: (f64, f64),
     rows: usize,
-) -> Result<(
-    crate::kernels::phase_symmetry::Params,
-    crate::kernels::shadow::Params,
-    crate::kernels::coherence::Params,
-)> {
+) -> Result<FeatureParams> {
     let px = |v_mm: f64| v_mm / mm.1;
     let wavelength = px(params.ps_min_wavelength_mm).max(3.0) as f32;
     let ps = crate::kernels::phase_symmetry::Params::new(
