@@ -4,13 +4,15 @@
 //! `SONOGUIDE_BENCH_SOFTWARE_GPU=1` for lavapipe.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use sonoguide::phantom::{frame_of, generate, PhantomParams};
 use sonoguide::segment::{analysis_grid, feature_params, segment_with, valid_mask, SegmentParams};
+use sonoguide::sim::phantom::{frame_of, generate, PhantomParams};
 use sonoguide::{Backend, Despeckler, Filter};
 
 fn segment(c: &mut Criterion) {
     let cpu = Despeckler::new(Backend::Cpu).expect("cpu");
-    let gpu = sonoguide::bench::bench_gpu();
+    let gpu = sonoguide::sim::bench::bench_gpu()
+        .map_err(|reason| eprintln!("{reason}"))
+        .ok();
     let seg = SegmentParams::default();
     let srad = Filter::default_for("srad").expect("srad");
     for (w, h) in [(640usize, 480usize), (1024, 768)] {

@@ -6,9 +6,7 @@
 
 use ndarray::Array2;
 
-use crate::gpu::Backend;
-#[cfg(not(feature = "gpu"))]
-use crate::gpu::GpuError;
+use crate::gpu::{Backend, Compute, Ran};
 use crate::kernels::{frost, lee, median, obnlm, srad};
 use crate::Result;
 
@@ -67,10 +65,11 @@ impl Filter {
             "frost" => Filter::Frost(frost::Params::new(FROST_WINDOW, FROST_DAMPING)?),
             "median" => Filter::Median(median::Params::new(MEDIAN_SIZE)?),
             other => {
-                return Err(crate::Error::InvalidParameter {
+                return Err(crate::kernels::KernelError::InvalidParameter {
                     name: "filter",
                     reason: format!("unknown filter '{other}' ({})", FILTER_NAMES.join(", ")),
-                })
+                }
+                .into())
             }
         })
     }
@@ -134,54 +133,27 @@ impl Filter {
     }
 }
 
-/// Runs filters on the chosen backend, keeping GPU state between frames.
+/// Runs filters on the chosen backend, keeping GPU state between frames. It derefs to its
+/// [`Compute`] (backend, device name, note).
+#[derive(Debug, Clone)]
 pub struct Despeckler {
-    backend: Backend,
-    #[cfg(feature = "gpu")]
-    gpu: Option<std::sync::Arc<crate::gpu::GpuContext>>,
-    note: Option<String>,
+    compute: Compute,
 }
 
-impl std::fmt::Debug for Despeckler {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Despeckler")
-            .field("backend", &self.backend)
-            .field("device", &self.device_name())
-            .finish()
+impl std::ops::Deref for Despeckler {
+    type Target = Compute;
+    fn deref(&self) -> &Compute {
+        &self.compute
     }
 }
 
 impl Despeckler {
     /// Opens the backend: `Gpu` fails if there is no adapter; `Auto` quietly uses the CPU when
-    /// there is no hardware GPU (see [`Despeckler::note`]).
+    /// there is no hardware GPU (see [`Compute::note`]).
     pub fn new(backend: Backend) -> Result<Despeckler> {
-        #[cfg(feature = "gpu")]
-        {
-            let (gpu, note) = match backend {
-                Backend::Cpu => (None, None),
-                Backend::Gpu => (
-                    Some(std::sync::Arc::new(crate::gpu::GpuContext::new(
-                        Backend::Gpu,
-                    )?)),
-                    None,
-                ),
-                Backend::Auto => match crate::gpu::GpuContext::new(Backend::Auto) {
-                    Ok(c) => (Some(std::sync::Arc::new(c)), None),
-                    Err(e) => (None, Some(format!("using the CPU: {e}"))),
-                },
-            };
-            Ok(Despeckler { backend, gpu, note })
-        }
-        #[cfg(not(feature = "gpu"))]
-        {
-            if backend == Backend::Gpu {
-                return Err(GpuError::NotBuilt.into());
-            }
-            Ok(Despeckler {
-                backend,
-                note: None,
-            })
-        }
+        Ok(Despeckler {
+            compute: Compute::new(backend)?,
+        })
     }
 
     /// A despeckler on an already open GPU device (several pipelines can share one device: its
@@ -189,82 +161,50 @@ impl Despeckler {
     #[cfg(feature = "gpu")]
     pub fn with_gpu(gpu: std::sync::Arc<crate::gpu::GpuContext>) -> Despeckler {
         Despeckler {
-            backend: Backend::Gpu,
-            gpu: Some(gpu),
-            note: None,
+            compute: Compute::with_gpu(gpu),
         }
     }
 
-    /// The shared handle of the GPU device, if the GPU runs.
-    #[cfg(feature = "gpu")]
-    pub fn gpu_handle(&self) -> Option<std::sync::Arc<crate::gpu::GpuContext>> {
-        self.gpu.clone()
-    }
-
-    /// Whether a GPU failure falls back to the CPU (`Backend::Auto`).
-    pub fn falls_back(&self) -> bool {
-        self.backend == Backend::Auto
-    }
-
-    /// Why the backend differs from what was asked for, if it does.
-    pub fn note(&self) -> Option<&str> {
-        self.note.as_deref()
-    }
-
-    /// `"gpu"` or `"cpu"`: what actually runs.
-    pub fn backend_name(&self) -> &'static str {
-        if self.gpu_context().is_some() {
-            "gpu"
-        } else {
-            "cpu"
-        }
-    }
-
-    /// The adapter's name, or `"cpu"`.
-    pub fn device_name(&self) -> String {
-        match self.gpu_context() {
-            #[cfg(feature = "gpu")]
-            Some(g) => g.adapter_name().to_string(),
-            _ => "cpu".to_string(),
-        }
-    }
-
-    /// The GPU context, if the GPU runs.
-    #[cfg(feature = "gpu")]
-    pub fn gpu_context(&self) -> Option<&crate::gpu::GpuContext> {
-        self.gpu.as_deref()
-    }
-    #[cfg(not(feature = "gpu"))]
-    fn gpu_context(&self) -> Option<&()> {
-        None
+    /// Where the kernels run.
+    pub fn compute(&self) -> &Compute {
+        &self.compute
     }
 
     /// Applies `filters` in order to `img` (on the GPU: one upload, one submit, one read-back).
     pub fn run(&self, img: &Array2<f32>, filters: &[Filter]) -> Result<Array2<f32>> {
-        #[cfg(feature = "gpu")]
-        if let Some(ctx) = &self.gpu {
-            let on_gpu = || -> Result<Array2<f32>> {
-                let mut chain = ctx.begin(img)?;
-                for f in filters {
-                    f.encode(&mut chain)?;
+        Ok(self.run_reporting(img, filters)?.0)
+    }
+
+    /// Like [`Despeckler::run`], also saying which backend actually ran.
+    pub fn run_reporting(
+        &self,
+        img: &Array2<f32>,
+        filters: &[Filter],
+    ) -> Result<(Array2<f32>, Ran)> {
+        self.compute.run(
+            "despeckling",
+            |ctx| {
+                #[cfg(feature = "gpu")]
+                {
+                    let mut chain = ctx.begin(img)?;
+                    for f in filters {
+                        f.encode(&mut chain)?;
+                    }
+                    Ok(chain.finish()?)
                 }
-                Ok(chain.finish()?)
-            };
-            match on_gpu() {
-                Ok(out) => return Ok(out),
-                Err(e @ crate::Error::Gpu(_)) if self.backend == Backend::Auto => {
-                    log::warn!("GPU failed, running on the CPU: {e}");
+                #[cfg(not(feature = "gpu"))]
+                match *ctx {}
+            },
+            || {
+                let Some((first, rest)) = filters.split_first() else {
+                    return Ok(img.clone());
+                };
+                let mut cur = first.cpu(img)?;
+                for f in rest {
+                    cur = f.cpu(&cur)?;
                 }
-                Err(e) => return Err(e),
-            }
-        }
-        let Some((first, rest)) = filters.split_first() else {
-            return Ok(img.clone());
-        };
-        let mut cur = first.cpu(img)?;
-        for f in rest {
-            cur = f.cpu(&cur)?;
-        }
-        Ok(cur)
+                Ok(cur)
+            },
+        )
     }
 }

@@ -1,47 +1,40 @@
 //! The crate-wide error type.
 //!
 //! Each module has its own error enum carrying the context a user needs (which file, which
-//! frame, which kernel); [`Error`] wraps them so that callers can match on one type.
-
-use std::path::PathBuf;
+//! frame, which kernel, which peer); [`Error`] wraps them so that callers can match on one type.
 
 /// Every error sonoguide returns.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Reading or decoding a DICOM file failed.
+    /// Reading, decoding or writing a DICOM file failed.
     #[error(transparent)]
     Dicom(#[from] crate::dicom::DicomError),
-    /// Writing an output file failed.
-    #[error("cannot write {path}: {source}")]
-    Write {
-        /// The file that could not be written.
-        path: PathBuf,
-        /// What the operating system or encoder said.
-        source: std::io::Error,
-    },
-    /// A phantom could not be generated with the given settings.
-    #[error("phantom: {0}")]
-    Phantom(String),
-    /// A parameter given by the caller is outside its valid range.
-    #[error("invalid parameter {name}: {reason}")]
-    InvalidParameter {
-        /// The parameter's name, as the CLI and the params structs spell it.
-        name: &'static str,
-        /// Why the value was refused.
-        reason: String,
-    },
+    /// A frame given by the caller is not a valid frame.
+    #[error(transparent)]
+    Frame(#[from] crate::frame::FrameError),
+    /// A kernel refused its parameters or its image.
+    #[error(transparent)]
+    Kernel(#[from] crate::kernels::KernelError),
     /// A GPU operation failed (no adapter, device lost, out of memory, shader error).
     #[error(transparent)]
     Gpu(#[from] crate::gpu::GpuError),
-    /// Encoding or decoding an image file (PNG) failed.
-    #[error("image {path}: {message}")]
-    Image {
-        /// The image file concerned.
-        path: PathBuf,
-        /// What went wrong.
-        message: String,
-    },
+    /// Writing or reading a PNG or JSON file failed.
+    #[error(transparent)]
+    Image(#[from] crate::imageio::ImageError),
+    /// Drawing an overlay failed.
+    #[error(transparent)]
+    Overlay(#[from] crate::overlay::OverlayError),
+    /// The OpenIGTLink server could not start.
+    #[error(transparent)]
+    Igtl(#[from] crate::igtl::IgtlError),
+    /// A batch could not run (output folder).
+    #[error(transparent)]
+    Batch(#[from] crate::batch::BatchError),
+    /// The simulation and evaluation harness failed.
+    #[cfg(feature = "sim")]
+    #[error(transparent)]
+    Sim(#[from] crate::sim::SimError),
 }
 
 /// Result alias used throughout the crate.

@@ -4,6 +4,20 @@
 use ndarray::Array2;
 use serde::Serialize;
 
+/// Errors of frame construction from caller-given pixels.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The pixels, size or image given do not make a frame.
+    #[error("invalid frame ({name}): {reason}")]
+    Invalid {
+        /// What was wrong: `pixels`, `image`.
+        name: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
 /// Chroma (max − min of R, G, B, on 0–255) above which a pixel counts as colour: Doppler flow or a
 /// coloured annotation. Grey B-mode pixels of lossy JPEG cines carry chroma noise of a few levels
 /// (the corpus YBR cine peaks near 10), so the threshold sits well above that.
@@ -249,13 +263,14 @@ impl Frame {
         calibration: Calibration,
     ) -> crate::Result<Frame> {
         if width == 0 || height == 0 || pixels.len() != width * height {
-            return Err(crate::Error::InvalidParameter {
+            return Err(crate::frame::FrameError::Invalid {
                 name: "pixels",
                 reason: format!(
                     "{} bytes do not make a {width}x{height} greyscale frame",
                     pixels.len()
                 ),
-            });
+            }
+            .into());
         }
         let intensity =
             Array2::from_shape_fn((height, width), |(y, x)| pixels[y * width + x] as f32);
@@ -288,13 +303,14 @@ impl Frame {
             || pixels.len() != width * height
             || !(1..=16).contains(&bits_stored)
         {
-            return Err(crate::Error::InvalidParameter {
+            return Err(crate::frame::FrameError::Invalid {
                 name: "pixels",
                 reason: format!(
                     "{} samples of {bits_stored} bits do not make a {width}x{height} frame",
                     pixels.len()
                 ),
-            });
+            }
+            .into());
         }
         let max = ((1u32 << bits_stored) - 1) as f32;
         let mut f = Frame::from_gray8(width, height, &vec![0u8; width * height], given(mm_per_px))?;
@@ -317,7 +333,7 @@ impl Frame {
         let mut f = Frame::from_gray8(w, h, &grey8, given(mm_per_px))?;
         if !grey {
             let arr = ndarray::Array3::from_shape_vec((h, w, 3), rgb.into_raw()).map_err(|e| {
-                crate::Error::InvalidParameter {
+                crate::frame::FrameError::Invalid {
                     name: "image",
                     reason: e.to_string(),
                 }
@@ -334,16 +350,6 @@ impl Frame {
             f.rgb = Some(arr);
         }
         Ok(f)
-    }
-
-    /// Frame `index` of a DICOM file held in memory.
-    pub fn from_dicom_bytes(bytes: Vec<u8>, index: usize) -> crate::Result<Frame> {
-        let file = crate::dicom::DicomFile::from_bytes(
-            "<memory>",
-            bytes,
-            &crate::dicom::ReadOptions::default(),
-        )?;
-        Ok(file.read_frame(index)?)
     }
 
     /// The intensity as 8-bit grey (rounded, clamped).

@@ -23,7 +23,25 @@ use std::time::{Duration, Instant};
 use ndarray::Array2;
 
 use crate::frame::{Calibration, CalibrationSource, Frame};
-use crate::{Error, Pipeline, Result, Session};
+use crate::{Pipeline, Result, Session};
+
+/// Errors of the OpenIGTLink server (per-connection failures are reported as
+/// [`Event::Refused`], not as errors: one peer's trouble never stops the server).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IgtlError {
+    /// The listening socket could not be opened.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: String,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The listening socket has no local address.
+    #[error("the server's socket has no local address")]
+    NoAddress,
+}
 
 /// Header size in bytes.
 pub const HEADER_BYTES: usize = 58;
@@ -444,16 +462,12 @@ fn read_full(
 impl Server {
     /// Binds to `addr` (port 0 picks a free port).
     pub fn bind(addr: &str, pipeline: Arc<Pipeline>, config: ServerConfig) -> Result<Server> {
-        let listener = TcpListener::bind(addr).map_err(|source| Error::Write {
-            path: addr.into(),
+        let bind_err = |source| IgtlError::Bind {
+            addr: addr.to_string(),
             source,
-        })?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| Error::Write {
-                path: addr.into(),
-                source,
-            })?;
+        };
+        let listener = TcpListener::bind(addr).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
         Ok(Server {
             listener,
             pipeline,

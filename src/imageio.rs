@@ -1,30 +1,55 @@
 //! PNG and JSON outputs, written atomically (temporary file beside the target, then rename),
 //! so that an interrupted run never leaves a half-written file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ndarray::Array2;
 
-use crate::{Error, Result};
+use crate::atomic::AtomicWriteError;
+use crate::Result;
+
+/// Errors of the PNG and JSON outputs.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ImageError {
+    /// Encoding or decoding the file failed.
+    #[error("image {path}: {message}")]
+    Encode {
+        /// The file concerned.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The operating system refused the write or the rename into place.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file that could not be written.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+}
+
+fn encode_error(path: &Path, message: impl ToString) -> ImageError {
+    ImageError::Encode {
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    }
+}
 
 fn write_atomic(
     path: &Path,
     write: impl FnOnce(&Path) -> std::result::Result<(), String>,
 ) -> Result<()> {
-    let tmp = crate::dicom::write::temp_path(path);
-    if let Err(message) = write(&tmp) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::Image {
-            path: path.to_path_buf(),
-            message,
-        });
-    }
-    std::fs::rename(&tmp, path).map_err(|source| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::Write {
-            path: path.to_path_buf(),
-            source,
+    crate::atomic::write_atomic(path, write).map_err(|e| {
+        match e {
+            AtomicWriteError::Write(message) => encode_error(path, message),
+            AtomicWriteError::Rename(source) => ImageError::Write {
+                path: path.to_path_buf(),
+                source,
+            },
         }
+        .into()
     })
 }
 
@@ -48,10 +73,8 @@ pub fn write_gray_png(path: &Path, image: &Array2<u8>) -> Result<()> {
 /// Writes an 8-bit RGB PNG from a row-major buffer.
 pub fn write_rgb_png(path: &Path, width: usize, height: usize, rgb: &[u8]) -> Result<()> {
     if rgb.len() != width * height * 3 {
-        return Err(Error::Image {
-            path: path.to_path_buf(),
-            message: format!("{} bytes for {width}x{height} RGB", rgb.len()),
-        });
+        let message = format!("{} bytes for {width}x{height} RGB", rgb.len());
+        return Err(encode_error(path, message).into());
     }
     write_atomic(path, |tmp| {
         image::save_buffer_with_format(
@@ -68,10 +91,8 @@ pub fn write_rgb_png(path: &Path, width: usize, height: usize, rgb: &[u8]) -> Re
 
 /// Writes a value as pretty JSON.
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Image {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let text =
+        serde_json::to_string_pretty(value).map_err(|e| encode_error(path, e.to_string()))?;
     write_atomic(path, |tmp| {
         std::fs::write(tmp, text.as_bytes()).map_err(|e| e.to_string())
     })
@@ -80,14 +101,9 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
 /// Reads an 8-bit greyscale PNG (other colour types are converted to luma).
 pub fn read_gray_png(path: &Path) -> Result<Array2<u8>> {
     let img = image::open(path)
-        .map_err(|e| Error::Image {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?
+        .map_err(|e| encode_error(path, e.to_string()))?
         .to_luma8();
     let (w, h) = img.dimensions();
-    Array2::from_shape_vec((h as usize, w as usize), img.into_raw()).map_err(|e| Error::Image {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    Array2::from_shape_vec((h as usize, w as usize), img.into_raw())
+        .map_err(|e| encode_error(path, e.to_string()).into())
 }

@@ -26,29 +26,33 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
-pub mod bench;
+pub(crate) mod atomic;
+pub mod batch;
 pub mod despeckle;
 pub mod dicom;
 pub mod error;
-pub mod eval;
 pub mod fft;
 pub mod frame;
 pub mod gpu;
 pub mod igtl;
 pub mod imageio;
 pub mod kernels;
+pub mod label;
 pub mod overlay;
-pub mod phantom;
 pub mod pipeline;
 pub mod plan;
-pub mod quality;
 pub mod segment;
+#[cfg(feature = "sim")]
+pub mod sim;
 pub(crate) mod simd;
 
 pub use despeckle::{Despeckler, Filter};
 pub use error::{Error, Result};
 pub use frame::{Calibration, Frame, ImagingRegion, Rect};
-pub use gpu::Backend;
-pub use pipeline::{FrameResult, Pipeline, PipelineBuilder, PipelineConfig, Session, StageTimings};
-pub use plan::NeedlePlan;
+pub use gpu::{Backend, Compute, Ran};
+pub use label::Label;
+pub use pipeline::{
+    FrameResult, Pipeline, PipelineBuilder, PipelineConfig, Session, StageBackends, StageTimings,
+};
+pub use plan::{NeedlePlan, PlanStatus, Side, TargetKind};
 pub use segment::Segmentation;

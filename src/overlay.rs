@@ -9,7 +9,7 @@ use imageproc::drawing::{draw_filled_rect_mut, draw_hollow_rect_mut, draw_text_m
 use imageproc::rect::Rect as DrawRect;
 use ndarray::Array2;
 
-use crate::phantom::label;
+use crate::label::Label;
 
 /// Label names, indexed by label value.
 pub const LABEL_NAMES: [&str; 6] = [
@@ -31,6 +31,15 @@ pub const LABEL_COLOURS: [[u8; 3]; 6] = [
     [213, 94, 0],
 ];
 
+/// Errors of the overlay drawing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OverlayError {
+    /// The bundled font could not be loaded.
+    #[error("the bundled font cannot be loaded: {0}")]
+    Font(String),
+}
+
 /// Opacity of label fills in previews.
 const FILL_ALPHA: f32 = 0.35;
 
@@ -38,10 +47,7 @@ static FONT_BYTES: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
 
 /// The bundled font.
 pub fn font() -> crate::Result<FontRef<'static>> {
-    FontRef::try_from_slice(FONT_BYTES).map_err(|e| crate::Error::InvalidParameter {
-        name: "font",
-        reason: e.to_string(),
-    })
+    FontRef::try_from_slice(FONT_BYTES).map_err(|e| OverlayError::Font(e.to_string()).into())
 }
 
 /// An RGB image of a greyscale frame (0–255, clamped).
@@ -149,7 +155,7 @@ pub fn draw_legend(img: &mut RgbImage, labels: &[usize]) -> crate::Result<()> {
             name,
         );
     }
-    let _ = label::BACKGROUND;
+    let _ = Label::Background.code();
     Ok(())
 }
 
@@ -279,7 +285,7 @@ pub fn draw_plan(
             format!(
                 "angle {:.0} deg, side {}",
                 plan.angle_deg.unwrap_or(0.0),
-                plan.side.unwrap_or("-")
+                plan.side.map_or("-", |s| s.as_str())
             ),
             format!("target depth {:.1} mm", plan.depth_mm.unwrap_or(0.0)),
             format!("path length {:.1} mm", plan.length_mm.unwrap_or(0.0)),
@@ -289,13 +295,17 @@ pub fn draw_plan(
             ),
             format!(
                 "target: {}",
-                plan.target_kind.unwrap_or("-").replace('_', " ")
+                plan.target_kind
+                    .map_or("-", |k| k.as_str())
+                    .replace('_', " ")
             ),
         ]
     } else {
         vec![format!(
             "target: {}",
-            plan.target_kind.unwrap_or("none").replace('_', " ")
+            plan.target_kind
+                .map_or("none", |k| k.as_str())
+                .replace('_', " ")
         )]
     };
     let mut lines = lines;

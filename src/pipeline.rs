@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::despeckle::{Despeckler, Filter};
 use crate::frame::Frame;
-use crate::gpu::Backend;
+use crate::gpu::{Backend, Ran};
 use crate::plan::{plan, NeedlePlan, PlanParams, PlanSmoother};
 use crate::segment::{self, SegmentParams, Segmentation};
 use crate::Result;
@@ -56,6 +56,16 @@ pub struct StageTimings {
     pub total_ms: f64,
 }
 
+/// The backend that actually ran each stage that has kernels (segmentation decisions and
+/// planning always run on the CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StageBackends {
+    /// Despeckling.
+    pub despeckle: Ran,
+    /// Feature maps.
+    pub features: Ran,
+}
+
 /// What the pipeline gives for one frame.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -70,6 +80,8 @@ pub struct FrameResult {
     pub raw_plan: NeedlePlan,
     /// Time per stage.
     pub timings: StageTimings,
+    /// The backend that ran each stage (a GPU failure under `Backend::Auto` shows as `cpu`).
+    pub backends: StageBackends,
 }
 
 /// Temporal state of one stream of frames (a cine, a live feed).
@@ -93,7 +105,7 @@ impl Session {
 /// The pipeline, built once.
 ///
 /// ```
-/// use sonoguide::phantom::{frame_of, generate, PhantomParams};
+/// use sonoguide::sim::phantom::{frame_of, generate, PhantomParams};
 /// use sonoguide::{Backend, Pipeline};
 ///
 /// let pipeline = Pipeline::builder().backend(Backend::Cpu).margin_mm(2.0).build()?;
@@ -211,11 +223,11 @@ impl Pipeline {
 
     fn run(&self, frame: &Frame, session: Option<&mut Session>) -> Result<FrameResult> {
         let t0 = Instant::now();
-        let despeckled = self
+        let (despeckled, despeckle_ran) = self
             .despeckler
-            .run(&frame.intensity, &self.config.filters)?;
+            .run_reporting(&frame.intensity, &self.config.filters)?;
         let t1 = Instant::now();
-        let features =
+        let (features, features_ran) =
             segment::features(&self.despeckler, frame, &despeckled, &self.config.segment)?;
         let t2 = Instant::now();
         let segmentation =
@@ -245,6 +257,10 @@ impl Pipeline {
             plan,
             raw_plan,
             timings,
+            backends: StageBackends {
+                despeckle: despeckle_ran,
+                features: features_ran,
+            },
         })
     }
 }

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::frame::Frame;
-use crate::phantom::label;
+use crate::label::Label;
 use crate::segment::{Segmentation, ASSUMED_MM_PER_PX};
 
 /// Settings of the planner.
@@ -72,6 +72,70 @@ const SAMPLES_PER_MM: f64 = 4.0;
 /// The peritendinous target sits this far above the tendon, mm.
 const PERITENDINOUS_MM: f64 = 0.5;
 
+/// Defines a fieldless enum whose JSON spelling, `as_str` and `Display` are the given strings,
+/// and which compares equal to its string (so `plan.status == "ok"` reads as before).
+macro_rules! spelled_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+        pub enum $name {
+            $($(#[$vdoc])* #[serde(rename = $text)] $variant),+
+        }
+        impl $name {
+            /// The JSON spelling.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+    };
+}
+
+spelled_enum! {
+    /// Whether a path was found.
+    PlanStatus {
+        /// A safe path was found.
+        Ok => "ok",
+        /// No entry satisfies the constraints, or there is no target; `reason` says which.
+        NoSafePath => "no_safe_path",
+    }
+}
+
+spelled_enum! {
+    /// What the target is.
+    TargetKind {
+        /// The centre of a joint space between two bone ends.
+        JointSpace => "joint_space",
+        /// The deepest safe point of an effusion over bone.
+        Effusion => "effusion",
+        /// Just superficial to a tendon.
+        Peritendinous => "peritendinous",
+        /// Given by the user.
+        User => "user",
+    }
+}
+
+spelled_enum! {
+    /// The side of the target the needle enters from.
+    Side {
+        /// From the left of the image.
+        Left => "left",
+        /// From the right of the image.
+        Right => "right",
+    }
+}
+
 /// A point in full-frame px and in mm.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct PlanPoint {
@@ -86,7 +150,7 @@ pub struct PlanPoint {
 #[non_exhaustive]
 pub struct NeedlePlan {
     /// `"ok"` or `"no_safe_path"`.
-    pub status: &'static str,
+    pub status: PlanStatus,
     /// Why there is no path (null when ok).
     pub reason: Option<String>,
     /// Skin entry point.
@@ -102,9 +166,9 @@ pub struct NeedlePlan {
     /// Smallest distance from bone, shadow or vessel along the checked path, mm.
     pub clearance_mm: Option<f64>,
     /// `"joint_space"`, `"effusion"`, `"peritendinous"` or `"user"`.
-    pub target_kind: Option<&'static str>,
+    pub target_kind: Option<TargetKind>,
     /// `"left"` or `"right"`: the side of the target the needle enters from.
-    pub side: Option<&'static str>,
+    pub side: Option<Side>,
     /// True when the frame had no usable calibration and a spacing was assumed.
     pub calibration_assumed: bool,
 }
@@ -113,11 +177,11 @@ impl NeedlePlan {
     fn none(
         reason: impl Into<String>,
         target: Option<PlanPoint>,
-        kind: Option<&'static str>,
+        kind: Option<TargetKind>,
         assumed: bool,
     ) -> NeedlePlan {
         NeedlePlan {
-            status: "no_safe_path",
+            status: PlanStatus::NoSafePath,
             reason: Some(reason.into()),
             entry: None,
             target,
@@ -133,7 +197,7 @@ impl NeedlePlan {
 
     /// Whether a path was found.
     pub fn is_ok(&self) -> bool {
-        self.status == "ok"
+        self.status == PlanStatus::Ok
     }
 }
 
@@ -235,9 +299,9 @@ pub fn distance_mm(mask: &Array2<bool>, mm: (f64, f64)) -> Array2<f64> {
 
 /// What a needle must keep clear of (bone, shadow, vessel) and the distance to it in mm.
 fn obstacles(seg: &Segmentation, mm: (f64, f64)) -> (Array2<bool>, Array2<f64>) {
-    let forbidden = seg
-        .labels
-        .mapv(|l| l == label::BONE || l == label::SHADOW || l == label::VESSEL);
+    let forbidden = seg.labels.mapv(|l| {
+        l == Label::Bone.code() || l == Label::Shadow.code() || l == Label::Vessel.code()
+    });
     let dist = distance_mm(&forbidden, mm);
     (forbidden, dist)
 }
@@ -292,11 +356,11 @@ fn auto_target(
     forbidden_dist: &Array2<f64>,
     margin_mm: f64,
     mm: (f64, f64),
-) -> Option<((f64, f64), &'static str)> {
+) -> Option<((f64, f64), TargetKind)> {
     let labels = &seg.labels;
     let (h, w) = labels.dim();
     let bone_cols: Vec<bool> = (0..w)
-        .map(|x| (0..h).any(|y| labels[[y, x]] == label::BONE))
+        .map(|x| (0..h).any(|y| labels[[y, x]] == Label::Bone.code()))
         .collect();
     // Joint space: label 4 in columns without bone, lying between bone columns on both sides.
     let first_bone = bone_cols.iter().position(|b| *b);
@@ -304,7 +368,7 @@ fn auto_target(
     let mut joint: Vec<(usize, usize)> = Vec::new();
     let mut effusion: Vec<(usize, usize)> = Vec::new();
     for ((y, x), l) in labels.indexed_iter() {
-        if *l != label::JOINT {
+        if *l != Label::Joint.code() {
             continue;
         }
         let between = matches!((first_bone, last_bone), (Some(a), Some(b)) if x > a && x < b);
@@ -326,7 +390,7 @@ fn auto_target(
                 (b.0 as f64 - cy).powi(2) * mm.1 * mm.1 + (b.1 as f64 - cx).powi(2) * mm.0 * mm.0;
             da.total_cmp(&db)
         })?;
-        return Some(((best.1 as f64, best.0 as f64), "joint_space"));
+        return Some(((best.1 as f64, best.0 as f64), TargetKind::JointSpace));
     }
     if !effusion.is_empty() {
         // The deepest effusion pixel that keeps the margin from bone, shadow and vessels; else
@@ -340,11 +404,11 @@ fn auto_target(
                 .iter()
                 .max_by(|a, b| forbidden_dist[[a.0, a.1]].total_cmp(&forbidden_dist[[b.0, b.1]]))
         })?;
-        return Some(((best.1 as f64, best.0 as f64), "effusion"));
+        return Some(((best.1 as f64, best.0 as f64), TargetKind::Effusion));
     }
     let tendon: Vec<(usize, usize)> = labels
         .indexed_iter()
-        .filter(|(_, l)| **l == label::TENDON)
+        .filter(|(_, l)| **l == Label::Tendon.code())
         .map(|(p, _)| p)
         .collect();
     if !tendon.is_empty() {
@@ -352,7 +416,7 @@ fn auto_target(
             (tendon.iter().map(|p| p.1 as f64).sum::<f64>() / tendon.len() as f64).round() as usize;
         let top = tendon.iter().filter(|p| p.1 == cx).map(|p| p.0).min()?;
         let y = top as f64 - PERITENDINOUS_MM / mm.1;
-        return Some(((cx as f64, y.max(0.0)), "peritendinous"));
+        return Some(((cx as f64, y.max(0.0)), TargetKind::Peritendinous));
     }
     None
 }
@@ -378,7 +442,7 @@ pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePla
     let (h, w) = seg.labels.dim();
     let (forbidden, dist) = obstacles(seg, mm);
     let (target_px, kind) = match params.target_mm {
-        Some((xm, ym)) => (g.mm_to_px(xm, ym), "user"),
+        Some((xm, ym)) => (g.mm_to_px(xm, ym), TargetKind::User),
         None => match auto_target(seg, &dist, params.margin_mm, mm) {
             Some(t) => t,
             None => {
@@ -483,7 +547,7 @@ pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePla
             + CLEARANCE_SCALE_MM / clearance.max(1e-3);
         if best.as_ref().is_none_or(|(c, _)| cost < *c) {
             let plan = NeedlePlan {
-                status: "ok",
+                status: PlanStatus::Ok,
                 reason: None,
                 entry: Some(g.point(ex_f, ey_f)),
                 target: Some(target),
@@ -496,7 +560,7 @@ pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePla
                     f64::MAX.min(1e6)
                 }),
                 target_kind: Some(kind),
-                side: Some(if ex_f < tx { "left" } else { "right" }),
+                side: Some(if ex_f < tx { Side::Left } else { Side::Right }),
                 calibration_assumed: g.assumed,
             };
             best = Some((cost, plan));
@@ -526,7 +590,7 @@ pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePla
 #[derive(Debug, Clone, Default)]
 pub struct PlanSmoother {
     state: Option<([f64; 2], [f64; 2])>,
-    kind: Option<&'static str>,
+    kind: Option<TargetKind>,
 }
 
 /// Weight of the newest frame in the moving average.
@@ -641,7 +705,7 @@ fn check_path(
         return None;
     }
     Some(NeedlePlan {
-        status: "ok",
+        status: PlanStatus::Ok,
         reason: None,
         entry: Some(e),
         target: Some(t),
@@ -655,9 +719,9 @@ fn check_path(
         }),
         target_kind: raw.target_kind,
         side: Some(if entry[0] < target[0] {
-            "left"
+            Side::Left
         } else {
-            "right"
+            Side::Right
         }),
         calibration_assumed: g.assumed,
     })

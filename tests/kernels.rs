@@ -5,7 +5,7 @@
 use ndarray::Array2;
 use sonoguide::despeckle::{Despeckler, Filter, FILTER_NAMES};
 use sonoguide::kernels::{self, frost, lee, median, obnlm, srad};
-use sonoguide::phantom::{generate, PhantomParams};
+use sonoguide::sim::phantom::{generate, PhantomParams};
 use sonoguide::Backend;
 
 /// The largest absolute difference between two images of the same size.
@@ -110,7 +110,7 @@ fn fast_obnlm_agrees_with_its_twin() {
 /// Fully developed speckle, log-compressed onto the phantom's 60 dB scale: uncorrelated
 /// exponential power around grey 128.
 fn pure_speckle(w: usize, h: usize, seed: u64) -> Array2<f32> {
-    let mut rng = sonoguide::phantom::Rng::new(seed);
+    let mut rng = sonoguide::sim::phantom::Rng::new(seed);
     Array2::from_shape_fn((h, w), |_| {
         let e = -(1.0 - rng.unit()).max(1e-12).ln();
         (128.0 + 10.0 * e.log10() * 255.0 / 60.0).clamp(0.0, 255.0) as f32

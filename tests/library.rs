@@ -2,7 +2,7 @@
 //! sessions for streams, sharing a GPU device, and thread safety.
 
 use sonoguide::dicom::{DicomFile, ReadOptions};
-use sonoguide::phantom::{frame_of, generate, PhantomParams};
+use sonoguide::sim::phantom::{frame_of, generate, PhantomParams};
 use sonoguide::{Backend, Frame, Pipeline, Session};
 
 #[test]

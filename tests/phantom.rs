@@ -3,7 +3,8 @@
 
 use ndarray::Array2;
 use sonoguide::dicom::{DicomFile, ReadOptions};
-use sonoguide::phantom::{generate, label, write_case, Geometry, PhantomParams};
+use sonoguide::label::Label;
+use sonoguide::sim::phantom::{generate, write_case, Geometry, PhantomParams};
 
 fn params(seed: u64) -> PhantomParams {
     let mut p = PhantomParams::default();
@@ -55,25 +56,28 @@ fn labels_agree_with_the_image_over_many_seeds() {
         scenes.insert(ph.truth.scene);
         // Tissue: background below the skin and fat (the muscle layer).
         let skin_px = 80;
-        let tissue = mean_where(img, lab, |l, y| l == label::BACKGROUND && y > skin_px).unwrap();
-        if let Some(shadow) = mean_where(img, lab, |l, _| l == label::SHADOW) {
+        let tissue = mean_where(img, lab, |l, y| {
+            l == Label::Background.code() && y > skin_px
+        })
+        .unwrap();
+        if let Some(shadow) = mean_where(img, lab, |l, _| l == Label::Shadow.code()) {
             assert!(
                 shadow + SHADOW_MARGIN < tissue,
                 "seed {seed}: shadow {shadow:.0} vs tissue {tissue:.0}"
             );
         }
-        if let Some(bone) = mean_where(img, lab, |l, _| l == label::BONE) {
+        if let Some(bone) = mean_where(img, lab, |l, _| l == Label::Bone.code()) {
             assert!(
                 bone > tissue + BONE_MARGIN,
                 "seed {seed}: bone {bone:.0} vs tissue {tissue:.0}"
             );
         }
-        let tendon = mean_where(img, lab, |l, _| l == label::TENDON).unwrap();
+        let tendon = mean_where(img, lab, |l, _| l == Label::Tendon.code()).unwrap();
         assert!(
             tendon > tissue + TENDON_MARGIN,
             "seed {seed}: tendon {tendon:.0} vs tissue {tissue:.0}"
         );
-        for fluid_label in [label::VESSEL, label::JOINT] {
+        for fluid_label in [Label::Vessel.code(), Label::Joint.code()] {
             if let Some(f) = mean_where(img, lab, |l, _| l == fluid_label) {
                 assert!(
                     f + FLUID_MARGIN < tissue,
@@ -82,7 +86,7 @@ fn labels_agree_with_the_image_over_many_seeds() {
             }
         }
         // Bone truth is present exactly when bone is labelled.
-        let has_bone_label = lab.iter().any(|l| *l == label::BONE);
+        let has_bone_label = lab.iter().any(|l| *l == Label::Bone.code());
         assert_eq!(
             has_bone_label,
             !ph.truth.frames[0].bone_polylines_px.is_empty(),
@@ -112,7 +116,7 @@ fn muscle_has_fully_developed_speckle() {
     // and a clean level within 4 grey levels of the muscle level (the median of such pixels).
     let (h, _) = lab.dim();
     let clear = |y: usize, x: usize| {
-        (y.saturating_sub(15)..(y + 16).min(h)).all(|yy| lab[[yy, x]] == label::BACKGROUND)
+        (y.saturating_sub(15)..(y + 16).min(h)).all(|yy| lab[[yy, x]] == Label::Background.code())
     };
     let mut cand: Vec<(usize, usize)> = lab
         .indexed_iter()
@@ -178,7 +182,7 @@ fn written_case_reads_back_with_calibration_and_pixels() {
             .unwrap();
     assert_eq!(json["spacing_mm"][0].as_f64(), Some(0.08));
     assert_eq!(json["frames"].as_array().unwrap().len(), 3);
-    assert_eq!(json["target_kind"], truth.target_kind);
+    assert_eq!(json["target_kind"], truth.target_kind.as_str());
     // Target in mm is consistent with target in px.
     let t = &json["frames"][0];
     if let (Some(px), Some(mm)) = (t["target_px"].as_array(), t["target_mm"].as_array()) {

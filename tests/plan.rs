@@ -4,8 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sonoguide::phantom::{frame_of, generate, label, PhantomParams};
+use sonoguide::label::Label;
 use sonoguide::plan::{plan, PlanParams};
+use sonoguide::sim::phantom::{frame_of, generate, PhantomParams};
 use sonoguide::{Backend, Pipeline, PipelineConfig};
 
 fn cpu_pipeline() -> Pipeline {
@@ -22,8 +23,8 @@ const TRUTH_CLEARANCE_SLACK_MM: f64 = 0.25;
 #[test]
 fn planned_paths_never_cross_bone_shadow_or_vessel_in_the_truth() {
     let p = cpu_pipeline();
-    let s =
-        sonoguide::eval::plan_scores(&p, 8000..8012, 0..0, 0, &PhantomParams::default()).unwrap();
+    let s = sonoguide::sim::eval::plan_scores(&p, 8000..8012, 0..0, 0, &PhantomParams::default())
+        .unwrap();
     eprintln!("{s:?}");
     assert_eq!(s.unsafe_paths, 0);
     assert!(
@@ -106,7 +107,7 @@ fn impossible_requests_say_no_safe_path_and_why() {
         .segmentation
         .labels
         .indexed_iter()
-        .find(|(_, l)| **l == label::SHADOW)
+        .find(|(_, l)| **l == Label::Shadow.code())
         .map(|(p, _)| p);
     if let Some((y, x)) = shadow {
         let (xm, ym) = frame.calibration.px_to_mm(x as f64, y as f64, 0.0).unwrap();
@@ -143,8 +144,8 @@ fn impossible_requests_say_no_safe_path_and_why() {
 #[test]
 fn smoothing_keeps_a_cine_suggestion_steady() {
     let p = cpu_pipeline();
-    let s =
-        sonoguide::eval::plan_scores(&p, 0..0, 9000..9003, 12, &PhantomParams::default()).unwrap();
+    let s = sonoguide::sim::eval::plan_scores(&p, 0..0, 9000..9003, 12, &PhantomParams::default())
+        .unwrap();
     eprintln!("{s:?}");
     if s.jitter_pairs > 0 {
         // The probe moves 0.08 mm per frame; the suggestion must not wander much more.

@@ -3,9 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use sonoguide::dicom::{DicomFile, ReadOptions};
-use sonoguide::eval::{dice, segment_scores};
-use sonoguide::phantom::{frame_of, generate, label, PhantomParams};
+use sonoguide::label::Label;
 use sonoguide::segment::{segment, segment_with, SegmentParams};
+use sonoguide::sim::eval::{dice, segment_scores};
+use sonoguide::sim::phantom::{frame_of, generate, PhantomParams};
 use sonoguide::{Backend, Despeckler, Filter};
 
 /// Regression floors, below the aims (tendon and bone band 0.8, shadow 0.85, joint and
@@ -66,7 +67,7 @@ fn no_bone_is_labelled_where_there_is_none() {
         assert!(
             s.labels
                 .iter()
-                .all(|l| *l != label::BONE && *l != label::SHADOW),
+                .all(|l| *l != Label::Bone.code() && *l != Label::Shadow.code()),
             "seed {seed}: bone found in soft tissue"
         );
         assert!(s.bone_polylines_px.is_empty());
@@ -85,7 +86,7 @@ fn no_bone_is_labelled_where_there_is_none() {
 fn curved_phantoms_segment_inside_the_fan() {
     let d = Despeckler::new(Backend::Cpu).unwrap();
     let mut p = PhantomParams::default();
-    p.geometry = sonoguide::phantom::Geometry::Curved;
+    p.geometry = sonoguide::sim::phantom::Geometry::Curved;
     p.seed = 3;
     let ph = generate("c", &p).unwrap();
     let frame = frame_of(&ph, 0).unwrap();
@@ -104,7 +105,7 @@ fn curved_phantoms_segment_inside_the_fan() {
     if ph.truth.frames[0].bone_polylines_px.is_empty() {
         return;
     }
-    assert!(dice(&ph.labels[0], &s.labels, label::SHADOW).unwrap_or(0.0) > 0.7);
+    assert!(dice(&ph.labels[0], &s.labels, Label::Shadow.code()).unwrap_or(0.0) > 0.7);
 }
 
 fn corpus(rel: &str) -> PathBuf {

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sonoguide::igtl::{crc64, image_content, message, Header, HEADER_BYTES};
-use sonoguide::phantom::{generate, PhantomParams};
+use sonoguide::sim::phantom::{generate, PhantomParams};
 
 struct ServerProc {
     child: Child,

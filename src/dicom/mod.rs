@@ -86,3 +86,46 @@ pub enum DicomError {
         reason: String,
     },
 }
+
+impl crate::frame::Frame {
+    /// Frame `index` of a DICOM file held in memory. (Defined here, beside the reader, so that
+    /// the frame module knows nothing of DICOM.)
+    pub fn from_dicom_bytes(bytes: Vec<u8>, index: usize) -> crate::Result<crate::frame::Frame> {
+        let file = DicomFile::from_bytes("<memory>", bytes, &ReadOptions::default())?;
+        Ok(file.read_frame(index)?)
+    }
+}
+
+/// What `sonoguide info` reports of one file: the header, every ultrasound region, the chosen
+/// imaging region and the calibration status.
+#[derive(Debug, Clone, serde::Serialize)]
+#[non_exhaustive]
+pub struct InfoReport {
+    /// The header.
+    #[serde(flatten)]
+    pub info: DicomInfo,
+    /// The chosen imaging region.
+    pub imaging_region: read::ImagingRegionInfo,
+    /// `ok`, `missing` or `unusable`.
+    #[serde(rename = "calibration")]
+    pub calibration_status: &'static str,
+    /// Why the calibration is unusable.
+    pub calibration_reason: Option<String>,
+}
+
+/// Opens `path` and reports what it holds (no pixel data is decoded).
+pub fn info_report(path: &std::path::Path) -> Result<InfoReport, DicomError> {
+    let file = DicomFile::open(path, &ReadOptions::default())?;
+    let imaging_region = file.imaging_region_info()?;
+    let info = file.info().clone();
+    let calibration_reason = match &info.calibration {
+        crate::frame::Calibration::Unusable { reason } => Some(reason.clone()),
+        _ => None,
+    };
+    Ok(InfoReport {
+        calibration_status: info.calibration.status(),
+        calibration_reason,
+        imaging_region,
+        info,
+    })
+}

@@ -89,6 +89,7 @@ pub struct UltrasoundRegion {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ImagingRegionInfo {
     /// Bounds in full-frame pixels (end exclusive).
+    #[serde(flatten)]
     pub bounds: Rect,
     /// Rectangle or sector.
     pub shape: RegionShape,
@@ -133,7 +134,9 @@ pub struct DicomInfo {
     pub pixel_representation: u16,
     /// Every item of the Sequence of Ultrasound Regions.
     pub ultrasound_regions: Vec<UltrasoundRegion>,
-    /// Calibration of the chosen imaging region.
+    /// Calibration of the chosen imaging region (serialised by [`super::InfoReport`] as a
+    /// status and a reason).
+    #[serde(skip)]
     pub calibration: Calibration,
 }
 

@@ -5,7 +5,7 @@
 //! in centimetres. They are written to a temporary file beside the target and renamed, so an
 //! interrupted run never leaves a half-written file.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dicom_core::value::{DataSetSequence, PrimitiveValue};
@@ -15,6 +15,7 @@ use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::InMemDicomObject;
 
 use super::DicomError;
+use crate::atomic::AtomicWriteError;
 use crate::frame::Rect;
 
 /// Colour model of the frames to write.
@@ -387,26 +388,14 @@ pub fn write_us_image(path: &Path, image: &UsImage) -> Result<(), DicomError> {
                 .implementation_version_name("SONOGUIDE_01"),
         )
         .map_err(|e| err(e.to_string()))?;
-    let tmp = temp_path(path);
-    let result = file.write_to_file(&tmp).map_err(|e| err(e.to_string()));
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        err(e.to_string())
+    crate::atomic::write_atomic(path, |tmp| {
+        file.write_to_file(tmp).map_err(|e| e.to_string())
+    })
+    .map_err(|e| match e {
+        AtomicWriteError::Write(e) => err(e),
+        AtomicWriteError::Rename(e) => err(e.to_string()),
     })
 }
 
 /// The implementation class UID written in the file meta group.
 pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.180368217318236457392176425036213839061";
-
-/// A temporary name beside `path`, for write-then-rename.
-pub fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
-}

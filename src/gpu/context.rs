@@ -26,7 +26,7 @@ pub enum Layout {
     Fft,
 }
 
-/// Bindings of the FFT layout (keep in sync with shaders/phase_symmetry.wgsl).
+/// Bindings of the FFT layout (keep in sync with the shaders that use it).
 const FFT_OUT: u32 = 5;
 const FFT_SPECTRUM: u32 = 6;
 const FFT_WORK: u32 = 7;
@@ -620,11 +620,12 @@ impl GpuChain<'_> {
         self.dispatch_with(Layout::Common, file, source, entry, params, groups, swap)
     }
 
-    /// Like [`GpuChain::dispatch`], with the FFT layout; `pad` is the padded size the FFT
+    /// Like [`GpuChain::dispatch`] (`file` is the shader's stem), with the FFT layout; `pad` is the padded size the FFT
     /// buffers must have.
     #[allow(clippy::too_many_arguments)]
     pub fn dispatch_fft<P: bytemuck::Pod>(
         &mut self,
+        file: &'static str,
         source: &'static str,
         entry: &'static str,
         params: &P,
@@ -634,15 +635,7 @@ impl GpuChain<'_> {
     ) -> Result<(), GpuError> {
         let fft = self.ctx.fft_buffers(&self.bufs, pad)?;
         self.fft = Some(fft);
-        self.dispatch_with(
-            Layout::Fft,
-            "phase_symmetry",
-            source,
-            entry,
-            params,
-            groups,
-            swap,
-        )
+        self.dispatch_with(Layout::Fft, file, source, entry, params, groups, swap)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -108,10 +108,19 @@ pub struct AdapterSummary {
     pub hardware: bool,
 }
 
+mod compute;
+pub use compute::{Compute, Ran};
+
 #[cfg(feature = "gpu")]
 mod context;
 #[cfg(feature = "gpu")]
 pub use context::{GpuChain, GpuContext, Layout};
+
+/// Without the `gpu` feature there is no GPU context: the type has no values, so GPU code paths
+/// type-check and can never run.
+#[cfg(not(feature = "gpu"))]
+#[derive(Debug)]
+pub enum GpuContext {}
 
 #[cfg(feature = "gpu")]
 /// Lists the adapters wgpu sees.

@@ -31,10 +31,11 @@ impl Params {
     /// A tensor summed over a (2r+1)² window, r in 1..=8.
     pub fn new(radius: u32) -> crate::Result<Params> {
         if !(1..=8).contains(&radius) {
-            return Err(crate::Error::InvalidParameter {
+            return Err(crate::kernels::KernelError::InvalidParameter {
                 name: "radius",
                 reason: format!("{radius} (1..8)"),
-            });
+            }
+            .into());
         }
         Ok(Params {
             width: 0,

@@ -34,16 +34,18 @@ impl Params {
     /// A `window` × `window` Frost filter (odd, 3..=15) with damping `damping` (> 0).
     pub fn new(window: u32, damping: f32) -> crate::Result<Params> {
         if window % 2 == 0 || !(3..=15).contains(&window) {
-            return Err(crate::Error::InvalidParameter {
+            return Err(crate::kernels::KernelError::InvalidParameter {
                 name: "window",
                 reason: format!("{window} (odd, 3..15)"),
-            });
+            }
+            .into());
         }
         if !(damping > 0.0 && damping < 100.0) {
-            return Err(crate::Error::InvalidParameter {
+            return Err(crate::kernels::KernelError::InvalidParameter {
                 name: "damping",
                 reason: format!("{damping} (0..100)"),
-            });
+            }
+            .into());
         }
         Ok(Params {
             width: 0,
@@ -127,9 +129,12 @@ pub fn cpu_fast(img: &Array2<f32>, params: &Params) -> crate::Result<Array2<f32>
         let mut wsum = vec![0f32; w];
         frost_row(&pad, pw, y, r, &k, row, &mut wsum);
     });
-    Array2::from_shape_vec((h, w), out).map_err(|e| crate::Error::InvalidParameter {
-        name: "frost",
-        reason: e.to_string(),
+    Array2::from_shape_vec((h, w), out).map_err(|e| {
+        crate::kernels::KernelError::InvalidParameter {
+            name: "frost",
+            reason: e.to_string(),
+        }
+        .into()
     })
 }
 

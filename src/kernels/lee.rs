@@ -32,16 +32,18 @@ impl Params {
     /// `noise_cv`.
     pub fn new(window: u32, noise_cv: f32) -> crate::Result<Params> {
         if window % 2 == 0 || !(3..=15).contains(&window) {
-            return Err(crate::Error::InvalidParameter {
+            return Err(crate::kernels::KernelError::InvalidParameter {
                 name: "window",
                 reason: format!("{window} (odd, 3..15)"),
-            });
+            }
+            .into());
         }
         if !(noise_cv > 0.0 && noise_cv < 2.0) {
-            return Err(crate::Error::InvalidParameter {
+            return Err(crate::kernels::KernelError::InvalidParameter {
                 name: "noise_cv",
                 reason: format!("{noise_cv} (0..2)"),
-            });
+            }
+            .into());
         }
         Ok(Params {
             width: 0,

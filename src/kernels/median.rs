@@ -25,10 +25,11 @@ impl Params {
     /// A `size` × `size` median (3 or 5).
     pub fn new(size: u32) -> crate::Result<Params> {
         if size != 3 && size != 5 {
-            return Err(crate::Error::InvalidParameter {
+            return Err(crate::kernels::KernelError::InvalidParameter {
                 name: "size",
                 reason: format!("{size} (median sizes: 3, 5)"),
-            });
+            }
+            .into());
         }
         Ok(Params {
             width: 0,
@@ -450,9 +451,12 @@ pub fn cpu_fast(img: &Array2<f32>, params: &Params) -> crate::Result<Array2<f32>
             .enumerate()
             .for_each(|(y, row)| median_row(src, w, h, y, r, row));
     }
-    Array2::from_shape_vec((h, w), out).map_err(|e| crate::Error::InvalidParameter {
-        name: "median",
-        reason: e.to_string(),
+    Array2::from_shape_vec((h, w), out).map_err(|e| {
+        crate::kernels::KernelError::InvalidParameter {
+            name: "median",
+            reason: e.to_string(),
+        }
+        .into()
     })
 }
 

@@ -18,6 +18,20 @@ pub mod srad;
 use ndarray::Array2;
 use rayon::prelude::*;
 
+/// Errors of the kernels: a parameter or an image the kernel cannot take.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KernelError {
+    /// A parameter given by the caller is outside its valid range.
+    #[error("invalid parameter {name}: {reason}")]
+    InvalidParameter {
+        /// The parameter's name, as the CLI and the params structs spell it.
+        name: &'static str,
+        /// Why the value was refused.
+        reason: String,
+    },
+}
+
 /// Names of every kernel with a shader and a twin (the shader stems).
 pub const KERNELS: [&str; 8] = [
     "coherence",
@@ -61,10 +75,11 @@ pub fn par_image(
 pub(crate) fn check_image(kernel: &'static str, img: &Array2<f32>) -> crate::Result<()> {
     let (h, w) = img.dim();
     if h == 0 || w == 0 || h > u32::MAX as usize / 2 || w > u32::MAX as usize / 2 {
-        return Err(crate::Error::InvalidParameter {
+        return Err(crate::kernels::KernelError::InvalidParameter {
             name: kernel,
             reason: format!("image of {w}x{h}"),
-        });
+        }
+        .into());
     }
     Ok(())
 }

@@ -44,25 +44,28 @@ impl Params {
     /// smoothing `h`.
     pub fn new(search: u32, patch: u32, h: f32) -> crate::Result<Params> {
         if search % 2 == 0 || search < 3 || patch % 2 == 0 || patch < 1 {
-            return Err(crate::Error::InvalidParameter {
+            return Err(crate::kernels::KernelError::InvalidParameter {
                 name: "search/patch",
                 reason: format!("{search}/{patch} (odd)"),
-            });
+            }
+            .into());
         }
         if search / 2 + patch / 2 > MAX_APRON {
-            return Err(crate::Error::InvalidParameter {
+            return Err(crate::kernels::KernelError::InvalidParameter {
                 name: "search/patch",
                 reason: format!(
                     "search/2 + patch/2 = {} exceeds {MAX_APRON}",
                     search / 2 + patch / 2
                 ),
-            });
+            }
+            .into());
         }
         if !(h > 0.0 && h < 1000.0) {
-            return Err(crate::Error::InvalidParameter {
+            return Err(crate::kernels::KernelError::InvalidParameter {
                 name: "h",
                 reason: format!("{h} (0..1000)"),
-            });
+            }
+            .into());
         }
         Ok(Params {
             width: 0,
@@ -246,9 +249,12 @@ pub fn cpu_fast(img: &Array2<f32>, params: &Params) -> crate::Result<Array2<f32>
                 }
             }
         });
-    Array2::from_shape_vec((h, w), out).map_err(|e| crate::Error::InvalidParameter {
-        name: "obnlm",
-        reason: e.to_string(),
+    Array2::from_shape_vec((h, w), out).map_err(|e| {
+        crate::kernels::KernelError::InvalidParameter {
+            name: "obnlm",
+            reason: e.to_string(),
+        }
+        .into()
     })
 }
 

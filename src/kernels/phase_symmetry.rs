@@ -70,16 +70,18 @@ impl Params {
     /// `min_wavelength` px.
     pub fn new(scales: u32, orientations: u32, min_wavelength: f32) -> crate::Result<Params> {
         if !(1..=6).contains(&scales) || !(1..=8).contains(&orientations) {
-            return Err(crate::Error::InvalidParameter {
+            return Err(crate::kernels::KernelError::InvalidParameter {
                 name: "scales/orientations",
                 reason: format!("{scales}/{orientations} (1..6, 1..8)"),
-            });
+            }
+            .into());
         }
         if !(2.0..256.0).contains(&min_wavelength) {
-            return Err(crate::Error::InvalidParameter {
+            return Err(crate::kernels::KernelError::InvalidParameter {
                 name: "min_wavelength",
                 reason: format!("{min_wavelength} px (2..256)"),
-            });
+            }
+            .into());
         }
         Ok(Params {
             width: 0,
@@ -110,6 +112,8 @@ impl Params {
     }
 }
 
+/// The shader's stem (pipeline cache key and labels).
+pub const NAME: &str = "phase_symmetry";
 /// The shader's source.
 pub const SHADER: &str = include_str!("../../shaders/phase_symmetry.wgsl");
 
@@ -290,10 +294,11 @@ impl Plan {
         check_image("phase_symmetry", img)?;
         let (h, w) = img.dim();
         if !self.fits(w, h) {
-            return Err(crate::Error::InvalidParameter {
+            return Err(crate::kernels::KernelError::InvalidParameter {
                 name: "phase_symmetry",
                 reason: format!("plan for another size than {w}x{h}"),
-            });
+            }
+            .into());
         }
         let p = &self.params;
         let (pw, ph) = (p.pad_width as usize, p.pad_height as usize);
@@ -336,9 +341,12 @@ impl Plan {
             .iter_mut()
             .zip(&amplitude)
             .for_each(|(n, a)| *n = (*n / (a + EPSILON)).clamp(0.0, 1.0));
-        Array2::from_shape_vec((h, w), numerator).map_err(|e| crate::Error::InvalidParameter {
-            name: "phase_symmetry",
-            reason: e.to_string(),
+        Array2::from_shape_vec((h, w), numerator).map_err(|e| {
+            crate::kernels::KernelError::InvalidParameter {
+                name: "phase_symmetry",
+                reason: e.to_string(),
+            }
+            .into()
         })
     }
 }
@@ -404,8 +412,9 @@ pub fn encode(chain: &mut crate::gpu::GpuChain<'_>, params: &Params) -> crate::R
     }
     let tiles = |w: usize, h: usize| ((w as u32).div_ceil(16), (h as u32).div_ceil(16));
     let pad = (pw, ph);
-    chain.dispatch_fft(SHADER, "ps_load", &p, pad, tiles(pw, ph), false)?;
+    chain.dispatch_fft(NAME, SHADER, "ps_load", &p, pad, tiles(pw, ph), false)?;
     chain.dispatch_fft(
+        NAME,
         SHADER,
         "ps_fft_rows_spectrum",
         &p,
@@ -414,6 +423,7 @@ pub fn encode(chain: &mut crate::gpu::GpuChain<'_>, params: &Params) -> crate::R
         false,
     )?;
     chain.dispatch_fft(
+        NAME,
         SHADER,
         "ps_fft_cols_spectrum",
         &p,
@@ -426,10 +436,27 @@ pub fn encode(chain: &mut crate::gpu::GpuChain<'_>, params: &Params) -> crate::R
             let mut q = p;
             q.orientation = o;
             q.scale = s;
-            chain.dispatch_fft(SHADER, "ps_filter", &q, pad, tiles(pw, ph), false)?;
-            chain.dispatch_fft(SHADER, "ps_fft_rows_work", &q, pad, (1, ph as u32), false)?;
-            chain.dispatch_fft(SHADER, "ps_fft_cols_work", &q, pad, (pw as u32, 1), false)?;
+            chain.dispatch_fft(NAME, SHADER, "ps_filter", &q, pad, tiles(pw, ph), false)?;
             chain.dispatch_fft(
+                NAME,
+                SHADER,
+                "ps_fft_rows_work",
+                &q,
+                pad,
+                (1, ph as u32),
+                false,
+            )?;
+            chain.dispatch_fft(
+                NAME,
+                SHADER,
+                "ps_fft_cols_work",
+                &q,
+                pad,
+                (pw as u32, 1),
+                false,
+            )?;
+            chain.dispatch_fft(
+                NAME,
                 SHADER,
                 "ps_accumulate",
                 &q,
@@ -440,8 +467,9 @@ pub fn encode(chain: &mut crate::gpu::GpuChain<'_>, params: &Params) -> crate::R
         }
         let mut q = p;
         q.orientation = o;
-        chain.dispatch_fft(SHADER, "ps_threshold", &q, pad, (1, 1), false)?;
+        chain.dispatch_fft(NAME, SHADER, "ps_threshold", &q, pad, (1, 1), false)?;
         chain.dispatch_fft(
+            NAME,
             SHADER,
             "ps_orient",
             &q,
@@ -451,6 +479,7 @@ pub fn encode(chain: &mut crate::gpu::GpuChain<'_>, params: &Params) -> crate::R
         )?;
     }
     chain.dispatch_fft(
+        NAME,
         SHADER,
         "ps_finish",
         &p,

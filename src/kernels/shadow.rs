@@ -25,10 +25,11 @@ impl Params {
     /// Averages `length` rows starting `gap` rows below each pixel.
     pub fn new(gap: u32, length: u32) -> crate::Result<Params> {
         if length == 0 || length > 4096 || gap > 4096 {
-            return Err(crate::Error::InvalidParameter {
+            return Err(crate::kernels::KernelError::InvalidParameter {
                 name: "gap/length",
                 reason: format!("{gap}/{length}"),
-            });
+            }
+            .into());
         }
         Ok(Params {
             width: 0,

@@ -66,16 +66,18 @@ impl Srad {
     /// whole image.
     pub fn new(lambda: f32, iterations: u32) -> crate::Result<Srad> {
         if !(lambda > 0.0 && lambda <= 1.0) {
-            return Err(crate::Error::InvalidParameter {
+            return Err(crate::kernels::KernelError::InvalidParameter {
                 name: "lambda",
                 reason: format!("{lambda} (0..1]"),
-            });
+            }
+            .into());
         }
         if iterations == 0 || iterations > MAX_ITERATIONS {
-            return Err(crate::Error::InvalidParameter {
+            return Err(crate::kernels::KernelError::InvalidParameter {
                 name: "iterations",
                 reason: format!("{iterations} (1..{MAX_ITERATIONS})"),
-            });
+            }
+            .into());
         }
         let params = Params {
             width: 0,
@@ -369,9 +371,12 @@ pub fn cpu_fast(img: &Array2<f32>, srad: &Srad) -> crate::Result<Array2<f32>> {
             };
         }
     }
-    Array2::from_shape_vec((h, w), cur).map_err(|e| crate::Error::InvalidParameter {
-        name: "srad",
-        reason: e.to_string(),
+    Array2::from_shape_vec((h, w), cur).map_err(|e| {
+        crate::kernels::KernelError::InvalidParameter {
+            name: "srad",
+            reason: e.to_string(),
+        }
+        .into()
     })
 }
 

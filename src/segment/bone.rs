@@ -11,7 +11,7 @@
 use ndarray::Array2;
 
 use super::{Features, SegmentParams};
-use crate::phantom::label;
+use crate::label::Label;
 
 /// Penalty per row of step between neighbouring columns (score units).
 const STEP_PENALTY: f32 = 0.02;
@@ -211,9 +211,9 @@ pub fn label_bone_and_shadow(
                 continue;
             }
             labels[[yy, x]] = if (yy as isize) < y + below {
-                label::BONE
+                Label::Bone.code()
             } else {
-                label::SHADOW
+                Label::Shadow.code()
             };
         }
     }

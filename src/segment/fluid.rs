@@ -6,7 +6,7 @@ use ndarray::Array2;
 
 use super::components::{components, open_close};
 use super::SegmentParams;
-use crate::phantom::label;
+use crate::label::Label;
 
 /// Joint gaps narrower or wider than these (mm) are not joints.
 const JOINT_GAP_MM: (f64, f64) = (1.0, 15.0);
@@ -34,7 +34,7 @@ const VESSEL_WALL_MM: f64 = 0.15;
 fn bone_rows(labels: &Array2<u8>) -> Vec<Option<usize>> {
     let (h, w) = labels.dim();
     (0..w)
-        .map(|x| (0..h).find(|y| labels[[*y, x]] == label::BONE))
+        .map(|x| (0..h).find(|y| labels[[*y, x]] == Label::Bone.code()))
         .collect()
 }
 
@@ -78,7 +78,7 @@ pub fn label_joint_and_effusion(
         for gx in a_end + 1..b_start {
             for y in top..=bottom {
                 if valid[[y, gx]]
-                    && labels[[y, gx]] == label::BACKGROUND
+                    && labels[[y, gx]] == Label::Background.code()
                     && img[[y, gx]] < 2.0 * params.fluid_level
                 {
                     joint[[y, gx]] = true;
@@ -98,7 +98,7 @@ pub fn label_joint_and_effusion(
         };
         for y in floor.saturating_sub(reach + cartilage)..floor.min(h) {
             if valid[[y, x]]
-                && labels[[y, x]] == label::BACKGROUND
+                && labels[[y, x]] == Label::Background.code()
                 && img[[y, x]] < params.fluid_level
             {
                 dark[[y, x]] = true;
@@ -123,8 +123,8 @@ pub fn label_joint_and_effusion(
         }
     }
     for ((y, x), j) in joint.indexed_iter() {
-        if *j && labels[[y, x]] == label::BACKGROUND {
-            labels[[y, x]] = label::JOINT;
+        if *j && labels[[y, x]] == Label::Background.code() {
+            labels[[y, x]] = Label::Joint.code();
         }
     }
 }
@@ -139,7 +139,9 @@ pub fn label_vessels(
 ) {
     let (h, w) = img.dim();
     let dark = Array2::from_shape_fn((h, w), |(y, x)| {
-        valid[[y, x]] && labels[[y, x]] == label::BACKGROUND && img[[y, x]] < params.fluid_level
+        valid[[y, x]]
+            && labels[[y, x]] == Label::Background.code()
+            && img[[y, x]] < params.fluid_level
     });
     let dark = open_close(&dark, 1);
     let px_area = mm.0 * mm.1;
@@ -167,7 +169,7 @@ pub fn label_vessels(
         }
         let near_label = c.pixels.iter().any(|&(y, x)| {
             (y.saturating_sub(wall + 1)..(y + wall + 2).min(h))
-                .any(|yy| labels[[yy, x]] != label::BACKGROUND)
+                .any(|yy| labels[[yy, x]] != Label::Background.code())
         });
         if near_label {
             continue;
@@ -184,7 +186,7 @@ pub fn label_vessels(
             let (mut s, mut n) = (0.0f32, 0usize);
             for y in b0..=b1 {
                 for x in xa..xb.min(w) {
-                    if valid[[y, x]] && labels[[y, x]] == label::BACKGROUND {
+                    if valid[[y, x]] && labels[[y, x]] == Label::Background.code() {
                         s += img[[y, x]];
                         n += 1;
                     }
@@ -210,8 +212,8 @@ pub fn label_vessels(
         for &(y, x) in &c.pixels {
             for yy in y.saturating_sub(wall)..(y + wall + 1).min(h) {
                 for xx in x.saturating_sub(wall)..(x + wall + 1).min(w) {
-                    if valid[[yy, xx]] && labels[[yy, xx]] == label::BACKGROUND {
-                        labels[[yy, xx]] = label::VESSEL;
+                    if valid[[yy, xx]] && labels[[yy, xx]] == Label::Background.code() {
+                        labels[[yy, xx]] = Label::Vessel.code();
                     }
                 }
             }

@@ -5,7 +5,7 @@
 //! Features come from the kernels (phase symmetry, shadow, coherence), computed on the GPU or
 //! the CPU; the decisions (dynamic programming for the bone surface, connected components for
 //! fluid and tendon) run on the CPU, where they are cheap. Label values are those of
-//! [`crate::phantom::label`].
+//! [`crate::label::Label`].
 
 pub mod bone;
 pub mod components;
@@ -16,7 +16,8 @@ use ndarray::{s, Array2};
 use serde::Serialize;
 
 use crate::frame::Frame;
-use crate::phantom::label;
+use crate::gpu::{Compute, Ran};
+use crate::label::Label;
 use crate::Result;
 
 /// Pixel size assumed for frames without a usable calibration (a typical MSK linear probe
@@ -316,37 +317,37 @@ pub fn analysis_grid(
     (grid, valid, 2, (mmx * 2.0, mmy * 2.0))
 }
 
-/// Computes the feature maps where `despeckler` runs its kernels: on its GPU when it has one
-/// (falling back to the CPU, with a warning, if the GPU fails under `Backend::Auto`), else on
-/// the CPU.
+/// Computes the feature maps where `compute` runs kernels: on its GPU when it has one (falling
+/// back to the CPU, with a warning, if the GPU fails under `Backend::Auto`), else on the CPU.
+/// Also says which backend ran.
 pub fn features(
-    despeckler: &crate::Despeckler,
+    compute: &Compute,
     frame: &Frame,
     despeckled: &Array2<f32>,
     params: &SegmentParams,
-) -> Result<Features> {
-    #[cfg(feature = "gpu")]
-    if let Some(ctx) = despeckler.gpu_context() {
-        match features_gpu(ctx, frame, despeckled, params) {
-            Ok(f) => return Ok(f),
-            Err(e) if despeckler.falls_back() => {
-                log::warn!("GPU features failed, using the CPU: {e}")
+) -> Result<(Features, Ran)> {
+    compute.run(
+        "features",
+        |ctx| {
+            #[cfg(feature = "gpu")]
+            {
+                features_gpu(ctx, frame, despeckled, params)
             }
-            Err(e) => return Err(e),
-        }
-    }
-    let _ = despeckler;
-    features_cpu(frame, despeckled, params)
+            #[cfg(not(feature = "gpu"))]
+            match *ctx {}
+        },
+        || features_cpu(frame, despeckled, params),
+    )
 }
 
-/// Segments one frame with the features computed where `despeckler` runs.
+/// Segments one frame with the features computed where `compute` runs kernels.
 pub fn segment_with(
-    despeckler: &crate::Despeckler,
+    compute: &Compute,
     frame: &Frame,
     despeckled: &Array2<f32>,
     params: &SegmentParams,
 ) -> Result<Segmentation> {
-    let f = features(despeckler, frame, despeckled, params)?;
+    let (f, _) = features(compute, frame, despeckled, params)?;
     segment_from_features(frame, despeckled, &f, params)
 }
 
@@ -414,11 +415,14 @@ pub fn segment_from_features(
             );
             let (gh, gw) = grid.dim();
             for ((y, x), l) in labels.indexed_iter_mut() {
-                if *l != label::BACKGROUND || !valid_full[[y, x]] {
+                if *l != Label::Background.code() || !valid_full[[y, x]] {
                     continue;
                 }
                 let g = grid[[(y / f.step).min(gh - 1), (x / f.step).min(gw - 1)]];
-                if g == label::TENDON || g == label::JOINT || g == label::VESSEL {
+                if g == Label::Tendon.code()
+                    || g == Label::Joint.code()
+                    || g == Label::Vessel.code()
+                {
                     *l = g;
                 }
             }

@@ -7,7 +7,7 @@ use ndarray::Array2;
 
 use super::components::{components, morph, open_close};
 use super::Features;
-use crate::phantom::label;
+use crate::label::Label;
 
 /// Smoothing along and across the fibres before thresholding, mm.
 const SMOOTH_ALONG_MM: f64 = 0.8;
@@ -56,7 +56,7 @@ pub fn label_tendon(
         ((SMOOTH_ACROSS_MM / mm.1) as usize).max(1),
     );
     let candidate = Array2::from_shape_fn((h, w), |(y, x)| {
-        if !valid[[y, x]] || labels[[y, x]] != label::BACKGROUND || y < skin {
+        if !valid[[y, x]] || labels[[y, x]] != Label::Background.code() || y < skin {
             return false;
         }
         if surface[x].is_some_and(|s| y as f32 > s - clearance) {
@@ -122,7 +122,7 @@ pub fn label_tendon(
                 continue;
             }
             for y in *a..=*b {
-                if valid[[y, x]] && labels[[y, x]] == label::BACKGROUND {
+                if valid[[y, x]] && labels[[y, x]] == Label::Background.code() {
                     keep[[y, x]] = true;
                 }
             }
@@ -130,8 +130,8 @@ pub fn label_tendon(
     }
     let keep = morph(&morph(&keep, 1, false), 1, true);
     for ((y, x), k) in keep.indexed_iter() {
-        if *k && labels[[y, x]] == label::BACKGROUND && valid[[y, x]] {
-            labels[[y, x]] = label::TENDON;
+        if *k && labels[[y, x]] == Label::Background.code() && valid[[y, x]] {
+            labels[[y, x]] = Label::Tendon.code();
         }
     }
 }

@@ -29,22 +29,8 @@ use crate::fft::fft2;
 use serde::Serialize;
 
 use crate::frame::Rect;
-
-/// Label values of the truth maps (and of segmentation output).
-pub mod label {
-    /// Background (everything else).
-    pub const BACKGROUND: u8 = 0;
-    /// Tendon.
-    pub const TENDON: u8 = 1;
-    /// Bone surface band.
-    pub const BONE: u8 = 2;
-    /// Acoustic shadow beneath bone.
-    pub const SHADOW: u8 = 3;
-    /// Joint space or effusion.
-    pub const JOINT: u8 = 4;
-    /// Vessel.
-    pub const VESSEL: u8 = 5;
-}
+use crate::label::Label;
+use crate::plan::TargetKind;
 
 /// Probe geometry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -173,7 +159,7 @@ pub struct Truth {
     /// `"joint"`, `"bone"` or `"soft_tissue"`.
     pub scene: &'static str,
     /// `"joint_space"`, `"effusion"` or `"peritendinous"`.
-    pub target_kind: &'static str,
+    pub target_kind: TargetKind,
     /// Transmit frequency, MHz.
     pub frequency_mhz: f64,
     /// Structures the needle must avoid (first frame).
@@ -431,13 +417,13 @@ impl Anatomy {
         if let Some((vu, vd, vr)) = self.vessel {
             let r = ((u - vu).powi(2) + (d - vd).powi(2)).sqrt();
             if r < vr {
-                return (echo::FLUID, 0.02, label::VESSEL, false);
+                return (echo::FLUID, 0.02, Label::Vessel.code(), false);
             }
             if r < vr + 0.15 {
                 return (
                     echo::VESSEL_WALL,
                     TISSUE_ATTEN_DB_CM_MHZ,
-                    label::VESSEL,
+                    Label::Vessel.code(),
                     false,
                 );
             }
@@ -448,7 +434,7 @@ impl Anatomy {
                 // The interface reflects specularly from the surface (depth bd) down 0.15 mm;
                 // above it is cartilage, below it cortical bone that the beam barely enters.
                 if d < bd {
-                    return (echo::CARTILAGE, 0.3, label::BONE, false);
+                    return (echo::CARTILAGE, 0.3, Label::Bone.code(), false);
                 }
                 let specular = d < bd + 0.15;
                 return (
@@ -458,29 +444,29 @@ impl Anatomy {
                         echo::BONE * 0.05
                     },
                     40.0,
-                    label::BONE,
+                    Label::Bone.code(),
                     specular,
                 );
             }
             if d >= bd + BONE_BAND_BELOW {
-                return (echo::MUSCLE, 40.0, label::SHADOW, false);
+                return (echo::MUSCLE, 40.0, Label::Shadow.code(), false);
             }
         }
         if self.scene == Scene::Joint && u >= self.gap.0 && u <= self.gap.1 {
             let floor = self.effusion_base(u);
             if d >= floor && d < floor + self.cartilage_mm + self.recess_depth {
-                return (echo::FLUID * 4.0, 0.05, label::JOINT, false);
+                return (echo::FLUID * 4.0, 0.05, Label::Joint.code(), false);
             }
         }
         if let Some(top) = self.effusion_top(u) {
             if d >= top && d < self.effusion_base(u) {
-                return (echo::FLUID, 0.02, label::JOINT, false);
+                return (echo::FLUID, 0.02, Label::Joint.code(), false);
             }
         }
         if self.scene != Scene::SoftTissue && self.has_bone_at(u) {
             let bd = self.bone_depth(u);
             if d >= bd - self.cartilage_mm {
-                return (echo::CARTILAGE, 0.3, label::BACKGROUND, false);
+                return (echo::CARTILAGE, 0.3, Label::Background.code(), false);
             }
         }
         if let Some((t0, t1)) = self.tendon_range(u) {
@@ -493,11 +479,16 @@ impl Anatomy {
                             + 0.5
                                 * (2.0 * PI * along / self.fibre_period + self.fibre_phase).cos())
                         .powi(2);
-                return (echo::TENDON * m, 0.9, label::TENDON, false);
+                return (echo::TENDON * m, 0.9, Label::Tendon.code(), false);
             }
         }
         if d < self.skin_mm {
-            return (echo::SKIN, TISSUE_ATTEN_DB_CM_MHZ, label::BACKGROUND, false);
+            return (
+                echo::SKIN,
+                TISSUE_ATTEN_DB_CM_MHZ,
+                Label::Background.code(),
+                false,
+            );
         }
         if d < self.fat_mm {
             for (d0, slope, thick) in &self.septa {
@@ -506,19 +497,19 @@ impl Anatomy {
                     return (
                         echo::SEPTUM,
                         TISSUE_ATTEN_DB_CM_MHZ,
-                        label::BACKGROUND,
+                        Label::Background.code(),
                         false,
                     );
                 }
             }
-            return (echo::FAT, 0.6, label::BACKGROUND, false);
+            return (echo::FAT, 0.6, Label::Background.code(), false);
         }
         // Muscle with faint perimysium striations.
         let stria = 1.0 + 0.6 * ((2.0 * PI * (d + 0.15 * u) / 1.6).sin().max(0.0)).powi(6);
         (
             echo::MUSCLE * stria,
             TISSUE_ATTEN_DB_CM_MHZ,
-            label::BACKGROUND,
+            Label::Background.code(),
             false,
         )
     }
@@ -572,28 +563,32 @@ fn power_to_grey(p: f64) -> f64 {
 pub fn generate(name: &str, params: &PhantomParams) -> crate::Result<Phantom> {
     let p = params;
     if p.width < 32 || p.height < 32 || p.width > 4096 || p.height > 4096 {
-        return Err(crate::Error::InvalidParameter {
+        return Err(crate::sim::SimError::InvalidParameter {
             name: "size",
             reason: format!("{}x{} (32..4096 each)", p.width, p.height),
-        });
+        }
+        .into());
     }
     if p.frames == 0 || p.frames > 1000 {
-        return Err(crate::Error::InvalidParameter {
+        return Err(crate::sim::SimError::InvalidParameter {
             name: "frames",
             reason: format!("{} (1..1000)", p.frames),
-        });
+        }
+        .into());
     }
     if !(p.mm_per_px > 0.01 && p.mm_per_px < 1.0) {
-        return Err(crate::Error::InvalidParameter {
+        return Err(crate::sim::SimError::InvalidParameter {
             name: "mm_per_px",
             reason: format!("{} (0.01..1)", p.mm_per_px),
-        });
+        }
+        .into());
     }
     if !(p.frequency_mhz >= 2.0 && p.frequency_mhz <= 20.0) {
-        return Err(crate::Error::InvalidParameter {
+        return Err(crate::sim::SimError::InvalidParameter {
             name: "frequency_mhz",
             reason: format!("{} (2..20)", p.frequency_mhz),
-        });
+        }
+        .into());
     }
     let mut rng = Rng::new(p.seed);
     let s = p.mm_per_px;
@@ -721,7 +716,7 @@ pub fn generate(name: &str, params: &PhantomParams) -> crate::Result<Phantom> {
             let u = (anatomy.gap.0 + anatomy.gap.1) / 2.0;
             let floor = anatomy.effusion_base(u);
             (
-                "joint_space",
+                TargetKind::JointSpace,
                 (
                     u,
                     floor + (anatomy.cartilage_mm + anatomy.recess_depth) / 2.0,
@@ -731,7 +726,7 @@ pub fn generate(name: &str, params: &PhantomParams) -> crate::Result<Phantom> {
         _ if anatomy.effusion_u.1 > anatomy.effusion_u.0 => {
             let u = (anatomy.effusion_u.0 + anatomy.effusion_u.1) / 2.0;
             // Deepest safe point: 1 mm above the effusion floor.
-            ("effusion", (u, anatomy.effusion_base(u) - 1.0))
+            (TargetKind::Effusion, (u, anatomy.effusion_base(u) - 1.0))
         }
         _ => {
             let u = anatomy.width_mm / 2.0;
@@ -739,7 +734,7 @@ pub fn generate(name: &str, params: &PhantomParams) -> crate::Result<Phantom> {
                 .tendon_range(u)
                 .map(|r| r.0)
                 .unwrap_or(anatomy.tendon_top);
-            ("peritendinous", (u, top - 0.5))
+            (TargetKind::Peritendinous, (u, top - 0.5))
         }
     };
     let mut frame_truths = Vec::new();
@@ -991,10 +986,13 @@ pub fn write_case(
 /// (with the reference pixel), and the imaging region (a fan mask for curved arrays).
 pub fn frame_of(ph: &Phantom, k: usize) -> crate::Result<crate::Frame> {
     use crate::frame::{Calibration, CalibrationSource, ImagingRegion, RegionShape, RegionSource};
-    let img = ph.frames.get(k).ok_or(crate::Error::InvalidParameter {
-        name: "frame",
-        reason: format!("{k} of {}", ph.frames.len()),
-    })?;
+    let img = ph
+        .frames
+        .get(k)
+        .ok_or(crate::sim::SimError::InvalidParameter {
+            name: "frame",
+            reason: format!("{k} of {}", ph.frames.len()),
+        })?;
     let (h, w) = img.dim();
     let pixels: Vec<u8> = img.iter().copied().collect();
     let t = &ph.truth;

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::despeckle::{Despeckler, Filter};
 use crate::kernels::{frost, lee, median, obnlm, srad};
-use crate::phantom::{generate, PhantomParams};
+use crate::sim::phantom::{generate, PhantomParams};
 use crate::Result;
 
 /// One timed case.
@@ -47,16 +47,11 @@ pub fn bench_filters() -> Result<Vec<Filter>> {
 
 /// The GPU despeckler for the criterion benches: a hardware adapter; the software one
 /// (lavapipe, hundreds of times slower than a GPU) only when `SONOGUIDE_BENCH_SOFTWARE_GPU=1`.
-/// `None`, with a line on stderr saying why, when there is no adapter to bench.
+/// `Err` says why there is no adapter to bench (the caller prints it).
 #[cfg(feature = "gpu")]
-pub fn bench_gpu() -> Option<Despeckler> {
-    let d = match Despeckler::new(crate::Backend::Gpu) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("GPU benches skipped: {e}");
-            return None;
-        }
-    };
+pub fn bench_gpu() -> std::result::Result<Despeckler, String> {
+    let d =
+        Despeckler::new(crate::Backend::Gpu).map_err(|e| format!("GPU benches skipped: {e}"))?;
     let software = crate::gpu::list_adapters()
         .iter()
         .any(|a| a.name == d.device_name() && !a.hardware);
@@ -65,13 +60,12 @@ pub fn bench_gpu() -> Option<Despeckler> {
             .map(|v| v != "1")
             .unwrap_or(true)
     {
-        eprintln!(
+        return Err(format!(
             "GPU benches skipped: only a software adapter ({})",
             d.device_name()
-        );
-        return None;
+        ));
     }
-    Some(d)
+    Ok(d)
 }
 
 /// A speckle frame of the given size from a phantom.
@@ -144,7 +138,7 @@ pub fn run(
         p.height = height;
         p.seed = 4242;
         let ph = generate("bench", &p)?;
-        let frame = crate::phantom::frame_of(&ph, 0)?;
+        let frame = crate::sim::phantom::frame_of(&ph, 0)?;
         let seg = crate::segment::SegmentParams::default();
         let valid = crate::segment::valid_mask(&frame);
         let (grid, _, _, mm) =
@@ -276,7 +270,7 @@ pub fn run_pipeline(
     p.height = height;
     p.seed = 4242;
     let ph = generate("bench", &p)?;
-    let frame = crate::phantom::frame_of(&ph, 0)?;
+    let frame = crate::sim::phantom::frame_of(&ph, 0)?;
     pipeline.process(&frame)?;
     let mut t: Vec<crate::pipeline::StageTimings> = Vec::new();
     for _ in 0..repeats.max(1) {
@@ -341,18 +335,17 @@ pub fn run_serve(
     p.frames = 8;
     let ph = generate("bench", &p)?;
     let server = crate::igtl::Server::bind("127.0.0.1:0", pipeline.clone(), Default::default())?;
-    let addr = server.local_addr().ok_or(crate::Error::InvalidParameter {
-        name: "address",
-        reason: "no local address".into(),
-    })?;
+    let addr = server
+        .local_addr()
+        .ok_or(crate::igtl::IgtlError::NoAddress)?;
     let stop = server.stop_flag();
     let mut matrix = [0f32; 12];
     matrix[0] = p.mm_per_px as f32;
     matrix[4] = p.mm_per_px as f32;
     matrix[8] = 1.0;
-    let io = |e: std::io::Error| crate::Error::Write {
-        path: addr.to_string().into(),
-        source: e,
+    let io = |source: std::io::Error| crate::sim::SimError::Connection {
+        peer: addr.to_string(),
+        source,
     };
     let mut round_trips = Vec::with_capacity(frames);
     std::thread::scope(|s| -> Result<()> {

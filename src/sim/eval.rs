@@ -4,8 +4,9 @@ use ndarray::Array2;
 use serde::Serialize;
 
 use crate::despeckle::{Despeckler, Filter};
-use crate::phantom::{generate, label, PhantomParams};
-use crate::quality;
+use crate::label::Label;
+use crate::sim::phantom::{generate, PhantomParams};
+use crate::sim::quality;
 use crate::Result;
 
 /// Depth of the structure-free band above and below the tendon used as its surround, px.
@@ -54,11 +55,11 @@ fn masks(clean: &Array2<f32>, labels: &Array2<u8>) -> Masks {
     let m2 = quality::blur(&(&c * &c), 2.0, 4);
     let homogeneous = Array2::from_shape_fn((h, w), |(y, x)| {
         let sd = (m2[[y, x]] - m[[y, x]].powi(2)).max(0.0).sqrt();
-        labels[[y, x]] == label::BACKGROUND
+        labels[[y, x]] == Label::Background.code()
             && sd < HOMOGENEOUS_STD
             && m[[y, x]] > HOMOGENEOUS_MIN_LEVEL
     });
-    let tendon = labels.mapv(|l| l == label::TENDON);
+    let tendon = labels.mapv(|l| l == Label::Tendon.code());
     let mut surround = Array2::from_elem((h, w), false);
     for x in 0..w {
         let rows: Vec<usize> = (0..h).filter(|y| tendon[[*y, x]]).collect();
@@ -67,14 +68,14 @@ fn masks(clean: &Array2<f32>, labels: &Array2<u8>) -> Masks {
                 ..t0.saturating_sub(SURROUND_GAP_PX);
             let below = (t1 + SURROUND_GAP_PX).min(h)..(t1 + SURROUND_GAP_PX + SURROUND_PX).min(h);
             for y in above.chain(below) {
-                if labels[[y, x]] == label::BACKGROUND {
+                if labels[[y, x]] == Label::Background.code() {
                     surround[[y, x]] = true;
                 }
             }
         }
     }
     let bone_band = Array2::from_shape_fn((h, w), |(y, x)| {
-        (y.saturating_sub(2)..(y + 3).min(h)).any(|yy| labels[[yy, x]] == label::BONE)
+        (y.saturating_sub(2)..(y + 3).min(h)).any(|yy| labels[[yy, x]] == Label::Bone.code())
     });
     let image = clean.mapv(|v| v > 0.0);
     Masks {
@@ -228,7 +229,7 @@ pub fn segment_scores(
         let mut p = params.clone();
         p.seed = seed;
         let ph = generate("eval", &p)?;
-        let frame = crate::phantom::frame_of(&ph, 0)?;
+        let frame = crate::sim::phantom::frame_of(&ph, 0)?;
         let t0 = std::time::Instant::now();
         let despeckled = despeckler.run(&frame.intensity, std::slice::from_ref(filter))?;
         let s = crate::segment::segment_with(despeckler, &frame, &despeckled, seg)?;
@@ -251,7 +252,7 @@ pub fn segment_scores(
         let mm = p.mm_per_px;
         if truth_pts.is_empty() {
             no_bone += 1;
-            if s.labels.iter().any(|l| *l == label::BONE) {
+            if s.labels.iter().any(|l| *l == Label::Bone.code()) {
                 false_bone += 1;
             }
         } else {
@@ -301,7 +302,7 @@ pub fn segment_scores(
         },
         false_bone_frames: false_bone,
         no_bone_frames: no_bone,
-        ms_median: crate::bench::median_of(&times),
+        ms_median: crate::sim::bench::median_of(&times),
     })
 }
 
@@ -386,7 +387,7 @@ pub fn plan_scores(
         let mut p = params.clone();
         p.seed = seed;
         let ph = generate("plan", &p)?;
-        let frame = crate::phantom::frame_of(&ph, 0)?;
+        let frame = crate::sim::phantom::frame_of(&ph, 0)?;
         let r = pipeline.process(&frame)?;
         score.cases += 1;
         let truth = &ph.labels[0];
@@ -404,8 +405,9 @@ pub fn plan_scores(
             continue;
         }
         score.with_path += 1;
-        let forbidden =
-            truth.mapv(|l| l == label::BONE || l == label::SHADOW || l == label::VESSEL);
+        let forbidden = truth.mapv(|l| {
+            l == Label::Bone.code() || l == Label::Shadow.code() || l == Label::Vessel.code()
+        });
         let dist = crate::plan::distance_mm(&forbidden, (mm, mm));
         let mut crossed = false;
         for (x, y, to_target_px) in path_samples(e.px, t.px) {
@@ -438,7 +440,7 @@ pub fn plan_scores(
         let mut prev: Option<JitterPoints> = None;
         let mut prev_kind = None;
         for k in 0..ph.frames.len() {
-            let frame = crate::phantom::frame_of(&ph, k)?;
+            let frame = crate::sim::phantom::frame_of(&ph, k)?;
             let r = pipeline.process_in(&mut session, &frame)?;
             let ideal = ph.truth.frames[k].target_mm;
             let cur = match (

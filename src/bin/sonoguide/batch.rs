@@ -1,0 +1,248 @@
+//! Commands that run file by file through the library's batch runner: `process` (the main
+//! job), `despeckle` and `segment`. Progress shows as a bar on a terminal and as plain lines
+//! otherwise; failures are listed at the end.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use clap::ValueEnum;
+use sonoguide::batch::{self, BatchOptions, Event, FileStatus, FileTask};
+use sonoguide::segment::SegmentParams;
+use sonoguide::{Compute, Filter};
+
+use crate::args::{
+    open_despeckler, parse_frames, parse_target, BackendOpt, FilterArgs, FILTER_CHOICES,
+};
+use crate::exit::{Failure, Outcome};
+
+/// `despeckle`'s arguments.
+#[derive(clap::Args)]
+pub struct DespeckleArgs {
+    /// DICOM files.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    filter: FilterArgs,
+    #[command(flatten)]
+    backend: BackendOpt,
+}
+
+/// `segment`'s arguments.
+#[derive(clap::Args)]
+pub struct SegmentArgs {
+    /// DICOM files.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Despeckling filter applied first (defaults as in `despeckle`).
+    #[arg(long, default_value = "srad", value_parser = FILTER_CHOICES)]
+    despeckle: String,
+    #[command(flatten)]
+    backend: BackendOpt,
+}
+
+/// What the overlay is drawn on.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum OverlayOn {
+    /// The despeckled frame.
+    Despeckled,
+    /// The frame as read.
+    Original,
+}
+
+/// `process`' arguments.
+#[derive(clap::Args)]
+pub struct ProcessArgs {
+    /// DICOM files or folders.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Look into sub-folders of folder inputs.
+    #[arg(long)]
+    recursive: bool,
+    /// Files processed at once.
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
+    #[command(flatten)]
+    backend: BackendOpt,
+    /// Frames to process: N, A..B (B excluded) or A-B (B included); zero-based.
+    #[arg(long, value_parser = parse_frames)]
+    frames: Option<(usize, usize)>,
+    /// Skip inputs whose overlay DICOM already exists in OUT (resume a batch).
+    #[arg(long)]
+    skip_existing: bool,
+    /// Draw the overlay on the despeckled or the original frame.
+    #[arg(long, value_enum, default_value_t = OverlayOn::Despeckled)]
+    overlay_on: OverlayOn,
+    /// Target in mm, X_MM,Y_MM: lateral from the reference pixel, depth from the
+    /// transducer face (default: chosen automatically).
+    #[arg(long, value_parser = parse_target)]
+    target: Option<(f64, f64)>,
+    /// Smallest needle angle to the skin line, degrees.
+    #[arg(long, default_value_t = 15.0)]
+    min_angle: f64,
+    /// Largest needle angle, degrees.
+    #[arg(long, default_value_t = 45.0)]
+    max_angle: f64,
+    /// Clearance from bone, shadow and vessels, mm.
+    #[arg(long, default_value_t = 2.0)]
+    margin_mm: f64,
+    #[command(flatten)]
+    filter: FilterArgs,
+}
+
+/// `sonoguide despeckle`.
+pub fn despeckle(args: DespeckleArgs) -> Outcome {
+    let filter = args.filter.filter()?;
+    let d = open_despeckler(args.backend.get())?;
+    let compute = d.compute().clone();
+    let task = batch::DespeckleTask::new(d, filter);
+    run(
+        &args.files,
+        &args.out,
+        &task,
+        &compute,
+        &BatchOptions::default(),
+    )
+}
+
+/// `sonoguide segment`.
+pub fn segment(args: SegmentArgs) -> Outcome {
+    let filter = Filter::default_for(&args.despeckle)?;
+    let d = open_despeckler(args.backend.get())?;
+    let compute = d.compute().clone();
+    let task = batch::SegmentTask::new(d, filter, SegmentParams::default());
+    run(
+        &args.files,
+        &args.out,
+        &task,
+        &compute,
+        &BatchOptions::default(),
+    )
+}
+
+/// `sonoguide process`.
+pub fn process(args: ProcessArgs) -> Outcome {
+    let filter = args.filter.filter()?;
+    let (min_angle, max_angle, margin_mm) = (args.min_angle, args.max_angle, args.margin_mm);
+    if !((0.0..90.0).contains(&min_angle)
+        && (min_angle..90.0).contains(&max_angle)
+        && (0.0..50.0).contains(&margin_mm))
+    {
+        return Err(Failure::Usage(
+            "need 0 ≤ --min-angle ≤ --max-angle < 90 and 0 ≤ --margin-mm < 50".into(),
+        ));
+    }
+    let mut config = sonoguide::PipelineConfig::default();
+    config.backend = args.backend.get();
+    config.filters = vec![filter];
+    config.plan.min_angle_deg = min_angle;
+    config.plan.max_angle_deg = max_angle;
+    config.plan.margin_mm = margin_mm;
+    config.plan.target_mm = args.target;
+    let mut opts = BatchOptions::default();
+    opts.recursive = args.recursive;
+    opts.jobs = args.jobs.max(1);
+    opts.frames = args.frames;
+    opts.skip_existing = args.skip_existing;
+    let pipeline = sonoguide::Pipeline::new(config)?;
+    if let Some(note) = pipeline.despeckler().note() {
+        eprintln!("note: {note}");
+    }
+    let compute = pipeline.despeckler().compute().clone();
+    let task = batch::ProcessTask::new(pipeline, args.overlay_on == OverlayOn::Original);
+    run(&args.inputs, &args.out, &task, &compute, &opts)
+}
+
+/// Runs the batch with progress on stderr and reports its end.
+fn run(
+    inputs: &[PathBuf],
+    out: &Path,
+    task: &dyn FileTask,
+    compute: &Compute,
+    opts: &BatchOptions,
+) -> Outcome {
+    let bar: std::sync::OnceLock<indicatif::ProgressBar> = std::sync::OnceLock::new();
+    let terminal = std::io::stderr().is_terminal();
+    let on_event = |event: Event<'_>| match event {
+        Event::Started { total } if terminal => {
+            let b = indicatif::ProgressBar::new(total as u64);
+            if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
+            {
+                b.set_style(style);
+            }
+            let _ = bar.set(b);
+        }
+        Event::Finished {
+            done,
+            total,
+            summary,
+        } => {
+            let line = match (&summary.error, &summary.detail) {
+                (Some(e), _) => format!("[{done}/{total}] failed: {e}"),
+                (None, Some(detail)) => {
+                    format!("[{done}/{total}] {}: {detail}", summary.path.display())
+                }
+                (None, None) => format!(
+                    "[{done}/{total}] {}: {} ({} frame(s))",
+                    summary.path.display(),
+                    status_name(summary.status),
+                    summary.frames
+                ),
+            };
+            match bar.get() {
+                Some(b) => {
+                    b.inc(1);
+                    b.set_message(
+                        summary
+                            .path
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
+                    );
+                    if summary.error.is_some() {
+                        b.println(line);
+                    }
+                }
+                None => eprintln!("{line}"),
+            }
+        }
+        _ => {}
+    };
+    let report = batch::run(inputs, out, task, compute, opts, &on_event);
+    if let Some(b) = bar.get() {
+        b.finish_and_clear();
+    }
+    let report = report?;
+    let failures: Vec<_> = report.failures().collect();
+    eprintln!(
+        "{} processed, {} skipped, {} failed; summary in {}",
+        report.count(FileStatus::Ok),
+        report.count(FileStatus::Skipped),
+        failures.len(),
+        report.summary_path.display()
+    );
+    if failures.is_empty() {
+        return Ok(());
+    }
+    eprintln!("failures:");
+    for f in &failures {
+        eprintln!("  {}", f.error.as_deref().unwrap_or("unknown error"));
+    }
+    Err(Failure::Reported)
+}
+
+fn status_name(status: FileStatus) -> &'static str {
+    match status {
+        FileStatus::Ok => "ok",
+        FileStatus::Skipped => "skipped",
+        FileStatus::Failed => "failed",
+    }
+}

@@ -1,0 +1,78 @@
+//! The one mapping from outcomes to exit codes: 0 all good, 1 some inputs failed (the others
+//! were processed), 2 usage error (bad arguments, an output folder that cannot be created, an
+//! address that cannot be listened on).
+
+use std::process::ExitCode;
+
+use sonoguide::batch::BatchError;
+use sonoguide::igtl::IgtlError;
+use sonoguide::kernels::KernelError;
+
+/// Exit code when some inputs failed.
+pub const EXIT_INPUT_FAILED: u8 = 1;
+/// Exit code for a usage error.
+pub const EXIT_USAGE: u8 = 2;
+
+/// Why a command stopped.
+#[derive(Debug)]
+pub enum Failure {
+    /// The command was asked for something it cannot do (exit 2).
+    Usage(String),
+    /// The work failed (exit 1).
+    Failed(String),
+    /// The command has already reported what failed; exit 1 without another message.
+    Reported,
+}
+
+/// What every command returns.
+pub type Outcome = Result<(), Failure>;
+
+impl From<sonoguide::Error> for Failure {
+    fn from(e: sonoguide::Error) -> Failure {
+        match &e {
+            sonoguide::Error::Kernel(KernelError::InvalidParameter { .. })
+            | sonoguide::Error::Batch(BatchError::OutputFolder { .. })
+            | sonoguide::Error::Igtl(IgtlError::Bind { .. }) => Failure::Usage(e.to_string()),
+            _ => Failure::Failed(e.to_string()),
+        }
+    }
+}
+
+impl From<sonoguide::dicom::DicomError> for Failure {
+    fn from(e: sonoguide::dicom::DicomError) -> Failure {
+        Failure::Failed(e.to_string())
+    }
+}
+
+/// Prints the failure, if any, and gives the exit code.
+pub fn exit_code(outcome: Outcome) -> ExitCode {
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(Failure::Failed(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(EXIT_INPUT_FAILED)
+        }
+        Err(Failure::Reported) => ExitCode::from(EXIT_INPUT_FAILED),
+    }
+}
+
+/// Creates the output folder (a usage error when it cannot be made).
+pub fn make_out_dir(out: &std::path::Path) -> Outcome {
+    std::fs::create_dir_all(out).map_err(|e| {
+        Failure::Usage(format!(
+            "cannot create output folder {}: {e}",
+            out.display()
+        ))
+    })
+}
+
+/// Prints `v` as pretty JSON on stdout.
+pub fn print_json<T: serde::Serialize>(v: &T) -> Outcome {
+    let s = serde_json::to_string_pretty(v).map_err(|e| Failure::Failed(e.to_string()))?;
+    println!("{s}");
+    Ok(())
+}
