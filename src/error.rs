@@ -31,10 +31,6 @@ pub enum Error {
     /// A batch could not run (output folder).
     #[error(transparent)]
     Batch(#[from] crate::batch::BatchError),
-    /// The simulation and evaluation harness failed.
-    #[cfg(feature = "sim")]
-    #[error(transparent)]
-    Sim(#[from] crate::sim::SimError),
 }
 
 /// Result alias used throughout the crate.

@@ -11,26 +11,6 @@ use ndarray::Array2;
 
 use crate::label::Label;
 
-/// Label names, indexed by label value.
-pub const LABEL_NAMES: [&str; 6] = [
-    "background",
-    "tendon",
-    "bone surface",
-    "acoustic shadow",
-    "joint space / effusion",
-    "vessel",
-];
-
-/// Okabe–Ito colours, indexed by label value (background unused).
-pub const LABEL_COLOURS: [[u8; 3]; 6] = [
-    [0, 0, 0],
-    [230, 159, 0],
-    [240, 228, 66],
-    [0, 114, 178],
-    [0, 158, 115],
-    [213, 94, 0],
-];
-
 /// Errors of the overlay drawing.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -70,11 +50,11 @@ pub fn label_preview(gray: &Array2<f32>, labels: &Array2<u8>) -> crate::Result<R
     let (h, w) = labels.dim();
     for y in 0..h {
         for x in 0..w {
-            let l = labels[[y, x]] as usize;
-            if l == 0 || l >= LABEL_COLOURS.len() {
+            let code = labels[[y, x]];
+            let Some(label) = Label::from_code(code).filter(|l| *l != Label::Background) else {
                 continue;
-            }
-            let c = LABEL_COLOURS[l];
+            };
+            let c = label.colour();
             let edge = [(0i64, -1i64), (0, 1), (-1, 0), (1, 0)]
                 .iter()
                 .any(|(dx, dy)| {
@@ -83,7 +63,7 @@ pub fn label_preview(gray: &Array2<f32>, labels: &Array2<u8>) -> crate::Result<R
                         || ny < 0
                         || nx >= w as i64
                         || ny >= h as i64
-                        || labels[[ny as usize, nx as usize]] as usize != l
+                        || labels[[ny as usize, nx as usize]] != code
                 });
             let p = img.get_pixel_mut(x as u32, y as u32);
             for (v, ck) in p.0.iter_mut().zip(c) {
@@ -95,15 +75,27 @@ pub fn label_preview(gray: &Array2<f32>, labels: &Array2<u8>) -> crate::Result<R
             }
         }
     }
-    let present: Vec<usize> = (1..LABEL_NAMES.len())
-        .filter(|l| labels.iter().any(|v| *v as usize == *l))
-        .collect();
+    let present = labels_present(labels);
     draw_legend(&mut img, &present)?;
     Ok(img)
 }
 
+/// The labels other than background that occur in `labels`, in code order.
+pub fn labels_present(labels: &Array2<u8>) -> Vec<Label> {
+    let mut seen = [false; Label::ALL.len()];
+    for v in labels {
+        if let Some(s) = seen.get_mut(*v as usize) {
+            *s = true;
+        }
+    }
+    Label::ALL
+        .into_iter()
+        .filter(|l| *l != Label::Background && seen[l.code() as usize])
+        .collect()
+}
+
 /// Draws a legend of the given labels in the top-right corner.
-pub fn draw_legend(img: &mut RgbImage, labels: &[usize]) -> crate::Result<()> {
+pub fn draw_legend(img: &mut RgbImage, labels: &[Label]) -> crate::Result<()> {
     let font = font()?;
     let px = text_px(img.height());
     let scale = PxScale::from(px);
@@ -111,7 +103,7 @@ pub fn draw_legend(img: &mut RgbImage, labels: &[usize]) -> crate::Result<()> {
     let names: Vec<&str> = if labels.is_empty() {
         vec!["no structures found"]
     } else {
-        labels.iter().map(|l| LABEL_NAMES[*l]).collect()
+        labels.iter().map(|l| l.name()).collect()
     };
     let text_w = names
         .iter()
@@ -138,7 +130,7 @@ pub fn draw_legend(img: &mut RgbImage, labels: &[usize]) -> crate::Result<()> {
     for (i, name) in names.iter().enumerate() {
         let ty = y0 + 4 + i as u32 * line;
         if let Some(l) = labels.get(i) {
-            let c = LABEL_COLOURS[*l];
+            let c = l.colour();
             draw_filled_rect_mut(
                 img,
                 DrawRect::at(x0 as i32 + 4, ty as i32 + 2).of_size(line - 6, line - 6),
@@ -155,7 +147,6 @@ pub fn draw_legend(img: &mut RgbImage, labels: &[usize]) -> crate::Result<()> {
             name,
         );
     }
-    let _ = Label::Background.code();
     Ok(())
 }
 
@@ -176,10 +167,10 @@ pub fn draw_contours(img: &mut RgbImage, labels: &Array2<u8>) -> crate::Result<(
     let (h, w) = labels.dim();
     for y in 0..h {
         for x in 0..w {
-            let l = labels[[y, x]] as usize;
-            if l == 0 || l >= LABEL_COLOURS.len() {
+            let code = labels[[y, x]];
+            let Some(label) = Label::from_code(code).filter(|l| *l != Label::Background) else {
                 continue;
-            }
+            };
             let edge = [(0i64, -1i64), (0, 1), (-1, 0), (1, 0)]
                 .iter()
                 .any(|(dx, dy)| {
@@ -188,16 +179,14 @@ pub fn draw_contours(img: &mut RgbImage, labels: &Array2<u8>) -> crate::Result<(
                         && ny >= 0
                         && nx < w as i64
                         && ny < h as i64
-                        && labels[[ny as usize, nx as usize]] as usize != l
+                        && labels[[ny as usize, nx as usize]] != code
                 });
             if edge {
-                img.put_pixel(x as u32, y as u32, Rgb(LABEL_COLOURS[l]));
+                img.put_pixel(x as u32, y as u32, Rgb(label.colour()));
             }
         }
     }
-    let present: Vec<usize> = (1..LABEL_NAMES.len())
-        .filter(|l| labels.iter().any(|v| *v as usize == *l))
-        .collect();
+    let present = labels_present(labels);
     draw_legend(img, &present)
 }
 

@@ -115,7 +115,7 @@ impl Session {
 /// let result = pipeline.process(&frame)?;
 /// println!("{} in {:.1} ms", result.plan.status, result.timings.total_ms);
 /// assert_eq!(result.segmentation.labels.dim(), frame.intensity.dim());
-/// # Ok::<(), sonoguide::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug)]
 pub struct Pipeline {

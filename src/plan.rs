@@ -297,11 +297,12 @@ pub fn distance_mm(mask: &Array2<bool>, mm: (f64, f64)) -> Array2<f64> {
     Array2::from_shape_vec((h, w), d).unwrap_or_else(|_| Array2::from_elem((h, w), f64::INFINITY))
 }
 
-/// What a needle must keep clear of (bone, shadow, vessel) and the distance to it in mm.
+/// What a needle must keep clear of (the labels forbidden by default: bone, shadow, vessel,
+/// nerve) and the distance to it in mm.
 fn obstacles(seg: &Segmentation, mm: (f64, f64)) -> (Array2<bool>, Array2<f64>) {
-    let forbidden = seg.labels.mapv(|l| {
-        l == Label::Bone.code() || l == Label::Shadow.code() || l == Label::Vessel.code()
-    });
+    let forbidden = seg
+        .labels
+        .mapv(|l| Label::from_code(l).is_some_and(Label::forbidden_by_default));
     let dist = distance_mm(&forbidden, mm);
     (forbidden, dist)
 }

@@ -187,3 +187,49 @@ fn usage_errors_are_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/proc/sonoguide/nope"));
 }
+
+#[test]
+fn despeckle_and_segment_give_inputs_that_share_a_name_their_own_folders() {
+    let dir = tempdir("same-stem");
+    for sub in ["a", "b"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+        std::fs::copy(corpus("files/OBXXXX1A.dcm"), dir.join(sub).join("x.dcm")).unwrap();
+    }
+    for (command, marker) in [
+        ("despeckle", "frame_0000.png"),
+        ("segment", "frame_0000.labels.png"),
+    ] {
+        let out = dir.join(format!("out-{command}"));
+        let status = bin()
+            .arg(command)
+            .arg(dir.join("a/x.dcm"))
+            .arg(dir.join("b/x.dcm"))
+            .args(["--backend", "cpu", "--out"])
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{command}");
+        assert!(
+            out.join("x").join(marker).is_file(),
+            "{command}: x/{marker}"
+        );
+        assert!(
+            out.join("x_2").join(marker).is_file(),
+            "{command}: x_2/{marker}"
+        );
+        let summary: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+        assert_eq!(summary["config"]["command"], command);
+        assert_eq!(summary["files"].as_array().unwrap().len(), 2);
+    }
+}
+
+#[test]
+fn conflicting_bench_flags_are_refused() {
+    let out = bin()
+        .args(["bench", "--pipeline", "--serve"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+}

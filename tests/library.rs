@@ -3,7 +3,7 @@
 
 use sonoguide::dicom::{DicomFile, ReadOptions};
 use sonoguide::sim::phantom::{frame_of, generate, PhantomParams};
-use sonoguide::{Backend, Frame, Pipeline, Session};
+use sonoguide::{Backend, Frame, Pipeline, Ran, Session};
 
 #[test]
 fn pipeline_is_send_and_sync() {
@@ -73,6 +73,16 @@ fn sessions_keep_their_own_state() {
 }
 
 #[test]
+fn a_cpu_pipeline_reports_every_stage_on_the_cpu() {
+    let pipeline = Pipeline::builder().backend(Backend::Cpu).build().unwrap();
+    let frame = Frame::from_dicom_bytes(std::fs::read(sample()).unwrap(), 0).unwrap();
+    let r = pipeline.process(&frame).unwrap();
+    assert_eq!(r.backends.despeckle, Ran::Cpu);
+    assert_eq!(r.backends.features, Ran::Cpu);
+    assert_eq!(pipeline.despeckler().backend_name(), "cpu");
+}
+
+#[test]
 fn pipelines_can_share_one_gpu_device_across_threads() {
     let first = match Pipeline::builder().backend(Backend::Gpu).build() {
         Ok(p) => p,
@@ -95,7 +105,11 @@ fn pipelines_can_share_one_gpu_device_across_threads() {
     p.width = 200;
     p.height = 160;
     let frame = frame_of(&generate("g", &p).unwrap(), 0).unwrap();
-    let expected = first.process(&frame).unwrap().despeckled;
+    let r = first.process(&frame).unwrap();
+    // Each stage reports the backend that ran it: the GPU here.
+    assert_eq!(r.backends.despeckle, Ran::Gpu);
+    assert_eq!(r.backends.features, Ran::Gpu);
+    let expected = r.despeckled;
     std::thread::scope(|s| {
         let hs: Vec<_> = [&first, &second, &first, &second]
             .into_iter()

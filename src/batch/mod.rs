@@ -201,6 +201,8 @@ pub trait FileTask: Sync {
     ) -> Result<FileReport, String>;
     /// The configuration recorded in `summary.json`.
     fn config(&self) -> serde_json::Value;
+    /// Where the task's kernels run (named in `summary.json`).
+    fn compute(&self) -> &Compute;
 }
 
 /// Progress of a batch.
@@ -314,6 +316,35 @@ fn looks_like_dicom(p: &Path) -> bool {
         && &head[128..132] == b"DICM"
 }
 
+/// Opens `input` and resolves `frames` against its frame count: the file, and the first and
+/// one-past-last frame to process. Errors name the input.
+fn open_frames(
+    input: &Path,
+    frames: Option<(usize, usize)>,
+) -> Result<(crate::dicom::DicomFile, usize, usize), String> {
+    let file = crate::dicom::DicomFile::open(input, &crate::dicom::ReadOptions::default())
+        .map_err(|e| e.to_string())?;
+    let n = file.frame_count();
+    let (start, end) = frames.unwrap_or((0, n));
+    let end = end.min(n);
+    if start >= end {
+        return Err(format!(
+            "{}: frames {start}..{end} are outside its {n} frame(s)",
+            input.display()
+        ));
+    }
+    Ok((file, start, end))
+}
+
+/// The backend asked for, as the summary spells it.
+fn backend_name(b: crate::Backend) -> &'static str {
+    match b {
+        crate::Backend::Auto => "auto",
+        crate::Backend::Gpu => "gpu",
+        crate::Backend::Cpu => "cpu",
+    }
+}
+
 /// One output folder name per input: the file stem, with `_2`, `_3` … added when two inputs
 /// share a stem.
 pub fn unique_stems(files: &[PathBuf]) -> Vec<String> {
@@ -377,13 +408,12 @@ fn run_one(
     }
 }
 
-/// Runs `task` over `inputs`, writing into `out` and `out/summary.json`. `compute` is where the
-/// task's kernels run (named in the summary); `on_event` hears of progress.
+/// Runs `task` over `inputs`, writing into `out` and `out/summary.json`; `on_event` hears of
+/// progress.
 pub fn run(
     inputs: &[PathBuf],
     out: &Path,
     task: &dyn FileTask,
-    compute: &Compute,
     opts: &BatchOptions,
     on_event: &(dyn Fn(Event<'_>) + Sync),
 ) -> crate::Result<BatchReport> {
@@ -428,7 +458,7 @@ pub fn run(
     }
     let backend = backends
         .overall()
-        .unwrap_or(compute.backend_name())
+        .unwrap_or(task.compute().backend_name())
         .to_string();
     let failed = summaries
         .iter()
@@ -438,7 +468,7 @@ pub fn run(
         "sonoguide_version": env!("CARGO_PKG_VERSION"),
         "backend": backend,
         "backends": backends,
-        "device": compute.device_name(),
+        "device": task.compute().device_name(),
         "config": task.config(),
         "files": summaries,
         "failed": failed,

@@ -8,7 +8,6 @@ use serde_json::json;
 
 use super::{BackendCounts, FileReport, FileTask};
 use crate::dicom::write::{derived_identity, write_us_image, Colour, UsImage};
-use crate::dicom::{DicomFile, ReadOptions};
 use crate::pipeline::StageTimings;
 use crate::{Pipeline, Session};
 
@@ -60,18 +59,7 @@ fn process_file(
     overlay_on_original: bool,
 ) -> Result<FileReport, String> {
     let dicom_out = dir.join(format!("{stem}.overlay.dcm"));
-    let file = DicomFile::open(path, &ReadOptions::default()).map_err(|e| e.to_string())?;
-    let n = file.frame_count();
-    let (start, end) = frames.unwrap_or((0, n));
-    let end = end.min(n);
-    if start >= end {
-        return Err(format!(
-            "{}: frames {start}..{end} are outside its {n} frame(s)",
-            path.display()
-        ));
-    }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| format!("{}: cannot create {}: {e}", path.display(), dir.display()))?;
+    let (file, start, end) = super::open_frames(path, frames)?;
     // Never overwrite an input.
     let input_abs = std::fs::canonicalize(path).ok();
     if input_abs.is_some()
@@ -259,7 +247,7 @@ impl FileTask for ProcessTask {
         let c = self.pipeline.config();
         json!({
             "command": "process",
-            "backend_requested": format!("{:?}", c.backend).to_lowercase(),
+            "backend_requested": super::backend_name(c.backend),
             "filters": super::tasks::filters_json(&c.filters),
             "plan": {
                 "min_angle_deg": c.plan.min_angle_deg,
@@ -270,5 +258,9 @@ impl FileTask for ProcessTask {
             },
             "overlay_on": if self.overlay_on_original { "original" } else { "despeckled" },
         })
+    }
+
+    fn compute(&self) -> &crate::Compute {
+        self.pipeline.despeckler().compute()
     }
 }

@@ -5,7 +5,6 @@ use std::path::Path;
 use serde_json::json;
 
 use super::{BackendCounts, FileReport, FileTask};
-use crate::dicom::{DicomFile, ReadOptions};
 use crate::segment::SegmentParams;
 use crate::{Despeckler, Filter};
 
@@ -24,22 +23,22 @@ pub(super) fn filters_json(filters: &[Filter]) -> serde_json::Value {
         .collect()
 }
 
+/// The configuration of a command that despeckles with one filter.
+fn chain_config(command: &str, despeckler: &Despeckler, filter: &Filter) -> serde_json::Value {
+    json!({
+        "command": command,
+        "backend_requested": super::backend_name(despeckler.backend()),
+        "filters": filters_json(std::slice::from_ref(filter)),
+    })
+}
+
 /// Opens `input` and runs `per_frame` on each of its frames (or those in `frames`).
 fn each_frame(
     input: &Path,
     frames: Option<(usize, usize)>,
     mut per_frame: impl FnMut(&crate::Frame) -> crate::Result<()>,
 ) -> Result<usize, String> {
-    let file = DicomFile::open(input, &ReadOptions::default()).map_err(|e| e.to_string())?;
-    let n = file.frame_count();
-    let (start, end) = frames.unwrap_or((0, n));
-    let end = end.min(n);
-    if start >= end {
-        return Err(format!(
-            "{}: frames {start}..{end} are outside its {n} frame(s)",
-            input.display()
-        ));
-    }
+    let (file, start, end) = super::open_frames(input, frames)?;
     for k in start..end {
         let frame = file.read_frame(k).map_err(|e| e.to_string())?;
         per_frame(&frame).map_err(|e| e.to_string())?;
@@ -96,11 +95,11 @@ impl FileTask for DespeckleTask {
     }
 
     fn config(&self) -> serde_json::Value {
-        json!({
-            "command": "despeckle",
-            "backend_requested": format!("{:?}", self.despeckler.backend()).to_lowercase(),
-            "filters": filters_json(std::slice::from_ref(&self.filter)),
-        })
+        chain_config("despeckle", &self.despeckler, &self.filter)
+    }
+
+    fn compute(&self) -> &crate::Compute {
+        self.despeckler.compute()
     }
 }
 
@@ -172,10 +171,10 @@ impl FileTask for SegmentTask {
     }
 
     fn config(&self) -> serde_json::Value {
-        json!({
-            "command": "segment",
-            "backend_requested": format!("{:?}", self.despeckler.backend()).to_lowercase(),
-            "filters": filters_json(std::slice::from_ref(&self.filter)),
-        })
+        chain_config("segment", &self.despeckler, &self.filter)
+    }
+
+    fn compute(&self) -> &crate::Compute {
+        self.despeckler.compute()
     }
 }

@@ -6,10 +6,10 @@ use std::time::Instant;
 use ndarray::Array2;
 use serde::Serialize;
 
+use super::Result;
 use crate::despeckle::{Despeckler, Filter};
 use crate::kernels::{frost, lee, median, obnlm, srad};
 use crate::sim::phantom::{generate, PhantomParams};
-use crate::Result;
 
 /// One timed case.
 #[derive(Debug, Clone, Serialize)]
@@ -92,14 +92,18 @@ pub fn median_of(v: &[f64]) -> f64 {
 }
 
 /// Times `f` `repeats` times after `warmup` runs; returns the median in ms.
-pub fn time_ms(warmup: usize, repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub fn time_ms<E: Into<super::SimError>>(
+    warmup: usize,
+    repeats: usize,
+    mut f: impl FnMut() -> std::result::Result<(), E>,
+) -> Result<f64> {
     for _ in 0..warmup {
-        f()?;
+        f().map_err(Into::into)?;
     }
     let mut t = Vec::with_capacity(repeats);
     for _ in 0..repeats.max(1) {
         let s = Instant::now();
-        f()?;
+        f().map_err(Into::into)?;
         t.push(s.elapsed().as_secs_f64() * 1e3);
     }
     Ok(median_of(&t))
@@ -159,8 +163,8 @@ pub fn run(
         ];
         #[cfg(feature = "gpu")]
         if let Some(ctx) = despeckler.gpu_context() {
-            let gpu_ms = |encode: &dyn Fn(&mut crate::gpu::GpuChain<'_>) -> Result<()>| {
-                time_ms(2, repeats, || {
+            let gpu_ms = |encode: &dyn Fn(&mut crate::gpu::GpuChain<'_>) -> crate::Result<()>| {
+                time_ms(2, repeats, || -> crate::Result<()> {
                     let mut chain = ctx.begin(&grid)?;
                     encode(&mut chain)?;
                     chain.finish()?;

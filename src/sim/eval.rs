@@ -3,11 +3,11 @@
 use ndarray::Array2;
 use serde::Serialize;
 
+use super::Result;
 use crate::despeckle::{Despeckler, Filter};
 use crate::label::Label;
 use crate::sim::phantom::{generate, PhantomParams};
 use crate::sim::quality;
-use crate::Result;
 
 /// Depth of the structure-free band above and below the tendon used as its surround, px.
 const SURROUND_PX: usize = 12;

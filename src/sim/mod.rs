@@ -8,6 +8,28 @@ pub mod eval;
 pub mod phantom;
 pub mod quality;
 
+/// Result alias of the harness.
+pub type Result<T, E = SimError> = std::result::Result<T, E>;
+
+macro_rules! from_library_error {
+    ($($t:ty),+) => {
+        $(impl From<$t> for SimError {
+            fn from(e: $t) -> SimError {
+                SimError::Library(e.into())
+            }
+        })+
+    };
+}
+// Module errors of the library reach the harness through the crate error.
+from_library_error!(
+    crate::dicom::DicomError,
+    crate::kernels::KernelError,
+    crate::gpu::GpuError,
+    crate::imageio::ImageError,
+    crate::frame::FrameError,
+    crate::igtl::IgtlError
+);
+
 /// Errors of the harness.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -20,6 +42,9 @@ pub enum SimError {
         /// Why the value was refused.
         reason: String,
     },
+    /// The library failed.
+    #[error(transparent)]
+    Library(#[from] crate::Error),
     /// A bench's loopback connection to the OpenIGTLink server failed.
     #[error("bench connection to {peer}: {source}")]
     Connection {

@@ -560,35 +560,31 @@ fn power_to_grey(p: f64) -> f64 {
 }
 
 /// Generates one case.
-pub fn generate(name: &str, params: &PhantomParams) -> crate::Result<Phantom> {
+pub fn generate(name: &str, params: &PhantomParams) -> super::Result<Phantom> {
     let p = params;
     if p.width < 32 || p.height < 32 || p.width > 4096 || p.height > 4096 {
         return Err(crate::sim::SimError::InvalidParameter {
             name: "size",
             reason: format!("{}x{} (32..4096 each)", p.width, p.height),
-        }
-        .into());
+        });
     }
     if p.frames == 0 || p.frames > 1000 {
         return Err(crate::sim::SimError::InvalidParameter {
             name: "frames",
             reason: format!("{} (1..1000)", p.frames),
-        }
-        .into());
+        });
     }
     if !(p.mm_per_px > 0.01 && p.mm_per_px < 1.0) {
         return Err(crate::sim::SimError::InvalidParameter {
             name: "mm_per_px",
             reason: format!("{} (0.01..1)", p.mm_per_px),
-        }
-        .into());
+        });
     }
     if !(p.frequency_mhz >= 2.0 && p.frequency_mhz <= 20.0) {
         return Err(crate::sim::SimError::InvalidParameter {
             name: "frequency_mhz",
             reason: format!("{} (2..20)", p.frequency_mhz),
-        }
-        .into());
+        });
     }
     let mut rng = Rng::new(p.seed);
     let s = p.mm_per_px;
@@ -934,7 +930,7 @@ pub fn write_case(
     dir: &std::path::Path,
     name: &str,
     params: &PhantomParams,
-) -> crate::Result<Truth> {
+) -> super::Result<Truth> {
     use crate::dicom::write::{uid_from, write_us_image, Colour, Identity, UsImage};
     let case = generate(name, params)?;
     let key = format!("sonoguide-phantom/{name}/{}", params.seed);
@@ -984,7 +980,7 @@ pub fn write_case(
 
 /// Frame `k` of a generated phantom as the pipeline sees it: intensity, calibration
 /// (with the reference pixel), and the imaging region (a fan mask for curved arrays).
-pub fn frame_of(ph: &Phantom, k: usize) -> crate::Result<crate::Frame> {
+pub fn frame_of(ph: &Phantom, k: usize) -> super::Result<crate::Frame> {
     use crate::frame::{Calibration, CalibrationSource, ImagingRegion, RegionShape, RegionSource};
     let img = ph
         .frames

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::ValueEnum;
 use sonoguide::batch::{self, BatchOptions, Event, FileStatus, FileTask};
 use sonoguide::segment::SegmentParams;
-use sonoguide::{Compute, Filter};
+use sonoguide::Filter;
 
 use crate::args::{
     open_despeckler, parse_frames, parse_target, BackendOpt, FilterArgs, FILTER_CHOICES,
@@ -101,31 +101,16 @@ pub struct ProcessArgs {
 /// `sonoguide despeckle`.
 pub fn despeckle(args: DespeckleArgs) -> Outcome {
     let filter = args.filter.filter()?;
-    let d = open_despeckler(args.backend.get())?;
-    let compute = d.compute().clone();
-    let task = batch::DespeckleTask::new(d, filter);
-    run(
-        &args.files,
-        &args.out,
-        &task,
-        &compute,
-        &BatchOptions::default(),
-    )
+    let task = batch::DespeckleTask::new(open_despeckler(args.backend.get())?, filter);
+    run(&args.files, &args.out, &task, &BatchOptions::default())
 }
 
 /// `sonoguide segment`.
 pub fn segment(args: SegmentArgs) -> Outcome {
     let filter = Filter::default_for(&args.despeckle)?;
     let d = open_despeckler(args.backend.get())?;
-    let compute = d.compute().clone();
     let task = batch::SegmentTask::new(d, filter, SegmentParams::default());
-    run(
-        &args.files,
-        &args.out,
-        &task,
-        &compute,
-        &BatchOptions::default(),
-    )
+    run(&args.files, &args.out, &task, &BatchOptions::default())
 }
 
 /// `sonoguide process`.
@@ -156,19 +141,12 @@ pub fn process(args: ProcessArgs) -> Outcome {
     if let Some(note) = pipeline.despeckler().note() {
         eprintln!("note: {note}");
     }
-    let compute = pipeline.despeckler().compute().clone();
     let task = batch::ProcessTask::new(pipeline, args.overlay_on == OverlayOn::Original);
-    run(&args.inputs, &args.out, &task, &compute, &opts)
+    run(&args.inputs, &args.out, &task, &opts)
 }
 
 /// Runs the batch with progress on stderr and reports its end.
-fn run(
-    inputs: &[PathBuf],
-    out: &Path,
-    task: &dyn FileTask,
-    compute: &Compute,
-    opts: &BatchOptions,
-) -> Outcome {
+fn run(inputs: &[PathBuf], out: &Path, task: &dyn FileTask, opts: &BatchOptions) -> Outcome {
     let bar: std::sync::OnceLock<indicatif::ProgressBar> = std::sync::OnceLock::new();
     let terminal = std::io::stderr().is_terminal();
     let on_event = |event: Event<'_>| match event {
@@ -216,7 +194,7 @@ fn run(
         }
         _ => {}
     };
-    let report = batch::run(inputs, out, task, compute, opts, &on_event);
+    let report = batch::run(inputs, out, task, opts, &on_event);
     if let Some(b) = bar.get() {
         b.finish_and_clear();
     }

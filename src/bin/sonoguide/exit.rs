@@ -38,6 +38,15 @@ impl From<sonoguide::Error> for Failure {
     }
 }
 
+impl From<sonoguide::sim::SimError> for Failure {
+    fn from(e: sonoguide::sim::SimError) -> Failure {
+        match e {
+            sonoguide::sim::SimError::Library(e) => e.into(),
+            e => Failure::Failed(e.to_string()),
+        }
+    }
+}
+
 impl From<sonoguide::dicom::DicomError> for Failure {
     fn from(e: sonoguide::dicom::DicomError) -> Failure {
         Failure::Failed(e.to_string())
