@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::Result;
 use crate::despeckle::{Despeckler, Filter};
 use crate::kernels::{frost, lee, median, obnlm, srad};
-use crate::sim::phantom::{generate, PhantomParams};
+use crate::sim::phantom::{generate, Phantom, PhantomParams};
 
 /// One timed case.
 #[derive(Debug, Clone, Serialize)]
@@ -70,11 +70,17 @@ pub fn bench_gpu() -> std::result::Result<Despeckler, String> {
 
 /// A speckle frame of the given size from a phantom.
 pub fn speckle_frame(width: usize, height: usize) -> Result<Array2<f32>> {
+    Ok(bench_phantom(width, height, 1)?.frames[0].mapv(|v| v as f32))
+}
+
+/// The benches' phantom: one fixed seed, so that every bench times the same scene.
+fn bench_phantom(width: usize, height: usize, frames: usize) -> Result<Phantom> {
     let mut p = PhantomParams::default();
     p.width = width;
     p.height = height;
     p.seed = 4242;
-    Ok(generate("bench", &p)?.frames[0].mapv(|v| v as f32))
+    p.frames = frames;
+    generate("bench", &p)
 }
 
 /// Median of the values (sorted copy).
@@ -269,11 +275,7 @@ pub fn run_pipeline(
     height: usize,
     repeats: usize,
 ) -> Result<PipelineRow> {
-    let mut p = PhantomParams::default();
-    p.width = width;
-    p.height = height;
-    p.seed = 4242;
-    let ph = generate("bench", &p)?;
+    let ph = bench_phantom(width, height, 1)?;
     let frame = crate::sim::phantom::frame_of(&ph, 0)?;
     pipeline.process(&frame)?;
     let mut t: Vec<crate::pipeline::StageTimings> = Vec::new();
@@ -332,20 +334,16 @@ pub fn run_serve(
 ) -> Result<ServeRow> {
     use std::io::{Read, Write};
     use std::sync::atomic::Ordering;
-    let mut p = PhantomParams::default();
-    p.width = width;
-    p.height = height;
-    p.seed = 4242;
-    p.frames = 8;
-    let ph = generate("bench", &p)?;
+    let ph = bench_phantom(width, height, 8)?;
+    let mm_per_px = PhantomParams::default().mm_per_px;
     let server = crate::igtl::Server::bind("127.0.0.1:0", pipeline.clone(), Default::default())?;
     let addr = server
         .local_addr()
         .ok_or(crate::igtl::IgtlError::NoAddress)?;
     let stop = server.stop_flag();
     let mut matrix = [0f32; 12];
-    matrix[0] = p.mm_per_px as f32;
-    matrix[4] = p.mm_per_px as f32;
+    matrix[0] = mm_per_px as f32;
+    matrix[4] = mm_per_px as f32;
     matrix[8] = 1.0;
     let io = |source: std::io::Error| crate::sim::SimError::Connection {
         peer: addr.to_string(),
