@@ -245,6 +245,71 @@ pub struct Frame {
 }
 
 impl Frame {
+    /// Checks the invariants every part of the pipeline relies on: a non-empty intensity of
+    /// finite values; RGB, colour mask and fan mask of the frame's size; an imaging region that
+    /// is non-empty and inside the frame; a usable calibration's spacing finite and plausible.
+    /// Every constructor checks them, and the pipeline checks again on entry, because the
+    /// fields are public and a caller may change them.
+    pub fn validate(&self) -> Result<(), FrameError> {
+        let bad = |name: &'static str, reason: String| Err(FrameError::Invalid { name, reason });
+        let (h, w) = self.intensity.dim();
+        if h == 0 || w == 0 {
+            return bad("intensity", format!("empty ({w}x{h})"));
+        }
+        // Fast path: a finite sum means finite values (0–255 over any frame size cannot
+        // overflow f32); only otherwise look for the culprit.
+        let first_bad = if self.intensity.sum().is_finite() {
+            None
+        } else {
+            self.intensity
+                .iter()
+                .enumerate()
+                .find(|(_, v)| !v.is_finite())
+        };
+        if let Some((i, v)) = first_bad {
+            return bad(
+                "intensity",
+                format!("{v} at column {}, row {}", i % w, i / w),
+            );
+        }
+        if let Some(rgb) = &self.rgb {
+            if rgb.dim() != (h, w, 3) {
+                return bad("rgb", format!("{:?} for a {w}x{h} frame", rgb.dim()));
+            }
+        }
+        if let Some(m) = &self.colour_mask {
+            if m.dim() != (h, w) {
+                return bad("colour_mask", format!("{:?} for a {w}x{h} frame", m.dim()));
+            }
+        }
+        let b = self.region.bounds;
+        if b.x0 >= b.x1 || b.y0 >= b.y1 || b.x1 > w || b.y1 > h {
+            return bad(
+                "region",
+                format!(
+                    "({},{})-({},{}) is empty or outside the {w}x{h} frame",
+                    b.x0, b.y0, b.x1, b.y1
+                ),
+            );
+        }
+        if let Some(m) = &self.region.mask {
+            if m.dim() != (h, w) {
+                return bad("region mask", format!("{:?} for a {w}x{h} frame", m.dim()));
+            }
+        }
+        if let Calibration::Ok {
+            mm_per_px_x,
+            mm_per_px_y,
+            ..
+        } = &self.calibration
+        {
+            if let Some(reason) = check_spacing_mm(*mm_per_px_x, *mm_per_px_y) {
+                return bad("calibration", reason);
+            }
+        }
+        Ok(())
+    }
+
     /// Width in pixels (columns).
     pub fn width(&self) -> usize {
         self.intensity.ncols()
@@ -274,7 +339,7 @@ impl Frame {
         }
         let intensity =
             Array2::from_shape_fn((height, width), |(y, x)| pixels[y * width + x] as f32);
-        Ok(Frame {
+        Frame {
             intensity,
             rgb: None,
             colour_mask: None,
@@ -286,7 +351,14 @@ impl Frame {
             },
             calibration,
             index: 0,
-        })
+        }
+        .validated()
+    }
+
+    /// The frame if it is valid.
+    fn validated(self) -> crate::Result<Frame> {
+        self.validate()?;
+        Ok(self)
     }
 
     /// Builds a frame from a 16-bit greyscale buffer (row-major), scaled to 0–255 by
@@ -317,7 +389,7 @@ impl Frame {
         f.intensity = Array2::from_shape_fn((height, width), |(y, x)| {
             (pixels[y * width + x] as f32).min(max) / max * 255.0
         });
-        Ok(f)
+        f.validated()
     }
 
     /// Builds a frame from an `image` crate image (colour images keep their RGB and get a
@@ -349,7 +421,7 @@ impl Frame {
             }));
             f.rgb = Some(arr);
         }
-        Ok(f)
+        f.validated()
     }
 
     /// The intensity as 8-bit grey (rounded, clamped).

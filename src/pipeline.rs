@@ -222,6 +222,8 @@ impl Pipeline {
     }
 
     fn run(&self, frame: &Frame, session: Option<&mut Session>) -> Result<FrameResult> {
+        // The fields are public: check the invariants the stages rely on before any of them.
+        frame.validate()?;
         let t0 = Instant::now();
         let (despeckled, despeckle_ran) = self
             .despeckler

@@ -438,6 +438,23 @@ fn skin_line(frame: &Frame) -> Vec<Option<usize>> {
 
 /// Plans a needle path for one segmented frame.
 pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePlan {
+    // A frame or label map that breaks the invariants gets no path, never a panic.
+    if let Err(e) = frame.validate() {
+        return NeedlePlan::none(e.to_string(), None, None, false);
+    }
+    if seg.labels.dim() != frame.intensity.dim() {
+        return NeedlePlan::none(
+            format!(
+                "the label map ({:?}) is not the frame's size ({}x{})",
+                seg.labels.dim(),
+                frame.width(),
+                frame.height()
+            ),
+            None,
+            None,
+            false,
+        );
+    }
     let g = Geometry::new(frame);
     let mm = g.mm;
     let (h, w) = seg.labels.dim();

@@ -172,3 +172,155 @@ fn an_output_folder_that_cannot_be_made_is_a_batch_error() {
     );
     assert!(e.to_string().contains("/proc/sonoguide/nope"));
 }
+
+/// Panics on inputs whose name has "boom": a stand-in for a bug in one file's processing.
+struct Panicky;
+
+impl FileTask for Panicky {
+    fn done_marker(&self, _stem: &str) -> Option<String> {
+        None
+    }
+    fn run(
+        &self,
+        input: &Path,
+        dir: &Path,
+        _stem: &str,
+        _frames: Option<(usize, usize)>,
+    ) -> Result<FileReport, String> {
+        if input.to_string_lossy().contains("boom") {
+            panic!("index out of bounds in a test task");
+        }
+        std::fs::write(dir.join("done"), b"1").unwrap();
+        Ok(FileReport::default())
+    }
+    fn config(&self) -> serde_json::Value {
+        serde_json::json!({"command": "panicky"})
+    }
+    fn compute(&self) -> &Compute {
+        static CPU: std::sync::OnceLock<Compute> = std::sync::OnceLock::new();
+        CPU.get_or_init(|| Compute::new(Backend::Cpu).unwrap())
+    }
+}
+
+#[test]
+fn a_panic_in_one_file_is_its_internal_error_and_the_batch_goes_on() {
+    let root = tempdir("panic");
+    for name in ["a.dcm", "boom.dcm", "c.dcm"] {
+        std::fs::copy(sample("linear_0001.dcm"), root.join(name)).unwrap();
+    }
+    let out = root.join("out");
+    let report = batch::run(
+        &[
+            root.join("a.dcm"),
+            root.join("boom.dcm"),
+            root.join("c.dcm"),
+        ],
+        &out,
+        &Panicky,
+        &BatchOptions::default(),
+        &|_| {},
+    )
+    .unwrap();
+    assert_eq!(report.count(FileStatus::Ok), 2);
+    let failed: Vec<_> = report.failures().collect();
+    assert_eq!(failed.len(), 1);
+    let e = failed[0].error.as_deref().unwrap();
+    assert!(
+        e.contains("boom.dcm") && e.contains("internal error"),
+        "{e}"
+    );
+    assert!(out.join("a/done").is_file() && out.join("c/done").is_file());
+}
+
+/// Every output file under `dir`, relative, and whether any temporary is left.
+fn listing(dir: &Path) -> (Vec<String>, Vec<String>) {
+    let (mut files, mut temps) = (Vec::new(), Vec::new());
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+            if p.file_name().unwrap().to_string_lossy().ends_with(".tmp") {
+                temps.push(rel);
+            } else {
+                files.push(rel);
+            }
+        }
+    }
+    (files, temps)
+}
+
+#[test]
+fn kill_9_in_the_middle_then_resume_leaves_every_input_complete() {
+    let root = tempdir("kill");
+    let inputs = root.join("in");
+    std::fs::create_dir_all(&inputs).unwrap();
+    const INPUTS: usize = 4;
+    const FRAMES: usize = 8; // cine_0005 has 8 frames
+    for k in 0..INPUTS {
+        std::fs::copy(
+            sample("cine_0005.dcm"),
+            inputs.join(format!("cine_{k}.dcm")),
+        )
+        .unwrap();
+    }
+    let out = root.join("out");
+    let bin = env!("CARGO_BIN_EXE_sonoguide");
+    let mut child = std::process::Command::new(bin)
+        .args(["process", "--backend", "cpu", "--jobs", "1", "--out"])
+        .arg(&out)
+        .arg(&inputs)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill as soon as the second input has started: it is then half done.
+    let started = out.join("cine_1/frame_0000.overlay.png");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !started.exists() && std::time::Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !out.join("cine_3/cine_3.overlay.dcm").exists(),
+        "the run was killed before its end (else this test proves nothing)"
+    );
+
+    let status = std::process::Command::new(bin)
+        .args(["process", "--backend", "cpu", "--skip-existing", "--out"])
+        .arg(&out)
+        .arg(&inputs)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (files, temps) = listing(&out);
+    assert!(temps.is_empty(), "temporaries left: {temps:?}");
+    for k in 0..INPUTS {
+        let stem = format!("cine_{k}");
+        let dcm = out.join(&stem).join(format!("{stem}.overlay.dcm"));
+        let file = sonoguide::dicom::DicomFile::open(&dcm, &Default::default()).unwrap();
+        assert_eq!(file.frame_count(), FRAMES, "{stem}");
+        file.read_frame(FRAMES - 1).unwrap();
+        for f in 0..FRAMES {
+            for ext in ["overlay.png", "labels.png", "bone.json", "plan.json"] {
+                let name = format!("{stem}/frame_{f:04}.{ext}");
+                assert!(files.contains(&name), "{name} missing");
+            }
+        }
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["failed"], 0);
+    assert!(summary["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["status"] == "skipped"));
+}

@@ -270,15 +270,34 @@ fn configurable_limits_refuse_large_frames_before_decoding() {
 #[test]
 fn every_truncation_of_a_file_is_refused_without_panic() {
     let bytes = std::fs::read(corpus().join("files/OBXXXX1A_rle.dcm")).unwrap();
+    let whole = DicomFile::from_bytes("whole.dcm", bytes.clone(), &ReadOptions::default())
+        .and_then(|f| f.read_frame(0))
+        .unwrap();
+    // A cut may only go unnoticed when it removes nothing but the fragment's trailing pad
+    // byte (fragments are padded to even length): then the pixels must be the whole file's.
+    const PAD_BYTES: usize = 1;
     // Cut at many points, through the header, the regions sequence and the fragments.
+    let mut refused = 0;
     for cut in (0..bytes.len())
         .step_by(997)
         .chain([bytes.len() - 1, bytes.len() - 7])
     {
         let r = DicomFile::from_bytes("cut.dcm", bytes[..cut].to_vec(), &ReadOptions::default())
-            .and_then(|f| f.read_frame(0).map(|_| ()));
-        if let Err(e) = r {
-            assert!(e.to_string().contains("cut.dcm"));
+            .and_then(|f| f.read_frame(0));
+        match r {
+            Err(e) => {
+                assert!(e.to_string().contains("cut.dcm"), "{e}");
+                refused += 1;
+            }
+            Ok(frame) => {
+                assert!(
+                    cut >= bytes.len() - PAD_BYTES,
+                    "a file cut at {cut} of {} bytes was accepted",
+                    bytes.len()
+                );
+                assert_eq!(frame.intensity, whole.intensity, "cut at {cut}");
+            }
         }
     }
+    assert!(refused > 1, "the cuts were refused");
 }

@@ -2,6 +2,8 @@
 //! size with their WGSL structs, the fast CPU OBNLM agrees with its twin, and the GPU agrees
 //! with the CPU (on lavapipe in CI).
 
+mod common;
+
 use ndarray::Array2;
 use sonoguide::despeckle::{Despeckler, Filter, FILTER_NAMES};
 use sonoguide::kernels::{self, frost, lee, median, obnlm, srad};
@@ -54,15 +56,62 @@ fn every_shader_has_a_twin_and_every_twin_a_shader() {
     assert_eq!(shaders, listed);
 }
 
-/// Bytes of the WGSL `struct Params` (every field is a 4-byte u32 or f32).
-fn wgsl_params_size(stem: &str) -> usize {
-    let src = std::fs::read_to_string(root().join(format!("shaders/{stem}.wgsl"))).unwrap();
-    let start = src.find("struct Params {").unwrap();
-    let body = &src[start..start + src[start..].find('}').unwrap()];
+/// The fields of `struct Params` in `source` (WGSL or Rust), in order, as (name, type):
+/// `name: u32,` lines, with Rust's `pub` dropped.
+fn params_fields(source: &str, opening: &str) -> Vec<(String, String)> {
+    let start = source
+        .find(opening)
+        .unwrap_or_else(|| panic!("no `{opening}`"));
+    let body = &source[start + opening.len()..];
+    let body = &body[..body.find('}').unwrap()];
     body.lines()
-        .filter(|l| l.contains(": u32") || l.contains(": f32"))
-        .count()
-        * 4
+        .map(|l| l.split("//").next().unwrap().trim().trim_end_matches(','))
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (name, ty) = l
+                .split_once(':')
+                .unwrap_or_else(|| panic!("field line {l:?}"));
+            (
+                name.trim().trim_start_matches("pub ").trim().to_string(),
+                ty.trim().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The WGSL `struct Params` of a shader.
+fn wgsl_params(stem: &str) -> Vec<(String, String)> {
+    let src = std::fs::read_to_string(root().join(format!("shaders/{stem}.wgsl"))).unwrap();
+    params_fields(&src, "struct Params {")
+}
+
+/// The Rust `struct Params` of a kernel (its twin's module).
+fn rust_params(stem: &str) -> Vec<(String, String)> {
+    let src = std::fs::read_to_string(root().join(format!("src/kernels/{stem}.rs"))).unwrap();
+    params_fields(&src, "pub struct Params {")
+}
+
+/// Bytes of a list of fields (every field is a 4-byte u32 or f32).
+fn fields_size(fields: &[(String, String)]) -> usize {
+    for (name, ty) in fields {
+        assert!(
+            ty == "u32" || ty == "f32",
+            "{name}: {ty} is not a 4-byte scalar"
+        );
+    }
+    fields.len() * 4
+}
+
+#[test]
+fn the_params_reader_sees_an_order_change() {
+    // A swap of two fields must show, or the check below could not fail.
+    let a = params_fields("struct Params {\n a: u32,\n b: f32,\n}", "struct Params {");
+    let b = params_fields(
+        "pub struct Params {\n pub b: f32,\n pub a: u32,\n}",
+        "pub struct Params {",
+    );
+    assert_eq!(a.len(), 2);
+    assert_ne!(a, b);
 }
 
 #[test]
@@ -74,7 +123,13 @@ fn params_structs_match_their_shaders() {
         ("srad", std::mem::size_of::<srad::Params>()),
         ("obnlm", std::mem::size_of::<obnlm::Params>()),
     ] {
-        assert_eq!(size, wgsl_params_size(stem), "{stem}");
+        let wgsl = wgsl_params(stem);
+        assert_eq!(
+            rust_params(stem),
+            wgsl,
+            "{stem}: fields, their order and types must agree"
+        );
+        assert_eq!(size, fields_size(&wgsl), "{stem}");
         assert_eq!(size % 16, 0, "{stem} params must be 16-byte padded");
     }
 }
@@ -162,10 +217,7 @@ fn gpu() -> Option<Despeckler> {
     match Despeckler::new(Backend::Gpu) {
         Ok(d) => Some(d),
         Err(e) => {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("CI must have a GPU adapter (lavapipe): {e}");
-            }
-            eprintln!("skipping GPU parity: {e}");
+            common::missing_tool("GPU parity", &format!("a GPU adapter (lavapipe): {e}"));
             None
         }
     }
@@ -257,11 +309,19 @@ fn gpu_chain_keeps_the_frame_on_the_gpu_and_reuses_buffers() {
         .iter()
         .try_fold(img.clone(), |cur, f| f.cpu(&cur))
         .unwrap();
-    let first = d.run(&img, &chain).unwrap();
     let ctx = d.gpu_context().unwrap();
+    let before = ctx.readbacks();
+    let first = d.run(&img, &chain).unwrap();
+    assert_eq!(
+        ctx.readbacks() - before,
+        1,
+        "a chain of two filters reads the frame back once, at its end"
+    );
     let (sizes, kernels) = (ctx.cached_sizes(), ctx.compiled_kernels());
     for _ in 0..3 {
+        let before = ctx.readbacks();
         let again = d.run(&img, &chain).unwrap();
+        assert_eq!(ctx.readbacks() - before, 1, "one read-back per frame");
         assert_eq!(again, first, "same input, same output");
     }
     assert_eq!(
@@ -375,7 +435,13 @@ fn feature_params_match_their_shaders() {
             std::mem::size_of::<phase_symmetry::Params>(),
         ),
     ] {
-        assert_eq!(size, wgsl_params_size(stem), "{stem}");
+        let wgsl = wgsl_params(stem);
+        assert_eq!(
+            rust_params(stem),
+            wgsl,
+            "{stem}: fields, their order and types must agree"
+        );
+        assert_eq!(size, fields_size(&wgsl), "{stem}");
         assert_eq!(size % 16, 0, "{stem} params must be 16-byte padded");
     }
 }

@@ -206,7 +206,16 @@ fn curved_phantom_is_a_fan_and_reads_as_one() {
         .slice(ndarray::s![h / 2 - 5..h / 2 + 5, w / 2 - 5..w / 2 + 5])
         .iter()
         .any(|v| *v > 20));
-    assert!(ph.truth.region.width() < w || ph.truth.region.x0 > 0 || img[[0, 0]] == 0);
+    // Read back through the DICOM reader as a user's file: the region is a fan, its mask
+    // excludes the black corners and includes the centre.
+    let dir = tempdir("curved");
+    write_case(&dir, "c", &p).unwrap();
+    let file = sonoguide::dicom::DicomFile::open(dir.join("c.dcm"), &Default::default()).unwrap();
+    let frame = file.read_frame(0).unwrap();
+    assert_eq!(frame.intensity.dim(), (h, w));
+    assert_eq!(frame.region.shape, sonoguide::frame::RegionShape::Sector);
+    assert!(!frame.region.contains(0, h - 1) && !frame.region.contains(w - 1, h - 1));
+    assert!(frame.region.contains(w / 2, h / 2));
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! Needle planning and the `process` batch: safety against the truth, the documented JSON,
 //! refusals that say why, and the outputs other tools read (dcmtk, dicom3tools).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -176,8 +178,11 @@ fn tool(name: &str) -> Option<PathBuf> {
             .map(|d| d.join(name))
             .find(|p| p.is_file())
     });
-    if found.is_none() && std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI must have {name} (.ci/run installs dcmtk and dicom3tools)");
+    if found.is_none() {
+        common::missing_tool(
+            name,
+            &format!("{name} (Debian packages dcmtk, dicom3tools)"),
+        );
     }
     found
 }

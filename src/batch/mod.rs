@@ -345,6 +345,30 @@ fn backend_name(b: crate::Backend) -> &'static str {
     }
 }
 
+/// Removes the temporary files an interrupted run (killed, power cut) left in `dir`: every
+/// output is written as `.<name>.<pid>.tmp` and renamed, so such files are never complete
+/// outputs.
+fn remove_stale_temporaries(dir: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if is_temporary(&name) && name.starts_with(prefix) && e.path().is_file() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Whether `name` has the form of [`crate::atomic`]'s temporaries: `.<name>.<pid>.tmp`.
+fn is_temporary(name: &str) -> bool {
+    let Some(stem) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else {
+        return false;
+    };
+    stem.rsplit_once('.')
+        .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// One output folder name per input: the file stem, with `_2`, `_3` … added when two inputs
 /// share a stem.
 pub fn unique_stems(files: &[PathBuf]) -> Vec<String> {
@@ -392,7 +416,24 @@ fn run_one(
             format!("{}: cannot create {}: {e}", path.display(), dir.display()),
         );
     }
-    match task.run(path, &dir, stem, opts.frames) {
+    remove_stale_temporaries(&dir, ".");
+    // Second line of defence: a panic in one file (a bug) is that file's internal error, and
+    // the batch goes on.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        task.run(path, &dir, stem, opts.frames)
+    }))
+    .unwrap_or_else(|payload| {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(format!(
+            "{}: internal error (a bug in sonoguide; please report it with this file): {what}",
+            path.display()
+        ))
+    });
+    match outcome {
         Ok(r) => FileSummary {
             path: path.to_path_buf(),
             status: FileStatus::Ok,
@@ -421,6 +462,8 @@ pub fn run(
         path: out.to_path_buf(),
         source,
     })?;
+    // In the output folder itself only the summary's (the folder may hold other files).
+    remove_stale_temporaries(out, ".summary.json.");
     let mut summaries: Vec<FileSummary> = Vec::new();
     let files = collect(inputs, out, opts.recursive, &mut summaries);
     let stems = unique_stems(&files);

@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{BackendCounts, FileReport, FileTask};
-use crate::dicom::write::{derived_identity, write_us_image, Colour, UsImage};
+use crate::dicom::write::{derived_identity, Colour, UsImage, UsImageWriter};
 use crate::pipeline::StageTimings;
 use crate::{Pipeline, Session};
 
@@ -74,7 +74,9 @@ fn process_file(
         ));
     }
     let mut session = Session::new();
-    let mut overlays: Vec<Vec<u8>> = Vec::new();
+    // The derived DICOM is written frame by frame as the frames are processed; its header
+    // needs the first frame's region and calibration, so it starts with that frame.
+    let mut writer: Option<UsImageWriter> = None;
     let (mut t_despeckle, mut t_features, mut t_segment, mut t_plan, mut t_total) =
         (vec![], vec![], vec![], vec![], vec![]);
     let (mut angles, mut depths, mut lengths) = (vec![], vec![], vec![]);
@@ -83,17 +85,16 @@ fn process_file(
     let mut backends = BackendCounts::default();
     let mut with_path = 0;
     let (w, h) = (file.info().columns as usize, file.info().rows as usize);
-    let mut mm = (
-        crate::segment::ASSUMED_MM_PER_PX,
-        crate::segment::ASSUMED_MM_PER_PX,
-    );
-    let mut region = crate::Rect::full(w, h);
-    let mut reference = (0i64, 0i64);
     let wrap = |e: crate::Error| e.to_string();
     for k in start..end {
         let frame = file.read_frame(k).map_err(|e| e.to_string())?;
         if k == start {
-            region = frame.region.bounds;
+            let region = frame.region.bounds;
+            let mut mm = (
+                crate::segment::ASSUMED_MM_PER_PX,
+                crate::segment::ASSUMED_MM_PER_PX,
+            );
+            let reference;
             if let crate::Calibration::Ok {
                 mm_per_px_x,
                 mm_per_px_y,
@@ -108,6 +109,30 @@ fn process_file(
             } else {
                 reference = (region.x0 as i64, region.y0 as i64);
             }
+            let (identity, derived) =
+                derived_identity(file.object(), "sonoguide overlay (research tool)");
+            let mut image = UsImage::new(
+                w,
+                h,
+                Colour::Rgb,
+                Vec::new(),
+                mm,
+                region,
+                reference,
+                identity,
+            );
+            image.derived_from = derived.map(|(c, i, _)| {
+                (
+                    c,
+                    i,
+                    "Despeckled, segmented, needle path suggested and burned in by sonoguide"
+                        .to_string(),
+                )
+            });
+            writer = Some(
+                UsImageWriter::create(&dicom_out, &image, end - start)
+                    .map_err(|e| e.to_string())?,
+            );
         }
         let r = pipeline.process_in(&mut session, &frame).map_err(wrap)?;
         let name = format!("frame_{k:04}");
@@ -142,7 +167,9 @@ fn process_file(
         .map_err(wrap)?;
         crate::imageio::write_json(&dir.join(format!("{name}.plan.json")), &r.plan)
             .map_err(wrap)?;
-        overlays.push(overlay.into_raw());
+        if let Some(wr) = writer.as_mut() {
+            wr.push(overlay.as_raw()).map_err(|e| e.to_string())?;
+        }
         backends.add("despeckle", r.backends.despeckle);
         backends.add("features", r.backends.features);
         let t = r.timings;
@@ -163,17 +190,10 @@ fn process_file(
             lengths.extend(r.plan.length_mm);
         }
     }
-    let (identity, derived) = derived_identity(file.object(), "sonoguide overlay (research tool)");
-    let source_desc = derived.map(|(c, i, _)| {
-        (
-            c,
-            i,
-            "Despeckled, segmented, needle path suggested and burned in by sonoguide".to_string(),
-        )
-    });
-    let mut image = UsImage::new(w, h, Colour::Rgb, overlays, mm, region, reference, identity);
-    image.derived_from = source_desc;
-    write_us_image(&dicom_out, &image).map_err(|e| e.to_string())?;
+    writer
+        .ok_or_else(|| format!("{}: no frame was processed", path.display()))?
+        .finish()
+        .map_err(|e| e.to_string())?;
     let m = |v: &mut Vec<f64>| median(v).unwrap_or(0.0);
     Ok(FileReport {
         frames: end - start,

@@ -15,7 +15,6 @@ use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::InMemDicomObject;
 
 use super::DicomError;
-use crate::atomic::AtomicWriteError;
 use crate::frame::Rect;
 
 /// Colour model of the frames to write.
@@ -202,17 +201,153 @@ fn ds(v: f64) -> String {
 
 /// Writes `image` to `path` (atomically: temporary file, then rename).
 pub fn write_us_image(path: &Path, image: &UsImage) -> Result<(), DicomError> {
-    let err = |reason: String| DicomError::Write {
+    let mut writer = UsImageWriter::create(path, image, image.frames.len())?;
+    for f in &image.frames {
+        writer.push(f)?;
+    }
+    writer.finish()
+}
+
+/// Writes a US image frame by frame, so that a long cine is never held in memory: the header
+/// (everything but the pixels) is written first, then each frame as it comes, into a temporary
+/// file beside the target that [`UsImageWriter::finish`] renames into place. A writer dropped
+/// before `finish` removes its temporary file, so no partial file is ever left under the
+/// target's name.
+#[derive(Debug)]
+pub struct UsImageWriter {
+    path: std::path::PathBuf,
+    tmp: std::path::PathBuf,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    frame_len: usize,
+    frames: usize,
+    written: usize,
+}
+
+impl UsImageWriter {
+    /// Starts writing `frames` frames of the geometry, calibration and identity of `image`
+    /// (its `frames` field is not read) to `path`.
+    pub fn create(
+        path: &Path,
+        image: &UsImage,
+        frames: usize,
+    ) -> Result<UsImageWriter, DicomError> {
+        let err = write_error(path);
+        let frame_len = image.width * image.height * samples_of(image.colour);
+        let header = header_bytes(path, image, frames)?;
+        let pixel_bytes = frame_len
+            .checked_mul(frames)
+            .filter(|n| *n + 1 < u32::MAX as usize)
+            .ok_or_else(|| err(format!("{frames} frames of {frame_len} bytes exceed 4 GiB")))?;
+        let tmp = crate::atomic::temp_path(path);
+        let file = std::fs::File::create(&tmp).map_err(|e| err(e.to_string()))?;
+        let mut writer = UsImageWriter {
+            path: path.to_path_buf(),
+            tmp,
+            file: Some(std::io::BufWriter::new(file)),
+            frame_len,
+            frames,
+            written: 0,
+        };
+        // Pixel Data (7FE0,0010), explicit VR little endian: tag, "OB", two reserved bytes,
+        // the 32-bit length (padded to even), then the frames. It is the last element of the
+        // data set, so appending it after the header keeps the tags in ascending order.
+        let padded = (pixel_bytes + pixel_bytes % 2) as u32;
+        let mut element = Vec::with_capacity(12);
+        element.extend_from_slice(&0x7FE0u16.to_le_bytes());
+        element.extend_from_slice(&0x0010u16.to_le_bytes());
+        element.extend_from_slice(b"OB\0\0");
+        element.extend_from_slice(&padded.to_le_bytes());
+        writer.write(&header)?;
+        writer.write(&element)?;
+        Ok(writer)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), DicomError> {
+        use std::io::Write;
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| write_error(&self.path)("the writer is finished".into()))?;
+        file.write_all(bytes)
+            .map_err(|e| write_error(&self.path)(e.to_string()))
+    }
+
+    /// Appends the next frame (`width × height × samples` bytes).
+    pub fn push(&mut self, frame: &[u8]) -> Result<(), DicomError> {
+        if frame.len() != self.frame_len {
+            return Err(write_error(&self.path)(format!(
+                "every frame must hold {} bytes",
+                self.frame_len
+            )));
+        }
+        if self.written == self.frames {
+            return Err(write_error(&self.path)(format!(
+                "more than the {} frame(s) announced",
+                self.frames
+            )));
+        }
+        self.write(frame)?;
+        self.written += 1;
+        Ok(())
+    }
+
+    /// Pads, flushes and renames the file into place; fails if fewer frames than announced
+    /// were pushed.
+    pub fn finish(mut self) -> Result<(), DicomError> {
+        let path = self.path.clone();
+        let err = write_error(&path);
+        if self.written != self.frames {
+            return Err(err(format!(
+                "{} of the {} frame(s) announced were written",
+                self.written, self.frames
+            )));
+        }
+        if (self.frame_len * self.frames) % 2 == 1 {
+            self.write(&[0])?;
+        }
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| err("the writer is finished".into()))?;
+        // Flushed and closed before the rename (no fsync: the rename is what protects against
+        // an interrupted process; power loss is beyond what a batch tool promises).
+        drop(file.into_inner().map_err(|e| err(e.error().to_string()))?);
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| err(e.to_string()))?;
+        // Renamed: nothing left for Drop to remove.
+        self.tmp = std::path::PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for UsImageWriter {
+    fn drop(&mut self) {
+        self.file = None;
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn write_error(path: &Path) -> impl Fn(String) -> DicomError + '_ {
+    move |reason| DicomError::Write {
         path: path.to_path_buf(),
         reason,
-    };
-    let samples = match image.colour {
-        Colour::Gray => 1usize,
+    }
+}
+
+fn samples_of(colour: Colour) -> usize {
+    match colour {
+        Colour::Gray => 1,
         Colour::Rgb => 3,
-    };
-    let frame_len = image.width * image.height * samples;
-    if image.frames.is_empty() || image.frames.iter().any(|f| f.len() != frame_len) {
-        return Err(err(format!("every frame must hold {frame_len} bytes")));
+    }
+}
+
+/// The file up to the pixel data: preamble, file meta group and every element but Pixel Data,
+/// for `frames` frames.
+fn header_bytes(path: &Path, image: &UsImage, frames: usize) -> Result<Vec<u8>, DicomError> {
+    let err = write_error(path);
+    if frames == 0 {
+        return Err(err("no frames to write".into()));
     }
     if image.width > u16::MAX as usize || image.height > u16::MAX as usize {
         return Err(err(format!(
@@ -220,7 +355,7 @@ pub fn write_us_image(path: &Path, image: &UsImage) -> Result<(), DicomError> {
             image.width, image.height
         )));
     }
-    let multi = image.frames.len() > 1;
+    let multi = frames > 1;
     let sop_class = if multi {
         uids::ULTRASOUND_MULTI_FRAME_IMAGE_STORAGE
     } else {
@@ -298,7 +433,7 @@ pub fn write_us_image(path: &Path, image: &UsImage) -> Result<(), DicomError> {
         ));
     }
     let us = |tag, v: u16| DataElement::new(tag, VR::US, PrimitiveValue::from(v));
-    obj.put(us(tags::SAMPLES_PER_PIXEL, samples as u16));
+    obj.put(us(tags::SAMPLES_PER_PIXEL, samples_of(image.colour) as u16));
     let pi = match image.colour {
         Colour::Gray => "MONOCHROME2",
         Colour::Rgb => "RGB",
@@ -321,7 +456,7 @@ pub fn write_us_image(path: &Path, image: &UsImage) -> Result<(), DicomError> {
         obj.put(DataElement::new(
             tags::NUMBER_OF_FRAMES,
             VR::IS,
-            PrimitiveValue::from(image.frames.len().to_string()),
+            PrimitiveValue::from(frames.to_string()),
         ));
         obj.put(DataElement::new(
             tags::FRAME_INCREMENT_POINTER,
@@ -367,19 +502,6 @@ pub fn write_us_image(path: &Path, image: &UsImage) -> Result<(), DicomError> {
         VR::SQ,
         DataSetSequence::new(vec![region_item], Length::UNDEFINED),
     ));
-    let mut pixels = Vec::with_capacity(frame_len * image.frames.len() + 1);
-    for f in &image.frames {
-        pixels.extend_from_slice(f);
-    }
-    if pixels.len() % 2 == 1 {
-        pixels.push(0);
-    }
-    obj.put(DataElement::new(
-        tags::PIXEL_DATA,
-        VR::OB,
-        PrimitiveValue::from(pixels),
-    ));
-
     let file = obj
         .with_meta(
             FileMetaTableBuilder::new()
@@ -388,13 +510,9 @@ pub fn write_us_image(path: &Path, image: &UsImage) -> Result<(), DicomError> {
                 .implementation_version_name("SONOGUIDE_01"),
         )
         .map_err(|e| err(e.to_string()))?;
-    crate::atomic::write_atomic(path, |tmp| {
-        file.write_to_file(tmp).map_err(|e| e.to_string())
-    })
-    .map_err(|e| match e {
-        AtomicWriteError::Write(e) => err(e),
-        AtomicWriteError::Rename(e) => err(e.to_string()),
-    })
+    let mut bytes = Vec::new();
+    file.write_all(&mut bytes).map_err(|e| err(e.to_string()))?;
+    Ok(bytes)
 }
 
 /// The implementation class UID written in the file meta group.

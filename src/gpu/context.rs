@@ -77,6 +77,9 @@ pub struct GpuContext {
     /// Held by a chain from upload to read-back: chains of several threads share the per-size
     /// buffers, so they take turns (the device runs one at a time anyway).
     turn: Mutex<()>,
+    /// Buffers mapped back to the host since the context was made: every time data leaves
+    /// the GPU.
+    readbacks: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -271,6 +274,7 @@ impl GpuContext {
             sizes: SizeCache::default(),
             errors,
             turn: Mutex::new(()),
+            readbacks: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -282,6 +286,12 @@ impl GpuContext {
     /// The adapter's device type, e.g. `Cpu` for lavapipe.
     pub fn device_type(&self) -> String {
         format!("{:?}", self.info.device_type)
+    }
+
+    /// How many buffers have been read back to the host so far (for tests and benches that
+    /// count how often a frame leaves the GPU).
+    pub fn readbacks(&self) -> u64 {
+        self.readbacks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many frame sizes have buffers allocated (for tests of buffer reuse).
@@ -790,6 +800,8 @@ fn read_buffer(
     buffer: &wgpu::Buffer,
     kernel: &str,
 ) -> Result<Vec<f32>, GpuError> {
+    ctx.readbacks
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let slice = buffer.slice(..);
     let (tx, rx) = std::sync::mpsc::channel();
     slice.map_async(wgpu::MapMode::Read, move |r| {

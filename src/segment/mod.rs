@@ -140,6 +140,8 @@ fn features_with(
     params: &SegmentParams,
     kernels: impl FnOnce(&Array2<f32>, &FeatureParams) -> Result<[Array2<f32>; 4]>,
 ) -> Result<Features> {
+    frame.validate()?;
+    check_same_size(frame, despeckled)?;
     let valid_full = valid_mask(frame);
     let (grid, valid, step, mm) = analysis_grid(frame, despeckled, &valid_full, params);
     let fp = feature_params(params, mm, grid.nrows())?;
@@ -155,6 +157,23 @@ fn features_with(
         step,
         mm_per_px: mm,
     })
+}
+
+/// The despeckled image must be the frame's size (it is sliced by the frame's region).
+fn check_same_size(frame: &Frame, despeckled: &Array2<f32>) -> Result<()> {
+    if despeckled.dim() != frame.intensity.dim() {
+        return Err(crate::frame::FrameError::Invalid {
+            name: "despeckled",
+            reason: format!(
+                "{:?} for a {}x{} frame",
+                despeckled.dim(),
+                frame.width(),
+                frame.height()
+            ),
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Computes the feature maps on the CPU.
@@ -368,6 +387,8 @@ pub fn segment_from_features(
     f: &Features,
     params: &SegmentParams,
 ) -> Result<Segmentation> {
+    frame.validate()?;
+    check_same_size(frame, despeckled)?;
     let b = frame.region.bounds;
     let (h, w) = (frame.height(), frame.width());
     let calibration_assumed = frame.calibration.mm_per_px().is_none();
