@@ -79,16 +79,43 @@ fn params_fields(source: &str, opening: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The fields with padding made comparable: a padding field (name `pad…`) is named `pad`
+/// and an array `[T; N]` becomes N scalars, so that Rust's `pad1: [f32; 3]` equals WGSL's
+/// `pad1: f32, pad2: f32, pad3: f32`. Real fields keep their names, order and types.
+fn normalised(fields: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (name, ty) in fields {
+        let name = if name.starts_with("pad") {
+            "pad".to_string()
+        } else {
+            name
+        };
+        let array = ty
+            .strip_prefix('[')
+            .and_then(|t| t.strip_suffix(']'))
+            .and_then(|t| t.split_once(';'));
+        match array {
+            Some((t, n)) => {
+                for _ in 0..n.trim().parse::<usize>().unwrap() {
+                    out.push((name.clone(), t.trim().to_string()));
+                }
+            }
+            None => out.push((name, ty)),
+        }
+    }
+    out
+}
+
 /// The WGSL `struct Params` of a shader.
 fn wgsl_params(stem: &str) -> Vec<(String, String)> {
     let src = std::fs::read_to_string(root().join(format!("shaders/{stem}.wgsl"))).unwrap();
-    params_fields(&src, "struct Params {")
+    normalised(params_fields(&src, "struct Params {"))
 }
 
 /// The Rust `struct Params` of a kernel (its twin's module).
 fn rust_params(stem: &str) -> Vec<(String, String)> {
     let src = std::fs::read_to_string(root().join(format!("src/kernels/{stem}.rs"))).unwrap();
-    params_fields(&src, "pub struct Params {")
+    normalised(params_fields(&src, "pub struct Params {"))
 }
 
 /// Bytes of a list of fields (every field is a 4-byte u32 or f32).

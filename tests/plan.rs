@@ -149,19 +149,25 @@ fn smoothing_keeps_a_cine_suggestion_steady() {
     let s = sonoguide::sim::eval::plan_scores(&p, 0..0, 9000..9003, 12, &PhantomParams::default())
         .unwrap();
     eprintln!("{s:?}");
-    if s.jitter_pairs > 0 {
-        // The probe moves 0.08 mm per frame; the suggestion must not wander much more.
-        assert!(
-            s.entry_jitter_smoothed_mm < 1.0,
-            "entry jitter {}",
-            s.entry_jitter_smoothed_mm
-        );
-        assert!(
-            s.target_jitter_smoothed_mm < 1.0,
-            "target jitter {}",
-            s.target_jitter_smoothed_mm
-        );
-    }
+    // 3 cines of 12 frames give 33 consecutive pairs; most must have a path in both frames,
+    // or the jitter below is measured on too little to mean anything (32 on 2026-11-23).
+    const MIN_JITTER_PAIRS: usize = 24;
+    assert!(
+        s.jitter_pairs >= MIN_JITTER_PAIRS,
+        "only {} frame pairs with a path in both",
+        s.jitter_pairs
+    );
+    // The probe moves 0.08 mm per frame; the suggestion must not wander much more.
+    assert!(
+        s.entry_jitter_smoothed_mm < 1.0,
+        "entry jitter {}",
+        s.entry_jitter_smoothed_mm
+    );
+    assert!(
+        s.target_jitter_smoothed_mm < 1.0,
+        "target jitter {}",
+        s.target_jitter_smoothed_mm
+    );
 }
 
 fn bin() -> Command {
