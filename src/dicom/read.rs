@@ -19,7 +19,7 @@ use ndarray::{Array2, Array3};
 use serde::Serialize;
 
 use super::prescan::{self, Layout};
-use super::region::detect_imaging_region;
+use super::region::{detect_imaging_region, fan_within};
 use super::DicomError;
 use crate::frame::{
     check_spacing_mm, chroma, luma, Calibration, CalibrationSource, Frame, ImagingRegion, Rect,
@@ -506,14 +506,23 @@ impl DicomFile {
 
     /// The imaging region: from the header, else detected from frame 0.
     pub fn imaging_region(&self) -> Result<ImagingRegion, DicomError> {
-        if let Some(r) = &self.header_region {
-            return Ok(r.clone());
-        }
         if let Some(r) = self.detected_region.get() {
             return Ok(r.clone());
         }
-        let (rgb, gray) = self.decode_display(0)?;
-        let r = detect_imaging_region(&gray, rgb.as_ref());
+        let r = match &self.header_region {
+            // A convex or phased-array file declares the fan's bounding rectangle: look for
+            // the fan inside it (its corners are not tissue, its near arc is the skin). If the
+            // first frame cannot be decoded, the rectangle stands (reading its pixels will
+            // report the error).
+            Some(header) => match self.decode_display(0) {
+                Ok((rgb, gray)) => fan_within(header, &gray, rgb.as_ref()),
+                Err(_) => return Ok(header.clone()),
+            },
+            None => {
+                let (rgb, gray) = self.decode_display(0)?;
+                detect_imaging_region(&gray, rgb.as_ref())
+            }
+        };
         Ok(self.detected_region.get_or_init(|| r).clone())
     }
 

@@ -24,6 +24,54 @@ const MIN_IMAGE_FRACTION: f64 = 0.05;
 /// A component filling less of its bounding box than this is a sector (fan).
 const SECTOR_FILL: f64 = 0.9;
 
+/// A fan found inside a declared rectangle must span at least this share of its width and
+/// height; a smaller dark-cornered area is more likely a linear image with dark tissue.
+const FAN_COVER: f64 = 0.8;
+
+/// The region `header` declares (a rectangle from the Sequence of Ultrasound Regions), with the
+/// fan found inside it when the image there is a sector: same bounds and source, shape
+/// `Sector`, and the fan's mask. Anything else is returned as declared.
+pub fn fan_within(
+    header: &ImagingRegion,
+    gray: &Array2<f32>,
+    rgb: Option<&Array3<u8>>,
+) -> ImagingRegion {
+    let b = header.bounds;
+    let (h, w) = gray.dim();
+    if header.shape != RegionShape::Rectangle
+        || header.mask.is_some()
+        || b.x1 > w
+        || b.y1 > h
+        || b.x0 >= b.x1
+        || b.y0 >= b.y1
+    {
+        return header.clone();
+    }
+    let crop = gray.slice(ndarray::s![b.y0..b.y1, b.x0..b.x1]).to_owned();
+    let crop_rgb = rgb.map(|c| c.slice(ndarray::s![b.y0..b.y1, b.x0..b.x1, ..]).to_owned());
+    let found = detect_imaging_region(&crop, crop_rgb.as_ref());
+    let covers = found.bounds.width() as f64 >= FAN_COVER * b.width() as f64
+        && found.bounds.height() as f64 >= FAN_COVER * b.height() as f64;
+    match (&found.mask, found.shape, covers) {
+        (Some(m), RegionShape::Sector, true) => {
+            let mask = Array2::from_shape_fn((h, w), |(y, x)| {
+                if b.contains(x, y) {
+                    m[[y - b.y0, x - b.x0]]
+                } else {
+                    0
+                }
+            });
+            ImagingRegion {
+                bounds: b,
+                shape: RegionShape::Sector,
+                source: header.source,
+                mask: Some(mask),
+            }
+        }
+        _ => header.clone(),
+    }
+}
+
 /// Detects the imaging area of a frame from its intensity (and colours, which count as signal).
 pub fn detect_imaging_region(gray: &Array2<f32>, rgb: Option<&Array3<u8>>) -> ImagingRegion {
     let (h, w) = gray.dim();
