@@ -93,7 +93,8 @@ pub struct ImagingRegion {
     /// Where the region came from.
     pub source: RegionSource,
     /// For a sector: 1 inside the fan, 0 outside (full-frame size). `None` for a rectangle.
-    pub mask: Option<Array2<u8>>,
+    /// Shared: every frame of a file has the same region, so reading a frame does not copy it.
+    pub mask: Option<std::sync::Arc<Array2<u8>>>,
 }
 
 impl ImagingRegion {

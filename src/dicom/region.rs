@@ -65,7 +65,7 @@ pub fn fan_within(
                 bounds: b,
                 shape: RegionShape::Sector,
                 source: header.source,
-                mask: Some(mask),
+                mask: Some(std::sync::Arc::new(mask)),
             }
         }
         _ => header.clone(),
@@ -145,7 +145,7 @@ pub fn detect_imaging_region(gray: &Array2<f32>, rgb: Option<&Array3<u8>>) -> Im
         bounds,
         shape: RegionShape::Sector,
         source: RegionSource::Detected,
-        mask: Some(mask),
+        mask: Some(std::sync::Arc::new(mask)),
     }
 }
 

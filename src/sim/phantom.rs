@@ -1016,7 +1016,7 @@ pub fn frame_of(ph: &Phantom, k: usize) -> super::Result<crate::Frame> {
                 bounds: t.region,
                 shape: RegionShape::Sector,
                 source: RegionSource::UltrasoundRegion,
-                mask: Some(mask),
+                mask: Some(std::sync::Arc::new(mask)),
             }
         }
     };
