@@ -16,6 +16,9 @@ pub enum Error {
     /// A kernel refused its parameters or its image.
     #[error(transparent)]
     Kernel(#[from] crate::kernels::KernelError),
+    /// The planner's settings are invalid.
+    #[error(transparent)]
+    Plan(#[from] crate::plan::PlanError),
     /// A GPU operation failed (no adapter, device lost, out of memory, shader error).
     #[error(transparent)]
     Gpu(#[from] crate::gpu::GpuError),

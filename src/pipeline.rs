@@ -178,6 +178,7 @@ impl PipelineBuilder {
     pub fn build(self) -> Result<Pipeline> {
         #[cfg(feature = "gpu")]
         if let Some(gpu) = self.gpu {
+            self.config.plan.validate()?;
             return Ok(Pipeline {
                 despeckler: Despeckler::with_gpu(gpu),
                 config: self.config,
@@ -195,6 +196,7 @@ impl Pipeline {
 
     /// Builds the pipeline (opens the GPU if the backend asks for one).
     pub fn new(config: PipelineConfig) -> Result<Pipeline> {
+        config.plan.validate()?;
         Ok(Pipeline {
             despeckler: Despeckler::new(config.backend)?,
             config,

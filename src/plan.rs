@@ -41,6 +41,74 @@ pub struct PlanParams {
     pub target_mm: Option<(f64, f64)>,
 }
 
+/// Errors of the planner's settings.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlanError {
+    /// A setting is not a number, infinite or out of its range.
+    #[error("invalid planning parameter {name}: {reason}")]
+    InvalidParameter {
+        /// The setting, as the struct and the CLI spell it.
+        name: &'static str,
+        /// Why the value was refused.
+        reason: String,
+    },
+}
+
+impl PlanParams {
+    /// Checks every setting: finite, and within its range (angles 0 ≤ min ≤ preferred and
+    /// max < 90°, min ≤ max; margin 0 ≤ m < 50 mm; a user target with finite lateral position
+    /// and depth ≥ 0). A NaN margin would make every comparison false and every entry look
+    /// safe; a NaN target would plan to nowhere.
+    pub fn validate(&self) -> Result<(), PlanError> {
+        let bad =
+            |name: &'static str, reason: String| Err(PlanError::InvalidParameter { name, reason });
+        for (name, v) in [
+            ("min_angle_deg", self.min_angle_deg),
+            ("max_angle_deg", self.max_angle_deg),
+            ("preferred_angle_deg", self.preferred_angle_deg),
+            ("margin_mm", self.margin_mm),
+        ] {
+            if !v.is_finite() {
+                return bad(name, format!("{v} is not a finite number"));
+            }
+        }
+        if !(0.0..90.0).contains(&self.min_angle_deg) {
+            return bad(
+                "min_angle_deg",
+                format!("{} (0 ≤ angle < 90)", self.min_angle_deg),
+            );
+        }
+        if !(self.min_angle_deg..90.0).contains(&self.max_angle_deg) {
+            return bad(
+                "max_angle_deg",
+                format!("{} (min_angle_deg ≤ angle < 90)", self.max_angle_deg),
+            );
+        }
+        if !(0.0..90.0).contains(&self.preferred_angle_deg) {
+            return bad(
+                "preferred_angle_deg",
+                format!("{} (0 ≤ angle < 90)", self.preferred_angle_deg),
+            );
+        }
+        if !(0.0..50.0).contains(&self.margin_mm) {
+            return bad(
+                "margin_mm",
+                format!("{} (0 ≤ margin < 50 mm)", self.margin_mm),
+            );
+        }
+        if let Some((x, y)) = self.target_mm {
+            if !x.is_finite() || !y.is_finite() || y < 0.0 {
+                return bad(
+                    "target_mm",
+                    format!("({x}, {y}): needs a finite lateral position and a depth ≥ 0"),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for PlanParams {
     fn default() -> Self {
         PlanParams {
@@ -163,7 +231,8 @@ pub struct NeedlePlan {
     pub depth_mm: Option<f64>,
     /// Needle path length from entry to target, mm.
     pub length_mm: Option<f64>,
-    /// Smallest distance from bone, shadow or vessel along the checked path, mm.
+    /// Smallest distance from a forbidden structure along the checked path, mm; `null` when
+    /// there is no forbidden structure in the frame (no sentinel value).
     pub clearance_mm: Option<f64>,
     /// `"joint_space"`, `"effusion"`, `"peritendinous"` or `"user"`.
     pub target_kind: Option<TargetKind>,
@@ -438,7 +507,10 @@ fn skin_line(frame: &Frame) -> Vec<Option<usize>> {
 
 /// Plans a needle path for one segmented frame.
 pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePlan {
-    // A frame or label map that breaks the invariants gets no path, never a panic.
+    // Settings, frame or label map that break the invariants get no path, never a panic.
+    if let Err(e) = params.validate() {
+        return NeedlePlan::none(e.to_string(), None, None, false);
+    }
     if let Err(e) = frame.validate() {
         return NeedlePlan::none(e.to_string(), None, None, false);
     }
@@ -572,11 +644,7 @@ pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePla
                 angle_deg: Some(angle),
                 depth_mm: Some(target.mm[1]),
                 length_mm: Some(len),
-                clearance_mm: Some(if clearance.is_finite() {
-                    clearance
-                } else {
-                    f64::MAX.min(1e6)
-                }),
+                clearance_mm: clearance.is_finite().then_some(clearance),
                 target_kind: Some(kind),
                 side: Some(if ex_f < tx { Side::Left } else { Side::Right }),
                 calibration_assumed: g.assumed,
@@ -730,11 +798,7 @@ fn check_path(
         angle_deg: Some(angle),
         depth_mm: Some(t.mm[1]),
         length_mm: Some(len),
-        clearance_mm: Some(if clearance.is_finite() {
-            clearance
-        } else {
-            1e6
-        }),
+        clearance_mm: clearance.is_finite().then_some(clearance),
         target_kind: raw.target_kind,
         side: Some(if entry[0] < target[0] {
             Side::Left

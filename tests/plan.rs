@@ -141,6 +141,77 @@ fn impossible_requests_say_no_safe_path_and_why() {
     let pl = plan(&frame, &empty, &PlanParams::default());
     assert_eq!(pl.status, "no_safe_path");
     assert!(pl.reason.as_deref().unwrap().contains("no target"));
+    // Nothing to avoid: a user target in an empty frame gets a path and a clearance of null
+    // (no sentinel number).
+    let mut params = PlanParams::default();
+    params.target_mm = Some((0.0, 10.0));
+    let pl = plan(&frame, &empty, &params);
+    assert_eq!(pl.status, "ok", "{:?}", pl.reason);
+    assert_eq!(pl.clearance_mm, None);
+    let json = serde_json::to_value(&pl).unwrap();
+    assert!(json["clearance_mm"].is_null());
+}
+
+/// A setting's name and a change that makes it invalid.
+type BadSetting = (&'static str, fn(&mut PlanParams));
+
+#[test]
+fn nan_infinite_and_out_of_range_settings_are_refused_by_name() {
+    let cases: [BadSetting; 7] = [
+        ("margin_mm", |p| p.margin_mm = f64::NAN),
+        ("margin_mm", |p| p.margin_mm = -1.0),
+        ("min_angle_deg", |p| p.min_angle_deg = f64::INFINITY),
+        ("max_angle_deg", |p| p.max_angle_deg = f64::NAN),
+        ("max_angle_deg", |p| p.max_angle_deg = 5.0), // below the minimum
+        ("target_mm", |p| p.target_mm = Some((f64::NAN, 10.0))),
+        ("target_mm", |p| {
+            p.target_mm = Some((0.0, f64::NEG_INFINITY))
+        }),
+    ];
+    let (frame, seg) = {
+        let p = cpu_pipeline();
+        let mut ph = PhantomParams::default();
+        ph.seed = 3;
+        let frame = frame_of(&generate("nan", &ph).unwrap(), 0).unwrap();
+        let seg = p.process(&frame).unwrap().segmentation;
+        (frame, seg)
+    };
+    for (name, set) in cases {
+        let mut params = PlanParams::default();
+        set(&mut params);
+        // The library's entry points: the pipeline refuses to be built ...
+        let mut config = PipelineConfig::default();
+        config.backend = Backend::Cpu;
+        config.plan = params.clone();
+        let e = Pipeline::new(config).unwrap_err().to_string();
+        assert!(e.contains(name), "{name}: {e}");
+        let e = Pipeline::builder()
+            .backend(Backend::Cpu)
+            .plan(params.clone())
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(name), "{name}: {e}");
+        // ... and the planner gives no path, naming the setting.
+        let pl = plan(&frame, &seg, &params);
+        assert_eq!(pl.status, "no_safe_path", "{name}");
+        assert!(
+            pl.reason.as_deref().unwrap().contains(name),
+            "{name}: {:?}",
+            pl.reason
+        );
+    }
+    // The command line refuses them with the usage exit code.
+    for args in [["--margin-mm", "nan"], ["--max-angle", "inf"]] {
+        let o = bin()
+            .arg("process")
+            .arg(root().join("sample-data/linear_0001.dcm"))
+            .args(args)
+            .args(["--out", "/tmp/sonoguide-nan-never-written"])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+    }
 }
 
 #[test]

@@ -31,6 +31,7 @@ impl From<sonoguide::Error> for Failure {
     fn from(e: sonoguide::Error) -> Failure {
         match &e {
             sonoguide::Error::Kernel(KernelError::InvalidParameter { .. })
+            | sonoguide::Error::Plan(_)
             | sonoguide::Error::Batch(BatchError::OutputFolder { .. })
             | sonoguide::Error::Igtl(IgtlError::Bind { .. }) => Failure::Usage(e.to_string()),
             _ => Failure::Failed(e.to_string()),
