@@ -464,6 +464,18 @@ pub(crate) fn j2k_frame_header(data: &[u8]) -> Result<CodestreamSize, String> {
     })
 }
 
+/// Whether a JPEG or JPEG 2000 code stream ends with its end marker (EOI or EOC, both FFD9),
+/// ignoring the bytes that pad a fragment to even length (00, or FF as some JPEG 2000
+/// encoders write). Both decoders fill the missing part of a truncated stream with flat grey
+/// rather than failing, so this is how a truncated frame is told apart from a whole one.
+pub(crate) fn ends_with_end_marker(data: &[u8]) -> bool {
+    let end = data
+        .iter()
+        .rposition(|b| *b != 0x00 && *b != 0xFF)
+        .map_or(0, |p| p + 1);
+    data[..end].ends_with(&[0xFF, 0xD9])
+}
+
 /// The contiguous code stream box (`jp2c`) of a JP2 file.
 fn jp2_codestream(data: &[u8]) -> Result<&[u8], String> {
     let mut pos = 0usize;

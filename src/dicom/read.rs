@@ -1046,14 +1046,14 @@ fn unpack_bits(seg: &[u8], n: usize, out: &mut Vec<u8>) -> Result<(), String> {
             let k = h as usize + 1;
             let literal = seg
                 .get(i..i + k)
-                .ok_or("a literal run passes the end of the segment")?;
+                .ok_or("a literal run passes the end of the segment (truncated)")?;
             out.extend_from_slice(&literal[..k.min(n - out.len())]);
             i += k;
         } else if h != -128 {
             let k = (1 - h as isize) as usize;
             let v = *seg
                 .get(i)
-                .ok_or("a replicate run passes the end of the segment")?;
+                .ok_or("a replicate run passes the end of the segment (truncated)")?;
             i += 1;
             out.resize((out.len() + k).min(n), v);
         }
@@ -1085,6 +1085,9 @@ fn inflate_frame(data: &[u8], frame_bytes: usize) -> Result<Vec<u8>, String> {
 fn check_jpeg_header(data: &[u8], info: &DicomInfo) -> Result<(), String> {
     let h = prescan::jpeg_frame_header(data)?;
     check_codestream_size("JPEG", h, info)?;
+    if !prescan::ends_with_end_marker(data) {
+        return Err("the JPEG code stream has no EOI marker (truncated)".into());
+    }
     // jpeg-decoder returns one byte per sample up to 8 bits, two above.
     if (h.precision <= 8) != (info.bits_allocated == 8) {
         return Err(format!(
@@ -1099,6 +1102,9 @@ fn check_jpeg_header(data: &[u8], info: &DicomInfo) -> Result<(), String> {
 fn check_j2k_header(data: &[u8], info: &DicomInfo) -> Result<(), String> {
     let h = prescan::j2k_frame_header(data)?;
     check_codestream_size("JPEG 2000", h, info)?;
+    if !prescan::ends_with_end_marker(data) {
+        return Err("the JPEG 2000 code stream has no EOC marker (truncated)".into());
+    }
     if h.precision > info.bits_allocated as u32 {
         return Err(format!(
             "JPEG 2000 samples of {} bits in a file of {} bits allocated",
