@@ -36,6 +36,10 @@ pub struct ReadOptions {
     pub max_frames: u64,
     /// Largest file accepted, in bytes.
     pub max_file_bytes: u64,
+    /// Largest inflated data set accepted from a deflated file, in bytes (the smaller of this
+    /// and `max_file_bytes` applies). Deflate reaches ratios of 1000:1, so without this bound
+    /// a 1 MB file could claim a gigabyte.
+    pub max_inflated_bytes: u64,
 }
 
 impl Default for ReadOptions {
@@ -47,6 +51,11 @@ impl Default for ReadOptions {
             max_frames: 36_000,
             // 4 GiB: what 32-bit DICOM lengths can address.
             max_file_bytes: 4 << 30,
+            // 512 MiB: the inflated data set is held twice while it is read (checked here,
+            // then parsed by dicom-rs), so this keeps a deflated file near 1 GiB at most.
+            // Deflated ultrasound is rare and small (reports, single frames); cines are sent
+            // JPEG-compressed.
+            max_inflated_bytes: 512 << 20,
         }
     }
 }
@@ -165,6 +174,8 @@ pub struct DicomFile {
     path: PathBuf,
     obj: DefaultDicomObject,
     info: DicomInfo,
+    /// How frames are decoded.
+    codec: PixelCodec,
     palette: Option<Palette>,
     /// The imaging region from the header, if it gives one.
     header_region: Option<ImagingRegion>,
@@ -300,7 +311,27 @@ impl DicomFile {
             });
         }
         let (start, ts) = locate_dataset(&bytes).map_err(malformed)?;
-        prescan::check(&bytes, start, Layout::for_transfer_syntax(&ts)).map_err(malformed)?;
+        match Layout::for_transfer_syntax(&ts) {
+            Layout::Deflated => {
+                // dicom-rs inflates without bound and parses without the pre-scan: inflate
+                // here first, bounded, and walk what comes out.
+                let limit = options.max_inflated_bytes.min(options.max_file_bytes);
+                let inflated =
+                    prescan::inflate_bounded(&bytes[start..], limit).map_err(|e| match e {
+                        prescan::InflateError::TooLarge(limit) => DicomError::TooLarge {
+                            path: path.clone(),
+                            reason: "the deflated data set inflates past the limit".into(),
+                            limit: format!("{limit} bytes inflated"),
+                        },
+                        prescan::InflateError::Corrupt(reason) => {
+                            malformed(format!("cannot inflate the deflated data set: {reason}"))
+                        }
+                    })?;
+                prescan::check(&inflated, 0, Layout::ExplicitLittle)
+                    .map_err(|r| malformed(format!("inflated data set: {r}")))?;
+            }
+            layout => prescan::check(&bytes, start, layout).map_err(malformed)?,
+        }
         let preamble_len = if bytes.get(128..132) == Some(b"DICM") {
             128
         } else {
@@ -353,7 +384,11 @@ impl DicomFile {
                 limit: format!("{} frames", options.max_frames),
             });
         }
-        let frames = frames_raw as u32;
+        let frames = u32::try_from(frames_raw).map_err(|_| DicomError::TooLarge {
+            path: path.clone(),
+            reason: format!("{frames_raw} frames"),
+            limit: format!("{} frames", u32::MAX),
+        })?;
         let samples_per_pixel = get_u32(o, tags::SAMPLES_PER_PIXEL)
             .ok_or_else(|| bad(&path, "SamplesPerPixel", "missing or not a number"))?;
         if samples_per_pixel != 1 && samples_per_pixel != 3 {
@@ -402,14 +437,32 @@ impl DicomFile {
         let planar_configuration = get_u32(o, tags::PLANAR_CONFIGURATION).unwrap_or(0);
         let pixel_representation = get_u32(o, tags::PIXEL_REPRESENTATION).unwrap_or(0);
 
-        // Pixel data present and, for native encodings, long enough for every frame.
+        // A transfer syntax dicom-rs knows, can decode, and whose pixel data this reader
+        // checks before decoding.
+        let Some(ts_entry) = dicom_transfer_syntax_registry::TransferSyntaxRegistry.get(&ts_uid)
+        else {
+            return Err(DicomError::Unsupported {
+                path: path.clone(),
+                what: format!("unknown transfer syntax {ts_uid}"),
+            });
+        };
+        let codec = PixelCodec::for_transfer_syntax(&ts_uid)
+            .filter(|_| ts_entry.can_decode_all())
+            .ok_or_else(|| DicomError::Unsupported {
+                path: path.clone(),
+                what: format!("transfer syntax {} ({})", ts_uid, ts_entry.name()),
+            })?;
+
+        // Pixel data present and long enough for every frame: native data must hold every
+        // frame's bytes; encapsulated data needs a fragment per frame (PS3.5 A.4: a fragment
+        // holds data of one frame only), so an absurd frame count is refused here.
         let pixel_elem = o
             .get(tags::PIXEL_DATA)
             .ok_or_else(|| DicomError::NoPixelData { path: path.clone() })?;
         let frame_bytes = native_frame_bytes(rows, columns, samples_per_pixel, bits_allocated, &pi);
         match pixel_elem.value() {
             DicomValue::Primitive(p) => {
-                let have = p.to_bytes().len() as u64;
+                let have = p.calculate_byte_len() as u64;
                 let need = frame_bytes * frames as u64;
                 if have < need {
                     return Err(DicomError::Malformed {
@@ -421,10 +474,28 @@ impl DicomFile {
                 }
             }
             DicomValue::PixelSequence(seq) => {
-                if seq.fragments().is_empty() {
+                let fragments = seq.fragments().len();
+                if fragments == 0 {
                     return Err(DicomError::Malformed {
                         path: path.clone(),
                         reason: "encapsulated pixel data has no fragments".into(),
+                    });
+                }
+                if (fragments as u64) < frames as u64 {
+                    return Err(bad(
+                        &path,
+                        "NumberOfFrames",
+                        format!(
+                            "{frames} frames but the encapsulated pixel data holds {fragments} fragment(s) (each frame needs at least one)"
+                        ),
+                    ));
+                }
+                if codec == PixelCodec::Native {
+                    return Err(DicomError::Malformed {
+                        path: path.clone(),
+                        reason: format!(
+                            "encapsulated pixel data in the uncompressed transfer syntax {ts_uid}"
+                        ),
                     });
                 }
             }
@@ -434,20 +505,6 @@ impl DicomFile {
                     reason: "pixel data is a sequence".into(),
                 })
             }
-        }
-        if let Some(ts_entry) = dicom_transfer_syntax_registry::TransferSyntaxRegistry.get(&ts_uid)
-        {
-            if !ts_entry.can_decode_all() {
-                return Err(DicomError::Unsupported {
-                    path: path.clone(),
-                    what: format!("transfer syntax {} ({})", ts_uid, ts_entry.name()),
-                });
-            }
-        } else {
-            return Err(DicomError::Unsupported {
-                path: path.clone(),
-                what: format!("unknown transfer syntax {ts_uid}"),
-            });
         }
 
         let palette = if pi == "PALETTE COLOR" {
@@ -478,6 +535,7 @@ impl DicomFile {
             path,
             obj,
             info,
+            codec,
             palette,
             header_region,
             detected_region: OnceLock::new(),
@@ -680,6 +738,72 @@ impl DicomFile {
     /// they are in.
     fn frame_samples(&self, index: usize) -> Result<Samples, String> {
         let info = &self.info;
+        let bits = info.bits_allocated;
+        let pixel = self.obj.get(tags::PIXEL_DATA).ok_or("no pixel data")?;
+        let fb = native_frame_bytes(
+            info.rows,
+            info.columns,
+            info.samples_per_pixel as u32,
+            bits as u32,
+            &info.photometric_interpretation,
+        ) as usize;
+        match pixel.value() {
+            DicomValue::Primitive(p) => {
+                let start = fb * index;
+                let values: Vec<u16> = match (p, bits) {
+                    (dicom_core::PrimitiveValue::U16(v), 16) => v
+                        .get(start / 2..(start + fb) / 2)
+                        .ok_or("pixel data too short for this frame")?
+                        .to_vec(),
+                    _ => {
+                        let b = p.to_bytes();
+                        let b = b
+                            .get(start..start + fb)
+                            .ok_or("pixel data too short for this frame")?;
+                        bytes_to_samples(b, bits)
+                    }
+                };
+                Ok(self.arrange_native(values))
+            }
+            DicomValue::PixelSequence(seq) => {
+                let data = frame_data(seq.fragments(), seq.offset_table(), info.frames, index)?;
+                match self.codec {
+                    PixelCodec::Rle => {
+                        let values = decode_rle_frame(
+                            &data,
+                            info.rows as usize * info.columns as usize,
+                            info.samples_per_pixel as usize,
+                            (bits as usize).div_ceil(8),
+                        )?;
+                        Ok(self.arrange_native(values))
+                    }
+                    PixelCodec::DeflatedFrames => {
+                        let bytes = inflate_frame(&data, fb)?;
+                        Ok(self.arrange_native(bytes_to_samples(&bytes, bits)))
+                    }
+                    PixelCodec::Jpeg => {
+                        check_jpeg_header(&data, info)?;
+                        drop(data);
+                        self.decode_with_dicom_rs(index)
+                    }
+                    PixelCodec::Jpeg2000 => {
+                        check_j2k_header(&data, info)?;
+                        drop(data);
+                        self.decode_with_dicom_rs(index)
+                    }
+                    PixelCodec::Native => {
+                        Err("encapsulated pixel data in an uncompressed transfer syntax".into())
+                    }
+                }
+            }
+            DicomValue::Sequence(_) => Err("pixel data is a sequence".into()),
+        }
+    }
+
+    /// Native samples of one frame (as stored, one u16 per sample) masked to the bits stored,
+    /// interleaved, with their colour model.
+    fn arrange_native(&self, mut values: Vec<u16>) -> Samples {
+        let info = &self.info;
         let (h, w, spp) = (
             info.rows as usize,
             info.columns as usize,
@@ -687,124 +811,333 @@ impl DicomFile {
         );
         let n = h * w;
         let pi = info.photometric_interpretation.as_str();
-        let pixel = self.obj.get(tags::PIXEL_DATA).ok_or("no pixel data")?;
-        let mono_or_palette = |pi: &str| match pi {
-            "MONOCHROME1" => Model::Mono { inverted: true },
-            "MONOCHROME2" => Model::Mono { inverted: false },
-            _ => Model::Palette,
+        let mask = if info.bits_stored < 16 {
+            (1u32 << info.bits_stored) as u16 - 1
+        } else {
+            u16::MAX
         };
-        match pixel.value() {
-            DicomValue::Primitive(p) => {
-                let fb = native_frame_bytes(
-                    info.rows,
-                    info.columns,
-                    info.samples_per_pixel as u32,
-                    info.bits_allocated as u32,
-                    pi,
-                ) as usize;
-                let start = fb * index;
-                let values: Cow<[u16]> = match (p, info.bits_allocated) {
-                    (dicom_core::PrimitiveValue::U16(v), 16) => Cow::Borrowed(
-                        v.get(start / 2..(start + fb) / 2)
-                            .ok_or("pixel data too short for this frame")?,
-                    ),
-                    (_, 16) => {
-                        let b = p.to_bytes();
-                        let b = b
-                            .get(start..start + fb)
-                            .ok_or("pixel data too short for this frame")?;
-                        Cow::Owned(
-                            b.chunks_exact(2)
-                                .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                                .collect(),
-                        )
-                    }
-                    _ => {
-                        let b = p.to_bytes();
-                        let b = b
-                            .get(start..start + fb)
-                            .ok_or("pixel data too short for this frame")?;
-                        Cow::Owned(b.iter().map(|v| *v as u16).collect())
-                    }
-                };
-                let mask = if info.bits_stored < 16 {
-                    (1u32 << info.bits_stored) as u16 - 1
-                } else {
-                    u16::MAX
-                };
-                let mut values: Vec<u16> = values.iter().map(|v| v & mask).collect();
-                if spp == 1 {
-                    return Ok(Samples {
-                        values,
-                        model: mono_or_palette(pi),
-                    });
+        for v in &mut values {
+            *v &= mask;
+        }
+        if spp == 1 {
+            return Samples {
+                values,
+                model: mono_or_palette(pi),
+            };
+        }
+        if pi == "YBR_FULL_422" && info.transfer_syntax_uid != RLE_LOSSLESS {
+            // Native 4:2:2: Y1 Y2 Cb Cr per pair of pixels along a row.
+            let mut out = Vec::with_capacity(n * 3);
+            for row in values.chunks_exact(w * 2) {
+                for x in 0..w {
+                    let pair = x / 2;
+                    let y = row.get(pair * 4 + (x % 2)).copied().unwrap_or(0);
+                    let cb = row.get(pair * 4 + 2).copied().unwrap_or(128);
+                    let cr = row.get(pair * 4 + 3).copied().unwrap_or(128);
+                    out.extend_from_slice(&[y, cb, cr]);
                 }
-                if pi == "YBR_FULL_422" {
-                    // Native 4:2:2: Y1 Y2 Cb Cr per pair of pixels along a row.
-                    let mut out = Vec::with_capacity(n * 3);
-                    for row in values.chunks_exact(w * 2) {
-                        for x in 0..w {
-                            let pair = x / 2;
-                            let y = row.get(pair * 4 + (x % 2)).copied().unwrap_or(0);
-                            let cb = row.get(pair * 4 + 2).copied().unwrap_or(128);
-                            let cr = row.get(pair * 4 + 3).copied().unwrap_or(128);
-                            out.extend_from_slice(&[y, cb, cr]);
-                        }
-                    }
-                    return Ok(Samples {
-                        values: out,
-                        model: Model::YbrFull,
-                    });
-                }
-                if info.planar_configuration == 1 {
-                    values = (0..n * 3).map(|i| values[(i % 3) * n + i / 3]).collect();
-                }
-                let model = if pi.starts_with("YBR_FULL") {
-                    Model::YbrFull
-                } else {
-                    Model::Rgb
-                };
-                Ok(Samples { values, model })
             }
-            DicomValue::PixelSequence(_) => {
-                let decoded = self
-                    .obj
-                    .decode_pixel_data_frame(index as u32)
-                    .map_err(|e| e.to_string())?;
-                let data = decoded.data();
-                let values: Vec<u16> = if info.bits_allocated == 16 {
-                    data.chunks_exact(2)
-                        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                        .collect()
-                } else {
-                    data.iter().map(|v| *v as u16).collect()
-                };
-                if values.len() < n * spp {
-                    return Err(format!(
-                        "decoder returned {} samples, expected {}",
-                        values.len(),
-                        n * spp
-                    ));
-                }
-                if spp == 1 {
-                    return Ok(Samples {
-                        values,
-                        model: mono_or_palette(pi),
-                    });
-                }
-                // The JPEG and JPEG 2000 decoders return RGB; RLE keeps the stored model and
-                // its planes are interleaved by the decoder.
-                let rle = info.transfer_syntax_uid == "1.2.840.10008.1.2.5";
-                let model = if rle && pi.starts_with("YBR_FULL") {
-                    Model::YbrFull
-                } else {
-                    Model::Rgb
-                };
-                Ok(Samples { values, model })
-            }
-            DicomValue::Sequence(_) => Err("pixel data is a sequence".into()),
+            return Samples {
+                values: out,
+                model: Model::YbrFull,
+            };
+        }
+        // RLE frames come out of `decode_rle_frame` interleaved whatever the planar
+        // configuration says (each sample is its own segment).
+        if info.planar_configuration == 1
+            && info.transfer_syntax_uid != RLE_LOSSLESS
+            && values.len() >= n * 3
+        {
+            values = (0..n * 3).map(|i| values[(i % 3) * n + i / 3]).collect();
+        }
+        let model = if pi.starts_with("YBR_FULL") {
+            Model::YbrFull
+        } else {
+            Model::Rgb
+        };
+        Samples { values, model }
+    }
+
+    /// Decodes frame `index` with dicom-pixeldata (JPEG, JPEG 2000), after its header has been
+    /// checked against the DICOM header. The decoders are third-party code run on hostile
+    /// bytes; a panic in one is turned into this frame's error rather than ending the process.
+    fn decode_with_dicom_rs(&self, index: usize) -> Result<Samples, String> {
+        let info = &self.info;
+        let (n, spp) = (
+            info.rows as usize * info.columns as usize,
+            info.samples_per_pixel as usize,
+        );
+        let pi = info.photometric_interpretation.as_str();
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.obj.decode_pixel_data_frame(index as u32)
+        }))
+        .map_err(|_| "the decoder failed on this frame's code stream (it panicked)".to_string())?
+        .map_err(|e| e.to_string())?;
+        let data = decoded.data();
+        let values: Vec<u16> = bytes_to_samples(data, info.bits_allocated);
+        if values.len() < n * spp {
+            return Err(format!(
+                "decoder returned {} samples, expected {}",
+                values.len(),
+                n * spp
+            ));
+        }
+        if spp == 1 {
+            return Ok(Samples {
+                values,
+                model: mono_or_palette(pi),
+            });
+        }
+        // The JPEG and JPEG 2000 decoders return RGB.
+        Ok(Samples {
+            values,
+            model: Model::Rgb,
+        })
+    }
+}
+
+/// The transfer syntax UID of RLE Lossless.
+const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
+
+fn mono_or_palette(pi: &str) -> Model {
+    match pi {
+        "MONOCHROME1" => Model::Mono { inverted: true },
+        "MONOCHROME2" => Model::Mono { inverted: false },
+        _ => Model::Palette,
+    }
+}
+
+/// Stored bytes (little endian) to one u16 per sample.
+fn bytes_to_samples(b: &[u8], bits_allocated: u16) -> Vec<u16> {
+    if bits_allocated == 16 {
+        b.chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect()
+    } else {
+        b.iter().map(|v| *v as u16).collect()
+    }
+}
+
+/// How the pixel data of a transfer syntax is decoded. Only these are read: each has its
+/// frame sizes checked before anything is allocated from them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PixelCodec {
+    /// Uncompressed pixel data (implicit/explicit VR, big endian, deflated data set).
+    Native,
+    /// RLE Lossless: decoded here, bounded by the frame size.
+    Rle,
+    /// JPEG baseline, extended and lossless: frame header checked here, decoded by dicom-rs.
+    Jpeg,
+    /// JPEG 2000 (and High-Throughput JPEG 2000): SIZ marker checked here, decoded by dicom-rs.
+    Jpeg2000,
+    /// Deflated Image Frame Compression: each frame inflated here, bounded by its size.
+    DeflatedFrames,
+}
+
+impl PixelCodec {
+    fn for_transfer_syntax(uid: &str) -> Option<PixelCodec> {
+        Some(match uid {
+            "1.2.840.10008.1.2"
+            | "1.2.840.10008.1.2.1"
+            | "1.2.840.10008.1.2.2"
+            | "1.2.840.10008.1.2.1.99" => PixelCodec::Native,
+            RLE_LOSSLESS => PixelCodec::Rle,
+            "1.2.840.10008.1.2.4.50"
+            | "1.2.840.10008.1.2.4.51"
+            | "1.2.840.10008.1.2.4.57"
+            | "1.2.840.10008.1.2.4.70" => PixelCodec::Jpeg,
+            "1.2.840.10008.1.2.4.90"
+            | "1.2.840.10008.1.2.4.91"
+            | "1.2.840.10008.1.2.4.92"
+            | "1.2.840.10008.1.2.4.93"
+            | "1.2.840.10008.1.2.4.201"
+            | "1.2.840.10008.1.2.4.202"
+            | "1.2.840.10008.1.2.4.203" => PixelCodec::Jpeg2000,
+            "1.2.840.10008.1.2.8.1" => PixelCodec::DeflatedFrames,
+            _ => return None,
+        })
+    }
+}
+
+/// The encoded bytes of frame `index`: its own fragment when there is one fragment per frame,
+/// else the fragments the basic offset table assigns to it (as dicom-rs gathers them).
+fn frame_data<'a>(
+    fragments: &'a [Vec<u8>],
+    offset_table: &[u32],
+    frames: u32,
+    index: usize,
+) -> Result<Cow<'a, [u8]>, String> {
+    if fragments.len() == frames as usize {
+        return fragments
+            .get(index)
+            .map(|f| Cow::Borrowed(f.as_slice()))
+            .ok_or_else(|| format!("no fragment for frame {index}"));
+    }
+    let base = match offset_table.get(index) {
+        Some(b) => *b as usize,
+        None if index == 0 => 0,
+        None => {
+            return Err(format!(
+                "the basic offset table has no entry for frame {index}"
+            ))
+        }
+    };
+    let next = offset_table.get(index + 1).map(|v| *v as usize);
+    let mut out = Vec::new();
+    let mut offset = 0usize;
+    for f in fragments {
+        if next.is_some_and(|n| offset >= n) {
+            break;
+        }
+        if offset >= base {
+            out.extend_from_slice(f);
+        }
+        // Offsets count each fragment's 8-byte item header.
+        offset += f.len() + 8;
+    }
+    if out.is_empty() {
+        return Err(format!(
+            "no fragment starts at offset {base} given by the basic offset table"
+        ));
+    }
+    Ok(Cow::Owned(out))
+}
+
+/// The most a PackBits byte pair can expand to: a replicate run of 128 from 2 bytes.
+const RLE_MAX_EXPANSION: usize = 64;
+
+/// Decodes an RLE Lossless frame (PS3.5 Annex G) to interleaved samples, one u16 each. Each
+/// segment is one byte plane (most significant first within a sample); decoding stops at the
+/// frame's size, so no segment can write past it.
+fn decode_rle_frame(
+    frame: &[u8],
+    pixels: usize,
+    spp: usize,
+    bytes_per_sample: usize,
+) -> Result<Vec<u16>, String> {
+    let segments = prescan::rle_segments(frame, spp * bytes_per_sample)?;
+    // Refuse before allocating the frame when the data cannot expand to it.
+    if frame.len().saturating_mul(RLE_MAX_EXPANSION) < pixels * segments.len() {
+        return Err(format!(
+            "RLE frame of {} bytes cannot expand to {} segments of {pixels} bytes",
+            frame.len(),
+            segments.len()
+        ));
+    }
+    let mut values = vec![0u16; pixels * spp];
+    let mut plane = Vec::with_capacity(pixels);
+    for (k, range) in segments.into_iter().enumerate() {
+        let (sample, byte) = (k / bytes_per_sample, k % bytes_per_sample);
+        unpack_bits(&frame[range], pixels, &mut plane)
+            .map_err(|e| format!("RLE segment {k}: {e}"))?;
+        let shift = 8 * (bytes_per_sample - 1 - byte);
+        for (i, b) in plane.iter().enumerate() {
+            values[i * spp + sample] |= (*b as u16) << shift;
         }
     }
+    Ok(values)
+}
+
+/// PackBits (PS3.5 G.3.1) into `out`, exactly `n` bytes.
+fn unpack_bits(seg: &[u8], n: usize, out: &mut Vec<u8>) -> Result<(), String> {
+    out.clear();
+    let mut i = 0;
+    while out.len() < n {
+        let Some(&h) = seg.get(i) else {
+            return Err(format!(
+                "decodes to {} bytes, {n} expected (truncated)",
+                out.len()
+            ));
+        };
+        i += 1;
+        let h = h as i8;
+        if h >= 0 {
+            let k = h as usize + 1;
+            let literal = seg
+                .get(i..i + k)
+                .ok_or("a literal run passes the end of the segment (truncated)")?;
+            out.extend_from_slice(&literal[..k.min(n - out.len())]);
+            i += k;
+        } else if h != -128 {
+            let k = (1 - h as isize) as usize;
+            let v = *seg
+                .get(i)
+                .ok_or("a replicate run passes the end of the segment (truncated)")?;
+            i += 1;
+            out.resize((out.len() + k).min(n), v);
+        }
+    }
+    Ok(())
+}
+
+/// Inflates one frame of Deflated Image Frame Compression, refusing more or fewer bytes than
+/// the frame holds.
+fn inflate_frame(data: &[u8], frame_bytes: usize) -> Result<Vec<u8>, String> {
+    let out = prescan::inflate_bounded(data, frame_bytes as u64).map_err(|e| match e {
+        prescan::InflateError::TooLarge(_) => {
+            format!("the frame inflates past its {frame_bytes} bytes")
+        }
+        prescan::InflateError::Corrupt(r) => format!("cannot inflate the frame: {r}"),
+    })?;
+    if out.len() < frame_bytes {
+        return Err(format!(
+            "the frame inflates to {} bytes, {frame_bytes} expected",
+            out.len()
+        ));
+    }
+    Ok(out)
+}
+
+/// Refuses a JPEG frame whose own header disagrees with the DICOM header, before the decoder
+/// allocates from it (jpeg-decoder sizes its buffers from the frame header alone, and
+/// dicom-rs copies its output into a buffer sized from the DICOM header).
+fn check_jpeg_header(data: &[u8], info: &DicomInfo) -> Result<(), String> {
+    let h = prescan::jpeg_frame_header(data)?;
+    check_codestream_size("JPEG", h, info)?;
+    if !prescan::ends_with_end_marker(data) {
+        return Err("the JPEG code stream has no EOI marker (truncated)".into());
+    }
+    // jpeg-decoder returns one byte per sample up to 8 bits, two above.
+    if (h.precision <= 8) != (info.bits_allocated == 8) {
+        return Err(format!(
+            "JPEG samples of {} bits in a file of {} bits allocated",
+            h.precision, info.bits_allocated
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a JPEG 2000 frame whose SIZ marker disagrees with the DICOM header.
+fn check_j2k_header(data: &[u8], info: &DicomInfo) -> Result<(), String> {
+    let h = prescan::j2k_frame_header(data)?;
+    check_codestream_size("JPEG 2000", h, info)?;
+    if !prescan::ends_with_end_marker(data) {
+        return Err("the JPEG 2000 code stream has no EOC marker (truncated)".into());
+    }
+    if h.precision > info.bits_allocated as u32 {
+        return Err(format!(
+            "JPEG 2000 samples of {} bits in a file of {} bits allocated",
+            h.precision, info.bits_allocated
+        ));
+    }
+    Ok(())
+}
+
+fn check_codestream_size(
+    kind: &str,
+    h: prescan::CodestreamSize,
+    info: &DicomInfo,
+) -> Result<(), String> {
+    if h.rows != info.rows
+        || h.columns != info.columns
+        || h.components != info.samples_per_pixel as u32
+    {
+        return Err(format!(
+            "the {kind} header declares {}x{} with {} component(s); the DICOM header says {}x{} with {} sample(s) per pixel",
+            h.columns, h.rows, h.components, info.columns, info.rows, info.samples_per_pixel
+        ));
+    }
+    Ok(())
 }
 
 enum Model {
@@ -891,6 +1224,18 @@ fn read_palette(path: &Path, o: &InMemDicomObject) -> Result<Palette, DicomError
         } else {
             (desc[0] & 0xFFFF) as usize
         };
+        // The first mapped value is a 16-bit pixel value (US or SS); anything else is a
+        // corrupt descriptor (and would overflow the lookup's subtraction).
+        if !(i16::MIN as i64..=u16::MAX as i64).contains(&desc[1]) {
+            return Err(bad(
+                path,
+                "PaletteColorLookupTableDescriptor",
+                format!(
+                    "{name} first mapped value {} is not a 16-bit pixel value",
+                    desc[1]
+                ),
+            ));
+        }
         first_mapped = desc[1];
         let bits = desc[2];
         if bits != 8 && bits != 16 {
@@ -913,7 +1258,7 @@ fn read_palette(path: &Path, o: &InMemDicomObject) -> Result<Palette, DicomError
                 _ => None,
             }
         };
-        let lut16: Vec<u16> = if let Some(w) = words(data_tag) {
+        let mut lut16: Vec<u16> = if let Some(w) = words(data_tag) {
             if bits == 8 && w.len() * 2 >= entries && w.len() < entries {
                 // 8-bit entries packed two to a word.
                 w.iter()
@@ -938,6 +1283,8 @@ fn read_palette(path: &Path, o: &InMemDicomObject) -> Result<Palette, DicomError
                 format!("{name} LUT data missing"),
             ));
         };
+        // Entries past the descriptor's count are never looked up.
+        lut16.truncate(entries);
         if lut16.is_empty() {
             return Err(bad(
                 path,
@@ -968,57 +1315,122 @@ fn read_palette(path: &Path, o: &InMemDicomObject) -> Result<Palette, DicomError
     })
 }
 
-/// Expands segmented palette data (PS3.3 C.7.9.2): discrete, linear and indirect segments.
+/// Most entries a palette LUT can have: the descriptor's count is 16 bits, 0 meaning 65536.
+const MAX_LUT_ENTRIES: usize = 65_536;
+
+/// One segment of segmented palette data: where it starts (word index) and its opcode.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    start: usize,
+    opcode: u16,
+}
+
+/// Expands segmented palette data (PS3.3 C.7.9.2) into at most `entries` values.
+///
+/// Discrete (0) and linear (1) segments are applied as they are read. An indirect segment (2)
+/// replays `count` consecutive segments read earlier, the first being the one that starts at
+/// the given byte offset from the start of the data; a replayed segment must itself be
+/// discrete or linear (an indirect segment may not refer to an indirect one), and an offset
+/// that is not the start of an earlier segment is an error. Nothing recurses, and the work is
+/// bounded: each applied segment costs a step, and the steps are limited to the data's
+/// segments plus the LUT's entries.
 fn expand_segmented(seg: &[u16], entries: usize) -> Result<Vec<u16>, String> {
-    let mut out: Vec<u16> = Vec::with_capacity(entries.min(65536));
+    let entries = entries.min(MAX_LUT_ENTRIES);
+    let mut out: Vec<u16> = Vec::with_capacity(entries);
+    let mut segments: Vec<Segment> = Vec::new();
+    let mut steps_left = seg.len() + entries;
     let mut i = 0;
-    // Segments are read once each; indirect segments replay earlier ones, bounded by `entries`.
-    let mut starts = Vec::new();
     while i < seg.len() && out.len() < entries {
-        starts.push(i);
         let op = seg[i];
-        let len = *seg.get(i + 1).ok_or("segment header cut short")? as usize;
+        if i + 1 == seg.len() && op == 0 {
+            // A single trailing null word pads the data to an even length.
+            break;
+        }
+        segments.push(Segment {
+            start: i,
+            opcode: op,
+        });
         match op {
-            0 => {
-                let vals = seg
-                    .get(i + 2..i + 2 + len)
-                    .ok_or("discrete segment cut short")?;
-                out.extend_from_slice(vals);
-                i += 2 + len;
-            }
-            1 => {
-                let end = *seg.get(i + 2).ok_or("linear segment cut short")? as f64;
-                let start = *out.last().ok_or("linear segment with no previous value")? as f64;
-                for k in 1..=len {
-                    out.push((start + (end - start) * k as f64 / len as f64).round() as u16);
-                }
-                i += 3;
+            0 | 1 => {
+                i = apply_segment(seg, i, &mut out, entries)?;
+                steps_left = steps_left.saturating_sub(1);
             }
             2 => {
+                let count = *seg.get(i + 1).ok_or("indirect segment cut short")? as usize;
                 let lo = *seg.get(i + 2).ok_or("indirect segment cut short")? as usize;
                 let hi = *seg.get(i + 3).ok_or("indirect segment cut short")? as usize;
                 let offset = lo | (hi << 16);
-                let mut j = offset;
-                for _ in 0..len {
-                    if j >= seg.len() || out.len() >= entries {
-                        return Err("indirect segment points outside the data".into());
+                // The segments read before this one.
+                let earlier = &segments[..segments.len() - 1];
+                // Segments start on 16-bit words; the offset is in bytes.
+                let first = (offset % 2 == 0)
+                    .then_some(offset / 2)
+                    .and_then(|w| earlier.iter().position(|s| s.start == w))
+                    .ok_or_else(|| {
+                        format!(
+                            "indirect segment at word {i} points at byte {offset}, which is not the start of an earlier segment"
+                        )
+                    })?;
+                let copied = earlier.get(first..first + count).ok_or_else(|| {
+                    format!(
+                        "indirect segment at word {i} copies {count} segments from byte {offset}; only {} precede it",
+                        earlier.len() - first
+                    )
+                })?;
+                for s in copied {
+                    if s.opcode == 2 {
+                        return Err(format!(
+                            "indirect segment at word {i} refers to the indirect segment at word {}",
+                            s.start
+                        ));
                     }
-                    let sub = expand_segmented(&seg[j..], entries - out.len())?;
-                    out.extend_from_slice(&sub);
-                    // Advance past one segment.
-                    j += match seg[j] {
-                        0 => 2 + seg.get(j + 1).copied().unwrap_or(0) as usize,
-                        1 => 3,
-                        _ => 4,
-                    };
+                    if steps_left == 0 {
+                        return Err(
+                            "segmented LUT replays more segments than it has entries".into()
+                        );
+                    }
+                    steps_left -= 1;
+                    if out.len() >= entries {
+                        break;
+                    }
+                    apply_segment(seg, s.start, &mut out, entries)?;
                 }
                 i += 4;
             }
-            other => return Err(format!("unknown segment opcode {other}")),
+            other => return Err(format!("unknown segment opcode {other} at word {i}")),
         }
     }
-    out.truncate(entries);
     Ok(out)
+}
+
+/// Applies the discrete or linear segment starting at word `i`, adding at most
+/// `entries - out.len()` values; returns the index of the word after it.
+fn apply_segment(
+    seg: &[u16],
+    i: usize,
+    out: &mut Vec<u16>,
+    entries: usize,
+) -> Result<usize, String> {
+    let len = *seg.get(i + 1).ok_or("segment header cut short")? as usize;
+    let room = entries.saturating_sub(out.len());
+    match seg[i] {
+        0 => {
+            let vals = seg
+                .get(i + 2..i + 2 + len)
+                .ok_or("discrete segment cut short")?;
+            out.extend_from_slice(&vals[..len.min(room)]);
+            Ok(i + 2 + len)
+        }
+        1 => {
+            let end = *seg.get(i + 2).ok_or("linear segment cut short")? as f64;
+            let start = *out.last().ok_or("linear segment with no previous value")? as f64;
+            for k in 1..=len.min(room) {
+                out.push((start + (end - start) * k as f64 / len as f64).round() as u16);
+            }
+            Ok(i + 3)
+        }
+        other => Err(format!("segment opcode {other} cannot be replayed")),
+    }
 }
 
 /// Reads every item of the Sequence of Ultrasound Regions.
@@ -1112,10 +1524,13 @@ fn choose_region(
                 None => Calibration::Ok {
                     mm_per_px_x: x,
                     mm_per_px_y: y,
+                    // A reference pixel so far out that the sum overflows is no reference.
                     reference_px: match (r.reference_pixel_x0, r.reference_pixel_y0) {
-                        (Some(rx), Some(ry)) => {
-                            Some(((r.min_x0 + rx) as f64, (r.min_y0 + ry) as f64))
-                        }
+                        (Some(rx), Some(ry)) => r
+                            .min_x0
+                            .checked_add(rx)
+                            .zip(r.min_y0.checked_add(ry))
+                            .map(|(x, y)| (x as f64, y as f64)),
                         _ => None,
                     },
                     source: CalibrationSource::UltrasoundRegion,
@@ -1173,4 +1588,156 @@ fn choose_region(
         }
     }
     (None, Calibration::Missing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Byte offset of word `w` in segmented LUT data, split as an indirect segment holds it.
+    fn offset_words(w: usize) -> [u16; 2] {
+        let b = 2 * w;
+        [(b & 0xFFFF) as u16, (b >> 16) as u16]
+    }
+
+    #[test]
+    fn discrete_and_linear_segments_expand() {
+        let seg = [0, 3, 10, 20, 30, 1, 2, 50];
+        assert_eq!(
+            expand_segmented(&seg, 100).unwrap(),
+            vec![10, 20, 30, 40, 50]
+        );
+        // Bounded by the entry count.
+        assert_eq!(expand_segmented(&seg, 4).unwrap(), vec![10, 20, 30, 40]);
+    }
+
+    #[test]
+    fn an_indirect_segment_replays_exactly_count_segments() {
+        // Discrete (word 0), linear (word 5), discrete (word 8), then an indirect segment
+        // copying the first two only: the third must not be replayed.
+        let [lo, hi] = offset_words(0);
+        let seg = [0, 3, 10, 20, 30, 1, 2, 50, 0, 1, 99, 2, 2, lo, hi];
+        assert_eq!(
+            expand_segmented(&seg, 100).unwrap(),
+            vec![10, 20, 30, 40, 50, 99, 10, 20, 30, 40, 50]
+        );
+        // A replayed linear segment ramps from the value before the replay (90 → 50).
+        let [lo, hi] = offset_words(5);
+        let seg = [0, 3, 10, 20, 30, 1, 2, 50, 0, 1, 90, 2, 1, lo, hi];
+        assert_eq!(
+            expand_segmented(&seg, 100).unwrap(),
+            vec![10, 20, 30, 40, 50, 90, 70, 50]
+        );
+    }
+
+    #[test]
+    fn a_self_referencing_indirect_segment_is_an_error() {
+        // The first segment is indirect and points at itself (offset 0): the old reader
+        // recursed until the stack overflowed.
+        let err = expand_segmented(&[2, 1, 0, 0], 256).unwrap_err();
+        assert!(err.contains("not the start of an earlier segment"), "{err}");
+        // Pointing at itself later in the data.
+        let [lo, hi] = offset_words(3);
+        let err = expand_segmented(&[0, 1, 5, 2, 1, lo, hi], 256).unwrap_err();
+        assert!(err.contains("not the start of an earlier segment"), "{err}");
+    }
+
+    #[test]
+    fn indirect_segments_may_not_refer_to_indirect_segments() {
+        // The second indirect segment (word 7) points at the first (word 3).
+        let [a_lo, a_hi] = offset_words(0);
+        let [b_lo, b_hi] = offset_words(3);
+        let seg = [0, 1, 5, 2, 1, a_lo, a_hi, 2, 1, b_lo, b_hi];
+        let err = expand_segmented(&seg, 256).unwrap_err();
+        assert!(err.contains("refers to the indirect segment"), "{err}");
+        // Two indirect segments pointing at each other: the first points forward, which is
+        // not an earlier segment.
+        let [f_lo, f_hi] = offset_words(7);
+        let seg = [0, 1, 5, 2, 1, f_lo, f_hi, 2, 1, b_lo, b_hi];
+        let err = expand_segmented(&seg, 256).unwrap_err();
+        assert!(err.contains("not the start of an earlier segment"), "{err}");
+    }
+
+    #[test]
+    fn offsets_must_land_on_a_segment_start() {
+        // Byte 2 is inside the discrete segment; byte 1 is not even a word.
+        for offset in [2u16, 1] {
+            let seg = [0, 2, 5, 6, 2, 1, offset, 0];
+            let err = expand_segmented(&seg, 256).unwrap_err();
+            assert!(err.contains("not the start"), "{err}");
+        }
+        // Copying more segments than precede the indirect one.
+        let seg = [0, 1, 5, 2, 3, 0, 0];
+        let err = expand_segmented(&seg, 256).unwrap_err();
+        assert!(err.contains("only 1 precede"), "{err}");
+    }
+
+    #[test]
+    fn replays_are_bounded_by_the_entry_count() {
+        // One entry, then 10,000 indirect segments each replaying it: only `entries` values
+        // come out, and the expansion stops there.
+        let mut seg = vec![0u16, 1, 7];
+        for _ in 0..10_000 {
+            seg.extend_from_slice(&[2, 1, 0, 0]);
+        }
+        let lut = expand_segmented(&seg, 300).unwrap();
+        assert_eq!(lut.len(), 300);
+        assert!(lut.iter().all(|v| *v == 7));
+        // Zero-length segments replayed over and over add no entries but cost work: 1,000
+        // indirect segments each replaying 1,000 empty segments exceed the step budget.
+        let mut seg = vec![0u16, 1, 7];
+        for _ in 0..1_000 {
+            seg.extend_from_slice(&[0, 0]);
+        }
+        for _ in 0..1_000 {
+            seg.extend_from_slice(&[2, 1_000, 6, 0]);
+        }
+        let err = expand_segmented(&seg, 65_536).unwrap_err();
+        assert!(err.contains("replays more segments"), "{err}");
+    }
+
+    #[test]
+    fn rle_frames_decode_and_refuse_overruns() {
+        // One 8-bit plane of 6 pixels: a replicate run of 4 × 9 and a literal 1, 2.
+        let mut frame = vec![0u8; 64];
+        frame[0] = 1;
+        frame[4] = 64;
+        frame.extend_from_slice(&[(-3i8) as u8, 9, 1, 1, 2]);
+        assert_eq!(
+            decode_rle_frame(&frame, 6, 1, 1).unwrap(),
+            vec![9, 9, 9, 9, 1, 2]
+        );
+        // A run longer than the frame is cut at the frame's size.
+        assert_eq!(decode_rle_frame(&frame, 3, 1, 1).unwrap(), vec![9, 9, 9]);
+        // Too little data for the frame.
+        assert!(decode_rle_frame(&frame, 7, 1, 1).is_err());
+        // A segment count that does not match the image.
+        assert!(decode_rle_frame(&frame, 6, 3, 1).is_err());
+        // An offset past the end of the frame.
+        let mut bad = frame.clone();
+        bad[4] = 200;
+        assert!(decode_rle_frame(&bad, 6, 1, 1).is_err());
+        // A header claiming 0xFFFFFFFF segments.
+        let mut bad = frame.clone();
+        bad[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_rle_frame(&bad, 6, 1, 1).is_err());
+        // A tiny frame claiming a huge image is refused before the frame is allocated.
+        let err = decode_rle_frame(&frame, 1 << 30, 1, 1).unwrap_err();
+        assert!(err.contains("cannot expand"), "{err}");
+    }
+
+    #[test]
+    fn frame_data_follows_the_offset_table() {
+        let frags = vec![vec![1u8, 2], vec![3u8], vec![4u8, 5, 6]];
+        // One fragment per frame.
+        assert_eq!(&*frame_data(&frags, &[], 3, 1).unwrap(), &[3]);
+        // Two frames: fragments 0–1, then 2 (offsets count 8-byte item headers).
+        let table = [0u32, 2 + 8 + 1 + 8];
+        assert_eq!(&*frame_data(&frags, &table, 2, 0).unwrap(), &[1, 2, 3]);
+        assert_eq!(&*frame_data(&frags, &table, 2, 1).unwrap(), &[4, 5, 6]);
+        // An offset past every fragment.
+        assert!(frame_data(&frags, &[0, 1_000_000], 2, 1).is_err());
+        // No table entry for frame 1.
+        assert!(frame_data(&frags, &[], 2, 1).is_err());
+    }
 }
