@@ -716,3 +716,85 @@ fn fuzz_regressions_replay_without_panics() {
         "replayed {replayed} fuzz regression input(s); decoder panics contained by the reader: {contained:?}"
     );
 }
+
+#[test]
+fn a_process_batch_over_every_crafted_file_and_good_files_finishes() {
+    let dir = scratch("batch");
+    let inputs = dir.join("in");
+    std::fs::create_dir_all(&inputs).expect("input folder");
+    let mut refused = Vec::new();
+    for case in cases() {
+        std::fs::write(inputs.join(case.name), &case.bytes).expect("write crafted file");
+        if matches!(case.expect, Expect::Refused(_)) {
+            refused.push(case.name);
+        }
+    }
+    let good = ["linear_0001.dcm", "cine_0005.dcm"];
+    for g in good {
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("sample-data")
+                .join(g),
+            inputs.join(format!("good_{g}")),
+        )
+        .expect("copy a good file");
+    }
+    let out = dir.join("out");
+    let run = Command::new(env!("CARGO_BIN_EXE_sonoguide"))
+        .args(["process", "--backend", "cpu", "--jobs", "2", "--out"])
+        .arg(&out)
+        // Crafted files are named on the command line (a folder would only take .dcm names).
+        .args(
+            std::fs::read_dir(&inputs)
+                .expect("inputs")
+                .map(|e| e.expect("entry").path()),
+        )
+        .output()
+        .expect("run process");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "some inputs fail: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).expect("summary written"))
+            .expect("summary is JSON");
+    let files = summary["files"].as_array().expect("files");
+    // Every refused file is a failed entry naming it; the good ones are complete.
+    for name in &refused {
+        let entry = files
+            .iter()
+            .find(|f| f["path"].as_str().is_some_and(|p| p.ends_with(name)))
+            .unwrap_or_else(|| panic!("{name} missing from the summary"));
+        assert_eq!(entry["status"], "failed", "{name}: {entry}");
+        assert!(
+            entry["error"].as_str().is_some_and(|e| e.contains(name)),
+            "{name}: {entry}"
+        );
+    }
+    for g in good {
+        let stem = format!("good_{}", g.trim_end_matches(".dcm"));
+        let entry = files
+            .iter()
+            .find(|f| {
+                f["path"]
+                    .as_str()
+                    .is_some_and(|p| p.ends_with(&format!("good_{g}")))
+            })
+            .expect("good file in the summary");
+        assert_eq!(entry["status"], "ok", "{entry}");
+        let frames = entry["frames"].as_u64().expect("frames") as usize;
+        let dcm = out.join(&stem).join(format!("{stem}.overlay.dcm"));
+        let file = DicomFile::open(&dcm, &ReadOptions::default()).expect("overlay DICOM");
+        assert_eq!(file.frame_count(), frames);
+        for f in 0..frames {
+            for ext in ["overlay.png", "labels.png", "bone.json", "plan.json"] {
+                assert!(
+                    out.join(&stem)
+                        .join(format!("frame_{f:04}.{ext}"))
+                        .is_file(),
+                    "{stem} frame {f} {ext}"
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
