@@ -469,3 +469,76 @@ fn process_refuses_bad_arguments_with_exit_2() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// The text of `tag` in a DICOM object, trimmed of padding.
+fn text_of(obj: &sonoguide::dicom::DicomFile, tag: dicom_core::Tag) -> Option<String> {
+    obj.object().element(tag).ok().and_then(|e| {
+        e.to_str()
+            .ok()
+            .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+    })
+}
+
+#[test]
+fn derived_dicom_inherits_lossy_history_and_frame_time_and_invents_no_calibration() {
+    use dicom_dictionary_std::tags;
+    use sonoguide::dicom::{DicomFile, ReadOptions};
+    let corpus = root().join("tests/data/dicom-corpus/files");
+    let out = std::env::temp_dir().join(format!("sonoguide-derived-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let o = bin()
+        .args(["process", "--backend", "cpu", "--frames", "0..2", "--out"])
+        .arg(&out)
+        .arg(corpus.join("examples_ybr_color.dcm")) // JPEG baseline cine, calibrated
+        .arg(corpus.join("US1_J2KR.dcm")) // JPEG 2000 lossless, no calibration
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let read = |p: PathBuf| DicomFile::open(p, &ReadOptions::default()).unwrap();
+
+    let source = read(corpus.join("examples_ybr_color.dcm"));
+    let jpeg = read(out.join("examples_ybr_color/examples_ybr_color.overlay.dcm"));
+    assert_eq!(
+        text_of(&jpeg, tags::LOSSY_IMAGE_COMPRESSION).as_deref(),
+        Some("01")
+    );
+    assert_eq!(
+        text_of(&jpeg, tags::LOSSY_IMAGE_COMPRESSION_METHOD).as_deref(),
+        Some("ISO_10918_1")
+    );
+    let source_time: f64 = text_of(&source, tags::FRAME_TIME)
+        .expect("the source has a Frame Time")
+        .parse()
+        .unwrap();
+    let written: f64 = text_of(&jpeg, tags::FRAME_TIME).unwrap().parse().unwrap();
+    // DS keeps 16 characters: the copy agrees to far better than a microsecond.
+    assert!(
+        (written - source_time).abs() < 1e-3,
+        "{written} vs {source_time}"
+    );
+    // An unusable source calibration is not passed on: the output has none.
+    let expected = match source.info().calibration.status() {
+        "ok" => "ok",
+        _ => "missing",
+    };
+    assert_eq!(jpeg.info().calibration.status(), expected);
+
+    let j2k = read(out.join("US1_J2KR/US1_J2KR.overlay.dcm"));
+    assert_eq!(
+        text_of(&j2k, tags::LOSSY_IMAGE_COMPRESSION).as_deref(),
+        Some("00")
+    );
+    assert!(
+        j2k.object()
+            .element(tags::SEQUENCE_OF_ULTRASOUND_REGIONS)
+            .is_err(),
+        "no calibration is invented for an uncalibrated source"
+    );
+    assert_eq!(j2k.info().calibration.status(), "missing");
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{BackendCounts, FileReport, FileTask};
-use crate::dicom::write::{derived_identity, Colour, UsImage, UsImageWriter};
+use crate::dicom::write::{derived_identity, source_history, Colour, UsImage, UsImageWriter};
 use crate::pipeline::StageTimings;
 use crate::{Pipeline, Session};
 
@@ -90,10 +90,8 @@ fn process_file(
         let frame = file.read_frame(k).map_err(|e| e.to_string())?;
         if k == start {
             let region = frame.region.bounds;
-            let mut mm = (
-                crate::segment::ASSUMED_MM_PER_PX,
-                crate::segment::ASSUMED_MM_PER_PX,
-            );
+            // Only a calibration the source has is written (never the assumed spacing).
+            let mut mm = None;
             let reference;
             if let crate::Calibration::Ok {
                 mm_per_px_x,
@@ -102,7 +100,7 @@ fn process_file(
                 ..
             } = &frame.calibration
             {
-                mm = (*mm_per_px_x, *mm_per_px_y);
+                mm = Some((*mm_per_px_x, *mm_per_px_y));
                 reference = reference_px
                     .map(|r| (r.0.round() as i64, r.1.round() as i64))
                     .unwrap_or((region.x0 as i64, region.y0 as i64));
@@ -121,6 +119,12 @@ fn process_file(
                 reference,
                 identity,
             );
+            let (frame_time, lossy) =
+                source_history(file.object(), &file.info().transfer_syntax_uid);
+            if let Some(t) = frame_time {
+                image.frame_time_ms = t;
+            }
+            image.lossy = lossy;
             image.derived_from = derived.map(|(c, i, _)| {
                 (
                     c,

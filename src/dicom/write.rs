@@ -101,6 +101,47 @@ pub fn derived_identity(
     (identity, reference)
 }
 
+/// Frame Time written when nothing better is known (a source without Frame Time or Cine
+/// Rate): 30 frames/s.
+pub const DEFAULT_FRAME_TIME_MS: f64 = 33.3;
+
+/// What a derived image inherits from its source's acquisition: the time between frames, and
+/// whether lossy compression is in its history (by the source's Lossy Image Compression, or
+/// by a lossy transfer syntax: once lossy, always lossy).
+pub fn source_history(
+    source: &InMemDicomObject,
+    transfer_syntax_uid: &str,
+) -> (Option<f64>, Option<(String, Option<String>)>) {
+    let get = |tag| {
+        source
+            .get(tag)
+            .and_then(|e| e.value().to_str().ok())
+            .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    let positive = |s: Option<String>| {
+        s.and_then(|v| v.split('\\').next()?.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v > 0.0)
+    };
+    let frame_time = positive(get(tags::FRAME_TIME))
+        .or_else(|| positive(get(tags::CINE_RATE)).map(|rate| 1000.0 / rate))
+        .or_else(|| positive(get(tags::RECOMMENDED_DISPLAY_FRAME_RATE)).map(|r| 1000.0 / r));
+    let by_syntax = match transfer_syntax_uid.trim_end_matches('\0') {
+        "1.2.840.10008.1.2.4.50" | "1.2.840.10008.1.2.4.51" => Some("ISO_10918_1"),
+        "1.2.840.10008.1.2.4.81" => Some("ISO_14495_1"),
+        "1.2.840.10008.1.2.4.91" | "1.2.840.10008.1.2.4.93" => Some("ISO_15444_1"),
+        _ => None,
+    };
+    let flagged = get(tags::LOSSY_IMAGE_COMPRESSION).is_some_and(|v| v == "01");
+    let lossy = (flagged || by_syntax.is_some()).then(|| {
+        let method = get(tags::LOSSY_IMAGE_COMPRESSION_METHOD)
+            .or(by_syntax.map(str::to_string))
+            .unwrap_or_else(|| "unknown".to_string());
+        (method, get(tags::LOSSY_IMAGE_COMPRESSION_RATIO))
+    });
+    (frame_time, lossy)
+}
+
 /// An image to write: frames, geometry and calibration.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -113,14 +154,18 @@ pub struct UsImage {
     pub colour: Colour,
     /// One buffer per frame, row-major, `width × height × samples` bytes.
     pub frames: Vec<Vec<u8>>,
-    /// Millimetres per pixel (x, y).
-    pub mm_per_px: (f64, f64),
+    /// Millimetres per pixel (x, y), when known: written as an ultrasound region. `None`
+    /// writes no calibration (a derived image never claims one its source did not have).
+    pub mm_per_px: Option<(f64, f64)>,
     /// The 2-D tissue region (full-frame pixels, end exclusive).
     pub region: Rect,
     /// Reference pixel (full-frame column, row): lateral origin and the transducer face.
     pub reference_px: (i64, i64),
     /// Time between frames in milliseconds (multi-frame only).
     pub frame_time_ms: f64,
+    /// Lossy compression in the image's history: `(method, ratio)` as Lossy Image Compression
+    /// Method and Ratio; `None` writes Lossy Image Compression `00`.
+    pub lossy: Option<(String, Option<String>)>,
     /// Who and what the image belongs to.
     pub identity: Identity,
     /// Derived images: (SOP Class UID, SOP Instance UID) of the source, and a description.
@@ -137,7 +182,7 @@ impl UsImage {
         height: usize,
         colour: Colour,
         frames: Vec<Vec<u8>>,
-        mm_per_px: (f64, f64),
+        mm_per_px: Option<(f64, f64)>,
         region: Rect,
         reference_px: (i64, i64),
         identity: Identity,
@@ -150,7 +195,8 @@ impl UsImage {
             mm_per_px,
             region,
             reference_px,
-            frame_time_ms: 33.3,
+            frame_time_ms: DEFAULT_FRAME_TIME_MS,
+            lossy: None,
             identity,
             derived_from: None,
         }
@@ -399,7 +445,16 @@ fn header_bytes(path: &Path, image: &UsImage, frames: usize) -> Result<Vec<u8>, 
     put_str(tags::INSTANCE_NUMBER, VR::IS, "1");
     put_str(tags::PATIENT_ORIENTATION, VR::CS, "");
     put_str(tags::LATERALITY, VR::CS, "");
-    put_str(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00");
+    match &image.lossy {
+        None => put_str(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00"),
+        Some((method, ratio)) => {
+            put_str(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "01");
+            if let Some(r) = ratio {
+                put_str(tags::LOSSY_IMAGE_COMPRESSION_RATIO, VR::DS, r);
+            }
+            put_str(tags::LOSSY_IMAGE_COMPRESSION_METHOD, VR::CS, method);
+        }
+    }
     put_str(
         tags::BURNED_IN_ANNOTATION,
         VR::CS,
@@ -469,39 +524,42 @@ fn header_bytes(path: &Path, image: &UsImage, frames: usize) -> Result<Vec<u8>, 
             PrimitiveValue::from(ds(image.frame_time_ms)),
         ));
     }
-    // The calibration, as scanners write it: one 2-D tissue region in centimetres.
-    let r = image.region;
-    let ul = |tag, v: u32| DataElement::new(tag, VR::UL, PrimitiveValue::from(v));
-    let sl = |tag, v: i32| DataElement::new(tag, VR::SL, PrimitiveValue::from(v));
-    let fd = |tag, v: f64| DataElement::new(tag, VR::FD, PrimitiveValue::from(v));
-    let region_item = InMemDicomObject::from_element_iter([
-        us(tags::REGION_SPATIAL_FORMAT, 1),
-        us(tags::REGION_DATA_TYPE, 1),
-        ul(tags::REGION_FLAGS, 0),
-        ul(tags::REGION_LOCATION_MIN_X0, r.x0 as u32),
-        ul(tags::REGION_LOCATION_MIN_Y0, r.y0 as u32),
-        ul(tags::REGION_LOCATION_MAX_X1, r.x1.saturating_sub(1) as u32),
-        ul(tags::REGION_LOCATION_MAX_Y1, r.y1.saturating_sub(1) as u32),
-        sl(
-            tags::REFERENCE_PIXEL_X0,
-            (image.reference_px.0 - r.x0 as i64) as i32,
-        ),
-        sl(
-            tags::REFERENCE_PIXEL_Y0,
-            (image.reference_px.1 - r.y0 as i64) as i32,
-        ),
-        us(tags::PHYSICAL_UNITS_X_DIRECTION, 3),
-        us(tags::PHYSICAL_UNITS_Y_DIRECTION, 3),
-        fd(tags::REFERENCE_PIXEL_PHYSICAL_VALUE_X, 0.0),
-        fd(tags::REFERENCE_PIXEL_PHYSICAL_VALUE_Y, 0.0),
-        fd(tags::PHYSICAL_DELTA_X, image.mm_per_px.0 / 10.0),
-        fd(tags::PHYSICAL_DELTA_Y, image.mm_per_px.1 / 10.0),
-    ]);
-    obj.put(DataElement::new(
-        tags::SEQUENCE_OF_ULTRASOUND_REGIONS,
-        VR::SQ,
-        DataSetSequence::new(vec![region_item], Length::UNDEFINED),
-    ));
+    // The calibration, as scanners write it: one 2-D tissue region in centimetres; none when
+    // the spacing is not known.
+    if let Some(mm_per_px) = image.mm_per_px {
+        let r = image.region;
+        let ul = |tag, v: u32| DataElement::new(tag, VR::UL, PrimitiveValue::from(v));
+        let sl = |tag, v: i32| DataElement::new(tag, VR::SL, PrimitiveValue::from(v));
+        let fd = |tag, v: f64| DataElement::new(tag, VR::FD, PrimitiveValue::from(v));
+        let region_item = InMemDicomObject::from_element_iter([
+            us(tags::REGION_SPATIAL_FORMAT, 1),
+            us(tags::REGION_DATA_TYPE, 1),
+            ul(tags::REGION_FLAGS, 0),
+            ul(tags::REGION_LOCATION_MIN_X0, r.x0 as u32),
+            ul(tags::REGION_LOCATION_MIN_Y0, r.y0 as u32),
+            ul(tags::REGION_LOCATION_MAX_X1, r.x1.saturating_sub(1) as u32),
+            ul(tags::REGION_LOCATION_MAX_Y1, r.y1.saturating_sub(1) as u32),
+            sl(
+                tags::REFERENCE_PIXEL_X0,
+                (image.reference_px.0 - r.x0 as i64) as i32,
+            ),
+            sl(
+                tags::REFERENCE_PIXEL_Y0,
+                (image.reference_px.1 - r.y0 as i64) as i32,
+            ),
+            us(tags::PHYSICAL_UNITS_X_DIRECTION, 3),
+            us(tags::PHYSICAL_UNITS_Y_DIRECTION, 3),
+            fd(tags::REFERENCE_PIXEL_PHYSICAL_VALUE_X, 0.0),
+            fd(tags::REFERENCE_PIXEL_PHYSICAL_VALUE_Y, 0.0),
+            fd(tags::PHYSICAL_DELTA_X, mm_per_px.0 / 10.0),
+            fd(tags::PHYSICAL_DELTA_Y, mm_per_px.1 / 10.0),
+        ]);
+        obj.put(DataElement::new(
+            tags::SEQUENCE_OF_ULTRASOUND_REGIONS,
+            VR::SQ,
+            DataSetSequence::new(vec![region_item], Length::UNDEFINED),
+        ));
+    }
     let file = obj
         .with_meta(
             FileMetaTableBuilder::new()

@@ -954,13 +954,14 @@ pub fn write_case(
             .iter()
             .map(|f| f.iter().copied().collect())
             .collect(),
-        mm_per_px: (params.mm_per_px, params.mm_per_px),
+        mm_per_px: Some((params.mm_per_px, params.mm_per_px)),
         region: case.truth.region,
         reference_px: (
             case.truth.reference_px[0].round() as i64,
             case.truth.reference_px[1].round() as i64,
         ),
-        frame_time_ms: 33.3,
+        frame_time_ms: crate::dicom::write::DEFAULT_FRAME_TIME_MS,
+        lossy: None,
         identity,
         derived_from: None,
     };
