@@ -32,7 +32,9 @@ impl From<sonoguide::Error> for Failure {
         match &e {
             sonoguide::Error::Kernel(KernelError::InvalidParameter { .. })
             | sonoguide::Error::Batch(BatchError::OutputFolder { .. })
-            | sonoguide::Error::Igtl(IgtlError::Bind { .. }) => Failure::Usage(e.to_string()),
+            | sonoguide::Error::Igtl(IgtlError::Bind { .. } | IgtlError::Config { .. }) => {
+                Failure::Usage(e.to_string())
+            }
             _ => Failure::Failed(e.to_string()),
         }
     }
