@@ -9,8 +9,8 @@
 //! the other tests that run in parallel in this process. One test runs the server in-process
 //! instead, to see every allocation it makes (see `LargestAllocation`): a body allocated from
 //! its declared size before its bytes arrive does not show in RSS (the allocator maps large
-//! zeroed blocks lazily; measured with that bug put back: 200 such peers, 14.5 MB RSS but
-//! 28.3 GB of address space), so the allocation itself is what is checked.
+//! blocks lazily; measured with that bug put back: 200 such peers sending 4 KiB each, 14.5 MB
+//! RSS but 28.3 GB of address space), so the allocation itself is what is checked.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{BufRead, BufReader, Read, Write};
