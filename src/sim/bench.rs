@@ -357,7 +357,13 @@ pub fn run_serve(
             c.set_nodelay(true).map_err(io)?;
             for k in 0..frames {
                 let gray: Vec<u8> = ph.frames[k % ph.frames.len()].iter().copied().collect();
-                let mut content = crate::igtl::image_content(width, height, &[], &matrix);
+                let mut content = crate::igtl::image_content(
+                    width,
+                    height,
+                    &[],
+                    &matrix,
+                    crate::igtl::CoordinateSystem::Lps,
+                );
                 content[2] = 1;
                 content.extend_from_slice(&gray);
                 let msg = crate::igtl::message("IMAGE", "bench", &content);

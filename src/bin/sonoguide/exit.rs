@@ -33,7 +33,9 @@ impl From<sonoguide::Error> for Failure {
             sonoguide::Error::Kernel(KernelError::InvalidParameter { .. })
             | sonoguide::Error::Plan(_)
             | sonoguide::Error::Batch(BatchError::OutputFolder { .. })
-            | sonoguide::Error::Igtl(IgtlError::Bind { .. }) => Failure::Usage(e.to_string()),
+            | sonoguide::Error::Igtl(IgtlError::Bind { .. } | IgtlError::Config { .. }) => {
+                Failure::Usage(e.to_string())
+            }
             _ => Failure::Failed(e.to_string()),
         }
     }
