@@ -337,7 +337,8 @@ pub fn draw_plan(
         5.0
     };
     let bar_px = (bar_mm / mm_per_px.0).round() as u32;
-    if bar_px + 20 < img.width() {
+    // Only where the bar and its label fit (a frame a few rows high has no room for them).
+    if bar_px + 20 < img.width() && img.height() > 24 {
         let y = img.height() - 8;
         draw_filled_rect_mut(
             &mut img,
