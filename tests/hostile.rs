@@ -306,6 +306,44 @@ fn cases() -> Vec<Case> {
         });
     }
 
+    {
+        // A VR dicom-rs does not know: it reads a 4-byte length (here 0xFFFCFFFC) after two
+        // reserved bytes, which a 2-byte reading of the header would miss.
+        let mut e = image_module(8, 8, 1, 8, "MONOCHROME2");
+        e.push(Elem {
+            tag: (0x0009, 0x0011),
+            vr: [0, 0],
+            value: V::RawWithLength(0xFFFC_FFFC, vec![0; 16]),
+        });
+        e.push(native_pixels(vec![0; 64]));
+        v.push(Case {
+            name: "unknown_vr_length.dcm",
+            bytes: explicit_file(&e),
+            expect: Expect::Refused("claims 4294770684 bytes"),
+        });
+    }
+    {
+        // The same in the file meta group: dicom-rs allocates and zero-fills a UID's length
+        // before reading it, so 'TI' for 'UI' cost 775 MB before the check (fuzz finding).
+        let good = explicit_file(&[native_pixels(vec![0; 4])]);
+        let mut b = good.clone();
+        let at = find(&b, &[0x02, 0x00, 0x02, 0x00, b'U', b'I']);
+        b[at + 4] = b'T';
+        v.push(Case {
+            name: "meta_unknown_vr.dcm",
+            bytes: b,
+            expect: Expect::Refused("past the end of the file"),
+        });
+        // A group length past the meta group: dicom-rs reads on into the data set as meta.
+        let mut b = good;
+        b[140..144].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+        v.push(Case {
+            name: "meta_group_length_lies.dcm",
+            bytes: b,
+            expect: Expect::Refused("file meta group"),
+        });
+    }
+
     // JPEG.
     {
         let f = jpeg_frame();
@@ -704,6 +742,27 @@ fn fuzz_regressions_replay_without_panics() {
                 "{}: {verdict:?}",
                 path.display()
             );
+            if !IGTL_TARGETS.contains(&target_name.as_str()) {
+                // The command too, within the memory and time bounds.
+                let out =
+                    std::env::temp_dir().join(format!("sonoguide-replay-{}", std::process::id()));
+                let run = run_frames(&path, &out);
+                let _ = std::fs::remove_dir_all(&out);
+                assert!(
+                    matches!(run.code, Some(0) | Some(1)) && !run.stderr.contains("panicked"),
+                    "{}: exit {:?}: {}",
+                    path.display(),
+                    run.code,
+                    run.stderr
+                );
+                let peak = run.peak_rss.expect("peak RSS measured");
+                assert!(
+                    peak < MAX_PEAK_RSS_BYTES,
+                    "{}: peak RSS {} MiB",
+                    path.display(),
+                    peak >> 20
+                );
+            }
             if panics > 0 {
                 // A third-party decoder panicked and the reader turned it into this frame's
                 // error: clean for the caller, but worth knowing.

@@ -81,6 +81,55 @@ fn long_length_vr(vr: [u8; 2]) -> bool {
     )
 }
 
+/// The VRs dicom-rs knows. It reads any other two bytes as UN, whose length takes four bytes
+/// after two reserved ones, so the walk must too: read as a 2-byte length, a corrupt VR would
+/// hide a 4-byte length of up to 4 GiB that dicom-rs then allocates.
+fn known_vr(vr: [u8; 2]) -> bool {
+    matches!(
+        &vr,
+        b"AE"
+            | b"AS"
+            | b"AT"
+            | b"CS"
+            | b"DA"
+            | b"DS"
+            | b"DT"
+            | b"FD"
+            | b"FL"
+            | b"IS"
+            | b"LO"
+            | b"LT"
+            | b"OB"
+            | b"OD"
+            | b"OF"
+            | b"OL"
+            | b"OV"
+            | b"OW"
+            | b"PN"
+            | b"SH"
+            | b"SL"
+            | b"SQ"
+            | b"SS"
+            | b"ST"
+            | b"SV"
+            | b"TM"
+            | b"UC"
+            | b"UI"
+            | b"UL"
+            | b"UN"
+            | b"UR"
+            | b"US"
+            | b"UT"
+            | b"UV"
+    )
+}
+
+/// Whether dicom-rs reads a 4-byte length (after two reserved bytes) for this explicit VR:
+/// the long VRs, and every VR it does not know (read as UN).
+pub(crate) fn explicit_length_is_long(vr: [u8; 2]) -> bool {
+    !known_vr(vr) || long_length_vr(vr)
+}
+
 /// Text VRs that may hold several backslash-separated values.
 fn multi_valued_text_vr(vr: [u8; 2]) -> bool {
     matches!(
@@ -259,7 +308,8 @@ pub(crate) fn check(bytes: &[u8], start: usize, layout: Layout) -> Result<(), St
         }
         let (vr, len, body) = if explicit {
             let vr = match bytes.get(pos + 4..pos + 6) {
-                Some(v) => [v[0], v[1]],
+                Some(v) if known_vr([v[0], v[1]]) => [v[0], v[1]],
+                Some(_) => *b"UN",
                 None => return Err(format!("truncated element header at byte {pos}")),
             };
             if long_length_vr(vr) {
@@ -728,5 +778,16 @@ mod tests {
         assert!(j2k_frame_header(&siz(640, 480, 0, 480, 1)).is_err());
         assert!(j2k_frame_header(&siz(640, 480, 640, 480, 3)[..30]).is_err());
         assert!(j2k_frame_header(b"garbage, not a code stream").is_err());
+    }
+
+    #[test]
+    fn an_unknown_vr_has_a_four_byte_length_as_dicom_rs_reads_it() {
+        // (0000,0000) with VR bytes 00 00: dicom-rs reads it as UN, so bytes 8..12 are its
+        // length (here 0xFFFCFFFC), not bytes 6..8 (0).
+        let mut b = vec![0u8; 8];
+        b.extend_from_slice(&0xFFFC_FFFCu32.to_le_bytes());
+        b.extend_from_slice(&[0; 32]);
+        let err = check(&b, 0, Layout::ExplicitLittle).unwrap_err();
+        assert!(err.contains("claims 4294770684 bytes"), "{err}");
     }
 }

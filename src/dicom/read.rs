@@ -215,6 +215,12 @@ fn get_str(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
 }
 
 /// Where the data set starts after the preamble and file meta group, and its transfer syntax.
+///
+/// The walk is the one dicom-rs's meta reader makes, so that the data set starts where it
+/// will start parsing it: the group length (0002,0000) comes first, and elements are read
+/// until it is used up, whatever their group; VRs it does not know are UN (4-byte length).
+/// Each length is checked against the bytes left, because dicom-rs allocates and zero-fills
+/// a UID's declared length before reading it.
 fn locate_dataset(bytes: &[u8]) -> Result<(usize, String), String> {
     if bytes.is_empty() {
         return Err("the file is empty".into());
@@ -226,38 +232,64 @@ fn locate_dataset(bytes: &[u8]) -> Result<(usize, String), String> {
     } else {
         return Err("no DICM magic at byte 128 (not a DICOM Part 10 file)".into());
     };
-    let mut ts = None;
-    loop {
-        let Some(h) = bytes.get(pos..pos + 8) else {
-            return Err(format!("file ends inside the file meta group (byte {pos})"));
-        };
-        let group = u16::from_le_bytes([h[0], h[1]]);
-        if group != 0x0002 {
-            break;
+    let cut = |pos: usize| format!("file ends inside the file meta group (byte {pos})");
+    let u32_at = |p: usize| -> Option<u32> {
+        let b = bytes.get(p..p + 4)?;
+        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    // (tag, header length, value length) of the element at `p`.
+    let element = |p: usize| -> Result<((u16, u16), usize, u32), String> {
+        let h = bytes.get(p..p + 8).ok_or_else(|| cut(p))?;
+        let tag = (
+            u16::from_le_bytes([h[0], h[1]]),
+            u16::from_le_bytes([h[2], h[3]]),
+        );
+        if tag.0 == 0xFFFE {
+            return Ok((tag, 8, u32_at(p + 4).ok_or_else(|| cut(p))?));
         }
-        let elem = u16::from_le_bytes([h[2], h[3]]);
-        let vr = [h[4], h[5]];
-        let (len, body) = if matches!(&vr, b"OB" | b"OW" | b"UN" | b"SQ" | b"UT" | b"UC" | b"UR") {
-            let Some(l) = bytes.get(pos + 8..pos + 12) else {
-                return Err(format!("file ends inside the file meta group (byte {pos})"));
-            };
-            (
-                u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize,
-                pos + 12,
-            )
+        if prescan::explicit_length_is_long([h[4], h[5]]) {
+            Ok((tag, 12, u32_at(p + 8).ok_or_else(|| cut(p))?))
         } else {
-            (u16::from_le_bytes([h[6], h[7]]) as usize, pos + 8)
-        };
-        let end = body.checked_add(len).filter(|e| *e <= bytes.len()).ok_or_else(|| {
-            format!("file meta element (0002,{elem:04X}) claims {len} bytes past the end of the file")
-        })?;
-        if elem == 0x0010 {
+            Ok((tag, 8, u16::from_le_bytes([h[6], h[7]]) as u32))
+        }
+    };
+    let (tag, header, len) = element(pos)?;
+    if tag != (0x0002, 0x0000) || len != 4 {
+        return Err(format!(
+            "the file meta group does not start with its group length (found ({:04X},{:04X}) of {len} bytes)",
+            tag.0, tag.1
+        ));
+    }
+    let group_length = u32_at(pos + header).ok_or_else(|| cut(pos))?;
+    pos += header + 4;
+    let mut read = 0u32;
+    let mut ts = None;
+    while read < group_length {
+        let (tag, header, len) = element(pos)?;
+        if len == u32::MAX {
+            return Err(format!(
+                "file meta element ({:04X},{:04X}) has an undefined length",
+                tag.0, tag.1
+            ));
+        }
+        let body = pos + header;
+        let end = body
+            .checked_add(len as usize)
+            .filter(|e| *e <= bytes.len())
+            .ok_or_else(|| {
+                format!(
+                    "file meta element ({:04X},{:04X}) claims {len} bytes past the end of the file",
+                    tag.0, tag.1
+                )
+            })?;
+        if tag == (0x0002, 0x0010) {
             ts = Some(
                 String::from_utf8_lossy(&bytes[body..end])
                     .trim_end_matches(['\0', ' '])
                     .to_string(),
             );
         }
+        read = read.saturating_add(header as u32).saturating_add(len);
         pos = end;
     }
     let ts = ts.ok_or("the file meta group has no Transfer Syntax UID (0002,0010)")?;

@@ -159,23 +159,14 @@ pub enum Enc {
     Implicit,
 }
 
+/// Whether an explicit VR takes a 4-byte length: the long VRs and, as dicom-rs reads them,
+/// VRs it does not know (read as UN).
 fn long_vr(vr: [u8; 2]) -> bool {
-    matches!(
-        &vr,
-        b"OB"
-            | b"OD"
-            | b"OF"
-            | b"OL"
-            | b"OV"
-            | b"OW"
-            | b"SQ"
-            | b"SV"
-            | b"UC"
-            | b"UN"
-            | b"UR"
-            | b"UT"
-            | b"UV"
-    )
+    const SHORT: [&[u8; 2]; 21] = [
+        b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
+        b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
+    ];
+    !SHORT.contains(&&vr)
 }
 
 /// An element of bytes.
