@@ -839,7 +839,12 @@ fn gen_igtl(rng: &mut Rng) -> Vec<u8> {
             rng.below(200) as f32 / 10.0 - 10.0
         };
     }
-    let mut content = image_content(w, h, &rgb, &matrix);
+    let coordinates = if rng.chance(1, 2) {
+        sonoguide::igtl::CoordinateSystem::Ras
+    } else {
+        sonoguide::igtl::CoordinateSystem::Lps
+    };
+    let mut content = image_content(w, h, &rgb, &matrix, coordinates);
     // IMAGE header fields: components, scalar type, endian, coordinate, size.
     if rng.chance(1, 2) && content.len() >= IMAGE_HEADER_BYTES {
         let k = rng.below(12) as usize;

@@ -153,6 +153,8 @@ fn find(b: &[u8], pat: &[u8]) -> usize {
         .expect("pattern present")
 }
 
+// One case at a time, each under its comment, reads better than one long vec! literal.
+#[allow(clippy::vec_init_then_push)]
 fn cases() -> Vec<Case> {
     let mut v = Vec::new();
 

@@ -637,7 +637,7 @@ pub fn run_igtl(bytes: &[u8]) -> Verdict {
         Ok(c) => c,
         Err(e) => return Verdict::Refused(e),
     };
-    match parse_image(&c, IGTL_MAX_PIXELS) {
+    match parse_image(c, IGTL_MAX_PIXELS) {
         Ok(_) => Verdict::Ok,
         Err(e) => Verdict::Refused(e),
     }
