@@ -251,22 +251,7 @@ fn headers(b: &[u8]) -> Vec<Hdr> {
         if !vr.iter().all(|c| c.is_ascii_uppercase()) {
             break;
         }
-        let long = matches!(
-            &vr,
-            b"OB"
-                | b"OD"
-                | b"OF"
-                | b"OL"
-                | b"OV"
-                | b"OW"
-                | b"SQ"
-                | b"SV"
-                | b"UC"
-                | b"UN"
-                | b"UR"
-                | b"UT"
-                | b"UV"
-        );
+        let long = sonoguide::dicom::long_length_vr(vr);
         let (len_pos, len, body) = if long {
             if pos + 12 > b.len() {
                 break;

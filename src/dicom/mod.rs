@@ -9,6 +9,7 @@ pub mod read;
 pub mod region;
 pub mod write;
 
+pub use prescan::long_length_vr;
 pub use read::{DicomFile, DicomInfo, ReadOptions, UltrasoundRegion};
 
 use std::path::PathBuf;

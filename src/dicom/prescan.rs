@@ -62,7 +62,9 @@ pub(crate) const MAX_ELEMENTS: usize = 1 << 20;
 /// backslashes would cost 24 times its size.
 pub(crate) const MAX_TEXT_VALUES: usize = 1 << 16;
 
-fn long_length_vr(vr: [u8; 2]) -> bool {
+/// Whether explicit VR `vr` has the long form (2 reserved bytes and a 32-bit length;
+/// PS3.5 table 7.1-1) rather than a 16-bit length.
+pub fn long_length_vr(vr: [u8; 2]) -> bool {
     matches!(
         &vr,
         b"OB"
