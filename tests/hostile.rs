@@ -222,6 +222,56 @@ fn cases() -> Vec<Case> {
         });
     }
 
+    {
+        // A valid deflated data set (stored blocks) decodes like the file it came from.
+        let mut e = image_module(16, 16, 1, 8, "MONOCHROME2");
+        e.push(native_pixels((0..256u32).map(|i| i as u8).collect()));
+        v.push(Case {
+            name: "deflated_valid.dcm",
+            bytes: part10(
+                ts::DEFLATED,
+                US_IMAGE_STORAGE,
+                &deflate_stored(&encode(&e, Enc::Explicit)),
+            ),
+            expect: Expect::Decodes(|f| {
+                let fr = f.read_frame(0).expect("decodes");
+                assert!((fr.intensity[[15, 15]] - 255.0).abs() < 1e-3);
+                assert!((fr.intensity[[1, 2]] - 18.0).abs() < 1e-3);
+            }),
+        });
+    }
+    {
+        // Deflated Image Frame Compression: one frame that inflates exactly, one that
+        // inflates past its 256 bytes (a bomb), one cut short.
+        let frame: Vec<u8> = (0..256u32).map(|i| (255 - i) as u8).collect();
+        let file = |frags: Vec<Vec<u8>>| {
+            let mut e = image_module(16, 16, 1, 8, "MONOCHROME2");
+            e.push(number_of_frames(&frags.len().to_string()));
+            e.push(encapsulated_pixels(frags));
+            with_ts(ts::DEFLATED_FRAMES, &e)
+        };
+        v.push(Case {
+            name: "deflated_frames_valid.dcm",
+            bytes: file(vec![deflate_stored(&frame), deflate_stored(&frame)]),
+            expect: Expect::Decodes(|f| {
+                let fr = f.read_frame(1).expect("decodes");
+                assert!((fr.intensity[[0, 0]] - 255.0).abs() < 1e-3);
+                assert!((fr.intensity[[15, 15]]).abs() < 1e-3);
+            }),
+        });
+        v.push(Case {
+            name: "deflated_frames_bomb.dcm",
+            bytes: file(vec![deflate_bomb(BOMB_INFLATED_BYTES)]),
+            expect: Expect::Refused("inflates past its 256 bytes"),
+        });
+        let z = deflate_stored(&frame);
+        v.push(Case {
+            name: "deflated_frames_truncated.dcm",
+            bytes: file(vec![z[..z.len() / 2].to_vec()]),
+            expect: Expect::Refused("inflate"),
+        });
+    }
+
     // Sizes and counts.
     {
         let mut e = image_module(65_535, 65_535, 1, 8, "MONOCHROME2");
