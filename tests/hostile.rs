@@ -154,54 +154,53 @@ fn find(b: &[u8], pat: &[u8]) -> usize {
 }
 
 fn cases() -> Vec<Case> {
-    let mut v = Vec::new();
-
-    // Palettes.
-    v.push(Case {
-        name: "palette_self_reference.dcm",
-        // The first segment is indirect and points at offset 0: itself.
-        bytes: palette_file(Lut::Segmented(vec![2, 1, 0, 0]), ramp16(), ramp16()),
-        expect: Expect::Refused("not the start of an earlier segment"),
-    });
-    v.push(Case {
-        name: "palette_indirect_cycle.dcm",
-        // Two indirect segments pointing at each other (byte 14 = word 7, byte 6 = word 3).
-        bytes: palette_file(
-            Lut::Segmented(vec![0, 1, 5, 2, 1, 14, 0, 2, 1, 6, 0]),
-            ramp16(),
-            ramp16(),
-        ),
-        expect: Expect::Refused("not the start of an earlier segment"),
-    });
-    v.push(Case {
-        name: "palette_indirect_to_indirect.dcm",
-        bytes: palette_file(
-            Lut::Segmented(vec![0, 1, 5, 2, 1, 0, 0, 2, 1, 6, 0]),
-            ramp16(),
-            ramp16(),
-        ),
-        expect: Expect::Refused("refers to the indirect segment"),
-    });
-    v.push(Case {
-        name: "palette_valid_indirect.dcm",
-        bytes: palette_file(
-            Lut::Segmented(VALID_INDIRECT_RED.to_vec()),
-            ramp16(),
-            ramp16(),
-        ),
-        expect: Expect::Decodes(check_valid_indirect_palette),
-    });
-
-    // Deflate.
-    v.push(Case {
-        name: "deflate_bomb.dcm",
-        bytes: part10(
-            ts::DEFLATED,
-            US_IMAGE_STORAGE,
-            &deflate_bomb(BOMB_INFLATED_BYTES),
-        ),
-        expect: Expect::Refused("inflates past the limit"),
-    });
+    let mut v = vec![
+        // Palettes.
+        Case {
+            name: "palette_self_reference.dcm",
+            // The first segment is indirect and points at offset 0: itself.
+            bytes: palette_file(Lut::Segmented(vec![2, 1, 0, 0]), ramp16(), ramp16()),
+            expect: Expect::Refused("not the start of an earlier segment"),
+        },
+        Case {
+            name: "palette_indirect_cycle.dcm",
+            // Two indirect segments pointing at each other (byte 14 = word 7, byte 6 = word 3).
+            bytes: palette_file(
+                Lut::Segmented(vec![0, 1, 5, 2, 1, 14, 0, 2, 1, 6, 0]),
+                ramp16(),
+                ramp16(),
+            ),
+            expect: Expect::Refused("not the start of an earlier segment"),
+        },
+        Case {
+            name: "palette_indirect_to_indirect.dcm",
+            bytes: palette_file(
+                Lut::Segmented(vec![0, 1, 5, 2, 1, 0, 0, 2, 1, 6, 0]),
+                ramp16(),
+                ramp16(),
+            ),
+            expect: Expect::Refused("refers to the indirect segment"),
+        },
+        Case {
+            name: "palette_valid_indirect.dcm",
+            bytes: palette_file(
+                Lut::Segmented(VALID_INDIRECT_RED.to_vec()),
+                ramp16(),
+                ramp16(),
+            ),
+            expect: Expect::Decodes(check_valid_indirect_palette),
+        },
+        // Deflate.
+        Case {
+            name: "deflate_bomb.dcm",
+            bytes: part10(
+                ts::DEFLATED,
+                US_IMAGE_STORAGE,
+                &deflate_bomb(BOMB_INFLATED_BYTES),
+            ),
+            expect: Expect::Refused("inflates past the limit"),
+        },
+    ];
     {
         // Deep nesting hidden inside a deflated data set, where the pre-scan used not to look.
         let mut e = image_module(8, 8, 1, 8, "MONOCHROME2");
