@@ -7,10 +7,12 @@
 //! ```
 //!
 //! Targets: `mutate` (mutations of the corpus and sample files: bit flips, insertions,
-//! deletions, truncations, corrupted lengths, swapped tags, nested sequences, header fields),
+//! deletions, truncations, corrupted lengths, swapped tags, nested sequences, header fields,
+//! transfer syntax relabels),
 //! `palette` (segmented palettes), `rle` (RLE headers and segments), `jpeg` and `j2k`
 //! (mutated code streams of the corpus's JPEG and JPEG 2000 frames, and headers claiming
-//! absurd sizes), `regions` (Sequences of Ultrasound Regions) and `igtl` (OpenIGTLink
+//! absurd sizes), `deflate` (deflated data sets and Deflated Image Frame Compression frames,
+//! bombs among them), `regions` (Sequences of Ultrasound Regions) and `igtl` (OpenIGTLink
 //! messages through `igtl::Header::parse`, `igtl::content` and `igtl::parse_image`).
 //!
 //! Each input is generated from (seed, target, index) alone, so any input can be made again.
@@ -40,7 +42,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use craft::*;
 
 /// Every target, in the order they run.
-const TARGETS: [&str; 7] = ["mutate", "palette", "rle", "jpeg", "j2k", "regions", "igtl"];
+const TARGETS: [&str; 8] = [
+    "mutate", "palette", "rle", "jpeg", "j2k", "deflate", "regions", "igtl",
+];
 /// An input running longer than this is a hang (the slowest normal inputs, JPEG 2000 frames
 /// decoded by openjp2, take well under a second).
 const DEFAULT_HANG_SECONDS: u64 = 10;
@@ -56,7 +60,7 @@ const MEMORY_FINDING_KB: u64 = 1 << 20;
 
 fn usage() -> String {
     "usage: fuzz [--minutes N | --seconds N | --iterations N] [--seed S] [--target NAME] \
-     [--hang-seconds N] [--memory-mib N] [--out DIR] [--reasons]\n  targets: mutate palette rle jpeg j2k regions igtl"
+     [--hang-seconds N] [--memory-mib N] [--out DIR] [--reasons]\n  targets: mutate palette rle jpeg j2k deflate regions igtl"
         .into()
 }
 
@@ -187,8 +191,24 @@ impl Corpus {
         }
         // Sorted, so that an index means the same file on every run.
         paths.sort();
+        let mut files: Vec<Vec<u8>> = paths.iter().filter_map(|p| std::fs::read(p).ok()).collect();
+        // The corpus has no deflated file: add deflated copies of the explicit VR LE ones.
+        let deflated: Vec<Vec<u8>> = files
+            .iter()
+            .filter(|f| f.windows(19).any(|w| w == b"1.2.840.10008.1.2.1"))
+            .filter_map(|f| {
+                let start = dataset_start(f)?;
+                Some(part10(
+                    ts::DEFLATED,
+                    US_IMAGE_STORAGE,
+                    &deflate_stored(&f[start..]),
+                ))
+            })
+            .take(3)
+            .collect();
+        files.extend(deflated);
         Corpus {
-            files: paths.iter().filter_map(|p| std::fs::read(p).ok()).collect(),
+            files,
             jpeg_frames: corpus_fragments("examples_ybr_color.dcm"),
             j2k_frame: corpus_fragments("US1_J2KR.dcm").concat(),
         }
@@ -205,6 +225,7 @@ fn generate(target: &str, rng: &mut Rng, c: &Corpus) -> Vec<u8> {
         "rle" => gen_rle(rng),
         "jpeg" => gen_jpeg(rng, c),
         "j2k" => gen_j2k(rng, c),
+        "deflate" => gen_deflate(rng, c),
         "regions" => gen_regions(rng),
         _ => gen_igtl(rng),
     }
@@ -295,7 +316,7 @@ fn mutate_bytes(rng: &mut Rng, b: &mut Vec<u8>, c: &Corpus) {
         b.extend(rng.bytes(16));
     }
     let hs = headers(b);
-    match rng.below(11) {
+    match rng.below(12) {
         0 => {
             for _ in 0..1 + rng.below(8) {
                 let p = rng.pick(b.len());
@@ -392,6 +413,19 @@ fn mutate_bytes(rng: &mut Rng, b: &mut Vec<u8>, c: &Corpus) {
                 let n = (1 + rng.pick(512)).min(other.len() - s);
                 let p = rng.pick(b.len() + 1);
                 b.splice(p..p, other[s..s + n].iter().copied());
+            }
+        }
+        10 => {
+            // The same data set under another transfer syntax label (deflated when the new
+            // one is the deflated syntax).
+            if let Some(start) = dataset_start(b) {
+                let to = ts::ALL[rng.pick(ts::ALL.len())];
+                let ds = if to == ts::DEFLATED {
+                    deflate_stored(&b[start..])
+                } else {
+                    b[start..].to_vec()
+                };
+                *b = part10(to, US_IMAGE_STORAGE, &ds);
             }
         }
         _ => {
@@ -740,6 +774,68 @@ fn gen_j2k(rng: &mut Rng, c: &Corpus) -> Vec<u8> {
         US_IMAGE_STORAGE,
         &encode(&e, Enc::Explicit),
     )
+}
+
+fn gen_deflate(rng: &mut Rng, c: &Corpus) -> Vec<u8> {
+    let (rows, cols) = (1 + rng.below(32) as u16, 1 + rng.below(32) as u16);
+    let frame_bytes = rows as usize * cols as usize;
+    let z_of = |rng: &mut Rng, data: &[u8]| -> Vec<u8> {
+        let mut z = match rng.below(8) {
+            // An inflate bomb of a random size.
+            0 => deflate_bomb(rng.below(1 << 24)),
+            _ => deflate_stored(data),
+        };
+        match rng.below(4) {
+            0 if !z.is_empty() => {
+                for _ in 0..1 + rng.below(4) {
+                    let p = rng.pick(z.len());
+                    z[p] ^= 1 << rng.below(8);
+                }
+            }
+            1 => {
+                let p = rng.pick(z.len() + 1);
+                z.truncate(p);
+            }
+            _ => {}
+        }
+        z
+    };
+    if rng.chance(1, 2) {
+        // A deflated data set: a corpus file's or a small image's.
+        let ds = match c.files.get(rng.pick(c.files.len().max(1))) {
+            Some(f) if rng.chance(1, 2) => dataset_start(f).map(|s| f[s..].to_vec()),
+            _ => None,
+        }
+        .unwrap_or_else(|| {
+            let mut e = image_module(rows, cols, 1, 8, "MONOCHROME2");
+            e.push(native_pixels(rng.bytes(frame_bytes)));
+            encode(&e, Enc::Explicit)
+        });
+        let z = z_of(rng, &ds);
+        part10(ts::DEFLATED, US_IMAGE_STORAGE, &z)
+    } else {
+        // Deflated Image Frame Compression: one fragment per frame.
+        let frames = 1 + rng.below(3) as usize;
+        let frags: Vec<Vec<u8>> = (0..frames)
+            .map(|_| {
+                let n = if rng.chance(3, 4) {
+                    frame_bytes
+                } else {
+                    rng.pick(2 * frame_bytes + 2)
+                };
+                let data = rng.bytes(n);
+                z_of(rng, &data)
+            })
+            .collect();
+        let mut e = image_module(rows, cols, 1, 8, "MONOCHROME2");
+        e.push(number_of_frames(&frames.to_string()));
+        e.push(encapsulated_pixels(frags));
+        part10(
+            ts::DEFLATED_FRAMES,
+            US_IMAGE_STORAGE,
+            &encode(&e, Enc::Explicit),
+        )
+    }
 }
 
 fn interesting_f64(rng: &mut Rng) -> f64 {

@@ -156,54 +156,53 @@ fn find(b: &[u8], pat: &[u8]) -> usize {
 // One case at a time, each under its comment, reads better than one long vec! literal.
 #[allow(clippy::vec_init_then_push)]
 fn cases() -> Vec<Case> {
-    let mut v = Vec::new();
-
-    // Palettes.
-    v.push(Case {
-        name: "palette_self_reference.dcm",
-        // The first segment is indirect and points at offset 0: itself.
-        bytes: palette_file(Lut::Segmented(vec![2, 1, 0, 0]), ramp16(), ramp16()),
-        expect: Expect::Refused("not the start of an earlier segment"),
-    });
-    v.push(Case {
-        name: "palette_indirect_cycle.dcm",
-        // Two indirect segments pointing at each other (byte 14 = word 7, byte 6 = word 3).
-        bytes: palette_file(
-            Lut::Segmented(vec![0, 1, 5, 2, 1, 14, 0, 2, 1, 6, 0]),
-            ramp16(),
-            ramp16(),
-        ),
-        expect: Expect::Refused("not the start of an earlier segment"),
-    });
-    v.push(Case {
-        name: "palette_indirect_to_indirect.dcm",
-        bytes: palette_file(
-            Lut::Segmented(vec![0, 1, 5, 2, 1, 0, 0, 2, 1, 6, 0]),
-            ramp16(),
-            ramp16(),
-        ),
-        expect: Expect::Refused("refers to the indirect segment"),
-    });
-    v.push(Case {
-        name: "palette_valid_indirect.dcm",
-        bytes: palette_file(
-            Lut::Segmented(VALID_INDIRECT_RED.to_vec()),
-            ramp16(),
-            ramp16(),
-        ),
-        expect: Expect::Decodes(check_valid_indirect_palette),
-    });
-
-    // Deflate.
-    v.push(Case {
-        name: "deflate_bomb.dcm",
-        bytes: part10(
-            ts::DEFLATED,
-            US_IMAGE_STORAGE,
-            &deflate_bomb(BOMB_INFLATED_BYTES),
-        ),
-        expect: Expect::Refused("inflates past the limit"),
-    });
+    let mut v = vec![
+        // Palettes.
+        Case {
+            name: "palette_self_reference.dcm",
+            // The first segment is indirect and points at offset 0: itself.
+            bytes: palette_file(Lut::Segmented(vec![2, 1, 0, 0]), ramp16(), ramp16()),
+            expect: Expect::Refused("not the start of an earlier segment"),
+        },
+        Case {
+            name: "palette_indirect_cycle.dcm",
+            // Two indirect segments pointing at each other (byte 14 = word 7, byte 6 = word 3).
+            bytes: palette_file(
+                Lut::Segmented(vec![0, 1, 5, 2, 1, 14, 0, 2, 1, 6, 0]),
+                ramp16(),
+                ramp16(),
+            ),
+            expect: Expect::Refused("not the start of an earlier segment"),
+        },
+        Case {
+            name: "palette_indirect_to_indirect.dcm",
+            bytes: palette_file(
+                Lut::Segmented(vec![0, 1, 5, 2, 1, 0, 0, 2, 1, 6, 0]),
+                ramp16(),
+                ramp16(),
+            ),
+            expect: Expect::Refused("refers to the indirect segment"),
+        },
+        Case {
+            name: "palette_valid_indirect.dcm",
+            bytes: palette_file(
+                Lut::Segmented(VALID_INDIRECT_RED.to_vec()),
+                ramp16(),
+                ramp16(),
+            ),
+            expect: Expect::Decodes(check_valid_indirect_palette),
+        },
+        // Deflate.
+        Case {
+            name: "deflate_bomb.dcm",
+            bytes: part10(
+                ts::DEFLATED,
+                US_IMAGE_STORAGE,
+                &deflate_bomb(BOMB_INFLATED_BYTES),
+            ),
+            expect: Expect::Refused("inflates past the limit"),
+        },
+    ];
     {
         // Deep nesting hidden inside a deflated data set, where the pre-scan used not to look.
         let mut e = image_module(8, 8, 1, 8, "MONOCHROME2");
@@ -221,6 +220,56 @@ fn cases() -> Vec<Case> {
                 &deflate_stored(&encode(&e, Enc::Explicit)),
             ),
             expect: Expect::Refused("nested deeper"),
+        });
+    }
+
+    {
+        // A valid deflated data set (stored blocks) decodes like the file it came from.
+        let mut e = image_module(16, 16, 1, 8, "MONOCHROME2");
+        e.push(native_pixels((0..256u32).map(|i| i as u8).collect()));
+        v.push(Case {
+            name: "deflated_valid.dcm",
+            bytes: part10(
+                ts::DEFLATED,
+                US_IMAGE_STORAGE,
+                &deflate_stored(&encode(&e, Enc::Explicit)),
+            ),
+            expect: Expect::Decodes(|f| {
+                let fr = f.read_frame(0).expect("decodes");
+                assert!((fr.intensity[[15, 15]] - 255.0).abs() < 1e-3);
+                assert!((fr.intensity[[1, 2]] - 18.0).abs() < 1e-3);
+            }),
+        });
+    }
+    {
+        // Deflated Image Frame Compression: one frame that inflates exactly, one that
+        // inflates past its 256 bytes (a bomb), one cut short.
+        let frame: Vec<u8> = (0..256u32).map(|i| (255 - i) as u8).collect();
+        let file = |frags: Vec<Vec<u8>>| {
+            let mut e = image_module(16, 16, 1, 8, "MONOCHROME2");
+            e.push(number_of_frames(&frags.len().to_string()));
+            e.push(encapsulated_pixels(frags));
+            with_ts(ts::DEFLATED_FRAMES, &e)
+        };
+        v.push(Case {
+            name: "deflated_frames_valid.dcm",
+            bytes: file(vec![deflate_stored(&frame), deflate_stored(&frame)]),
+            expect: Expect::Decodes(|f| {
+                let fr = f.read_frame(1).expect("decodes");
+                assert!((fr.intensity[[0, 0]] - 255.0).abs() < 1e-3);
+                assert!((fr.intensity[[15, 15]]).abs() < 1e-3);
+            }),
+        });
+        v.push(Case {
+            name: "deflated_frames_bomb.dcm",
+            bytes: file(vec![deflate_bomb(BOMB_INFLATED_BYTES)]),
+            expect: Expect::Refused("inflates past its 256 bytes"),
+        });
+        let z = deflate_stored(&frame);
+        v.push(Case {
+            name: "deflated_frames_truncated.dcm",
+            bytes: file(vec![z[..z.len() / 2].to_vec()]),
+            expect: Expect::Refused("inflate"),
         });
     }
 

@@ -116,6 +116,34 @@ pub mod ts {
     pub const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
     /// JPEG 2000 lossless.
     pub const J2K_LOSSLESS: &str = "1.2.840.10008.1.2.4.90";
+    /// Deflated Image Frame Compression.
+    pub const DEFLATED_FRAMES: &str = "1.2.840.10008.1.2.8.1";
+    /// Every transfer syntax the fuzzer re-labels files with (JPEG-LS last: not built).
+    pub const ALL: [&str; 12] = [
+        IMPLICIT,
+        EXPLICIT,
+        "1.2.840.10008.1.2.2",
+        DEFLATED,
+        RLE,
+        JPEG_BASELINE,
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.70",
+        J2K_LOSSLESS,
+        "1.2.840.10008.1.2.4.91",
+        DEFLATED_FRAMES,
+        "1.2.840.10008.1.2.4.80",
+    ];
+}
+
+/// Where the data set of a Part 10 file starts: after the preamble, `DICM`, and the meta
+/// group as its group length (explicit VR LE, 12 bytes at byte 132) gives it.
+pub fn dataset_start(file: &[u8]) -> Option<usize> {
+    if file.get(128..132) != Some(b"DICM") {
+        return None;
+    }
+    let g = file.get(140..144)?;
+    let start = 144usize.checked_add(u32::from_le_bytes([g[0], g[1], g[2], g[3]]) as usize)?;
+    (start <= file.len()).then_some(start)
 }
 
 /// Ultrasound Image Storage.
