@@ -330,6 +330,29 @@ fn cases() -> Vec<Case> {
             expect: Expect::Refused("nested deeper"),
         });
     }
+    for (depth, name, expect) in [
+        // 32 sequences (64 open containers, each item counting one) is the most accepted;
+        // parsed by dicom-rs's recursion on this test thread's 2 MiB stack.
+        (
+            32,
+            "nested_sequences_32.dcm",
+            Expect::Decodes(|f| assert_eq!(f.frame_count(), 1)),
+        ),
+        (33, "nested_sequences_33.dcm", Expect::Refused("nested deeper")),
+    ] {
+        let mut e = image_module(8, 8, 1, 8, "MONOCHROME2");
+        e.push(Elem {
+            tag: (0x0040, 0x0260),
+            vr: *b"SQ",
+            value: V::RawUndefined(nested_sequence_content(depth)),
+        });
+        e.push(native_pixels(vec![0; 64]));
+        v.push(Case {
+            name,
+            bytes: explicit_file(&e),
+            expect,
+        });
+    }
     {
         // Implicit VR with every length defined: only the dictionary marks the sequences.
         let e = image_module(8, 8, 1, 8, "MONOCHROME2");
