@@ -336,7 +336,11 @@ fn cases() -> Vec<Case> {
             "nested_sequences_32.dcm",
             Expect::Decodes(|f| assert_eq!(f.frame_count(), 1)),
         ),
-        (33, "nested_sequences_33.dcm", Expect::Refused("nested deeper")),
+        (
+            33,
+            "nested_sequences_33.dcm",
+            Expect::Refused("nested deeper"),
+        ),
     ] {
         let mut e = image_module(8, 8, 1, 8, "MONOCHROME2");
         e.push(Elem {
