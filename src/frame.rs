@@ -252,11 +252,9 @@ impl Frame {
     /// Every constructor checks them, and the pipeline checks again on entry, because the
     /// fields are public and a caller may change them.
     pub fn validate(&self) -> Result<(), FrameError> {
+        self.check_layout()?;
         let bad = |name: &'static str, reason: String| Err(FrameError::Invalid { name, reason });
-        let (h, w) = self.intensity.dim();
-        if h == 0 || w == 0 {
-            return bad("intensity", format!("empty ({w}x{h})"));
-        }
+        let w = self.intensity.ncols();
         // Fast path: a finite sum means finite values (0–255 over any frame size cannot
         // overflow f32); only otherwise look for the culprit.
         let first_bad = if self.intensity.sum().is_finite() {
@@ -272,6 +270,18 @@ impl Frame {
                 "intensity",
                 format!("{v} at column {}, row {}", i % w, i / w),
             );
+        }
+        Ok(())
+    }
+
+    /// The structural half of [`Frame::validate`], in constant time: sizes, region and masks
+    /// agree and the spacing is plausible; the pixel values are not looked at. For stages
+    /// after the pipeline's entry, where the full check has run on this frame already.
+    pub fn check_layout(&self) -> Result<(), FrameError> {
+        let bad = |name: &'static str, reason: String| Err(FrameError::Invalid { name, reason });
+        let (h, w) = self.intensity.dim();
+        if h == 0 || w == 0 {
+            return bad("intensity", format!("empty ({w}x{h})"));
         }
         if let Some(rgb) = &self.rgb {
             if rgb.dim() != (h, w, 3) {

@@ -511,7 +511,8 @@ pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePla
     if let Err(e) = params.validate() {
         return NeedlePlan::none(e.to_string(), None, None, false);
     }
-    if let Err(e) = frame.validate() {
+    // The layout is what planning indexes by; the pixel values are not read here.
+    if let Err(e) = frame.check_layout() {
         return NeedlePlan::none(e.to_string(), None, None, false);
     }
     if seg.labels.dim() != frame.intensity.dim() {

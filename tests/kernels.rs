@@ -141,6 +141,19 @@ fn the_params_reader_sees_an_order_change() {
     assert_ne!(a, b);
 }
 
+/// The Rust `Params` of kernel `stem` (of `size` bytes) matches its shader's field for field,
+/// and is 16-byte padded.
+fn check_params(stem: &str, size: usize) {
+    let wgsl = wgsl_params(stem);
+    assert_eq!(
+        rust_params(stem),
+        wgsl,
+        "{stem}: fields, their order and types must agree"
+    );
+    assert_eq!(size, fields_size(&wgsl), "{stem}");
+    assert_eq!(size % 16, 0, "{stem} params must be 16-byte padded");
+}
+
 #[test]
 fn params_structs_match_their_shaders() {
     for (stem, size) in [
@@ -150,14 +163,7 @@ fn params_structs_match_their_shaders() {
         ("srad", std::mem::size_of::<srad::Params>()),
         ("obnlm", std::mem::size_of::<obnlm::Params>()),
     ] {
-        let wgsl = wgsl_params(stem);
-        assert_eq!(
-            rust_params(stem),
-            wgsl,
-            "{stem}: fields, their order and types must agree"
-        );
-        assert_eq!(size, fields_size(&wgsl), "{stem}");
-        assert_eq!(size % 16, 0, "{stem} params must be 16-byte padded");
+        check_params(stem, size);
     }
 }
 
@@ -462,14 +468,7 @@ fn feature_params_match_their_shaders() {
             std::mem::size_of::<phase_symmetry::Params>(),
         ),
     ] {
-        let wgsl = wgsl_params(stem);
-        assert_eq!(
-            rust_params(stem),
-            wgsl,
-            "{stem}: fields, their order and types must agree"
-        );
-        assert_eq!(size, fields_size(&wgsl), "{stem}");
-        assert_eq!(size % 16, 0, "{stem} params must be 16-byte padded");
+        check_params(stem, size);
     }
 }
 

@@ -387,7 +387,9 @@ pub fn segment_from_features(
     f: &Features,
     params: &SegmentParams,
 ) -> Result<Segmentation> {
-    frame.validate()?;
+    // The features were computed from this frame after its full check; the layout is what
+    // the slicing below relies on.
+    frame.check_layout()?;
     check_same_size(frame, despeckled)?;
     let b = frame.region.bounds;
     let (h, w) = (frame.height(), frame.width());
