@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod eval;
+pub mod evalset;
 pub mod phantom;
 pub mod quality;
 

@@ -10,6 +10,7 @@ mod args;
 mod batch;
 mod bench;
 mod eval;
+mod evalset;
 mod exit;
 mod inspect;
 mod serve;
@@ -54,6 +55,9 @@ enum Command {
     /// Score needle planning on phantoms from fresh seeds: target error, path safety by the
     /// truth labels, and frame-to-frame jitter on moving cines.
     EvalPlan(eval::EvalPlanArgs),
+    /// Score segmentation and planning on folders of cases on disk (NAME.dcm with
+    /// NAME.truth.png and NAME.truth.json), read through the DICOM reader.
+    EvalSet(evalset::EvalSetArgs),
     /// Generate synthetic MSK phantoms (DICOM + truth labels + clean map + truth JSON).
     Phantom(eval::PhantomArgs),
 }
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
         Command::EvalDespeckle(a) => eval::eval_despeckle(a),
         Command::EvalSegment(a) => eval::eval_segment(a),
         Command::EvalPlan(a) => eval::eval_plan(a),
+        Command::EvalSet(a) => evalset::eval_set(a),
         Command::Phantom(a) => eval::phantom(a),
     };
     exit::exit_code(outcome)
