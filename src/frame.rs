@@ -95,6 +95,47 @@ pub struct ImagingRegion {
     /// For a sector: 1 inside the fan, 0 outside (full-frame size). `None` for a rectangle.
     /// Shared: every frame of a file has the same region, so reading a frame does not copy it.
     pub mask: Option<std::sync::Arc<Array2<u8>>>,
+    /// For a sector whose edges and arcs were fitted: its geometry (the skin line is the near
+    /// arc, depth runs along the beam). `None` for a rectangle or a fan of no clear shape.
+    pub fan: Option<Fan>,
+}
+
+/// The geometry of a convex (or phased) array's fan, in full-frame pixels: the centre of its
+/// arcs (the apex, usually above the image), the radii of the near arc (the probe face, where
+/// the skin is) and of the far arc, and the angles of its two straight edges measured from
+/// straight down (radians, left negative).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fan {
+    /// Centre of the arcs (column, row).
+    pub apex: [f64; 2],
+    /// Radius of the near arc, px.
+    pub r_near: f64,
+    /// Radius of the far arc, px.
+    pub r_far: f64,
+    /// Angle of the left edge from straight down, radians (negative).
+    pub theta_left: f64,
+    /// Angle of the right edge, radians.
+    pub theta_right: f64,
+}
+
+impl Fan {
+    /// Radius and angle (from straight down, left negative) of pixel position (x, y).
+    pub fn polar(&self, x: f64, y: f64) -> (f64, f64) {
+        let (dx, dy) = (x - self.apex[0], y - self.apex[1]);
+        (dx.hypot(dy), dx.atan2(dy))
+    }
+    /// The pixel position at radius `r` and angle `theta`.
+    pub fn point(&self, r: f64, theta: f64) -> [f64; 2] {
+        [
+            self.apex[0] + r * theta.sin(),
+            self.apex[1] + r * theta.cos(),
+        ]
+    }
+    /// Whether (x, y) lies inside the fan.
+    pub fn contains(&self, x: f64, y: f64) -> bool {
+        let (r, t) = self.polar(x, y);
+        r >= self.r_near && r <= self.r_far && t >= self.theta_left && t <= self.theta_right
+    }
 }
 
 impl ImagingRegion {
@@ -359,6 +400,7 @@ impl Frame {
                 shape: RegionShape::Rectangle,
                 source: RegionSource::WholeFrame,
                 mask: None,
+                fan: None,
             },
             calibration,
             index: 0,

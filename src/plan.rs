@@ -227,7 +227,8 @@ pub struct NeedlePlan {
     pub target: Option<PlanPoint>,
     /// Angle between needle and skin line, degrees.
     pub angle_deg: Option<f64>,
-    /// Target depth below the transducer face, mm.
+    /// Target depth below the transducer face, mm; along the beam for a fan (from the near
+    /// arc, where the probe face is).
     pub depth_mm: Option<f64>,
     /// Needle path length from entry to target, mm.
     pub length_mm: Option<f64>,
@@ -507,6 +508,28 @@ fn skin_line(frame: &Frame) -> Vec<Option<usize>> {
 
 /// Plans a needle path for one segmented frame.
 pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePlan {
+    let mut p = plan_frame(frame, seg, params);
+    beam_depth(frame, &mut p);
+    p
+}
+
+/// For a fan, the target's depth is measured along its beam from the near arc (the probe
+/// face), not straight down from the top row.
+fn beam_depth(frame: &Frame, p: &mut NeedlePlan) {
+    let (Some(fan), Some(t)) = (frame.region.fan, p.target) else {
+        return;
+    };
+    let mm = frame
+        .calibration
+        .mm_per_px()
+        .unwrap_or((ASSUMED_MM_PER_PX, ASSUMED_MM_PER_PX));
+    let (dx, dy) = (t.px[0] - fan.apex[0], t.px[1] - fan.apex[1]);
+    let r_mm = (dx * mm.0).hypot(dy * mm.1);
+    let near_mm = fan.r_near * r_mm / dx.hypot(dy).max(1e-9);
+    p.depth_mm = Some(r_mm - near_mm);
+}
+
+fn plan_frame(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePlan {
     // Settings, frame or label map that break the invariants get no path, never a panic.
     if let Err(e) = params.validate() {
         return NeedlePlan::none(e.to_string(), None, None, false);
@@ -791,7 +814,7 @@ fn check_path(
     if clearance < params.margin_mm {
         return None;
     }
-    Some(NeedlePlan {
+    let mut p = NeedlePlan {
         status: PlanStatus::Ok,
         reason: None,
         entry: Some(e),
@@ -807,7 +830,9 @@ fn check_path(
             Side::Right
         }),
         calibration_assumed: g.assumed,
-    })
+    };
+    beam_depth(frame, &mut p);
+    Some(p)
 }
 
 #[cfg(test)]

@@ -1550,6 +1550,7 @@ fn choose_region(
             shape: RegionShape::Rectangle,
             source: RegionSource::UltrasoundRegion,
             mask: None,
+            fan: None,
         };
         let calibration = match (r.mm_per_px_x, r.mm_per_px_y) {
             (Some(x), Some(y)) => match check_spacing_mm(x, y) {

@@ -9,7 +9,7 @@
 use ndarray::{Array2, Array3};
 
 use crate::frame::{
-    chroma, ImagingRegion, Rect, RegionShape, RegionSource, COLOUR_CHROMA_THRESHOLD,
+    chroma, Fan, ImagingRegion, Rect, RegionShape, RegionSource, COLOUR_CHROMA_THRESHOLD,
 };
 
 /// Block edge in pixels.
@@ -61,12 +61,16 @@ pub fn fan_within(
                     0
                 }
             });
-            ImagingRegion {
-                bounds: b,
-                shape: RegionShape::Sector,
-                source: header.source,
-                mask: Some(std::sync::Arc::new(mask)),
-            }
+            fit_sector(
+                gray,
+                ImagingRegion {
+                    bounds: b,
+                    shape: RegionShape::Sector,
+                    source: header.source,
+                    mask: Some(std::sync::Arc::new(mask)),
+                    fan: None,
+                },
+            )
         }
         _ => header.clone(),
     }
@@ -80,6 +84,7 @@ pub fn detect_imaging_region(gray: &Array2<f32>, rgb: Option<&Array3<u8>>) -> Im
         shape: RegionShape::Rectangle,
         source: RegionSource::WholeFrame,
         mask: None,
+        fan: None,
     };
     let (bh, bw) = (h.div_ceil(BLOCK), w.div_ceil(BLOCK));
     if bh < 4 || bw < 4 {
@@ -138,15 +143,207 @@ pub fn detect_imaging_region(gray: &Array2<f32>, rgb: Option<&Array3<u8>>) -> Im
             shape: RegionShape::Rectangle,
             source: RegionSource::Detected,
             mask: None,
+            fan: None,
         };
     }
     let mask = Array2::from_shape_fn((h, w), |(y, x)| u8::from(filled[[y / BLOCK, x / BLOCK]]));
-    ImagingRegion {
-        bounds,
-        shape: RegionShape::Sector,
-        source: RegionSource::Detected,
-        mask: Some(std::sync::Arc::new(mask)),
+    fit_sector(
+        gray,
+        ImagingRegion {
+            bounds,
+            shape: RegionShape::Sector,
+            source: RegionSource::Detected,
+            mask: Some(std::sync::Arc::new(mask)),
+            fan: None,
+        },
+    )
+}
+
+/// A pixel brighter than this is fan, not surround, when edges are refined pixel by pixel
+/// (the surround of scanner screens is 0–3 even after lossy compression).
+const EDGE_LEVEL: f32 = 3.5;
+/// How far from the block mask's edge the pixel edge is looked for, px.
+const EDGE_SEARCH: usize = 3 * BLOCK;
+/// Consecutive pixels above `EDGE_LEVEL` that mark an edge (one bright speck does not).
+const EDGE_RUN: usize = 3;
+/// Share of the fan's height, from the top, whose rows are used to fit the straight edges (the
+/// deep field may be too dark for its edges to show, and the top rows hold the near arc).
+const EDGE_ROWS: (f64, f64) = (0.15, 0.75);
+/// Edge points farther than this from the first line fit are dropped before the second, px.
+const EDGE_OUTLIER_PX: f64 = 2.0;
+/// The fitted fan must agree with the block mask on this share of the bounding box's pixels.
+const FAN_AGREEMENT: f64 = 0.93;
+
+/// Fits the straight edges and the arcs of a sector found as a block mask, and re-renders its
+/// mask at pixel precision from that geometry (the skin line is then the near arc, exactly).
+/// A region whose shape does not fit a fan is returned as it was.
+fn fit_sector(gray: &Array2<f32>, region: ImagingRegion) -> ImagingRegion {
+    let Some(mask) = region.mask.as_deref() else {
+        return region;
+    };
+    let Some(fan) = fit_fan(gray, mask, region.bounds) else {
+        return region;
+    };
+    let b = region.bounds;
+    let (h, w) = gray.dim();
+    let rendered = Array2::from_shape_fn((h, w), |(y, x)| {
+        u8::from(b.contains(x, y) && fan.contains(x as f64 + 0.5, y as f64 + 0.5))
+    });
+    let total = b.width() * b.height();
+    let agree = (b.y0..b.y1)
+        .flat_map(|y| (b.x0..b.x1).map(move |x| (y, x)))
+        .filter(|&(y, x)| (mask[[y, x]] != 0) == (rendered[[y, x]] != 0))
+        .count();
+    if (agree as f64) < FAN_AGREEMENT * total as f64 {
+        return region;
     }
+    ImagingRegion {
+        mask: Some(std::sync::Arc::new(rendered)),
+        fan: Some(fan),
+        ..region
+    }
+}
+
+/// The first pixel from `from` stepping by `step` (±1) within `[lo, hi)` that starts a run of
+/// `EDGE_RUN` pixels brighter than `EDGE_LEVEL` along the line `at`.
+fn edge_in(
+    at: impl Fn(usize) -> f32,
+    from: usize,
+    lo: usize,
+    hi: usize,
+    up: bool,
+) -> Option<usize> {
+    let mut i = from;
+    loop {
+        if i < lo || i >= hi {
+            return None;
+        }
+        let run = (0..EDGE_RUN).all(|k| {
+            let j = if up { i + k } else { i.wrapping_sub(k) };
+            j >= lo && j < hi && at(j) > EDGE_LEVEL
+        });
+        if run {
+            return Some(i);
+        }
+        i = if up { i + 1 } else { i.checked_sub(1)? };
+    }
+}
+
+/// Least-squares line x = a + b·y through `pts` (y, x), refitted without outliers.
+fn fit_line(pts: &[(f64, f64)]) -> Option<(f64, f64)> {
+    let once = |p: &[(f64, f64)]| -> Option<(f64, f64)> {
+        let n = p.len() as f64;
+        if n < 8.0 {
+            return None;
+        }
+        let (my, mx) = (
+            p.iter().map(|q| q.0).sum::<f64>() / n,
+            p.iter().map(|q| q.1).sum::<f64>() / n,
+        );
+        let syy: f64 = p.iter().map(|q| (q.0 - my).powi(2)).sum();
+        let sxy: f64 = p.iter().map(|q| (q.0 - my) * (q.1 - mx)).sum();
+        (syy > 0.0).then(|| {
+            let b = sxy / syy;
+            (mx - b * my, b)
+        })
+    };
+    let (a, b) = once(pts)?;
+    let kept: Vec<(f64, f64)> = pts
+        .iter()
+        .copied()
+        .filter(|(y, x)| (a + b * y - x).abs() <= EDGE_OUTLIER_PX)
+        .collect();
+    once(&kept)
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let k = v.len() / 2;
+    let (_, m, _) = v.select_nth_unstable_by(k, |a, b| a.total_cmp(b));
+    Some(*m)
+}
+
+/// The fan's geometry from its block mask and the pixels: edges refined to the pixel in each
+/// row and fitted as lines (their crossing is the apex), arcs as the median radius of the top
+/// and bottom edges of the middle columns.
+fn fit_fan(gray: &Array2<f32>, mask: &Array2<u8>, b: Rect) -> Option<Fan> {
+    let (h, w) = gray.dim();
+    if b.x1 > w || b.y1 > h || b.height() < 16 || b.width() < 16 {
+        return None;
+    }
+    let (mut left, mut right) = (Vec::new(), Vec::new());
+    let rows = (
+        b.y0 + (EDGE_ROWS.0 * b.height() as f64) as usize,
+        b.y0 + (EDGE_ROWS.1 * b.height() as f64) as usize,
+    );
+    for y in rows.0..rows.1 {
+        let row = |x: usize| gray[[y, x]];
+        let inside = |x: &usize| mask[[y, *x]] != 0;
+        let (Some(first), Some(last)) =
+            ((b.x0..b.x1).find(inside), (b.x0..b.x1).rev().find(inside))
+        else {
+            continue;
+        };
+        // Refine within a few blocks either side of the block edge (closing and row filling
+        // can move it by more than one block).
+        let lo = first.saturating_sub(EDGE_SEARCH).max(b.x0);
+        if let Some(x) = edge_in(row, lo, lo, (first + EDGE_SEARCH).min(b.x1), true) {
+            left.push((y as f64, x as f64));
+        }
+        let hi = (last + EDGE_SEARCH + 1).min(b.x1);
+        if let Some(x) = edge_in(
+            row,
+            hi - 1,
+            last.saturating_sub(EDGE_SEARCH).max(b.x0),
+            hi,
+            false,
+        ) {
+            right.push((y as f64, x as f64 + 1.0));
+        }
+    }
+    let (al, bl) = fit_line(&left)?;
+    let (ar, br) = fit_line(&right)?;
+    // The edges must open downwards and meet above the middle of the fan.
+    if br - bl < 0.05 {
+        return None;
+    }
+    let ay = (al - ar) / (br - bl);
+    let ax = al + bl * ay;
+    if ay >= rows.0 as f64 {
+        return None;
+    }
+    let (theta_left, theta_right) = (bl.atan(), br.atan());
+    let span = theta_right - theta_left;
+    let (mut near, mut far) = (Vec::new(), Vec::new());
+    for x in b.x0..b.x1 {
+        let col = |y: usize| gray[[y, x]];
+        let top = (b.y0..b.y1).find(|y| mask[[*y, x]] != 0);
+        let bottom = (b.y0..b.y1).rev().find(|y| mask[[*y, x]] != 0);
+        let (Some(top), Some(bottom)) = (top, bottom) else {
+            continue;
+        };
+        let t = (x as f64 + 0.5 - ax).atan2(top as f64 - ay);
+        // Middle columns only: near the edges the arc meets the straight sides.
+        if (t - theta_left) < 0.2 * span || (theta_right - t) < 0.2 * span {
+            continue;
+        }
+        let lo = top.saturating_sub(EDGE_SEARCH).max(b.y0);
+        if let Some(y) = edge_in(col, lo, lo, (top + EDGE_SEARCH).min(b.y1), true) {
+            near.push((x as f64 + 0.5 - ax).hypot(y as f64 - ay));
+        }
+        far.push((x as f64 + 0.5 - ax).hypot(bottom as f64 + 1.0 - ay));
+    }
+    let r_near = median(near)?;
+    let r_far = median(far)?;
+    (r_far > r_near).then_some(Fan {
+        apex: [ax, ay],
+        r_near,
+        r_far,
+        theta_left,
+        theta_right,
+    })
 }
 
 fn dilate(m: &Array2<bool>, r: usize) -> Array2<bool> {
@@ -246,7 +443,18 @@ mod tests {
         assert!(r.bounds.y0 > 12 && r.bounds.x0 >= 30, "{:?}", r.bounds);
         assert!(r.contains(150, 100));
         assert!(!r.contains(20, 190));
+        // The fan is fitted: apex, near radius and edge angles to within a pixel / a degree.
+        let fan = r.fan.expect("a fitted fan");
+        assert!((fan.apex[0] - 150.0).abs() < FIT_PX, "{fan:?}");
+        assert!((fan.apex[1] - 10.0).abs() < FIT_PX, "{fan:?}");
+        assert!((fan.r_near - 20.0).abs() < FIT_PX, "{fan:?}");
+        assert!((fan.theta_right.to_degrees() - 40.0).abs() < 1.0, "{fan:?}");
+        assert!((fan.theta_left.to_degrees() + 40.0).abs() < 1.0, "{fan:?}");
     }
+
+    /// A fitted fan's apex and radii must be this close to the drawn one, px (edges are found
+    /// to the pixel in every row; the lines through them average that out).
+    const FIT_PX: f64 = 1.0;
 
     #[test]
     fn a_black_frame_is_the_whole_frame() {

@@ -254,3 +254,75 @@ pub fn polylines(
         .filter(|l| l.len() as f64 >= min_cols)
         .collect()
 }
+
+/// Labels the bone band and the shadow beneath it along the beams of a fan: the shadow of a
+/// convex probe runs away from the apex, not straight down. `fan` is in the coordinates of
+/// `labels` (the region's crop, or the analysis grid).
+pub fn label_bone_and_shadow_fan(
+    surface: &[Option<f32>],
+    valid: &Array2<bool>,
+    mm: (f64, f64),
+    fan: &crate::frame::Fan,
+    labels: &mut Array2<u8>,
+) {
+    let pts: Vec<(f64, f64)> = surface
+        .iter()
+        .enumerate()
+        .filter_map(|(x, s)| s.map(|y| fan.polar(x as f64 + 0.5, y as f64 + 0.5)))
+        .collect();
+    if pts.is_empty() {
+        return;
+    }
+    // Beams binned by angle, half a pixel wide at the bone's mean radius; each bin keeps the
+    // nearest bone along it.
+    let r_mean = pts.iter().map(|p| p.0).sum::<f64>() / pts.len() as f64;
+    let dtheta = 0.5 / r_mean.max(1.0);
+    let t0 = fan.theta_left;
+    let bins = (((fan.theta_right - t0) / dtheta).ceil() as usize).clamp(1, 1 << 16);
+    let mut near: Vec<Option<f64>> = vec![None; bins];
+    let bin = |t: f64| ((t - t0) / dtheta).floor().clamp(0.0, (bins - 1) as f64) as usize;
+    for w in pts.windows(2).chain(std::iter::once(&pts[pts.len() - 1..])) {
+        // Fill the bins between neighbouring columns' points (a beam falls between them).
+        let (a, b) = (w[0], *w.last().unwrap_or(&w[0]));
+        let (ia, ib) = (bin(a.1), bin(b.1));
+        let joined = (a.0 - b.0).abs() * mm.1 <= POLYLINE_BREAK_MM && ia.abs_diff(ib) <= 4;
+        let (lo, hi) = if joined {
+            (ia.min(ib), ia.max(ib))
+        } else {
+            (ia, ia)
+        };
+        for (k, slot) in near.iter_mut().enumerate().take(hi + 1).skip(lo) {
+            let f = if hi > lo {
+                (k - lo) as f64 / (hi - lo) as f64
+            } else {
+                0.0
+            };
+            let r = if ia <= ib {
+                a.0 + f * (b.0 - a.0)
+            } else {
+                b.0 + f * (a.0 - b.0)
+            };
+            *slot = Some(slot.map_or(r, |s| s.min(r)));
+        }
+    }
+    let above = BAND_ABOVE_MM / mm.1;
+    let below = (BAND_BELOW_MM / mm.1).max(1.0);
+    for ((y, x), l) in labels.indexed_iter_mut() {
+        if *l == Label::Bone.code() || *l == Label::Shadow.code() {
+            *l = Label::Background.code();
+        }
+        if !valid[[y, x]] {
+            continue;
+        }
+        let (r, t) = fan.polar(x as f64 + 0.5, y as f64 + 0.5);
+        if t < fan.theta_left || t > fan.theta_right {
+            continue;
+        }
+        let Some(rb) = near[bin(t)] else { continue };
+        if r >= rb + below {
+            *l = Label::Shadow.code();
+        } else if r >= rb - above {
+            *l = Label::Bone.code();
+        }
+    }
+}

@@ -401,7 +401,25 @@ pub fn segment_from_features(
         let surface = bone::surface(f, params);
         let surface_full = bone::refine(&surface, &crop, f.step, mm_full);
         let mut labels = Array2::<u8>::zeros(crop.dim());
-        bone::label_bone_and_shadow(&surface_full, valid_full, mm_full, &mut labels);
+        // A fan's beams run from its apex: in the crop's coordinates, and on the grid's.
+        let fan_at = |step: usize| {
+            frame.region.fan.map(|f| crate::frame::Fan {
+                apex: [
+                    (f.apex[0] - b.x0 as f64) / step as f64,
+                    (f.apex[1] - b.y0 as f64) / step as f64,
+                ],
+                r_near: f.r_near / step as f64,
+                r_far: f.r_far / step as f64,
+                ..f
+            })
+        };
+        let shadows = |s: &[Option<f32>], v: &Array2<bool>, mm, step, l: &mut Array2<u8>| {
+            match fan_at(step) {
+                Some(fan) => bone::label_bone_and_shadow_fan(s, v, mm, &fan, l),
+                None => bone::label_bone_and_shadow(s, v, mm, l),
+            }
+        };
+        shadows(&surface_full, valid_full, mm_full, 1, &mut labels);
         if f.step == 1 {
             fluid::label_joint_and_effusion(
                 &crop,
@@ -417,7 +435,7 @@ pub fn segment_from_features(
             // Soft-tissue decisions on the analysis grid (a quarter of the pixels), then
             // carried to full resolution where the full-resolution bone and shadow left room.
             let mut grid = Array2::<u8>::zeros(f.intensity.dim());
-            bone::label_bone_and_shadow(&surface, &f.valid, f.mm_per_px, &mut grid);
+            shadows(&surface, &f.valid, f.mm_per_px, f.step, &mut grid);
             fluid::label_joint_and_effusion(
                 &f.intensity,
                 &f.valid,

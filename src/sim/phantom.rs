@@ -1007,6 +1007,7 @@ pub fn frame_of(ph: &Phantom, k: usize) -> super::Result<crate::Frame> {
             shape: RegionShape::Rectangle,
             source: RegionSource::UltrasoundRegion,
             mask: None,
+            fan: None,
         },
         Geometry::Curved => {
             let conv = ScanConverter::new(w, h, t.spacing_mm[0]);
@@ -1018,6 +1019,7 @@ pub fn frame_of(ph: &Phantom, k: usize) -> super::Result<crate::Frame> {
                 shape: RegionShape::Sector,
                 source: RegionSource::UltrasoundRegion,
                 mask: Some(std::sync::Arc::new(mask)),
+                fan: None,
             }
         }
     };
