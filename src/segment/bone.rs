@@ -19,11 +19,14 @@ const STEP_PENALTY: f32 = 0.02;
 const SEGMENT_PENALTY: f32 = 0.3;
 /// Tissue level: this quantile of the valid intensities that are above the noise floor.
 const TISSUE_QUANTILE: f64 = 0.5;
-/// Grey level separating the noise floor (shadow, fluid) from tissue when estimating the level.
-const NOISE_FLOOR_LEVEL: f32 = 30.0;
-/// Depth beneath a bone candidate that must be image for its shadow to count, mm (the shadow
-/// kernel's gap and length).
-const SHADOW_SPAN_MM: f64 = 5.0;
+/// The noise floor (shadow, fluid) when estimating the tissue level: this share of the 90th
+/// percentile of the valid intensities. A share rather than a grey level, so that it follows
+/// gain and dynamic range (the 90th percentile is bright tissue in any frame).
+const NOISE_FLOOR_SHARE: f32 = 0.3;
+/// Depth beneath a bone candidate that must be image for its shadow to be judged, mm: the
+/// shadow kernel skips 1 mm and averages what follows (up to 4 mm); at least 0.5 mm of it
+/// must exist (bone near the bottom of the image is still bone).
+const SHADOW_SPAN_MM: f64 = 1.5;
 /// Largest jump between neighbouring columns inside one polyline, mm.
 const POLYLINE_BREAK_MM: f64 = 1.0;
 /// Bone band above and below the echo, mm: 0.5 mm thick, centred on it.
@@ -35,9 +38,16 @@ pub fn tissue_level(f: &Features) -> f32 {
     let mut v: Vec<f32> = f
         .intensity
         .indexed_iter()
-        .filter(|(i, val)| f.valid[*i] && **val > NOISE_FLOOR_LEVEL)
+        .filter(|(i, _)| f.valid[*i])
         .map(|(_, val)| *val)
         .collect();
+    if v.is_empty() {
+        return 100.0;
+    }
+    let k90 = ((v.len() - 1) as f64 * 0.9) as usize;
+    let (_, p90, _) = v.select_nth_unstable_by(k90, |a, b| a.total_cmp(b));
+    let floor = NOISE_FLOOR_SHARE * *p90;
+    v.retain(|x| *x > floor);
     if v.is_empty() {
         return 100.0;
     }

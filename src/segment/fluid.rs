@@ -5,7 +5,6 @@
 use ndarray::Array2;
 
 use super::components::{components, open_close};
-use super::SegmentParams;
 use crate::label::Label;
 
 /// Joint gaps narrower or wider than these (mm) are not joints.
@@ -44,7 +43,7 @@ pub fn label_joint_and_effusion(
     valid: &Array2<bool>,
     surface: &[Option<f32>],
     mm: (f64, f64),
-    params: &SegmentParams,
+    fluid_level: f32,
     labels: &mut Array2<u8>,
 ) {
     let (h, w) = img.dim();
@@ -79,7 +78,7 @@ pub fn label_joint_and_effusion(
             for y in top..=bottom {
                 if valid[[y, gx]]
                     && labels[[y, gx]] == Label::Background.code()
-                    && img[[y, gx]] < 2.0 * params.fluid_level
+                    && img[[y, gx]] < 2.0 * fluid_level
                 {
                     joint[[y, gx]] = true;
                 }
@@ -99,7 +98,7 @@ pub fn label_joint_and_effusion(
         for y in floor.saturating_sub(reach + cartilage)..floor.min(h) {
             if valid[[y, x]]
                 && labels[[y, x]] == Label::Background.code()
-                && img[[y, x]] < params.fluid_level
+                && img[[y, x]] < fluid_level
             {
                 dark[[y, x]] = true;
             }
@@ -134,14 +133,12 @@ pub fn label_vessels(
     img: &Array2<f32>,
     valid: &Array2<bool>,
     mm: (f64, f64),
-    params: &SegmentParams,
+    fluid_level: f32,
     labels: &mut Array2<u8>,
 ) {
     let (h, w) = img.dim();
     let dark = Array2::from_shape_fn((h, w), |(y, x)| {
-        valid[[y, x]]
-            && labels[[y, x]] == Label::Background.code()
-            && img[[y, x]] < params.fluid_level
+        valid[[y, x]] && labels[[y, x]] == Label::Background.code() && img[[y, x]] < fluid_level
     });
     let dark = open_close(&dark, 1);
     let px_area = mm.0 * mm.1;

@@ -40,8 +40,9 @@ pub struct SegmentParams {
     pub bone_max_step_mm: f64,
     /// Shortest bone segment kept, mm.
     pub bone_min_length_mm: f64,
-    /// Grey level (despeckled) below which tissue is anechoic (fluid).
-    pub fluid_level: f32,
+    /// Despeckled tissue darker than this share of the frame's tissue level is anechoic
+    /// (fluid). A share, not a grey level, so that gain and dynamic range do not move it.
+    pub fluid_ratio: f32,
     /// Frames wider than this (px) are analysed at half resolution for the features.
     pub half_resolution_above_px: usize,
 }
@@ -55,7 +56,7 @@ impl Default for SegmentParams {
             bone_threshold: 0.12,
             bone_max_step_mm: 0.25,
             bone_min_length_mm: 3.0,
-            fluid_level: 24.0,
+            fluid_ratio: 0.24,
             half_resolution_above_px: 400,
         }
     }
@@ -398,6 +399,7 @@ pub fn segment_from_features(
     let region_labels = {
         let crop = despeckled.slice(s![b.y0..b.y1, b.x0..b.x1]).to_owned();
         let valid_full = &f.valid_full;
+        let fluid_level = params.fluid_ratio * bone::tissue_level(f);
         let surface = bone::surface(f, params);
         let surface_full = bone::refine(&surface, &crop, f.step, mm_full);
         let mut labels = Array2::<u8>::zeros(crop.dim());
@@ -426,10 +428,10 @@ pub fn segment_from_features(
                 valid_full,
                 &surface_full,
                 mm_full,
-                params,
+                fluid_level,
                 &mut labels,
             );
-            fluid::label_vessels(&crop, valid_full, mm_full, params, &mut labels);
+            fluid::label_vessels(&crop, valid_full, mm_full, fluid_level, &mut labels);
             tendon::label_tendon(&crop, f, valid_full, &surface_full, mm_full, 1, &mut labels);
         } else {
             // Soft-tissue decisions on the analysis grid (a quarter of the pixels), then
@@ -441,10 +443,10 @@ pub fn segment_from_features(
                 &f.valid,
                 &surface,
                 f.mm_per_px,
-                params,
+                fluid_level,
                 &mut grid,
             );
-            fluid::label_vessels(&f.intensity, &f.valid, f.mm_per_px, params, &mut grid);
+            fluid::label_vessels(&f.intensity, &f.valid, f.mm_per_px, fluid_level, &mut grid);
             tendon::label_tendon(
                 &f.intensity,
                 f,
