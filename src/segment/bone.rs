@@ -148,7 +148,50 @@ pub fn surface(f: &Features, params: &SegmentParams) -> Vec<Option<f32>> {
     }
     out[0] = state.map(|y| y as f32);
     drop_short_runs(&mut out, f.mm_per_px.0, params.bone_min_length_mm);
+    drop_unshadowed_runs(&mut out, f);
     out
+}
+
+/// How deep beneath the surface the shadow of a bone run is checked, mm (beyond the kernel's
+/// 5 mm: a wall with fluid beneath and tissue again deeper is not bone).
+const DEEP_SHADOW_MM: f64 = 15.0;
+/// Skipped beneath the surface before the deep shadow is averaged, mm (the echo's tail).
+const DEEP_SHADOW_GAP_MM: f64 = 1.0;
+/// A run is bone only if the mean intensity of the image beneath it, down to
+/// `DEEP_SHADOW_MM`, stays below this share of the tissue level: bone reflects or absorbs
+/// nearly all of the beam (cortical bone attenuates on the order of 10–20 dB/cm/MHz against
+/// soft tissue's 0.5–1), so what lies beneath is reverberation and clutter, not tissue.
+const DEEP_SHADOW_MAX: f32 = 0.55;
+
+/// Drops runs of the surface beneath which the image does not stay dark.
+fn drop_unshadowed_runs(s: &mut [Option<f32>], f: &Features) {
+    let (h, _) = f.intensity.dim();
+    let level = tissue_level(f).max(1.0);
+    let gap = (DEEP_SHADOW_GAP_MM / f.mm_per_px.1).round() as usize;
+    let depth = (DEEP_SHADOW_MM / f.mm_per_px.1).round() as usize;
+    let mut x = 0;
+    while x < s.len() {
+        if s[x].is_none() {
+            x += 1;
+            continue;
+        }
+        let start = x;
+        let (mut sum, mut n) = (0.0f64, 0usize);
+        while x < s.len() {
+            let Some(y) = s[x] else { break };
+            let y0 = y.round() as usize + gap;
+            for yy in y0..(y0 + depth).min(h) {
+                if f.valid[[yy, x]] {
+                    sum += f.intensity[[yy, x]] as f64;
+                    n += 1;
+                }
+            }
+            x += 1;
+        }
+        if n > 0 && (sum / n as f64) as f32 > DEEP_SHADOW_MAX * level {
+            s[start..x].iter_mut().for_each(|v| *v = None);
+        }
+    }
 }
 
 fn drop_short_runs(s: &mut [Option<f32>], mm_per_col: f64, min_mm: f64) {
