@@ -112,6 +112,22 @@ pub struct ImagingRegionInfo {
     pub reference_pixel_x0: Option<f64>,
     /// Reference pixel row (full frame).
     pub reference_pixel_y0: Option<f64>,
+    /// A fitted fan: apex (column, row), near and far radius (px), edge angles from straight
+    /// down (degrees).
+    pub fan: Option<FanInfo>,
+}
+
+/// A fan's geometry as `sonoguide info` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FanInfo {
+    /// Centre of the arcs, px.
+    pub apex_px: [f64; 2],
+    /// Radius of the near arc (the skin line), px.
+    pub r_near_px: f64,
+    /// Radius of the far arc, px.
+    pub r_far_px: f64,
+    /// Edge angles from straight down, degrees (left, right).
+    pub edges_deg: [f64; 2],
 }
 
 /// What the header says about the image.
@@ -641,6 +657,12 @@ impl DicomFile {
             mm_per_px_y: my,
             reference_pixel_x0: rx,
             reference_pixel_y0: ry,
+            fan: region.fan.map(|f| FanInfo {
+                apex_px: f.apex,
+                r_near_px: f.r_near,
+                r_far_px: f.r_far,
+                edges_deg: [f.theta_left.to_degrees(), f.theta_right.to_degrees()],
+            }),
         })
     }
 

@@ -164,13 +164,14 @@ pub fn detect_imaging_region(gray: &Array2<f32>, rgb: Option<&Array3<u8>>) -> Im
 const EDGE_LEVEL: f32 = 3.5;
 /// How far from the block mask's edge the pixel edge is looked for, px.
 const EDGE_SEARCH: usize = 3 * BLOCK;
-/// Consecutive pixels above `EDGE_LEVEL` that mark an edge (one bright speck does not).
-const EDGE_RUN: usize = 3;
+/// Pixels looked at inwards from a candidate edge, and how many of them must be above
+/// `EDGE_LEVEL` (one bright speck outside does not make an edge; a dark speck inside does not
+/// stop one).
+const EDGE_RUN: usize = 8;
+const EDGE_FILL: usize = 6;
 /// Share of the fan's height, from the top, whose rows are used to fit the straight edges (the
 /// deep field may be too dark for its edges to show, and the top rows hold the near arc).
 const EDGE_ROWS: (f64, f64) = (0.15, 0.75);
-/// Edge points farther than this from the first line fit are dropped before the second, px.
-const EDGE_OUTLIER_PX: f64 = 2.0;
 /// The fitted fan must agree with the block mask on this share of the bounding box's pixels.
 const FAN_AGREEMENT: f64 = 0.93;
 
@@ -204,8 +205,9 @@ fn fit_sector(gray: &Array2<f32>, region: ImagingRegion) -> ImagingRegion {
     }
 }
 
-/// The first pixel from `from` stepping by `step` (±1) within `[lo, hi)` that starts a run of
-/// `EDGE_RUN` pixels brighter than `EDGE_LEVEL` along the line `at`.
+/// The first pixel from `from`, walking up (or down) within `[lo, hi)`, where the fan begins:
+/// at least `EDGE_FILL` of the `EDGE_RUN` pixels from it inwards are above `EDGE_LEVEL` (dark
+/// speckle inside the fan may touch 0 here and there; the surround is 0 throughout).
 fn edge_in(
     at: impl Fn(usize) -> f32,
     from: usize,
@@ -218,42 +220,41 @@ fn edge_in(
         if i < lo || i >= hi {
             return None;
         }
-        let run = (0..EDGE_RUN).all(|k| {
-            let j = if up { i + k } else { i.wrapping_sub(k) };
-            j >= lo && j < hi && at(j) > EDGE_LEVEL
-        });
-        if run {
-            return Some(i);
+        if at(i) > EDGE_LEVEL {
+            let lit = (0..EDGE_RUN)
+                .filter(|k| {
+                    let j = if up { i + k } else { i.wrapping_sub(*k) };
+                    j >= lo && j < hi && at(j) > EDGE_LEVEL
+                })
+                .count();
+            if lit >= EDGE_FILL {
+                return Some(i);
+            }
         }
         i = if up { i + 1 } else { i.checked_sub(1)? };
     }
 }
 
-/// Least-squares line x = a + b·y through `pts` (y, x), refitted without outliers.
+/// Robust line x = a + b·y through `pts` (y, x): Theil–Sen (the median of pairwise slopes of
+/// points well apart, then the median intercept), so stray edge points do not tilt it.
 fn fit_line(pts: &[(f64, f64)]) -> Option<(f64, f64)> {
-    let once = |p: &[(f64, f64)]| -> Option<(f64, f64)> {
-        let n = p.len() as f64;
-        if n < 8.0 {
-            return None;
+    let n = pts.len();
+    if n < 8 {
+        return None;
+    }
+    let apart = n / 4;
+    let mut slopes = Vec::with_capacity(n * n / 4);
+    for i in 0..n {
+        for j in (i + apart)..n {
+            let dy = pts[j].0 - pts[i].0;
+            if dy != 0.0 {
+                slopes.push((pts[j].1 - pts[i].1) / dy);
+            }
         }
-        let (my, mx) = (
-            p.iter().map(|q| q.0).sum::<f64>() / n,
-            p.iter().map(|q| q.1).sum::<f64>() / n,
-        );
-        let syy: f64 = p.iter().map(|q| (q.0 - my).powi(2)).sum();
-        let sxy: f64 = p.iter().map(|q| (q.0 - my) * (q.1 - mx)).sum();
-        (syy > 0.0).then(|| {
-            let b = sxy / syy;
-            (mx - b * my, b)
-        })
-    };
-    let (a, b) = once(pts)?;
-    let kept: Vec<(f64, f64)> = pts
-        .iter()
-        .copied()
-        .filter(|(y, x)| (a + b * y - x).abs() <= EDGE_OUTLIER_PX)
-        .collect();
-    once(&kept)
+    }
+    let b = median(slopes)?;
+    let a = median(pts.iter().map(|(y, x)| x - b * y).collect())?;
+    Some((a, b))
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -289,7 +290,11 @@ fn fit_fan(gray: &Array2<f32>, mask: &Array2<u8>, b: Rect) -> Option<Fan> {
         // Refine within a few blocks either side of the block edge (closing and row filling
         // can move it by more than one block).
         let lo = first.saturating_sub(EDGE_SEARCH).max(b.x0);
-        if let Some(x) = edge_in(row, lo, lo, (first + EDGE_SEARCH).min(b.x1), true) {
+        // An edge on the rectangle's side is the rectangle's, not the fan's (a fan wider
+        // than its region is cut there).
+        if let Some(x) =
+            edge_in(row, lo, lo, (first + EDGE_SEARCH).min(b.x1), true).filter(|x| *x > b.x0 + 1)
+        {
             left.push((y as f64, x as f64));
         }
         let hi = (last + EDGE_SEARCH + 1).min(b.x1);
@@ -299,7 +304,9 @@ fn fit_fan(gray: &Array2<f32>, mask: &Array2<u8>, b: Rect) -> Option<Fan> {
             last.saturating_sub(EDGE_SEARCH).max(b.x0),
             hi,
             false,
-        ) {
+        )
+        .filter(|x| *x + 2 < b.x1)
+        {
             right.push((y as f64, x as f64 + 1.0));
         }
     }
@@ -330,7 +337,10 @@ fn fit_fan(gray: &Array2<f32>, mask: &Array2<u8>, b: Rect) -> Option<Fan> {
             continue;
         }
         let lo = top.saturating_sub(EDGE_SEARCH).max(b.y0);
-        if let Some(y) = edge_in(col, lo, lo, (top + EDGE_SEARCH).min(b.y1), true) {
+        // Row filling of the block mask squares off the arc: its top row spans the whole
+        // fan, so the arc is looked for down to a third of the fan's height.
+        let hi = (top + EDGE_SEARCH.max(b.height() / 3)).min(b.y1);
+        if let Some(y) = edge_in(col, lo, lo, hi, true) {
             near.push((x as f64 + 0.5 - ax).hypot(y as f64 - ay));
         }
         far.push((x as f64 + 0.5 - ax).hypot(bottom as f64 + 1.0 - ay));

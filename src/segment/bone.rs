@@ -27,6 +27,11 @@ const NOISE_FLOOR_SHARE: f32 = 0.3;
 /// shadow kernel skips 1 mm and averages what follows (up to 4 mm); at least 0.5 mm of it
 /// must exist (bone near the bottom of the image is still bone).
 const SHADOW_SPAN_MM: f64 = 1.5;
+/// Shadowness of what lies beneath a pixel falls linearly from 1 (black) to 0 at this share
+/// of the tissue level: shadows are partly filled by clutter and reverberation (side lobes of
+/// the bright bone echo), often to half the tissue level, so only tissue-bright ground counts
+/// as no shadow at all.
+const SHADOW_NONE: f32 = 0.9;
 /// Largest jump between neighbouring columns inside one polyline, mm.
 const POLYLINE_BREAK_MM: f64 = 1.0;
 /// Bone band above and below the echo, mm: 0.5 mm thick, centred on it.
@@ -68,7 +73,7 @@ pub fn bone_score(f: &Features) -> Array2<f32> {
             return 0.0;
         }
         let bright = ((f.intensity[[y, x]] - level) / level).clamp(0.0, 1.0);
-        let shadow = (1.0 - f.below[[y, x]] / (0.6 * level)).clamp(0.0, 1.0);
+        let shadow = (1.0 - f.below[[y, x]] / (SHADOW_NONE * level)).clamp(0.0, 1.0);
         f.phase_symmetry[[y, x]] * bright * shadow
     })
 }
@@ -161,7 +166,7 @@ const DEEP_SHADOW_GAP_MM: f64 = 1.0;
 /// `DEEP_SHADOW_MM`, stays below this share of the tissue level: bone reflects or absorbs
 /// nearly all of the beam (cortical bone attenuates on the order of 10–20 dB/cm/MHz against
 /// soft tissue's 0.5–1), so what lies beneath is reverberation and clutter, not tissue.
-const DEEP_SHADOW_MAX: f32 = 0.55;
+const DEEP_SHADOW_MAX: f32 = 0.75;
 
 /// Drops runs of the surface beneath which the image does not stay dark.
 fn drop_unshadowed_runs(s: &mut [Option<f32>], f: &Features) {

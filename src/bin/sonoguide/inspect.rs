@@ -117,6 +117,15 @@ fn print_info_text(r: &Value) {
         ir["mm_per_px_x"],
         ir["mm_per_px_y"]
     );
+    if let Some(f) = ir.get("fan").filter(|f| !f.is_null()) {
+        println!(
+            "  fan                  apex {} near radius {:.1} px, far {:.1} px, edges {} deg",
+            f["apex_px"],
+            f["r_near_px"].as_f64().unwrap_or(f64::NAN),
+            f["r_far_px"].as_f64().unwrap_or(f64::NAN),
+            f["edges_deg"]
+        );
+    }
     match r["calibration_reason"].as_str() {
         Some(reason) => println!("  calibration          {} ({reason})", s("calibration")),
         None => println!("  calibration          {}", s("calibration")),
