@@ -492,19 +492,31 @@ fn auto_target(
     None
 }
 
-/// The top edge (skin line) of the imaging region: per column, the first row inside it.
+/// The top edge (skin line) of the imaging region: per column, the first row inside it. For
+/// a fitted fan, only the near arc is skin: a column whose first row lies on a straight side
+/// of the fan (farther from the apex than the arc) has no entry.
 fn skin_line(frame: &Frame) -> Vec<Option<usize>> {
     let b = frame.region.bounds;
     (0..frame.width())
         .map(|x| {
             if x < b.x0 || x >= b.x1 {
-                None
-            } else {
-                (b.y0..b.y1).find(|y| frame.region.contains(x, *y))
+                return None;
+            }
+            let y = (b.y0..b.y1).find(|y| frame.region.contains(x, *y))?;
+            match frame.region.fan {
+                Some(fan) => {
+                    let (r, _) = fan.polar(x as f64 + 0.5, y as f64 + 0.5);
+                    (r - fan.r_near <= ON_ARC_PX).then_some(y)
+                }
+                None => Some(y),
             }
         })
         .collect()
 }
+
+/// A fan's first row in a column is on the near arc when it lies within this distance of it,
+/// px (the arc crosses a column within one pixel; its rendering rounds to pixel centres).
+const ON_ARC_PX: f64 = 1.5;
 
 /// Plans a needle path for one segmented frame.
 pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePlan {

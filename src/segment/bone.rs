@@ -32,6 +32,10 @@ const SHADOW_SPAN_MM: f64 = 1.5;
 /// the bright bone echo), often to half the tissue level, so only tissue-bright ground counts
 /// as no shadow at all.
 const SHADOW_NONE: f32 = 0.9;
+/// Weight of a bright ridge with no shadow beneath, against one with a black shadow: shadows
+/// filled by clutter must not hide bone from the surface search; runs without a shadow deeper
+/// down are dropped afterwards (`DEEP_SHADOW_MAX`).
+const SHADOW_FLOOR: f32 = 0.3;
 /// Largest jump between neighbouring columns inside one polyline, mm.
 const POLYLINE_BREAK_MM: f64 = 1.0;
 /// Bone band above and below the echo, mm: 0.5 mm thick, centred on it.
@@ -74,7 +78,7 @@ pub fn bone_score(f: &Features) -> Array2<f32> {
         }
         let bright = ((f.intensity[[y, x]] - level) / level).clamp(0.0, 1.0);
         let shadow = (1.0 - f.below[[y, x]] / (SHADOW_NONE * level)).clamp(0.0, 1.0);
-        f.phase_symmetry[[y, x]] * bright * shadow
+        f.phase_symmetry[[y, x]] * bright * (SHADOW_FLOOR + (1.0 - SHADOW_FLOOR) * shadow)
     })
 }
 

@@ -9,6 +9,10 @@ use crate::label::Label;
 
 /// Joint gaps narrower or wider than these (mm) are not joints.
 const JOINT_GAP_MM: (f64, f64) = (1.0, 15.0);
+/// Inside a gap between bone ends, tissue darker than this multiple of the fluid level is
+/// joint (cartilage, capsule and fluid between bone ends are all hypoechoic to the tissue over
+/// them; the gap holds no bright tissue but the capsule's edge).
+const JOINT_GAP_RATIO: f32 = 1.5;
 /// How far above the shallower bone end the joint region starts, mm (cartilage and capsule).
 const JOINT_ABOVE_MM: f64 = 1.2;
 /// How far below the shallower bone end the recess extends, mm.
@@ -78,7 +82,7 @@ pub fn label_joint_and_effusion(
             for y in top..=bottom {
                 if valid[[y, gx]]
                     && labels[[y, gx]] == Label::Background.code()
-                    && img[[y, gx]] < 2.0 * fluid_level
+                    && img[[y, gx]] < JOINT_GAP_RATIO * fluid_level
                 {
                     joint[[y, gx]] = true;
                 }
@@ -159,11 +163,9 @@ pub fn label_vessels(
         {
             continue;
         }
-        // Not touching the frame's edges (cut-off structures are not judged) nor other labels.
-        let (y0, x0, y1, x1) = c.bbox;
-        if y0 == 0 || x0 == 0 || y1 + 1 >= h || x1 + 1 >= w {
-            continue;
-        }
+        // A vessel cut by the image's side is still a vessel (and still an obstacle); only
+        // one that touches another label is not judged.
+        let (_, x0, y1, x1) = c.bbox;
         let near_label = c.pixels.iter().any(|&(y, x)| {
             (y.saturating_sub(wall + 1)..(y + wall + 2).min(h))
                 .any(|yy| labels[[yy, x]] != Label::Background.code())

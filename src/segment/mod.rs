@@ -56,7 +56,7 @@ impl Default for SegmentParams {
             bone_threshold: 0.12,
             bone_max_step_mm: 0.25,
             bone_min_length_mm: 3.0,
-            fluid_ratio: 0.24,
+            fluid_ratio: 0.45,
             half_resolution_above_px: 400,
         }
     }
