@@ -400,7 +400,16 @@ pub fn segment_from_features(
         let crop = despeckled.slice(s![b.y0..b.y1, b.x0..b.x1]).to_owned();
         let valid_full = &f.valid_full;
         let fluid_level = params.fluid_ratio * bone::tissue_level(f);
-        let surface = bone::surface(f, params);
+        // Bone is judged by sizes in millimetres (its shadow's depth, its shortest run, the
+        // band): without a usable calibration those priors cannot be applied, and a bright
+        // line over a dark area (a heart wall over a chamber) would pass for bone. Such a
+        // frame gets no bone, so no shadow or joint either; the result says it was
+        // uncalibrated.
+        let surface = if calibration_assumed {
+            vec![None; f.intensity.ncols()]
+        } else {
+            bone::surface(f, params)
+        };
         let surface_full = bone::refine(&surface, &crop, f.step, mm_full);
         let mut labels = Array2::<u8>::zeros(crop.dim());
         // A fan's beams run from its apex: in the crop's coordinates, and on the grid's.
@@ -468,6 +477,13 @@ pub fn segment_from_features(
                 {
                     *l = g;
                 }
+            }
+        }
+        // Morphological closing inside the decisions may reach past the valid pixels; nothing
+        // is labelled outside the region, on colour or on burned-in graphics.
+        for (l, v) in labels.iter_mut().zip(valid_full.iter()) {
+            if !*v {
+                *l = Label::Background.code();
             }
         }
         (labels, surface_full)

@@ -369,13 +369,23 @@ pub fn score_dir(pipeline: &Pipeline, dir: &Path) -> Result<Vec<SetScore>> {
         .collect())
 }
 
+/// The keys of a perturbation object that name its group (kind and amount).
+const GROUP_KEYS: [&str; 3] = ["kind", "delta_db", "dynamic_range_db"];
+
 /// A short name for a perturbation given as a string or an object.
 fn perturbation_name(p: &serde_json::Value) -> String {
     match p {
         serde_json::Value::String(s) => s.clone(),
+        // Group by what was changed and by how much, not by case.
         serde_json::Value::Object(m) => m
             .iter()
-            .map(|(k, v)| format!("{k}={v}"))
+            .filter(|(k, _)| GROUP_KEYS.contains(&k.as_str()))
+            .map(|(k, v)| {
+                format!(
+                    "{k}={}",
+                    v.as_str().map(String::from).unwrap_or(v.to_string())
+                )
+            })
             .collect::<Vec<_>>()
             .join(","),
         other => other.to_string(),
