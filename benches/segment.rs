@@ -16,7 +16,7 @@ fn segment(c: &mut Criterion) {
     let seg = SegmentParams::default();
     let srad = Filter::default_for("srad").expect("srad");
     for (w, h) in [(640usize, 480usize), (1024, 768)] {
-        let mut p = PhantomParams::default();
+        let mut p = PhantomParams::default().with_nominal_scanner();
         p.width = w;
         p.height = h;
         p.seed = 4242;

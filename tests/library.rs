@@ -31,13 +31,14 @@ fn frames_from_dicom_bytes_raw_buffers_and_images_give_the_same_plan() {
     assert_eq!(from_bytes.intensity, from_file.intensity);
 
     let (w, h) = (from_file.width(), from_file.height());
+    let spacing = from_file.calibration.mm_per_px().unwrap();
     let gray = from_file.gray8();
     let gray16: Vec<u16> = gray.iter().map(|v| *v as u16 * 257).collect();
-    let raw16 = Frame::from_gray16(w, h, &gray16, 16, (0.08, 0.08)).unwrap();
+    let raw16 = Frame::from_gray16(w, h, &gray16, 16, spacing).unwrap();
     let img = image::DynamicImage::ImageLuma8(
         image::GrayImage::from_raw(w as u32, h as u32, gray.clone()).unwrap(),
     );
-    let from_image = Frame::from_image(&img, (0.08, 0.08)).unwrap();
+    let from_image = Frame::from_image(&img, spacing).unwrap();
     for f in [&raw16, &from_image] {
         let r = pipeline.process(f).unwrap();
         // No reference pixel here: the same target, laterally offset by the reference column.

@@ -75,7 +75,7 @@ pub fn speckle_frame(width: usize, height: usize) -> Result<Array2<f32>> {
 
 /// The benches' phantom: one fixed seed, so that every bench times the same scene.
 fn bench_phantom(width: usize, height: usize, frames: usize) -> Result<Phantom> {
-    let mut p = PhantomParams::default();
+    let mut p = PhantomParams::default().with_nominal_scanner();
     p.width = width;
     p.height = height;
     p.seed = 4242;
@@ -143,7 +143,7 @@ pub fn run(
     }
     // Feature kernels at the analysis grid of a frame of this size, and whole segmentation.
     {
-        let mut p = PhantomParams::default();
+        let mut p = PhantomParams::default().with_nominal_scanner();
         p.width = width;
         p.height = height;
         p.seed = 4242;
@@ -335,7 +335,7 @@ pub fn run_serve(
     use std::io::{Read, Write};
     use std::sync::atomic::Ordering;
     let ph = bench_phantom(width, height, 8)?;
-    let mm_per_px = PhantomParams::default().mm_per_px;
+    let mm_per_px = ph.truth.spacing_mm[0];
     let server = crate::igtl::Server::bind("127.0.0.1:0", pipeline.clone(), Default::default())?;
     let addr = server
         .local_addr()

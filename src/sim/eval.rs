@@ -249,7 +249,7 @@ pub fn segment_scores(
             .copied()
             .collect();
         let found_pts: Vec<[f64; 2]> = s.bone_polylines_px.iter().flatten().copied().collect();
-        let mm = p.mm_per_px;
+        let mm = ph.truth.spacing_mm[0];
         if truth_pts.is_empty() {
             no_bone += 1;
             if s.labels.iter().any(|l| *l == Label::Bone.code()) {
@@ -391,7 +391,7 @@ pub fn plan_scores(
         let r = pipeline.process(&frame)?;
         score.cases += 1;
         let truth = &ph.labels[0];
-        let mm = p.mm_per_px;
+        let mm = ph.truth.spacing_mm[0];
         if r.plan.target_kind == Some(ph.truth.target_kind) {
             score.kind_matches += 1;
         }

@@ -1,42 +1,11 @@
-//! The harness commands: `phantom` (synthetic cases with truth) and `eval-despeckle`,
-//! `eval-segment`, `eval-plan` (scores on phantoms from fresh seeds, as Markdown tables or JSON).
-
-use std::path::PathBuf;
+//! The harness commands `eval-despeckle`, `eval-segment`, `eval-plan`: scores on phantoms from
+//! fresh seeds, as Markdown tables or JSON.
 
 use sonoguide::sim::{eval, phantom};
 use sonoguide::Filter;
 
-use crate::args::{open_despeckler, parse_size, BackendOpt, GeometryArg, FILTER_CHOICES};
-use crate::exit::{make_out_dir, print_json, Failure, Outcome};
-
-/// `phantom`'s arguments.
-#[derive(clap::Args)]
-pub struct PhantomArgs {
-    /// Output folder.
-    #[arg(long)]
-    out: PathBuf,
-    /// Number of cases.
-    #[arg(long, default_value_t = 1)]
-    count: usize,
-    /// Seed of the first case (case i uses seed + i).
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Frames per case (more than 1: a cine with the probe sliding sideways).
-    #[arg(long, default_value_t = 1)]
-    frames: usize,
-    /// Probe geometry.
-    #[arg(long, value_enum, default_value_t = GeometryArg::Linear)]
-    geometry: GeometryArg,
-    /// Image size, WIDTHxHEIGHT.
-    #[arg(long, default_value = "480x360", value_parser = parse_size)]
-    size: (usize, usize),
-    /// Millimetres per pixel.
-    #[arg(long, default_value_t = 0.08)]
-    mm_per_px: f64,
-    /// Case name prefix.
-    #[arg(long, default_value = "phantom")]
-    prefix: String,
-}
+use crate::args::{open_despeckler, BackendOpt, GeometryArg, FILTER_CHOICES};
+use crate::exit::{print_json, Outcome};
 
 /// `eval-despeckle`'s arguments.
 #[derive(clap::Args)]
@@ -96,41 +65,6 @@ pub struct EvalPlanArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
-}
-
-/// `sonoguide phantom`.
-pub fn phantom(args: PhantomArgs) -> Outcome {
-    let mut params = phantom::PhantomParams::default();
-    params.width = args.size.0;
-    params.height = args.size.1;
-    params.mm_per_px = args.mm_per_px;
-    params.frames = args.frames;
-    params.geometry = args.geometry.into();
-    make_out_dir(&args.out)?;
-    let mut failed = false;
-    for i in 0..args.count {
-        let mut p = params.clone();
-        p.seed = args.seed + i as u64;
-        let name = format!("{}_{:04}", args.prefix, p.seed);
-        match phantom::write_case(&args.out, &name, &p) {
-            Ok(truth) => eprintln!(
-                "{}: {} scene, target {}, {} frame(s)",
-                args.out.join(format!("{name}.dcm")).display(),
-                truth.scene,
-                truth.target_kind,
-                truth.frames.len()
-            ),
-            Err(e) => {
-                eprintln!("error: {name}: {e}");
-                failed = true;
-            }
-        }
-    }
-    if failed {
-        Err(Failure::Reported)
-    } else {
-        Ok(())
-    }
 }
 
 /// `sonoguide eval-despeckle`.

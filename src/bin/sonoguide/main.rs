@@ -13,6 +13,7 @@ mod eval;
 mod evalset;
 mod exit;
 mod inspect;
+mod phantom;
 mod serve;
 
 #[derive(Parser)]
@@ -59,7 +60,7 @@ enum Command {
     /// NAME.truth.png and NAME.truth.json), read through the DICOM reader.
     EvalSet(evalset::EvalSetArgs),
     /// Generate synthetic MSK phantoms (DICOM + truth labels + clean map + truth JSON).
-    Phantom(eval::PhantomArgs),
+    Phantom(phantom::PhantomArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,7 +77,7 @@ fn main() -> ExitCode {
         Command::EvalSegment(a) => eval::eval_segment(a),
         Command::EvalPlan(a) => eval::eval_plan(a),
         Command::EvalSet(a) => evalset::eval_set(a),
-        Command::Phantom(a) => eval::phantom(a),
+        Command::Phantom(a) => phantom::phantom(a),
     };
     exit::exit_code(outcome)
 }
