@@ -172,8 +172,9 @@ const EDGE_FILL: usize = 6;
 /// Share of the fan's height, from the top, whose rows are used to fit the straight edges (the
 /// deep field may be too dark for its edges to show, and the top rows hold the near arc).
 const EDGE_ROWS: (f64, f64) = (0.15, 0.75);
-/// The fitted fan must agree with the block mask on this share of the bounding box's pixels.
-const FAN_AGREEMENT: f64 = 0.93;
+/// Share of the pixels outside the fitted fan that must be dark, and of the upper half of the
+/// fan that must be signal by the block mask.
+const FAN_AGREEMENT: f64 = 0.95;
 
 /// Fits the straight edges and the arcs of a sector found as a block mask, and re-renders its
 /// mask at pixel precision from that geometry (the skin line is then the near arc, exactly).
@@ -190,12 +191,26 @@ fn fit_sector(gray: &Array2<f32>, region: ImagingRegion) -> ImagingRegion {
     let rendered = Array2::from_shape_fn((h, w), |(y, x)| {
         u8::from(b.contains(x, y) && fan.contains(x as f64 + 0.5, y as f64 + 0.5))
     });
-    let total = b.width() * b.height();
-    let agree = (b.y0..b.y1)
-        .flat_map(|y| (b.x0..b.x1).map(move |x| (y, x)))
-        .filter(|&(y, x)| (mask[[y, x]] != 0) == (rendered[[y, x]] != 0))
-        .count();
-    if (agree as f64) < FAN_AGREEMENT * total as f64 {
+    // The fit must leave no signal outside it (the corners of the rectangle are black), and
+    // the upper half of the fitted fan must be signal by the block mask (deep shadows and
+    // fluid may leave dark holes lower down, which the block mask misses, so it is not
+    // compared there).
+    let (mut outside, mut outside_lit, mut upper, mut upper_signal) = (0usize, 0usize, 0, 0);
+    let half = b.y0 + b.height() / 2;
+    for y in b.y0..b.y1 {
+        for x in b.x0..b.x1 {
+            if rendered[[y, x]] == 0 {
+                outside += 1;
+                outside_lit += usize::from(gray[[y, x]] > EDGE_LEVEL);
+            } else if y < half {
+                upper += 1;
+                upper_signal += usize::from(mask[[y, x]] != 0);
+            }
+        }
+    }
+    if (outside_lit as f64) > (1.0 - FAN_AGREEMENT) * outside.max(1) as f64
+        || (upper_signal as f64) < FAN_AGREEMENT * upper.max(1) as f64
+    {
         return region;
     }
     ImagingRegion {
