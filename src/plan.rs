@@ -497,7 +497,7 @@ fn auto_target(
 /// of the fan (farther from the apex than the arc) has no entry.
 fn skin_line(frame: &Frame) -> Vec<Option<usize>> {
     let b = frame.region.bounds;
-    (0..frame.width())
+    let line = (0..frame.width())
         .map(|x| {
             if x < b.x0 || x >= b.x1 {
                 return None;
@@ -510,6 +510,35 @@ fn skin_line(frame: &Frame) -> Vec<Option<usize>> {
                 }
                 None => Some(y),
             }
+        })
+        .collect::<Vec<_>>();
+    drop_fan_sides(line, frame)
+}
+
+/// Steepest top edge that can be skin, rows per column: an arc's tangent at a fan's corner
+/// (up to 45° from horizontal for the widest phased arrays); a fan's straight sides are
+/// steeper.
+const SKIN_MAX_SLOPE: f64 = 1.0;
+/// Columns either side over which that slope is measured.
+const SKIN_SLOPE_REACH: usize = 3;
+
+/// For a sector whose fan could not be fitted, the top edge also runs down its straight sides,
+/// which are not skin: drops the columns where the top edge is steeper than an arc can be.
+fn drop_fan_sides(line: Vec<Option<usize>>, frame: &Frame) -> Vec<Option<usize>> {
+    if frame.region.shape != crate::frame::RegionShape::Sector || frame.region.fan.is_some() {
+        return line;
+    }
+    let n = line.len();
+    (0..n)
+        .map(|x| {
+            let y = line[x]?;
+            let (a, b) = (
+                x.saturating_sub(SKIN_SLOPE_REACH),
+                (x + SKIN_SLOPE_REACH).min(n - 1),
+            );
+            let (ya, yb) = (line[a]?, line[b]?);
+            let slope = (yb as f64 - ya as f64).abs() / (b - a).max(1) as f64;
+            (slope <= SKIN_MAX_SLOPE).then_some(y)
         })
         .collect()
 }
