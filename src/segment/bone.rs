@@ -42,12 +42,12 @@ const POLYLINE_BREAK_MM: f64 = 1.0;
 const BAND_ABOVE_MM: f64 = 0.25;
 const BAND_BELOW_MM: f64 = 0.25;
 
-/// The tissue level of the analysis grid.
-pub fn tissue_level(f: &Features) -> f32 {
-    let mut v: Vec<f32> = f
-        .intensity
+/// The tissue level of an analysis grid (computed once per frame into
+/// [`Features::tissue_level`]).
+pub fn tissue_level(intensity: &Array2<f32>, valid: &Array2<bool>) -> f32 {
+    let mut v: Vec<f32> = intensity
         .indexed_iter()
-        .filter(|(i, _)| f.valid[*i])
+        .filter(|(i, _)| valid[*i])
         .map(|(_, val)| *val)
         .collect();
     if v.is_empty() {
@@ -67,7 +67,7 @@ pub fn tissue_level(f: &Features) -> f32 {
 
 /// Bone score on the analysis grid.
 pub fn bone_score(f: &Features) -> Array2<f32> {
-    let level = tissue_level(f).max(1.0);
+    let level = f.tissue_level.max(1.0);
     let (h, _) = f.intensity.dim();
     // A shadow is only judged where the image goes on beneath: the whole band the shadow
     // kernel averages (1 mm gap + 4 mm) must lie inside the imaging region.
@@ -175,7 +175,7 @@ const DEEP_SHADOW_MAX: f32 = 0.75;
 /// Drops runs of the surface beneath which the image does not stay dark.
 fn drop_unshadowed_runs(s: &mut [Option<f32>], f: &Features) {
     let (h, _) = f.intensity.dim();
-    let level = tissue_level(f).max(1.0);
+    let level = f.tissue_level.max(1.0);
     let gap = (DEEP_SHADOW_GAP_MM / f.mm_per_px.1).round() as usize;
     let depth = (DEEP_SHADOW_MM / f.mm_per_px.1).round() as usize;
     let mut x = 0;

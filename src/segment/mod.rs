@@ -124,6 +124,9 @@ pub struct Features {
     pub step: usize,
     /// Millimetres per analysis pixel (x, y).
     pub mm_per_px: (f64, f64),
+    /// The frame's tissue level on the analysis grid (median above a relative noise floor):
+    /// the reference of every brightness ratio in the decisions.
+    pub tissue_level: f32,
 }
 
 /// The three feature kernels' parameters, for [`feature_params`]' result.
@@ -147,7 +150,9 @@ fn features_with(
     let (grid, valid, step, mm) = analysis_grid(frame, despeckled, &valid_full, params);
     let fp = feature_params(params, mm, grid.nrows())?;
     let [phase_symmetry, below, coherence, orientation] = kernels(&grid, &fp)?;
+    let tissue_level = bone::tissue_level(&grid, &valid);
     Ok(Features {
+        tissue_level,
         intensity: grid,
         phase_symmetry,
         below,
@@ -399,7 +404,7 @@ pub fn segment_from_features(
     let region_labels = {
         let crop = despeckled.slice(s![b.y0..b.y1, b.x0..b.x1]).to_owned();
         let valid_full = &f.valid_full;
-        let fluid_level = params.fluid_ratio * bone::tissue_level(f);
+        let fluid_level = params.fluid_ratio * f.tissue_level;
         // Bone is judged by sizes in millimetres (its shadow's depth, its shortest run, the
         // band): without a usable calibration those priors cannot be applied, and a bright
         // line over a dark area (a heart wall over a chamber) would pass for bone. Such a

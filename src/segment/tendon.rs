@@ -44,7 +44,7 @@ pub fn label_tendon(
     labels: &mut Array2<u8>,
 ) {
     let (h, w) = img.dim();
-    let level = super::bone::tissue_level(f);
+    let level = f.tissue_level;
     let skin = (SKIN_MM / mm.1) as usize;
     let clearance = (ABOVE_BONE_MM / mm.1) as f32;
     let (gh, gw) = f.coherence.dim();
