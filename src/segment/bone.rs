@@ -172,39 +172,9 @@ const DEEP_SHADOW_GAP_MM: f64 = 1.0;
 /// soft tissue's 0.5–1), so what lies beneath is reverberation and clutter, not tissue.
 const DEEP_SHADOW_MAX: f32 = 0.75;
 
-/// Drops runs of the surface beneath which the image does not stay dark.
-fn drop_unshadowed_runs(s: &mut [Option<f32>], f: &Features) {
-    let (h, _) = f.intensity.dim();
-    let level = f.tissue_level.max(1.0);
-    let gap = (DEEP_SHADOW_GAP_MM / f.mm_per_px.1).round() as usize;
-    let depth = (DEEP_SHADOW_MM / f.mm_per_px.1).round() as usize;
-    let mut x = 0;
-    while x < s.len() {
-        if s[x].is_none() {
-            x += 1;
-            continue;
-        }
-        let start = x;
-        let (mut sum, mut n) = (0.0f64, 0usize);
-        while x < s.len() {
-            let Some(y) = s[x] else { break };
-            let y0 = y.round() as usize + gap;
-            for yy in y0..(y0 + depth).min(h) {
-                if f.valid[[yy, x]] {
-                    sum += f.intensity[[yy, x]] as f64;
-                    n += 1;
-                }
-            }
-            x += 1;
-        }
-        if n > 0 && (sum / n as f64) as f32 > DEEP_SHADOW_MAX * level {
-            s[start..x].iter_mut().for_each(|v| *v = None);
-        }
-    }
-}
-
-fn drop_short_runs(s: &mut [Option<f32>], mm_per_col: f64, min_mm: f64) {
-    let min_cols = (min_mm / mm_per_col).ceil() as usize;
+/// The runs of consecutive columns that hold a surface row, as `start..end` ranges.
+fn runs(s: &[Option<f32>]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
     let mut x = 0;
     while x < s.len() {
         if s[x].is_none() {
@@ -215,8 +185,40 @@ fn drop_short_runs(s: &mut [Option<f32>], mm_per_col: f64, min_mm: f64) {
         while x < s.len() && s[x].is_some() {
             x += 1;
         }
-        if x - start < min_cols {
-            s[start..x].iter_mut().for_each(|v| *v = None);
+        out.push(start..x);
+    }
+    out
+}
+
+/// Drops runs of the surface beneath which the image does not stay dark.
+fn drop_unshadowed_runs(s: &mut [Option<f32>], f: &Features) {
+    let (h, _) = f.intensity.dim();
+    let level = f.tissue_level.max(1.0);
+    let gap = (DEEP_SHADOW_GAP_MM / f.mm_per_px.1).round() as usize;
+    let depth = (DEEP_SHADOW_MM / f.mm_per_px.1).round() as usize;
+    for run in runs(s) {
+        let (mut sum, mut n) = (0.0f64, 0usize);
+        for x in run.clone() {
+            let Some(y) = s[x] else { continue };
+            let y0 = y.round() as usize + gap;
+            for yy in y0..(y0 + depth).min(h) {
+                if f.valid[[yy, x]] {
+                    sum += f.intensity[[yy, x]] as f64;
+                    n += 1;
+                }
+            }
+        }
+        if n > 0 && (sum / n as f64) as f32 > DEEP_SHADOW_MAX * level {
+            s[run].iter_mut().for_each(|v| *v = None);
+        }
+    }
+}
+
+fn drop_short_runs(s: &mut [Option<f32>], mm_per_col: f64, min_mm: f64) {
+    let min_cols = (min_mm / mm_per_col).ceil() as usize;
+    for run in runs(s) {
+        if run.len() < min_cols {
+            s[run].iter_mut().for_each(|v| *v = None);
         }
     }
 }

@@ -22,15 +22,11 @@ pub const DEFAULT_TARGET_TOLERANCE_MM: f64 = 2.0;
 /// Step along a needle path when looking for truth structures it crosses, px (a tenth of a
 /// pixel: a path cannot pass a labelled pixel's centre region unseen).
 const PATH_STEP_PX: f64 = 0.1;
-/// Label codes scored (tendon, bone, shadow, joint, vessel, nerve).
-pub const SCORED: [Label; 6] = [
-    Label::Tendon,
-    Label::Bone,
-    Label::Shadow,
-    Label::Joint,
-    Label::Vessel,
-    Label::Nerve,
-];
+/// Labels scored: every label but background (tendon, bone, shadow, joint, vessel, nerve),
+/// in code order; `SetScore::dice` follows it.
+fn scored() -> impl Iterator<Item = Label> {
+    Label::ALL.into_iter().skip(1)
+}
 
 /// The parts of `NAME.truth.json` the scoring reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -216,7 +212,7 @@ fn score_frame(
         ));
     }
     let mut d = [None; 6];
-    for (i, l) in SCORED.iter().enumerate() {
+    for (i, l) in scored().enumerate() {
         d[i] = dice(labels, got, l.code());
     }
     let tf = truth.frames.get(k);
