@@ -84,7 +84,17 @@ pub fn bone_score(f: &Features) -> Array2<f32> {
 
 /// The bone surface on the analysis grid: per column, the row or `None`.
 pub fn surface(f: &Features, params: &SegmentParams) -> Vec<Option<f32>> {
-    let score = bone_score(f);
+    surface_from(&bone_score(f), params.bone_threshold, f, params)
+}
+
+/// The bone surface on the analysis grid from a per-pixel `score` with break-even `tau`:
+/// per column, the row or `None`.
+pub fn surface_from(
+    score: &Array2<f32>,
+    tau: f32,
+    f: &Features,
+    params: &SegmentParams,
+) -> Vec<Option<f32>> {
     let (h, w) = score.dim();
     if h == 0 || w == 0 {
         return Vec::new();
@@ -93,7 +103,6 @@ pub fn surface(f: &Features, params: &SegmentParams) -> Vec<Option<f32>> {
     // Steepest step: bone_max_step_mm of depth per 0.1 mm of width.
     let max_step = ((params.bone_max_step_mm * mmx / 0.1 / mmy).ceil() as usize).max(1);
     const NONE: i16 = i16::MAX;
-    let tau = params.bone_threshold;
     // back[x·h + y]: the row at x−1 that bone at (x, y) came from, or NONE (from "no bone").
     let mut back = vec![NONE; w * h];
     // none_from[x]: the row at x−1 that "no bone" at x came from, or NONE.

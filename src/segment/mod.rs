@@ -10,6 +10,7 @@
 pub mod bone;
 pub mod components;
 pub mod fluid;
+pub mod pixels;
 pub mod tendon;
 
 use ndarray::{s, Array2};
@@ -45,6 +46,9 @@ pub struct SegmentParams {
     pub fluid_ratio: f32,
     /// Frames wider than this (px) are analysed at half resolution for the features.
     pub half_resolution_above_px: usize,
+    /// Decide with the pixel classifier ([`pixels`]; the bone surface then follows its bone
+    /// probability) rather than the hand-made rules of `bone`, `fluid` and `tendon`.
+    pub learned: bool,
 }
 
 impl Default for SegmentParams {
@@ -58,6 +62,7 @@ impl Default for SegmentParams {
             bone_min_length_mm: 3.0,
             fluid_ratio: 0.45,
             half_resolution_above_px: 400,
+            learned: true,
         }
     }
 }
@@ -386,6 +391,28 @@ pub fn segment(
     segment_from_features(frame, despeckled, &f, params)
 }
 
+/// Break-even bone probability of the pixel classifier for the surface search: a pixel more
+/// likely bone than not adds to a surface through it.
+const BONE_PROBABILITY: f32 = 0.5;
+
+/// Carries soft-tissue labels (tendon, joint, vessel, nerve) of the analysis grid to full
+/// resolution, where bone and shadow left room.
+fn carry_soft_tissue(grid: &Array2<u8>, step: usize, valid_full: &Array2<bool>, labels: &mut Array2<u8>) {
+    let (gh, gw) = grid.dim();
+    for ((y, x), l) in labels.indexed_iter_mut() {
+        if *l != Label::Background.code() || !valid_full[[y, x]] {
+            continue;
+        }
+        let g = grid[[(y / step).min(gh - 1), (x / step).min(gw - 1)]];
+        if [Label::Tendon, Label::Joint, Label::Vessel, Label::Nerve]
+            .iter()
+            .any(|s| s.code() == g)
+        {
+            *l = g;
+        }
+    }
+}
+
 /// Segments one frame given its feature maps.
 pub fn segment_from_features(
     frame: &Frame,
@@ -410,8 +437,18 @@ pub fn segment_from_features(
         // line over a dark area (a heart wall over a chamber) would pass for bone. Such a
         // frame gets no bone, so no shadow or joint either; the result says it was
         // uncalibrated.
+        let probs = params.learned.then(|| {
+            pixels::probabilities_cpu(
+                pixels::PixelModel::builtin(),
+                &pixels::pixel_features(f),
+                &f.valid,
+            )
+        });
         let surface = if calibration_assumed {
             vec![None; f.intensity.ncols()]
+        } else if let Some(p) = &probs {
+            let bone = pixels::class_map(p, f.intensity.dim(), Label::Bone);
+            bone::surface_from(&bone, BONE_PROBABILITY, f, params)
         } else {
             bone::surface(f, params)
         };
@@ -436,7 +473,9 @@ pub fn segment_from_features(
             }
         };
         shadows(&surface_full, valid_full, mm_full, 1, &mut labels);
-        if f.step == 1 {
+        if let Some(p) = &probs {
+            carry_soft_tissue(&pixels::soft_tissue(p, f), f.step, valid_full, &mut labels);
+        } else if f.step == 1 {
             fluid::label_joint_and_effusion(
                 &crop,
                 valid_full,
@@ -470,19 +509,7 @@ pub fn segment_from_features(
                 1,
                 &mut grid,
             );
-            let (gh, gw) = grid.dim();
-            for ((y, x), l) in labels.indexed_iter_mut() {
-                if *l != Label::Background.code() || !valid_full[[y, x]] {
-                    continue;
-                }
-                let g = grid[[(y / f.step).min(gh - 1), (x / f.step).min(gw - 1)]];
-                if g == Label::Tendon.code()
-                    || g == Label::Joint.code()
-                    || g == Label::Vessel.code()
-                {
-                    *l = g;
-                }
-            }
+            carry_soft_tissue(&grid, f.step, valid_full, &mut labels);
         }
         // Morphological closing inside the decisions may reach past the valid pixels; nothing
         // is labelled outside the region, on colour or on burned-in graphics.

@@ -171,7 +171,7 @@ fn invalid(name: &'static str, path: &Path, e: impl std::fmt::Display) -> SimErr
 }
 
 /// The truth label map of frame `k` of the case whose DICOM is `dcm`.
-fn truth_labels(dcm: &Path, k: usize) -> Result<Array2<u8>> {
+pub(crate) fn truth_labels(dcm: &Path, k: usize) -> Result<Array2<u8>> {
     let stem = dcm.with_extension("");
     let png = if k == 0 {
         PathBuf::from(format!("{}.truth.png", stem.display()))

@@ -8,6 +8,7 @@ pub mod eval;
 pub mod evalset;
 pub mod phantom;
 pub mod quality;
+pub mod train;
 
 /// Result alias of the harness.
 pub type Result<T, E = SimError> = std::result::Result<T, E>;

@@ -15,6 +15,7 @@ mod exit;
 mod inspect;
 mod phantom;
 mod serve;
+mod train;
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +62,8 @@ enum Command {
     EvalSet(evalset::EvalSetArgs),
     /// Generate synthetic MSK phantoms (DICOM + truth labels + clean map + truth JSON).
     Phantom(phantom::PhantomArgs),
+    /// Train the pixel classifier on folders of tuning cases; writes the model JSON.
+    TrainPixels(train::TrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
         Command::EvalPlan(a) => eval::eval_plan(a),
         Command::EvalSet(a) => evalset::eval_set(a),
         Command::Phantom(a) => phantom::phantom(a),
+        Command::TrainPixels(a) => train::train_pixels(a),
     };
     exit::exit_code(outcome)
 }
