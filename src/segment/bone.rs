@@ -84,11 +84,13 @@ pub fn bone_score(f: &Features) -> Array2<f32> {
 
 /// The bone surface on the analysis grid: per column, the row or `None`.
 pub fn surface(f: &Features, params: &SegmentParams) -> Vec<Option<f32>> {
-    surface_from(&bone_score(f), params.bone_threshold, f, params)
+    let mut s = surface_from(&bone_score(f), params.bone_threshold, f, params);
+    drop_unshadowed_runs(&mut s, f);
+    s
 }
 
 /// The bone surface on the analysis grid from a per-pixel `score` with break-even `tau`:
-/// per column, the row or `None`.
+/// per column, the row or `None`; runs shorter than the shortest bone segment are dropped.
 pub fn surface_from(
     score: &Array2<f32>,
     tau: f32,
@@ -166,7 +168,6 @@ pub fn surface_from(
     }
     out[0] = state.map(|y| y as f32);
     drop_short_runs(&mut out, f.mm_per_px.0, params.bone_min_length_mm);
-    drop_unshadowed_runs(&mut out, f);
     out
 }
 
@@ -199,6 +200,48 @@ fn runs(s: &[Option<f32>]) -> Vec<std::ops::Range<usize>> {
     out
 }
 
+/// Mean shadow probability beneath a bone run below which it is not bone (see
+/// [`drop_runs_without_shadow`]).
+const RUN_SHADOW_PROBABILITY: f32 = 0.3;
+/// A run whose mean bone probability along it reaches this is kept whatever lies beneath
+/// (the classifier's bone class already weighs the shadow; clutter can fill it).
+const RUN_BONE_PROBABILITY: f32 = 0.85;
+
+/// Drops runs of the surface beneath which `shadow` (a per-pixel shadow probability) does not
+/// average at least `RUN_SHADOW_PROBABILITY` over `DEEP_SHADOW_GAP_MM`..`DEEP_SHADOW_MM`: bone leaves a
+/// shadow, however filled with clutter; a bright interface over tissue does not.
+pub fn drop_runs_without_shadow(
+    s: &mut [Option<f32>],
+    bone: &Array2<f32>,
+    shadow: &Array2<f32>,
+    f: &Features,
+) {
+    let (h, _) = shadow.dim();
+    let gap = (DEEP_SHADOW_GAP_MM / f.mm_per_px.1).round() as usize;
+    let depth = (DEEP_SHADOW_MM / f.mm_per_px.1).round() as usize;
+    for run in runs(s) {
+        let (mut sum, mut n) = (0.0f64, 0usize);
+        for x in run.clone() {
+            let Some(y) = s[x] else { continue };
+            let y0 = y.round() as usize + gap;
+            for yy in y0..(y0 + depth).min(h) {
+                if f.valid[[yy, x]] {
+                    sum += shadow[[yy, x]] as f64;
+                    n += 1;
+                }
+            }
+        }
+        let on: Vec<f32> = run
+            .clone()
+            .filter_map(|x| s[x].map(|y| bone[[y.round() as usize, x]]))
+            .collect();
+        let sure = on.iter().sum::<f32>() / on.len().max(1) as f32 >= RUN_BONE_PROBABILITY;
+        if !sure && (n == 0 || sum / (n as f64) < RUN_SHADOW_PROBABILITY as f64) {
+            s[run].iter_mut().for_each(|v| *v = None);
+        }
+    }
+}
+
 /// Drops runs of the surface beneath which the image does not stay dark.
 fn drop_unshadowed_runs(s: &mut [Option<f32>], f: &Features) {
     let (h, _) = f.intensity.dim();
@@ -219,6 +262,26 @@ fn drop_unshadowed_runs(s: &mut [Option<f32>], f: &Features) {
         }
         if n > 0 && (sum / n as f64) as f32 > DEEP_SHADOW_MAX * level {
             s[run].iter_mut().for_each(|v| *v = None);
+        }
+    }
+}
+
+/// Bridges gaps in the surface narrower than `max_mm` by linear interpolation: a joint gap
+/// between bone ends is at least about a millimetre wide (the `fluid` module's joint prior),
+/// so a narrower break is a weak echo along one bone.
+pub fn fill_narrow_gaps(s: &mut [Option<f32>], mm_per_col: f64, max_mm: f64) {
+    let max_cols = (max_mm / mm_per_col).floor() as usize;
+    let r = runs(s);
+    for pair in r.windows(2) {
+        let (a, b) = (pair[0].end - 1, pair[1].start);
+        let gap = b - a - 1;
+        if gap == 0 || gap > max_cols {
+            continue;
+        }
+        let (ya, yb) = (s[a].unwrap_or(0.0), s[b].unwrap_or(0.0));
+        for x in a + 1..b {
+            let t = (x - a) as f32 / (b - a) as f32;
+            s[x] = Some(ya + t * (yb - ya));
         }
     }
 }

@@ -8,7 +8,7 @@ use super::components::{components, open_close};
 use crate::label::Label;
 
 /// Joint gaps narrower or wider than these (mm) are not joints.
-const JOINT_GAP_MM: (f64, f64) = (1.0, 15.0);
+pub const JOINT_GAP_MM: (f64, f64) = (1.0, 15.0);
 /// Inside a gap between bone ends, tissue darker than this multiple of the fluid level is
 /// joint (cartilage, capsule and fluid between bone ends are all hypoechoic to the tissue over
 /// them; the gap holds no bright tissue but the capsule's edge).

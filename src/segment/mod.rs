@@ -438,17 +438,29 @@ pub fn segment_from_features(
         // frame gets no bone, so no shadow or joint either; the result says it was
         // uncalibrated.
         let probs = params.learned.then(|| {
-            pixels::probabilities_cpu(
-                pixels::PixelModel::builtin(),
-                &pixels::pixel_features(f),
-                &f.valid,
-            )
+            let t = std::time::Instant::now();
+            let feats = pixels::pixel_features(f);
+            let t1 = t.elapsed();
+            let p = pixels::probabilities_cpu(pixels::PixelModel::builtin(), &feats, &f.valid);
+            if let Ok(dir) = std::env::var("SG_DUMP") {
+                let (gh, gw) = f.intensity.dim();
+                for k in 0..7 {
+                    let img = image::GrayImage::from_fn(gw as u32, gh as u32, |x, y| image::Luma([(p[k * gh * gw + y as usize * gw + x as usize] * 255.0) as u8]));
+                    let _ = img.save(format!("{dir}/p{k}.png"));
+                }
+            }
+            if std::env::var("SG_TIME").is_ok() { eprintln!("TIMING features {:?} mlp {:?} grid {:?}", t1, t.elapsed() - t1, f.intensity.dim()); }
+            p
         });
         let surface = if calibration_assumed {
             vec![None; f.intensity.ncols()]
         } else if let Some(p) = &probs {
-            let bone = pixels::class_map(p, f.intensity.dim(), Label::Bone);
-            bone::surface_from(&bone, BONE_PROBABILITY, f, params)
+            let dim = f.intensity.dim();
+            let bone = pixels::class_map(p, dim, Label::Bone);
+            let mut s = bone::surface_from(&bone, BONE_PROBABILITY, f, params);
+            bone::fill_narrow_gaps(&mut s, f.mm_per_px.0, fluid::JOINT_GAP_MM.0);
+            bone::drop_runs_without_shadow(&mut s, &bone, &pixels::class_map(p, dim, Label::Shadow), f);
+            s
         } else {
             bone::surface(f, params)
         };
@@ -474,7 +486,7 @@ pub fn segment_from_features(
         };
         shadows(&surface_full, valid_full, mm_full, 1, &mut labels);
         if let Some(p) = &probs {
-            carry_soft_tissue(&pixels::soft_tissue(p, f), f.step, valid_full, &mut labels);
+            carry_soft_tissue(&pixels::soft_tissue(p, f, &surface), f.step, valid_full, &mut labels);
         } else if f.step == 1 {
             fluid::label_joint_and_effusion(
                 &crop,

@@ -206,58 +206,64 @@ fn softmax(z: &[f32]) -> [f32; CLASSES] {
     p
 }
 
-/// Integral image of a grid (f64 sums, `(h+1) × (w+1)`).
-struct Integral {
-    s: Vec<f64>,
-    w1: usize,
+/// Sums of `v` (row-major, `h × w`) over the window of half-sizes `(ry, rx)` around every
+/// pixel, clipped to the grid: a horizontal then a vertical running sum, so the cost does not
+/// depend on the window.
+fn box_sums(v: &[f32], h: usize, w: usize, ry: usize, rx: usize) -> Vec<f32> {
+    let mut hs = vec![0f32; h * w];
+    for (row, out) in v.chunks_exact(w).zip(hs.chunks_exact_mut(w)) {
+        // Prefix sums in f64 so that long rows keep their precision.
+        let mut prefix = Vec::with_capacity(w + 1);
+        prefix.push(0f64);
+        let mut acc = 0f64;
+        for &x in row {
+            acc += x as f64;
+            prefix.push(acc);
+        }
+        for (x, o) in out.iter_mut().enumerate() {
+            let (x0, x1) = (x.saturating_sub(rx), (x + rx + 1).min(w));
+            *o = (prefix[x1] - prefix[x0]) as f32;
+        }
+    }
+    let mut out = vec![0f32; h * w];
+    vertical_sums(&hs, &mut out, h, w, ry);
+    out
 }
 
-impl Integral {
-    fn new(h: usize, w: usize, v: impl Fn(usize, usize) -> f64) -> Integral {
-        let w1 = w + 1;
-        let mut s = vec![0.0; (h + 1) * w1];
+crate::simd::multiversion! {
+    /// Vertical running sums of the rows of `hs` over `±ry` rows (clipped) into `out`.
+    fn vertical_sums(hs: &[f32], out: &mut [f32], h: usize, w: usize, ry: usize) {
+        // acc holds the sum of rows lo..hi (half-open); the window sums are small (a few
+        // hundred values of at most 1), so f32 running sums stay exact to about 1e-5.
+        let mut acc = vec![0f32; w];
+        let (mut lo, mut hi) = (0usize, 0usize);
         for y in 0..h {
-            let mut row = 0.0;
-            for x in 0..w {
-                row += v(y, x);
-                s[(y + 1) * w1 + x + 1] = s[y * w1 + x + 1] + row;
+            let (y0, y1) = (y.saturating_sub(ry), (y + ry + 1).min(h));
+            while hi < y1 {
+                for (a, v) in acc.iter_mut().zip(&hs[hi * w..(hi + 1) * w]) {
+                    *a += *v;
+                }
+                hi += 1;
             }
+            while lo < y0 {
+                for (a, v) in acc.iter_mut().zip(&hs[lo * w..(lo + 1) * w]) {
+                    *a -= *v;
+                }
+                lo += 1;
+            }
+            out[y * w..(y + 1) * w].copy_from_slice(&acc);
         }
-        Integral { s, w1 }
-    }
-
-    /// Sum over rows `y0..y1`, columns `x0..x1` (half-open, already clamped).
-    fn sum(&self, y0: usize, y1: usize, x0: usize, x1: usize) -> f64 {
-        let w1 = self.w1;
-        self.s[y1 * w1 + x1] - self.s[y0 * w1 + x1] - self.s[y1 * w1 + x0] + self.s[y0 * w1 + x0]
     }
 }
 
-/// Masked box means over the valid pixels of a grid.
-struct Boxes {
-    u: Integral,
-    uu: Integral,
-    m: Integral,
-    h: usize,
-    w: usize,
-}
-
-impl Boxes {
-    /// Window of half-sizes `(ry, rx)` around `(y, x)`: the mean of `u`, the mean of `u²`,
-    /// and the number of valid pixels.
-    fn at(&self, y: usize, x: usize, ry: usize, rx: usize) -> (f64, f64, f64) {
-        let (y0, y1) = (y.saturating_sub(ry), (y + ry + 1).min(self.h));
-        let (x0, x1) = (x.saturating_sub(rx), (x + rx + 1).min(self.w));
-        let n = self.m.sum(y0, y1, x0, x1);
-        if n <= 0.0 {
-            return (0.0, 0.0, 0.0);
-        }
-        (
-            self.u.sum(y0, y1, x0, x1) / n,
-            self.uu.sum(y0, y1, x0, x1) / n,
-            n / ((y1 - y0) * (x1 - x0)) as f64,
-        )
-    }
+/// Means over the valid pixels of windows of half-sizes `(ry, rx)`: `um` is the value times
+/// validity, `ms` the window sums of validity.
+fn box_means(um: &[f32], ms: &[f32], h: usize, w: usize, ry: usize, rx: usize) -> Vec<f32> {
+    box_sums(um, h, w, ry, rx)
+        .into_iter()
+        .zip(ms)
+        .map(|(s, m)| if *m > 0.5 { s / m } else { 0.0 })
+        .collect()
 }
 
 /// The rank transform of `v` over the valid pixels: a monotone map to 0..1.
@@ -297,6 +303,19 @@ fn rank_map(v: &Array2<f32>, valid: &Array2<bool>) -> impl Fn(f32) -> f32 {
         let f = t - b as f32;
         cdf[b] + f * (cdf[b + 1] - cdf[b])
     }
+}
+
+/// |cos θ| for an orientation θ in [−π/2, π/2] (the coherence kernel's range), to about 1e-3
+/// (Taylor series to the 8th power; angles outside are folded in first).
+fn abs_cos(theta: f32) -> f32 {
+    use std::f32::consts::{FRAC_PI_2, PI};
+    let mut t = theta.abs() % PI;
+    if t > FRAC_PI_2 {
+        t = PI - t;
+    }
+    let t2 = t * t;
+    let c = 1.0 - t2 / 2.0 * (1.0 - t2 / 12.0 * (1.0 - t2 / 30.0 * (1.0 - t2 / 56.0)));
+    c.clamp(0.0, 1.0)
 }
 
 /// Pixels of `mm` millimetres at `mm_per_px`, at least `min`.
@@ -341,27 +360,53 @@ pub fn pixel_features(f: &Features) -> Vec<f32> {
         return out;
     }
     let (mmx, mmy) = f.mm_per_px;
+    let valid: Vec<bool> = f.valid.iter().copied().collect();
+    let m: Vec<f32> = valid.iter().map(|v| if *v { 1.0 } else { 0.0 }).collect();
     let rank = rank_map(&f.intensity, &f.valid);
-    let m = f.valid.mapv(|v| if v { 1.0f32 } else { 0.0 });
-    let u = Array2::from_shape_fn((h, w), |(y, x)| {
-        if f.valid[[y, x]] {
-            rank(f.intensity[[y, x]])
-        } else {
-            0.0
-        }
-    });
-    let boxes = Boxes {
-        u: Integral::new(h, w, |y, x| u[[y, x]] as f64),
-        uu: Integral::new(h, w, |y, x| (u[[y, x]] * u[[y, x]]) as f64),
-        m: Integral::new(h, w, |y, x| m[[y, x]] as f64),
-        h,
-        w,
-    };
+    let u: Vec<f32> = f
+        .intensity
+        .iter()
+        .zip(&valid)
+        .map(|(v, ok)| if *ok { rank(*v) } else { 0.0 })
+        .collect();
+    let uu: Vec<f32> = u.iter().map(|v| v * v).collect();
     let r = |mm: f64| (px(mm, mmy, 1), px(mm, mmx, 1));
-    let (r05, r1, r15, r4) = (r(0.5), r(1.0), r(1.5), r(4.0));
-    let wide = (px(0.4, mmy, 1), px(3.0, mmx, 1));
-    let tall = (px(0.4, mmx, 1), px(3.0, mmy, 1));
-    let u1 = Array2::from_shape_fn((h, w), |(y, x)| boxes.at(y, x, r05.0, r05.1).0 as f32);
+    let windows = [
+        r(0.5),
+        r(1.0),
+        r(1.5),
+        r(4.0),
+        (px(0.4, mmy, 1), px(3.0, mmx, 1)),
+        (px(3.0, mmy, 1), px(0.4, mmx, 1)),
+    ];
+    // Per window: the mean rank, and for 1 mm the mean square and for 1.5 mm the valid share.
+    let maps: Vec<(Vec<f32>, Option<Vec<f32>>, Vec<f32>)> = windows
+        .par_iter()
+        .enumerate()
+        .map(|(i, &(ry, rx))| {
+            let ms = box_sums(&m, h, w, ry, rx);
+            let mean = box_means(&u, &ms, h, w, ry, rx);
+            let square = (i == 1).then(|| box_means(&uu, &ms, h, w, ry, rx));
+            (mean, square, ms)
+        })
+        .collect();
+    let u1 = &maps[0].0;
+    {
+        let mut put = |k: usize, v: &[f32]| out[k * n..(k + 1) * n].copy_from_slice(v);
+        put(0, &u);
+        put(1, u1);
+        put(2, &maps[2].0);
+        put(3, &maps[3].0);
+        let sd: Vec<f32> = maps[1]
+            .0
+            .iter()
+            .zip(maps[1].1.as_deref().unwrap_or(&[]))
+            .map(|(a, q)| (q - a * a).max(0.0).sqrt())
+            .collect();
+        put(4, &sd);
+        put(5, &maps[4].0);
+        put(6, &maps[5].0);
+    }
     // Columns: prefix sums of the smoothed rank and of validity, the running maximum from the
     // top, and the maximum in a window beneath.
     let (d05, d1, d3, d8) = (
@@ -370,17 +415,15 @@ pub fn pixel_features(f: &Features) -> Vec<f32> {
         px(3.0, mmy, 2),
         px(8.0, mmy, 2),
     );
-    let columns: Vec<[Vec<f32>; 6]> = (0..w)
+    let columns: Vec<[Vec<f32>; 7]> = (0..w)
         .into_par_iter()
         .map(|x| {
-            let col: Vec<f32> = (0..h)
-                .map(|y| if f.valid[[y, x]] { u1[[y, x]] } else { 0.0 })
-                .collect();
+            let col: Vec<f32> = (0..h).map(|y| u1[y * w + x] * m[y * w + x]).collect();
             let mut ps = vec![0f64; h + 1];
             let mut pm = vec![0f64; h + 1];
             for y in 0..h {
                 ps[y + 1] = ps[y] + col[y] as f64;
-                pm[y + 1] = pm[y] + m[[y, x]] as f64;
+                pm[y + 1] = pm[y] + m[y * w + x] as f64;
             }
             let mean = |a: isize, b: isize| -> f32 {
                 let a = a.clamp(0, h as isize) as usize;
@@ -391,121 +434,202 @@ pub fn pixel_features(f: &Features) -> Vec<f32> {
                     ((ps[b] - ps[a]) / (pm[b] - pm[a])) as f32
                 }
             };
-            let mut above = vec![0f32; h];
-            let mut below = vec![0f32; h];
-            let mut deep = vec![0f32; h];
-            let mut above_all = vec![0f32; h];
-            let mut running = vec![0f32; h];
-            let mut mx = 0f32;
+            let mut c: [Vec<f32>; 7] = std::array::from_fn(|_| vec![0f32; h]);
+            let mut running = vec![0f32; h + 1];
             for y in 0..h {
                 let yi = y as isize;
-                above[y] = mean(yi - d3 as isize, yi - d05 as isize + 1);
-                below[y] = mean(yi + d05 as isize, yi + d3 as isize + 1);
-                deep[y] = mean(yi + d1 as isize, h as isize);
-                above_all[y] = mean(0, yi);
-                running[y] = mx;
-                mx = mx.max(col[y]);
+                c[0][y] = mean(yi - d3 as isize, yi - d05 as isize + 1);
+                c[1][y] = mean(yi + d05 as isize, yi + d3 as isize + 1);
+                c[2][y] = mean(yi + d1 as isize, h as isize);
+                c[3][y] = mean(0, yi);
+                running[y + 1] = running[y].max(col[y]);
+                let at = |dy: isize| col[(yi + dy).clamp(0, h as isize - 1) as usize];
+                c[6][y] = col[y] - 0.5 * (at(-(d1 as isize)) + at(d1 as isize));
             }
             // Max above from 1 mm up: the running maximum d1 rows higher.
-            let max_above: Vec<f32> = (0..h)
-                .map(|y| if y >= d1 { running[y + 1 - d1] } else { 0.0 })
-                .collect();
-            let max_below = window_max(&col, d05, d8);
-            [above, below, deep, above_all, max_above, max_below]
+            for y in d1..h {
+                c[4][y] = running[y + 1 - d1];
+            }
+            c[5] = window_max(&col, d05, d8);
+            c
         })
         .collect();
-    let below_rank = rank_map(&f.below, &f.valid);
-    let chunks: Vec<(usize, Vec<[f32; FEATURES]>)> = (0..h)
-        .into_par_iter()
-        .map(|y| {
-            let row: Vec<[f32; FEATURES]> = (0..w)
-                .map(|x| {
-                    let c = &columns[x];
-                    let (b15, _, vshare) = boxes.at(y, x, r15.0, r15.1);
-                    let (b1, bb1, _) = boxes.at(y, x, r1.0, r1.1);
-                    let ridge_at = |dy: isize| {
-                        let yy = (y as isize + dy).clamp(0, h as isize - 1) as usize;
-                        u1[[yy, x]]
-                    };
-                    let ridge =
-                        u1[[y, x]] - 0.5 * (ridge_at(-(d1 as isize)) + ridge_at(d1 as isize));
-                    let coh = f.coherence[[y, x]];
-                    [
-                        u[[y, x]],
-                        u1[[y, x]],
-                        b15 as f32,
-                        boxes.at(y, x, r4.0, r4.1).0 as f32,
-                        (bb1 - b1 * b1).max(0.0).sqrt() as f32,
-                        boxes.at(y, x, wide.0, wide.1).0 as f32,
-                        boxes.at(y, x, tall.1, tall.0).0 as f32,
-                        c[0][y],
-                        c[1][y],
-                        c[4][y],
-                        c[5][y],
-                        c[2][y],
-                        (y as f64 * mmy / DEPTH_SCALE_MM) as f32,
-                        f.phase_symmetry[[y, x]],
-                        coh,
-                        coh * f.orientation[[y, x]].cos().abs(),
-                        below_rank(f.below[[y, x]]),
-                        c[3][y],
-                        ridge,
-                        vshare as f32,
-                    ]
-                })
-                .collect();
-            (y, row)
-        })
-        .collect();
-    for (y, row) in chunks {
-        for (x, v) in row.into_iter().enumerate() {
-            let i = y * w + x;
-            for (k, val) in v.into_iter().enumerate() {
-                out[k * n + i] = if val.is_finite() { val } else { 0.0 };
+    for (k, j) in [(7, 0), (8, 1), (9, 4), (10, 5), (11, 2), (17, 3), (18, 6)] {
+        let dst = &mut out[k * n..(k + 1) * n];
+        for (x, c) in columns.iter().enumerate() {
+            for (y, v) in c[j].iter().enumerate() {
+                dst[y * w + x] = *v;
             }
         }
     }
+    let below_rank = rank_map(&f.below, &f.valid);
+    let per_pixel = |k: usize, v: &dyn Fn(usize, usize) -> f32, out: &mut [f32]| {
+        for (i, o) in out[k * n..(k + 1) * n].iter_mut().enumerate() {
+            *o = v(i / w, i % w);
+        }
+    };
+    per_pixel(12, &|y, _| (y as f64 * mmy / DEPTH_SCALE_MM) as f32, &mut out);
+    per_pixel(13, &|y, x| f.phase_symmetry[[y, x]], &mut out);
+    per_pixel(14, &|y, x| f.coherence[[y, x]], &mut out);
+    per_pixel(
+        15,
+        &|y, x| f.coherence[[y, x]] * abs_cos(f.orientation[[y, x]]),
+        &mut out,
+    );
+    per_pixel(16, &|y, x| below_rank(f.below[[y, x]]), &mut out);
+    let share = &maps[2].2;
+    let (ry, rx) = windows[2];
+    per_pixel(
+        19,
+        &|y, x| {
+            let area = ((y + ry + 1).min(h) - y.saturating_sub(ry))
+                * ((x + rx + 1).min(w) - x.saturating_sub(rx));
+            share[y * w + x] / area as f32
+        },
+        &mut out,
+    );
+    for v in &mut out {
+        if !v.is_finite() {
+            *v = 0.0;
+        }
+    }
     out
+}
+
+/// Pixels per block of the CPU inference: the layers run over a block at a time, with the
+/// pixel as the innermost (vectorised) loop.
+const BLOCK: usize = 64;
+/// Blocks per parallel task.
+const BLOCKS_PER_TASK: usize = 16;
+
+crate::simd::multiversion! {
+    /// One dense layer over a block: `x` is `inputs × BLOCK`, `y` becomes `outputs × BLOCK`.
+    fn dense_block(l: &Dense, x: &[f32], y: &mut [f32], relu: bool) {
+        for o in 0..l.outputs {
+            let yo = &mut y[o * BLOCK..(o + 1) * BLOCK];
+            yo.fill(l.b[o]);
+            for i in 0..l.inputs {
+                let wi = l.w[o * l.inputs + i];
+                let xi = &x[i * BLOCK..(i + 1) * BLOCK];
+                for (a, v) in yo.iter_mut().zip(xi) {
+                    *a += wi * v;
+                }
+            }
+            if relu {
+                for a in yo.iter_mut() {
+                    *a = a.max(0.0);
+                }
+            }
+        }
+    }
+}
+
+crate::simd::multiversion! {
+    /// Softmax over the classes of a block of logits (`CLASSES × BLOCK`), in place.
+    fn softmax_block(z: &mut [f32]) {
+        let mut m = [f32::NEG_INFINITY; BLOCK];
+        for k in 0..CLASSES {
+            for (m, v) in m.iter_mut().zip(&z[k * BLOCK..(k + 1) * BLOCK]) {
+                *m = m.max(*v);
+            }
+        }
+        let mut sum = [0f32; BLOCK];
+        for k in 0..CLASSES {
+            for ((v, m), s) in z[k * BLOCK..(k + 1) * BLOCK].iter_mut().zip(&m).zip(&mut sum) {
+                *v = crate::simd::exp_neg(*v - m);
+                *s += *v;
+            }
+        }
+        for k in 0..CLASSES {
+            for (v, s) in z[k * BLOCK..(k + 1) * BLOCK].iter_mut().zip(&sum) {
+                *v /= s;
+            }
+        }
+    }
 }
 
 /// Class probabilities of every valid grid pixel (`CLASSES × h·w`, class-major; invalid
 /// pixels get background 1).
 pub fn probabilities_cpu(model: &PixelModel, features: &[f32], valid: &Array2<bool>) -> Vec<f32> {
     let n = valid.len();
-    let mut out = vec![0f32; CLASSES * n];
-    let valid = valid.as_slice_memory_order().map(|v| v.to_vec()).unwrap_or_else(|| valid.iter().copied().collect());
-    const CHUNK: usize = 4096;
-    let parts: Vec<(usize, Vec<[f32; CLASSES]>)> = (0..n.div_ceil(CHUNK))
+    let valid: Vec<bool> = valid.iter().copied().collect();
+    let width = model.max_width().max(FEATURES);
+    let tasks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(BLOCK * BLOCKS_PER_TASK))
         .into_par_iter()
-        .map(|c| {
-            let (a0, a1) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
-            let mut x = [0f32; FEATURES];
-            let mut sa = vec![0f32; MAX_WIDTH.max(FEATURES)];
-            let mut sb = vec![0f32; MAX_WIDTH.max(FEATURES)];
-            let ps = (a0..a1)
-                .map(|i| {
-                    if !valid[i] {
-                        let mut p = [0f32; CLASSES];
-                        p[0] = 1.0;
-                        return p;
+        .map(|t| {
+            let t0 = t * BLOCK * BLOCKS_PER_TASK;
+            let t1 = (t0 + BLOCK * BLOCKS_PER_TASK).min(n);
+            let mut out = vec![0f32; CLASSES * (t1 - t0)];
+            let mut a = vec![0f32; width * BLOCK];
+            let mut b = vec![0f32; width * BLOCK];
+            for a0 in (t0..t1).step_by(BLOCK) {
+                let len = BLOCK.min(t1 - a0);
+                let o0 = a0 - t0;
+                if !valid[a0..a0 + len].iter().any(|v| *v) {
+                    out[o0..o0 + len].fill(1.0);
+                    continue;
+                }
+                for k in 0..FEATURES {
+                    let (m, sc) = (model.mean[k], model.scale[k]);
+                    let dst = &mut a[k * BLOCK..(k + 1) * BLOCK];
+                    for (d, v) in dst.iter_mut().zip(&features[k * n + a0..k * n + a0 + len]) {
+                        *d = (v - m) * sc;
                     }
-                    for (k, v) in x.iter_mut().enumerate() {
-                        *v = features[k * n + i];
+                    dst[len..].fill(0.0);
+                }
+                let last = model.layers.len() - 1;
+                for (i, l) in model.layers.iter().enumerate() {
+                    dense_block(l, &a, &mut b, i < last);
+                    std::mem::swap(&mut a, &mut b);
+                }
+                softmax_block(&mut a);
+                for k in 0..CLASSES {
+                    let dst = &mut out[k * (t1 - t0) + o0..k * (t1 - t0) + o0 + len];
+                    dst.copy_from_slice(&a[k * BLOCK..k * BLOCK + len]);
+                    for (d, v) in dst.iter_mut().zip(&valid[a0..a0 + len]) {
+                        if !v {
+                            *d = if k == 0 { 1.0 } else { 0.0 };
+                        }
                     }
-                    model.forward(&mut x, &mut sa, &mut sb)
-                })
-                .collect();
-            (a0, ps)
+                }
+            }
+            (t0, out)
         })
         .collect();
-    for (a0, ps) in parts {
-        for (j, p) in ps.into_iter().enumerate() {
-            for (k, v) in p.into_iter().enumerate() {
-                out[k * n + a0 + j] = v;
-            }
+    let mut out = vec![0f32; CLASSES * n];
+    for (t0, part) in tasks {
+        let len = part.len() / CLASSES;
+        for k in 0..CLASSES {
+            out[k * n + t0..k * n + t0 + len].copy_from_slice(&part[k * len..(k + 1) * len]);
         }
     }
     out
+}
+
+/// Radius over which class probabilities are averaged before the decision, mm (about the
+/// lateral resolution of a 10 MHz linear probe, 0.3 mm).
+const SMOOTH_MM: f64 = 0.3;
+/// Joint fluid, vessels and nerves thinner than this are not kept, mm (smaller than any
+/// effusion, vessel or nerve an injection must see; see `MIN_AREA_MM2`).
+const OPEN_MM: f64 = 0.8;
+
+/// How far joint fluid may lie from the bone surface, mm: effusions and recesses rest on the
+/// cartilage over bone (hyaline cartilage at most about 3 mm thick at the knee, thinner
+/// elsewhere) or on the fat pads beside it (Bianchi & Martinoli, "Ultrasound of the
+/// Musculoskeletal System", Springer 2007).
+pub const JOINT_REACH_MM: f64 = 4.0;
+
+/// Whether grid pixel `(y, x)` lies within `reach` mm of the bone surface (in any column).
+fn near_bone(surface: &[Option<f32>], y: usize, x: usize, mm: (f64, f64), reach: f64) -> bool {
+    let cols = (reach / mm.0).ceil() as usize;
+    let (x0, x1) = (x.saturating_sub(cols), (x + cols + 1).min(surface.len()));
+    (x0..x1).any(|c| {
+        surface[c].is_some_and(|s| {
+            let dx = (c as f64 - x as f64) * mm.0;
+            let dy = (s as f64 - y as f64) * mm.1;
+            dx.hypot(dy) <= reach
+        })
+    })
 }
 
 /// One class's probabilities as a grid.
@@ -517,14 +641,14 @@ pub fn class_map(probs: &[f32], dim: (usize, usize), label: Label) -> Array2<f32
 }
 
 /// Smallest areas kept of the soft-tissue labels, mm², from the smallest structures an MSK
-/// injection meets: tendons of the fingers and wrist about 1 mm thick over several mm
-/// (Kirschenbaum 2009, rough guide to 1–4 mm flexor/extensor tendon thickness), the 1 mm³-scale
+/// injection meets: tendons of the fingers and wrist about 1 mm thick, seen over 3 mm or
+/// more (extensor tendons of the fingers are 1–2 mm thick; Bianchi & Martinoli 2007), the 1 mm³-scale
 /// smallest effusions graded on ultrasound (a recess of 1 mm depth over 1 mm), vessels from
 /// 1 mm diameter (digital arteries 1.0–1.5 mm, Leijnse 1997), nerves from about 1.5 mm
 /// (digital nerves, 1.5–2 mm across; Bianchi & Martinoli, "Ultrasound of the
 /// Musculoskeletal System", 2007).
 const MIN_AREA_MM2: [(Label, f64); 4] = [
-    (Label::Tendon, 2.0),
+    (Label::Tendon, 3.0),
     (Label::Joint, 1.0),
     (Label::Vessel, 0.8),
     (Label::Nerve, 1.5),
@@ -532,9 +656,31 @@ const MIN_AREA_MM2: [(Label, f64); 4] = [
 
 /// The soft-tissue labels of the grid (tendon, joint / effusion, vessel, nerve) where each is
 /// the most probable class, without components smaller than the structure can be.
-pub fn soft_tissue(probs: &[f32], f: &Features) -> Array2<u8> {
+///
+/// Joint space and effusion lie on bone: a component none of whose pixels comes within
+/// [`JOINT_REACH_MM`] of the bone `surface` (grid rows per column) is not kept.
+pub fn soft_tissue(probs: &[f32], f: &Features, surface: &[Option<f32>]) -> Array2<u8> {
     let dim = f.intensity.dim();
     let n = dim.0 * dim.1;
+    // Probabilities averaged over about a resolution cell, so that single speckle-sized
+    // pixels do not flip the decision.
+    let (ry, rx) = (
+        px(SMOOTH_MM, f.mm_per_px.1, 0),
+        px(SMOOTH_MM, f.mm_per_px.0, 0),
+    );
+    let smoothed: Vec<f32>;
+    let probs = if ry + rx > 0 {
+        let ones = vec![1f32; n];
+        let count = box_sums(&ones, dim.0, dim.1, ry, rx);
+        smoothed = (0..CLASSES)
+            .flat_map(|k| {
+                box_means(&probs[k * n..(k + 1) * n], &count, dim.0, dim.1, ry, rx)
+            })
+            .collect();
+        &smoothed[..]
+    } else {
+        probs
+    };
     let best = Array2::from_shape_fn(dim, |(y, x)| {
         let i = y * dim.1 + x;
         if !f.valid[[y, x]] {
@@ -551,9 +697,20 @@ pub fn soft_tissue(probs: &[f32], f: &Features) -> Array2<u8> {
     let mut out = Array2::<u8>::zeros(dim);
     let px_mm2 = f.mm_per_px.0 * f.mm_per_px.1;
     for (label, min_mm2) in MIN_AREA_MM2 {
-        let mask = best.mapv(|l| l == label.code());
+        let mut mask = best.mapv(|l| l == label.code());
+        if label != Label::Tendon {
+            // Fluid and nerves are compact: strands thinner than OPEN_MM are clutter.
+            let r = px(OPEN_MM / 2.0, f.mm_per_px.0.max(f.mm_per_px.1), 0);
+            if r > 0 {
+                mask = super::components::open_close(&mask, r);
+            }
+        }
         for c in super::components::components(&mask) {
-            if c.area() as f64 * px_mm2 >= min_mm2 {
+            let on_bone = label != Label::Joint
+                || c.pixels.iter().any(|&(y, x)| {
+                    near_bone(surface, y, x, f.mm_per_px, JOINT_REACH_MM)
+                });
+            if on_bone && c.area() as f64 * px_mm2 >= min_mm2 {
                 for &(y, x) in &c.pixels {
                     out[[y, x]] = label.code();
                 }
