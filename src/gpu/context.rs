@@ -699,6 +699,26 @@ impl GpuChain<'_> {
         Ok(())
     }
 
+    /// Writes `data` at the start of the `aux` scratch buffer before the chain's kernels run
+    /// (a kernel's constant tables, e.g. the pixel classifier's weights).
+    pub fn write_aux(&mut self, data: &[f32]) -> Result<(), GpuError> {
+        if data.len() > self.bufs.width * self.bufs.height {
+            return Err(GpuError::Kernel {
+                kernel: "aux upload".into(),
+                reason: format!(
+                    "{} values for a {}x{} scratch buffer",
+                    data.len(),
+                    self.bufs.width,
+                    self.bufs.height
+                ),
+            });
+        }
+        self.ctx
+            .queue
+            .write_buffer(&self.bufs.aux, 0, bytemuck::cast_slice(data));
+        Ok(())
+    }
+
     /// The device's limit on workgroups per dimension.
     pub fn max_workgroups(&self) -> u32 {
         self.ctx.limits.max_compute_workgroups_per_dimension

@@ -132,6 +132,9 @@ pub struct Features {
     /// The frame's tissue level on the analysis grid (median above a relative noise floor):
     /// the reference of every brightness ratio in the decisions.
     pub tissue_level: f32,
+    /// The pixel classifier's class probabilities on the grid (`pixels::CLASSES` × pixels,
+    /// class-major), when the segmenter is set to use it.
+    pub probabilities: Option<Vec<f32>>,
 }
 
 /// The three feature kernels' parameters, for [`feature_params`]' result.
@@ -157,6 +160,7 @@ fn features_with(
     let [phase_symmetry, below, coherence, orientation] = kernels(&grid, &fp)?;
     let tissue_level = bone::tissue_level(&grid, &valid);
     Ok(Features {
+        probabilities: None,
         tissue_level,
         intensity: grid,
         phase_symmetry,
@@ -193,13 +197,22 @@ pub fn features_cpu(
     despeckled: &Array2<f32>,
     params: &SegmentParams,
 ) -> Result<Features> {
-    features_with(frame, despeckled, params, |grid, fp| {
+    let mut f = features_with(frame, despeckled, params, |grid, fp| {
         let plan = cached_plan(&fp.0, grid.ncols(), grid.nrows());
         let phase_symmetry = plan.run(grid)?;
         let below = crate::kernels::shadow::cpu(grid, &fp.1)?;
         let (coherence, orientation) = crate::kernels::coherence::cpu_fast(grid, &fp.2)?;
         Ok([phase_symmetry, below, coherence, orientation])
-    })
+    })?;
+    if params.learned {
+        let model = pixels::PixelModel::builtin();
+        f.probabilities = Some(pixels::probabilities_cpu(
+            model,
+            &pixels::pixel_features(&f),
+            &f.valid,
+        ));
+    }
+    Ok(f)
 }
 
 /// Phase symmetry plans, kept per size and parameters: building one evaluates every filter.
@@ -238,7 +251,7 @@ pub fn features_gpu(
     despeckled: &Array2<f32>,
     params: &SegmentParams,
 ) -> Result<Features> {
-    features_with(frame, despeckled, params, |grid, fp| {
+    let mut f = features_with(frame, despeckled, params, |grid, fp| {
         let mut chain = ctx.begin(grid)?;
         crate::kernels::phase_symmetry::encode(&mut chain, &fp.0)?;
         let phase_symmetry = chain.finish()?;
@@ -249,7 +262,19 @@ pub fn features_gpu(
         crate::kernels::coherence::encode(&mut chain, &fp.2)?;
         let (coherence, orientation) = chain.finish_with_aux()?;
         Ok([phase_symmetry, below, coherence, orientation])
-    })
+    })?;
+    if params.learned {
+        // The pixel features are assembled on the CPU from the maps read back; the
+        // classifier runs on the GPU.
+        let model = pixels::PixelModel::builtin();
+        f.probabilities = Some(pixels::probabilities_gpu(
+            ctx,
+            model,
+            &pixels::pixel_features(&f),
+            &f.valid,
+        )?);
+    }
+    Ok(f)
 }
 
 /// Kernel parameters for a grid of `mm` per pixel.
@@ -437,24 +462,22 @@ pub fn segment_from_features(
         // line over a dark area (a heart wall over a chamber) would pass for bone. Such a
         // frame gets no bone, so no shadow or joint either; the result says it was
         // uncalibrated.
-        let probs = params.learned.then(|| {
-            let t = std::time::Instant::now();
-            let feats = pixels::pixel_features(f);
-            let t1 = t.elapsed();
-            let p = pixels::probabilities_cpu(pixels::PixelModel::builtin(), &feats, &f.valid);
-            if let Ok(dir) = std::env::var("SG_DUMP") {
-                let (gh, gw) = f.intensity.dim();
-                for k in 0..7 {
-                    let img = image::GrayImage::from_fn(gw as u32, gh as u32, |x, y| image::Luma([(p[k * gh * gw + y as usize * gw + x as usize] * 255.0) as u8]));
-                    let _ = img.save(format!("{dir}/p{k}.png"));
-                }
+        let computed;
+        let probs = match (&f.probabilities, params.learned) {
+            (Some(p), true) => Some(&p[..]),
+            (None, true) => {
+                computed = pixels::probabilities_cpu(
+                    pixels::PixelModel::builtin(),
+                    &pixels::pixel_features(f),
+                    &f.valid,
+                );
+                Some(&computed[..])
             }
-            if std::env::var("SG_TIME").is_ok() { eprintln!("TIMING features {:?} mlp {:?} grid {:?}", t1, t.elapsed() - t1, f.intensity.dim()); }
-            p
-        });
+            (_, false) => None,
+        };
         let surface = if calibration_assumed {
             vec![None; f.intensity.ncols()]
-        } else if let Some(p) = &probs {
+        } else if let Some(p) = probs {
             let dim = f.intensity.dim();
             let bone = pixels::class_map(p, dim, Label::Bone);
             let mut s = bone::surface_from(&bone, BONE_PROBABILITY, f, params);
@@ -485,7 +508,7 @@ pub fn segment_from_features(
             }
         };
         shadows(&surface_full, valid_full, mm_full, 1, &mut labels);
-        if let Some(p) = &probs {
+        if let Some(p) = probs {
             carry_soft_tissue(&pixels::soft_tissue(p, f, &surface), f.step, valid_full, &mut labels);
         } else if f.step == 1 {
             fluid::label_joint_and_effusion(

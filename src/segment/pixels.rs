@@ -462,7 +462,9 @@ pub fn pixel_features(f: &Features) -> Vec<f32> {
             }
         }
     }
-    let below_rank = rank_map(&f.below, &f.valid);
+    // The mean beneath is a mean of grey levels: the intensity's rank map keeps it invariant
+    // to a gain or dynamic-range change (and "nothing beneath", 0, stays lowest).
+    let below_rank = &rank;
     let per_pixel = |k: usize, v: &dyn Fn(usize, usize) -> f32, out: &mut [f32]| {
         for (i, o) in out[k * n..(k + 1) * n].iter_mut().enumerate() {
             *o = v(i / w, i % w);
@@ -494,6 +496,103 @@ pub fn pixel_features(f: &Features) -> Vec<f32> {
         }
     }
     out
+}
+
+/// The shader's source.
+pub const SHADER: &str = include_str!("../../shaders/pixel_mlp.wgsl");
+
+/// The shader's parameters; keep in sync with `Params` in shaders/pixel_mlp.wgsl.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct GpuParams {
+    /// Pixels.
+    pub n: u32,
+    /// Dense layers.
+    pub layers: u32,
+    /// Inputs of the first layer.
+    pub features: u32,
+    /// Outputs of the last layer.
+    pub classes: u32,
+    /// Layer widths, inputs first (at most 7 layers).
+    pub widths: [u32; 8],
+}
+
+impl PixelModel {
+    /// The model as the shader reads it from `aux`: mean, scale, then per layer its weights
+    /// and biases.
+    pub fn flat(&self) -> Vec<f32> {
+        let mut v = Vec::with_capacity(
+            2 * FEATURES + self.layers.iter().map(|l| l.w.len() + l.b.len()).sum::<usize>(),
+        );
+        v.extend(&self.mean);
+        v.extend(&self.scale);
+        for l in &self.layers {
+            v.extend(&l.w);
+            v.extend(&l.b);
+        }
+        v
+    }
+}
+
+/// Runs the classifier on the GPU: the features go up as one image (`FEATURES` stacked
+/// grids), the weights into the scratch buffer, and the probabilities come back in the
+/// layout of [`probabilities_cpu`] (invalid pixels set to background afterwards, as there).
+#[cfg(feature = "gpu")]
+pub fn probabilities_gpu(
+    ctx: &crate::gpu::GpuContext,
+    model: &PixelModel,
+    features: &[f32],
+    valid: &Array2<bool>,
+) -> crate::Result<Vec<f32>> {
+    let (h, w) = valid.dim();
+    let n = h * w;
+    if model.layers.len() > 7 || features.len() != FEATURES * n || n == 0 {
+        return Err(crate::gpu::GpuError::Kernel {
+            kernel: "pixel_mlp".into(),
+            reason: format!("{} layers, {} feature values", model.layers.len(), features.len()),
+        }
+        .into());
+    }
+    let stacked = ndarray::ArrayView2::from_shape((FEATURES * h, w), features)
+        .map_err(|e| crate::gpu::GpuError::Kernel {
+            kernel: "pixel_mlp".into(),
+            reason: e.to_string(),
+        })?
+        .to_owned();
+    let mut chain = ctx.begin(&stacked)?;
+    chain.write_aux(&model.flat())?;
+    let mut widths = [0u32; 8];
+    widths[0] = FEATURES as u32;
+    for (i, l) in model.layers.iter().enumerate() {
+        widths[i + 1] = l.outputs as u32;
+    }
+    let params = GpuParams {
+        n: n as u32,
+        layers: model.layers.len() as u32,
+        features: FEATURES as u32,
+        classes: CLASSES as u32,
+        widths,
+    };
+    let groups = (n as u32).div_ceil(64);
+    let max = chain.max_workgroups();
+    let grid = (groups.min(max), groups.div_ceil(max));
+    chain.dispatch("pixel_mlp", SHADER, "pixel_mlp", &params, grid, true)?;
+    let out = chain.finish()?;
+    let mut probs: Vec<f32> = out.iter().take(CLASSES * n).copied().collect();
+    mask_invalid(&mut probs, valid);
+    Ok(probs)
+}
+
+/// Invalid pixels: background with probability 1.
+fn mask_invalid(probs: &mut [f32], valid: &Array2<bool>) {
+    let n = valid.len();
+    for (i, v) in valid.iter().enumerate() {
+        if !v {
+            for k in 0..CLASSES {
+                probs[k * n + i] = if k == 0 { 1.0 } else { 0.0 };
+            }
+        }
+    }
 }
 
 /// Pixels per block of the CPU inference: the layers run over a block at a time, with the

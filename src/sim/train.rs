@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::evalset::{cases_in, truth_labels};
+use super::phantom::Rng;
 use super::Result;
 use crate::label::Label;
 use crate::segment::pixels::{self, Dense, PixelModel, CLASSES, FEATURES};
@@ -89,32 +90,14 @@ pub struct TrainReport {
     pub held_out_recall: Vec<(String, f64)>,
 }
 
-/// A small, fast, seeded generator (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn normal(&mut self) -> f32 {
-        let (a, b) = (self.uniform().max(1e-7), self.uniform());
-        (-2.0 * a.ln()).sqrt() * (std::f32::consts::TAU * b).cos()
-    }
+/// An index below `n` (the phantom's seeded generator).
+fn below(rng: &mut Rng, n: usize) -> usize {
+    (rng.next_u64() % n.max(1) as u64) as usize
 }
 
 /// Reads every case of `dirs` and samples labelled pixels from its frames.
 pub fn collect(pipeline: &Pipeline, dirs: &[PathBuf], opt: &TrainOptions) -> Result<Samples> {
-    let mut rng = Rng(opt.seed ^ 0x5A5A);
+    let mut rng = Rng::new(opt.seed ^ 0x5A5A);
     let mut s = Samples::default();
     let options = crate::dicom::ReadOptions::default();
     let mut case_index = 0usize;
@@ -183,11 +166,11 @@ fn sample_frame(
     };
     for (l, idx) in by_label.iter().enumerate() {
         for _ in 0..opt.per_label.min(idx.len()) {
-            push(idx[rng.below(idx.len())], l as u8);
+            push(idx[below(rng, idx.len())], l as u8);
         }
     }
     for _ in 0..opt.per_frame_random.min(all.len()) {
-        let i = all[rng.below(all.len())];
+        let i = all[below(rng, all.len())];
         push(i, label_at(i).unwrap_or(0));
     }
     Ok(())
@@ -218,7 +201,7 @@ pub fn train(s: &Samples, opt: &TrainOptions) -> (PixelModel, TrainReport) {
             (1.0 / var.max(1e-8).sqrt()) as f32
         })
         .collect();
-    let mut rng = Rng(opt.seed);
+    let mut rng = Rng::new(opt.seed);
     let mut widths = vec![FEATURES];
     widths.extend(&opt.hidden);
     widths.push(CLASSES);
@@ -230,7 +213,7 @@ pub fn train(s: &Samples, opt: &TrainOptions) -> (PixelModel, TrainReport) {
             Dense {
                 inputs: i,
                 outputs: o,
-                w: (0..i * o).map(|_| rng.normal() * sd).collect(),
+                w: (0..i * o).map(|_| rng.normal() as f32 * sd).collect(),
                 b: vec![0.0; o],
             }
         })
@@ -264,7 +247,7 @@ pub fn train(s: &Samples, opt: &TrainOptions) -> (PixelModel, TrainReport) {
     let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
     for epoch in 0..opt.epochs {
         for i in (1..order.len()).rev() {
-            order.swap(i, rng.below(i + 1));
+            order.swap(i, below(&mut rng, i + 1));
         }
         // Cosine decay of the step size over the run.
         let lr = opt.learning_rate

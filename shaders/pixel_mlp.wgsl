@@ -1,0 +1,73 @@
+// pixel_mlp.wgsl: the pixel classifier (src/segment/pixels.rs) on every pixel: standardise the
+// feature vector, dense layers with ReLU between them, softmax over the classes.
+// Bindings: src holds the features, feature-major (src[k·n + i] is feature k of pixel i);
+// aux holds the model: mean[F], scale[F], then per layer its weights (outputs × inputs,
+// row-major) and biases. dst receives the probabilities, class-major (dst[c·n + i]).
+// Dispatch: workgroups of 64 threads, one thread per pixel, as many rows of workgroups as
+// the per-dimension limit needs. Keep Params in sync with src/segment/pixels.rs (`GpuParams`).
+
+struct Params {
+    n: u32,
+    layers: u32,
+    features: u32,
+    classes: u32,
+    // Layer widths: widths[0] = features, widths[layers] = classes.
+    widths: array<vec4<u32>, 2>,
+}
+@group(0) @binding(0) var<uniform> p: Params;
+
+// The widest layer the host accepts (pixels::MAX_WIDTH).
+const MAX_WIDTH: u32 = 64u;
+
+fn width_of(i: u32) -> u32 {
+    return p.widths[i / 4u][i % 4u];
+}
+
+@compute @workgroup_size(64)
+fn pixel_mlp(
+    @builtin(global_invocation_id) id: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+) {
+    let i = id.y * groups.x * 64u + id.x;
+    if (i >= p.n) {
+        return;
+    }
+    var a: array<f32, MAX_WIDTH>;
+    var b: array<f32, MAX_WIDTH>;
+    let f = p.features;
+    for (var k = 0u; k < f; k++) {
+        a[k] = (src[k * p.n + i] - aux[k]) * aux[f + k];
+    }
+    var off = 2u * f;
+    for (var l = 0u; l < p.layers; l++) {
+        let ins = width_of(l);
+        let outs = width_of(l + 1u);
+        let last = l + 1u == p.layers;
+        for (var o = 0u; o < outs; o++) {
+            var s = aux[off + outs * ins + o];
+            for (var j = 0u; j < ins; j++) {
+                s += aux[off + o * ins + j] * a[j];
+            }
+            if (!last) {
+                s = max(s, 0.0);
+            }
+            b[o] = s;
+        }
+        for (var o = 0u; o < outs; o++) {
+            a[o] = b[o];
+        }
+        off += outs * ins + outs;
+    }
+    var m = a[0];
+    for (var c = 1u; c < p.classes; c++) {
+        m = max(m, a[c]);
+    }
+    var sum = 0.0;
+    for (var c = 0u; c < p.classes; c++) {
+        a[c] = exp(a[c] - m);
+        sum += a[c];
+    }
+    for (var c = 0u; c < p.classes; c++) {
+        dst[c * p.n + i] = a[c] / sum;
+    }
+}
