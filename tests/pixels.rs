@@ -54,7 +54,7 @@ fn rank_features_ignore_gain_and_dynamic_range() {
     let n = a.intensity.len();
     // Rank-based features: the rank, its box means, spread, column statistics, the shadow
     // kernel's rank and the valid share.
-    for k in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 18, 19] {
+    for k in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 18, 19, 20, 21] {
         let worst = (0..n)
             .map(|i| (xa[k * n + i] - xb[k * n + i]).abs())
             .fold(0f32, f32::max);

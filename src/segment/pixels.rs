@@ -24,7 +24,7 @@ use super::Features;
 use crate::label::Label;
 
 /// Number of features per pixel.
-pub const FEATURES: usize = 20;
+pub const FEATURES: usize = 22;
 /// Number of classes (every label, background included, in code order).
 pub const CLASSES: usize = Label::ALL.len();
 
@@ -50,6 +50,8 @@ pub const FEATURE_NAMES: [&str; FEATURES] = [
     "above_mean_all",
     "ridge_1mm",
     "valid_share_1.5mm",
+    "rank_mean_2.5mm",
+    "rank_mean_8mm",
 ];
 
 /// Bins of the rank transform's histogram (enough that neighbouring grey levels of an 8-bit
@@ -378,6 +380,8 @@ pub fn pixel_features(f: &Features) -> Vec<f32> {
         r(4.0),
         (px(0.4, mmy, 1), px(3.0, mmx, 1)),
         (px(3.0, mmy, 1), px(0.4, mmx, 1)),
+        r(2.5),
+        r(8.0),
     ];
     // Per window: the mean rank, and for 1 mm the mean square and for 1.5 mm the valid share.
     let maps: Vec<(Vec<f32>, Option<Vec<f32>>, Vec<f32>)> = windows
@@ -406,6 +410,8 @@ pub fn pixel_features(f: &Features) -> Vec<f32> {
         put(4, &sd);
         put(5, &maps[4].0);
         put(6, &maps[5].0);
+        put(20, &maps[6].0);
+        put(21, &maps[7].0);
     }
     // Columns: prefix sums of the smoothed rank and of validity, the running maximum from the
     // top, and the maximum in a window beneath.
@@ -739,17 +745,16 @@ pub fn class_map(probs: &[f32], dim: (usize, usize), label: Label) -> Array2<f32
         .expect("probabilities of the grid's size")
 }
 
-/// Smallest areas kept of the soft-tissue labels, mm², from the smallest structures an MSK
-/// injection meets: tendons of the fingers and wrist about 1 mm thick, seen over 3 mm or
-/// more (extensor tendons of the fingers are 1–2 mm thick; Bianchi & Martinoli 2007), the 1 mm³-scale
-/// smallest effusions graded on ultrasound (a recess of 1 mm depth over 1 mm), vessels from
-/// 1 mm diameter (digital arteries 1.0–1.5 mm, Leijnse 1997), nerves from about 1.5 mm
-/// (digital nerves, 1.5–2 mm across; Bianchi & Martinoli, "Ultrasound of the
-/// Musculoskeletal System", 2007).
+/// Smallest areas kept of the soft-tissue labels, mm², from the smallest of each structure
+/// that an MSK injection must see (sizes from Bianchi & Martinoli, "Ultrasound of the
+/// Musculoskeletal System", Springer 2007): tendons about 1 mm thick (finger extensors) seen
+/// over 3 mm or more; effusions and recesses from about 1 mm deep over 1 mm; vessels from
+/// about 1.5 mm across (the arteries near injection sites: radial 2–3 mm, genicular and
+/// circumflex branches 1.5–2 mm); nerves from about 1.5 mm across (digital nerves).
 const MIN_AREA_MM2: [(Label, f64); 4] = [
     (Label::Tendon, 3.0),
     (Label::Joint, 1.0),
-    (Label::Vessel, 0.8),
+    (Label::Vessel, 1.75),
     (Label::Nerve, 1.5),
 ];
 
@@ -816,5 +821,25 @@ pub fn soft_tissue(probs: &[f32], f: &Features, surface: &[Option<f32>]) -> Arra
             }
         }
     }
+    merge_fluid_into_joint(&mut out);
     out
+}
+
+/// A vessel component that touches joint fluid is part of the same fluid collection (a
+/// vessel's lumen lies inside its own wall, not against an effusion): it becomes joint.
+fn merge_fluid_into_joint(labels: &mut Array2<u8>) {
+    let (h, w) = labels.dim();
+    let vessel = labels.mapv(|l| l == Label::Vessel.code());
+    for c in super::components::components(&vessel) {
+        let touches = c.pixels.iter().any(|&(y, x)| {
+            let (y0, y1) = (y.saturating_sub(1), (y + 1).min(h - 1));
+            let (x0, x1) = (x.saturating_sub(1), (x + 1).min(w - 1));
+            (y0..=y1).any(|yy| (x0..=x1).any(|xx| labels[[yy, xx]] == Label::Joint.code()))
+        });
+        if touches {
+            for &(y, x) in &c.pixels {
+                labels[[y, x]] = Label::Joint.code();
+            }
+        }
+    }
 }

@@ -129,7 +129,10 @@ fn sample_frame(
     rng: &mut Rng,
     s: &mut Samples,
 ) -> Result<()> {
-    let params = &pipeline.config().segment;
+    // The features only: the classifier being trained is not run on them.
+    let mut params = pipeline.config().segment.clone();
+    params.learned = false;
+    let params = &params;
     let despeckled = pipeline
         .despeckler()
         .run(&frame.intensity, &pipeline.config().filters)?;
