@@ -139,6 +139,10 @@ const CLEARANCE_SCALE_MM: f64 = 1.0;
 const SAMPLES_PER_MM: f64 = 4.0;
 /// The peritendinous target sits this far above the tendon, mm.
 const PERITENDINOUS_MM: f64 = 0.5;
+/// Thinnest effusion the planner aims into, mm: the tip of a 21–22 G needle (0.7–0.8 mm) with
+/// its bevel must sit inside with room on both sides; thinner fluid is left for the
+/// peritendinous target.
+const EFFUSION_MIN_DEPTH_MM: f64 = 2.0;
 
 /// Defines a fieldless enum whose JSON spelling, `as_str` and `Display` are the given strings,
 /// and which compares equal to its string (so `plan.status == "ok"` reads as before).
@@ -421,6 +425,20 @@ impl<'a> Geometry<'a> {
     }
 }
 
+/// The pixels of the 4-connected components of `pixels` whose depth extent reaches
+/// `min_rows`.
+fn deep_enough(pixels: &[(usize, usize)], dim: (usize, usize), min_rows: f64) -> Vec<(usize, usize)> {
+    let mut mask = Array2::from_elem(dim, false);
+    for &p in pixels {
+        mask[p] = true;
+    }
+    crate::segment::components::components(&mask)
+        .into_iter()
+        .filter(|c| c.extent().0 as f64 >= min_rows)
+        .flat_map(|c| c.pixels)
+        .collect()
+}
+
 /// Chooses the target: the joint space, an effusion's deepest safe point, or peritendinous.
 fn auto_target(
     seg: &Segmentation,
@@ -463,6 +481,9 @@ fn auto_target(
         })?;
         return Some(((best.1 as f64, best.0 as f64), TargetKind::JointSpace));
     }
+    // Only collections deep enough to hold a needle tip are targets: a thin film of fluid
+    // next to bone is not (see `EFFUSION_MIN_DEPTH_MM`).
+    let effusion = deep_enough(&effusion, (h, w), EFFUSION_MIN_DEPTH_MM / mm.1);
     if !effusion.is_empty() {
         // The deepest effusion pixel that keeps the margin from bone, shadow and vessels; else
         // the one with the most clearance.

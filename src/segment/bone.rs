@@ -65,6 +65,12 @@ pub fn tissue_level(intensity: &Array2<f32>, valid: &Array2<bool>) -> f32 {
     *m
 }
 
+/// How far inside the valid image a bone candidate must lie, grid px: the span beneath the
+/// surface over which a shadow is judged (`SHADOW_SPAN_MM`), in pixels of the finer axis.
+pub fn edge_margin_px(f: &Features) -> usize {
+    (SHADOW_SPAN_MM / f.mm_per_px.0.min(f.mm_per_px.1)).round() as usize
+}
+
 /// Bone score on the analysis grid.
 pub fn bone_score(f: &Features) -> Array2<f32> {
     let level = f.tissue_level.max(1.0);
@@ -206,6 +212,9 @@ const RUN_SHADOW_PROBABILITY: f32 = 0.3;
 /// A run whose mean bone probability along it reaches this is kept whatever lies beneath
 /// (the classifier's bone class already weighs the shadow; clutter can fill it).
 const RUN_BONE_PROBABILITY: f32 = 0.85;
+/// ... if it is at least this long, mm (short bright specks over speckle are not trusted
+/// without their shadow).
+const RUN_SURE_MIN_MM: f64 = 5.0;
 
 /// Drops runs of the surface beneath which `shadow` (a per-pixel shadow probability) does not
 /// average at least `RUN_SHADOW_PROBABILITY` over `DEEP_SHADOW_GAP_MM`..`DEEP_SHADOW_MM`: bone leaves a
@@ -235,7 +244,9 @@ pub fn drop_runs_without_shadow(
             .clone()
             .filter_map(|x| s[x].map(|y| bone[[y.round() as usize, x]]))
             .collect();
-        let sure = on.iter().sum::<f32>() / on.len().max(1) as f32 >= RUN_BONE_PROBABILITY;
+        let long = run.len() as f64 * f.mm_per_px.0 >= RUN_SURE_MIN_MM;
+        let sure =
+            long && on.iter().sum::<f32>() / on.len().max(1) as f32 >= RUN_BONE_PROBABILITY;
         if !sure && (n == 0 || sum / (n as f64) < RUN_SHADOW_PROBABILITY as f64) {
             s[run].iter_mut().for_each(|v| *v = None);
         }

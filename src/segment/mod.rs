@@ -479,7 +479,15 @@ pub fn segment_from_features(
             vec![None; f.intensity.ncols()]
         } else if let Some(p) = probs {
             let dim = f.intensity.dim();
-            let bone = pixels::class_map(p, dim, Label::Bone);
+            let mut bone = pixels::class_map(p, dim, Label::Bone);
+            // Bone is only judged where there is image around it: beside the fan's edges or
+            // at the bottom of the image its shadow cannot be told from the dark outside.
+            let inside = components::morph(&f.valid, bone::edge_margin_px(f), true);
+            bone.zip_mut_with(&inside, |b, ok| {
+                if !ok {
+                    *b = 0.0;
+                }
+            });
             let mut s = bone::surface_from(&bone, BONE_PROBABILITY, f, params);
             bone::fill_narrow_gaps(&mut s, f.mm_per_px.0, fluid::JOINT_GAP_MM.0);
             bone::drop_runs_without_shadow(&mut s, &bone, &pixels::class_map(p, dim, Label::Shadow), f);
