@@ -39,6 +39,32 @@ impl BackendOpt {
     }
 }
 
+/// How the segmenter decides.
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum SegmenterArg {
+    /// The pixel classifier (models/pixel_mlp.json) and the bone surface from its output.
+    Learned,
+    /// The hand-made rules of the first version (kept for comparison).
+    Rules,
+}
+
+/// The segmenter option of the commands that segment.
+#[derive(clap::Args, Clone, Copy)]
+pub struct SegmenterOpt {
+    /// How the segmenter decides.
+    #[arg(long, value_enum, default_value_t = SegmenterArg::Learned)]
+    pub segmenter: SegmenterArg,
+}
+
+impl SegmenterOpt {
+    /// The segmenter's settings.
+    pub fn params(self) -> sonoguide::segment::SegmentParams {
+        let mut p = sonoguide::segment::SegmentParams::default();
+        p.learned = self.segmenter == SegmenterArg::Learned;
+        p
+    }
+}
+
 /// The despeckling filters by name.
 pub const FILTER_CHOICES: [&str; 5] = ["srad", "obnlm", "lee", "frost", "median"];
 

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use clap::ValueEnum;
 use sonoguide::batch::{self, BatchOptions, Event, FileStatus, FileTask};
-use sonoguide::segment::SegmentParams;
 use sonoguide::Filter;
 
 use crate::args::{
-    open_despeckler, parse_frames, parse_target, BackendOpt, FilterArgs, FILTER_CHOICES,
+    open_despeckler, parse_frames, parse_target, BackendOpt, FilterArgs, SegmenterOpt,
+    FILTER_CHOICES,
 };
 use crate::exit::{Failure, Outcome};
 
@@ -44,6 +44,8 @@ pub struct SegmentArgs {
     despeckle: String,
     #[command(flatten)]
     backend: BackendOpt,
+    #[command(flatten)]
+    segmenter: SegmenterOpt,
 }
 
 /// What the overlay is drawn on.
@@ -96,6 +98,8 @@ pub struct ProcessArgs {
     margin_mm: f64,
     #[command(flatten)]
     filter: FilterArgs,
+    #[command(flatten)]
+    segmenter: SegmenterOpt,
 }
 
 /// `sonoguide despeckle`.
@@ -109,7 +113,7 @@ pub fn despeckle(args: DespeckleArgs) -> Outcome {
 pub fn segment(args: SegmentArgs) -> Outcome {
     let filter = Filter::default_for(&args.despeckle)?;
     let d = open_despeckler(args.backend.get())?;
-    let task = batch::SegmentTask::new(d, filter, SegmentParams::default());
+    let task = batch::SegmentTask::new(d, filter, args.segmenter.params());
     run(&args.files, &args.out, &task, &BatchOptions::default())
 }
 
@@ -128,6 +132,7 @@ pub fn process(args: ProcessArgs) -> Outcome {
     let mut config = sonoguide::PipelineConfig::default();
     config.backend = args.backend.get();
     config.filters = vec![filter];
+    config.segment = args.segmenter.params();
     config.plan.min_angle_deg = min_angle;
     config.plan.max_angle_deg = max_angle;
     config.plan.margin_mm = margin_mm;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use sonoguide::sim::evalset::{self, SetScore};
 
-use crate::args::{BackendOpt, FILTER_CHOICES};
+use crate::args::{BackendOpt, SegmenterOpt, FILTER_CHOICES};
 use crate::exit::{print_json, Outcome};
 
 /// `eval-set`'s arguments.
@@ -19,6 +19,8 @@ pub struct EvalSetArgs {
     despeckle: String,
     #[command(flatten)]
     backend: BackendOpt,
+    #[command(flatten)]
+    segmenter: SegmenterOpt,
     /// Print JSON (with every frame's scores).
     #[arg(long)]
     json: bool,
@@ -40,6 +42,7 @@ pub fn eval_set(args: EvalSetArgs) -> Outcome {
     let mut config = sonoguide::PipelineConfig::default();
     config.backend = args.backend.get();
     config.filters = vec![sonoguide::Filter::default_for(&args.despeckle)?];
+    config.segment = args.segmenter.params();
     let pipeline = sonoguide::Pipeline::new(config)?;
     let mut all: Vec<SetScore> = Vec::new();
     for dir in &args.dirs {
