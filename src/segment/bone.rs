@@ -253,6 +253,69 @@ pub fn drop_runs_without_shadow(
     }
 }
 
+/// The band beneath a bone run must be darker than the tissue beside it at the same depths:
+/// its mean at most this share of the flanks' mean. A shadow is a loss of signal against the
+/// neighbouring beams; depth attenuation darkens both alike.
+const SHADOW_CONTRAST: f32 = 0.8;
+/// Only runs shorter than this are checked against their flanks, mm: a long surface with its
+/// shadow is bone whatever lies beside it (often another bone's shadow or a joint gap).
+const FLANK_CHECK_BELOW_MM: f64 = 10.0;
+/// Flanks: on each side of the run, this width (mm) or the run's own length if shorter.
+const FLANK_MM: f64 = 5.0;
+
+/// Drops runs shorter than `FLANK_CHECK_BELOW_MM` whose band beneath
+/// (`DEEP_SHADOW_GAP_MM`..`DEEP_SHADOW_MM`) is not darker than the same depths beside the run
+/// (`SHADOW_CONTRAST`); runs with no image beside them are kept.
+pub fn drop_runs_not_darker_than_beside(s: &mut [Option<f32>], f: &Features) {
+    let (h, w) = f.intensity.dim();
+    let gap = (DEEP_SHADOW_GAP_MM / f.mm_per_px.1).round() as usize;
+    let depth = (DEEP_SHADOW_MM / f.mm_per_px.1).round() as usize;
+    let flank_cols = (FLANK_MM / f.mm_per_px.0).round() as usize;
+    for run in runs(s) {
+        if run.len() as f64 * f.mm_per_px.0 >= FLANK_CHECK_BELOW_MM {
+            continue;
+        }
+        let ys: Vec<usize> = run
+            .clone()
+            .filter_map(|x| s[x].map(|y| y.round() as usize))
+            .collect();
+        let (top, bottom) = (
+            ys.iter().copied().min().unwrap_or(0) + gap,
+            (ys.iter().copied().max().unwrap_or(0) + gap + depth).min(h),
+        );
+        let mean = |cols: &mut dyn Iterator<Item = usize>, under: bool| -> Option<f64> {
+            let (mut sum, mut n) = (0.0f64, 0usize);
+            for x in cols {
+                let y0 = if under {
+                    s[x].map_or(top, |y| y.round() as usize + gap)
+                } else {
+                    top
+                };
+                for y in y0..bottom.min(y0 + depth) {
+                    if f.valid[[y, x]] {
+                        sum += f.intensity[[y, x]] as f64;
+                        n += 1;
+                    }
+                }
+            }
+            (n > 0).then(|| sum / n as f64)
+        };
+        let Some(under) = mean(&mut run.clone(), true) else {
+            continue;
+        };
+        let width = flank_cols.min(run.len());
+        let mut beside = (run.start.saturating_sub(width)..run.start)
+            .chain(run.end..(run.end + width).min(w))
+            .filter(|&x| s[x].is_none());
+        let Some(flank) = mean(&mut beside, false) else {
+            continue;
+        };
+        if under > SHADOW_CONTRAST as f64 * flank {
+            s[run].iter_mut().for_each(|v| *v = None);
+        }
+    }
+}
+
 /// Drops runs of the surface beneath which the image does not stay dark.
 fn drop_unshadowed_runs(s: &mut [Option<f32>], f: &Features) {
     let (h, _) = f.intensity.dim();

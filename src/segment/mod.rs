@@ -491,6 +491,7 @@ pub fn segment_from_features(
             let mut s = bone::surface_from(&bone, BONE_PROBABILITY, f, params);
             bone::fill_narrow_gaps(&mut s, f.mm_per_px.0, fluid::JOINT_GAP_MM.0);
             bone::drop_runs_without_shadow(&mut s, &bone, &pixels::class_map(p, dim, Label::Shadow), f);
+            bone::drop_runs_not_darker_than_beside(&mut s, f);
             s
         } else {
             bone::surface(f, params)
