@@ -1,26 +1,36 @@
-// pixel_mlp.wgsl: the pixel classifier (src/segment/pixels.rs) on every pixel: standardise the
+// pixel_mlp.wgsl: the pixel classifier (src/kernels/pixel_mlp.rs) on every pixel: standardise the
 // feature vector, dense layers with ReLU between them, softmax over the classes.
 // Bindings: src holds the features, feature-major (src[k·n + i] is feature k of pixel i);
 // aux holds the model: mean[F], scale[F], then per layer its weights (outputs × inputs,
 // row-major) and biases. dst receives the probabilities, class-major (dst[c·n + i]).
 // Dispatch: workgroups of 64 threads, one thread per pixel, as many rows of workgroups as
-// the per-dimension limit needs. Keep Params in sync with src/segment/pixels.rs (`GpuParams`).
+// the per-dimension limit needs. Keep Params in sync with src/kernels/pixel_mlp.rs.
 
 struct Params {
     n: u32,
     layers: u32,
     features: u32,
     classes: u32,
-    // Layer widths: widths[0] = features, widths[layers] = classes.
-    widths: array<vec4<u32>, 2>,
+    // Layer widths, inputs first: width0 = features, width[layers] = classes.
+    width0: u32,
+    width1: u32,
+    width2: u32,
+    width3: u32,
+    width4: u32,
+    width5: u32,
+    width6: u32,
+    width7: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 
-// The widest layer the host accepts (pixels::MAX_WIDTH).
+// The widest layer the host accepts (pixel_mlp::MAX_WIDTH).
 const MAX_WIDTH: u32 = 64u;
 
 fn width_of(i: u32) -> u32 {
-    return p.widths[i / 4u][i % 4u];
+    var widths = array<u32, 8>(
+        p.width0, p.width1, p.width2, p.width3, p.width4, p.width5, p.width6, p.width7
+    );
+    return widths[i];
 }
 
 @compute @workgroup_size(64)

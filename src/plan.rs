@@ -427,7 +427,11 @@ impl<'a> Geometry<'a> {
 
 /// The pixels of the 4-connected components of `pixels` whose depth extent reaches
 /// `min_rows`.
-fn deep_enough(pixels: &[(usize, usize)], dim: (usize, usize), min_rows: f64) -> Vec<(usize, usize)> {
+fn deep_enough(
+    pixels: &[(usize, usize)],
+    dim: (usize, usize),
+    min_rows: f64,
+) -> Vec<(usize, usize)> {
     let mut mask = Array2::from_elem(dim, false);
     for &p in pixels {
         mask[p] = true;

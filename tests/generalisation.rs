@@ -17,20 +17,20 @@ const BONE: usize = 1;
 const SHADOW: usize = 2;
 
 /// Regression guards: the mean Dice measured on the pulse-echo test set when this test was
-/// written, less 0.05 for the spread between CPU builds (floating-point order in the kernels'
-/// parallel sums can move a threshold decision by a pixel).
-const PUSIM_BONE_FLOOR: f64 = 0.45;
-const PUSIM_SHADOW_FLOOR: f64 = 0.55;
+/// written (pixel classifier: tendon 0.81, bone 0.74, shadow 0.90), less 0.05 for the spread
+/// between CPU builds (floating-point order in the kernels' parallel sums can move a decision
+/// by a pixel). The floors (0.80 / 0.80 / 0.85) are in the README's table.
+const PUSIM_TENDON_FLOOR: f64 = 0.76;
+const PUSIM_BONE_FLOOR: f64 = 0.69;
+const PUSIM_SHADOW_FLOOR: f64 = 0.85;
 /// Own phantoms from the test seeds (the realistic phantom: layered tissue, filled shadows,
-/// random gain and dynamic range): the same guard under 0.72 / 0.81 / 0.86 measured.
-const PHANTOM_TENDON_FLOOR: f64 = 0.65;
+/// random gain and dynamic range): the same guard under the measured means.
+const PHANTOM_TENDON_FLOOR: f64 = 0.80;
 const PHANTOM_BONE_FLOOR: f64 = 0.75;
-const PHANTOM_SHADOW_FLOOR: f64 = 0.80;
-/// Paths crossing a truth structure on the pulse-echo test set: the target is 0; one
-/// case (pusim_test_011: bone missed on one side, so the path runs through it) does so today.
-/// The set was not looked at to tune, so this is recorded, not fixed by tuning to it; the
-/// guard keeps it from getting worse. Every other set must have none.
-const PUSIM_MAX_UNSAFE_PATHS: usize = 1;
+const PHANTOM_SHADOW_FLOOR: f64 = 0.75;
+/// Paths crossing a truth structure on the pulse-echo test set: none (the set was never used
+/// to tune; the first version had one, pusim_test_011).
+const PUSIM_MAX_UNSAFE_PATHS: usize = 0;
 /// Convex entries must lie on the skin arc: the image's first echo may start up to one
 /// pixel (0.2 mm on the convex sets) below the probe face, plus rounding to the pixel.
 const ARC_TOLERANCE_MM: f64 = 1.0;
@@ -84,7 +84,9 @@ fn pulse_echo_test_set_holds() {
     assert_eq!(sets.len(), 1);
     let s = &sets[0];
     assert!(s.frames >= 30, "the test set has {} frames", s.frames);
+    eprintln!("pulse-echo test Dice {:?}", s.dice);
     assert_safe(s, PUSIM_MAX_UNSAFE_PATHS);
+    assert!(s.dice[TENDON] >= PUSIM_TENDON_FLOOR, "tendon {:?}", s.dice);
     assert!(s.dice[BONE] >= PUSIM_BONE_FLOOR, "bone {:?}", s.dice);
     assert!(s.dice[SHADOW] >= PUSIM_SHADOW_FLOOR, "shadow {:?}", s.dice);
 }
@@ -108,6 +110,7 @@ fn own_phantom_test_seeds_hold_through_the_reader() {
     let _ = std::fs::remove_dir_all(&tmp);
     let s = &sets[0];
     assert_eq!(s.frames, 8);
+    eprintln!("own phantom test Dice {:?}", s.dice);
     assert_safe(s, 0);
     assert!(
         s.dice[TENDON] >= PHANTOM_TENDON_FLOOR,

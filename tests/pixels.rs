@@ -26,8 +26,9 @@ fn features_of(seed: u64, map: impl Fn(f32) -> f32) -> Features {
 
 #[test]
 fn builtin_model_loads_and_fits_the_features() {
-    let m = PixelModel::builtin();
+    let m = pixels::builtin_model();
     assert_eq!(m.features.len(), FEATURES);
+    assert_eq!(m.inputs(), FEATURES);
     assert_eq!(m.layers.last().map(|l| l.outputs), Some(CLASSES));
     let f = features_of(3, |v| v);
     let x = pixels::pixel_features(&f);
@@ -37,7 +38,10 @@ fn builtin_model_loads_and_fits_the_features() {
     let n = f.intensity.len();
     for i in (0..n).step_by(97) {
         let sum: f32 = (0..CLASSES).map(|k| p[k * n + i]).sum();
-        assert!((sum - 1.0).abs() < 1e-4, "probabilities of pixel {i} sum to {sum}");
+        assert!(
+            (sum - 1.0).abs() < 1e-4,
+            "probabilities of pixel {i} sum to {sum}"
+        );
     }
 }
 
@@ -75,13 +79,16 @@ fn gpu_classifier_matches_cpu_twin() {
     let ctx = match sonoguide::gpu::GpuContext::new(Backend::Gpu) {
         Ok(c) => c,
         Err(e) => {
-            common::missing_tool("pixel classifier GPU parity", &format!("a GPU adapter: {e}"));
+            common::missing_tool(
+                "pixel classifier GPU parity",
+                &format!("a GPU adapter: {e}"),
+            );
             return;
         }
     };
     let f = features_of(11, |v| v);
     let x = pixels::pixel_features(&f);
-    let m = PixelModel::builtin();
+    let m = pixels::builtin_model();
     let cpu = pixels::probabilities_cpu(m, &x, &f.valid);
     let gpu = pixels::probabilities_gpu(&ctx, m, &x, &f.valid).expect("GPU classifier");
     assert_eq!(cpu.len(), gpu.len());
@@ -124,10 +131,15 @@ fn training_is_deterministic_and_learns() {
         serde_json::to_string(&m2).unwrap(),
         "same samples and seed, different weights"
     );
-    m1.check().expect("trained model is well-formed");
+    m1.check(&pixels::FEATURE_NAMES, &pixels::class_names())
+        .expect("trained model is well-formed");
     // Chance for 7 classes is ln 7 = 1.95 and the label frequencies alone give about 1.6; a
     // model that learned from the features must do clearly better.
     let last = *r1.train_loss.last().expect("losses");
     eprintln!("training loss {last}");
-    assert!(last < TRAINED_LOSS, "training loss {last} after {} epochs", opt.epochs);
+    assert!(
+        last < TRAINED_LOSS,
+        "training loss {last} after {} epochs",
+        opt.epochs
+    );
 }

@@ -12,6 +12,7 @@ pub mod lee;
 pub mod median;
 pub mod obnlm;
 pub mod phase_symmetry;
+pub mod pixel_mlp;
 pub mod shadow;
 pub mod srad;
 
@@ -33,13 +34,14 @@ pub enum KernelError {
 }
 
 /// Names of every kernel with a shader and a twin (the shader stems).
-pub const KERNELS: [&str; 8] = [
+pub const KERNELS: [&str; 9] = [
     "coherence",
     "frost",
     "lee",
     "median",
     "obnlm",
     "phase_symmetry",
+    "pixel_mlp",
     "shadow",
     "srad",
 ];

@@ -245,8 +245,7 @@ pub fn drop_runs_without_shadow(
             .filter_map(|x| s[x].map(|y| bone[[y.round() as usize, x]]))
             .collect();
         let long = run.len() as f64 * f.mm_per_px.0 >= RUN_SURE_MIN_MM;
-        let sure =
-            long && on.iter().sum::<f32>() / on.len().max(1) as f32 >= RUN_BONE_PROBABILITY;
+        let sure = long && on.iter().sum::<f32>() / on.len().max(1) as f32 >= RUN_BONE_PROBABILITY;
         if !sure && (n == 0 || sum / (n as f64) < RUN_SHADOW_PROBABILITY as f64) {
             s[run].iter_mut().for_each(|v| *v = None);
         }

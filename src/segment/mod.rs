@@ -205,7 +205,7 @@ pub fn features_cpu(
         Ok([phase_symmetry, below, coherence, orientation])
     })?;
     if params.learned {
-        let model = pixels::PixelModel::builtin();
+        let model = pixels::builtin_model();
         f.probabilities = Some(pixels::probabilities_cpu(
             model,
             &pixels::pixel_features(&f),
@@ -266,7 +266,7 @@ pub fn features_gpu(
     if params.learned {
         // The pixel features are assembled on the CPU from the maps read back; the
         // classifier runs on the GPU.
-        let model = pixels::PixelModel::builtin();
+        let model = pixels::builtin_model();
         f.probabilities = Some(pixels::probabilities_gpu(
             ctx,
             model,
@@ -422,7 +422,12 @@ const BONE_PROBABILITY: f32 = 0.5;
 
 /// Carries soft-tissue labels (tendon, joint, vessel, nerve) of the analysis grid to full
 /// resolution, where bone and shadow left room.
-fn carry_soft_tissue(grid: &Array2<u8>, step: usize, valid_full: &Array2<bool>, labels: &mut Array2<u8>) {
+fn carry_soft_tissue(
+    grid: &Array2<u8>,
+    step: usize,
+    valid_full: &Array2<bool>,
+    labels: &mut Array2<u8>,
+) {
     let (gh, gw) = grid.dim();
     for ((y, x), l) in labels.indexed_iter_mut() {
         if *l != Label::Background.code() || !valid_full[[y, x]] {
@@ -467,7 +472,7 @@ pub fn segment_from_features(
             (Some(p), true) => Some(&p[..]),
             (None, true) => {
                 computed = pixels::probabilities_cpu(
-                    pixels::PixelModel::builtin(),
+                    pixels::builtin_model(),
                     &pixels::pixel_features(f),
                     &f.valid,
                 );
@@ -490,7 +495,12 @@ pub fn segment_from_features(
             });
             let mut s = bone::surface_from(&bone, BONE_PROBABILITY, f, params);
             bone::fill_narrow_gaps(&mut s, f.mm_per_px.0, fluid::JOINT_GAP_MM.0);
-            bone::drop_runs_without_shadow(&mut s, &bone, &pixels::class_map(p, dim, Label::Shadow), f);
+            bone::drop_runs_without_shadow(
+                &mut s,
+                &bone,
+                &pixels::class_map(p, dim, Label::Shadow),
+                f,
+            );
             bone::drop_runs_not_darker_than_beside(&mut s, f);
             s
         } else {
@@ -518,7 +528,12 @@ pub fn segment_from_features(
         };
         shadows(&surface_full, valid_full, mm_full, 1, &mut labels);
         if let Some(p) = probs {
-            carry_soft_tissue(&pixels::soft_tissue(p, f, &surface), f.step, valid_full, &mut labels);
+            carry_soft_tissue(
+                &pixels::soft_tissue(p, f, &surface),
+                f.step,
+                valid_full,
+                &mut labels,
+            );
         } else if f.step == 1 {
             fluid::label_joint_and_effusion(
                 &crop,

@@ -18,9 +18,9 @@
 
 use ndarray::Array2;
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 
 use super::Features;
+pub use crate::kernels::pixel_mlp::{self, Dense, ModelError, PixelModel, MAX_WIDTH};
 use crate::label::Label;
 
 /// Number of features per pixel.
@@ -59,154 +59,6 @@ pub const FEATURE_NAMES: [&str; FEATURES] = [
 const RANK_BINS: usize = 1024;
 /// Depth scale of the depth feature, mm (the middle of MSK imaging depths).
 const DEPTH_SCALE_MM: f64 = 30.0;
-
-/// A trained pixel classifier.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PixelModel {
-    /// Format version.
-    pub version: u32,
-    /// Feature names, which must equal [`FEATURE_NAMES`].
-    pub features: Vec<String>,
-    /// Class names, in label code order.
-    pub classes: Vec<String>,
-    /// Per-feature mean subtracted before the first layer.
-    pub mean: Vec<f32>,
-    /// Per-feature scale the centred feature is multiplied by.
-    pub scale: Vec<f32>,
-    /// Dense layers; every layer but the last is followed by a ReLU, the last by a softmax.
-    pub layers: Vec<Dense>,
-    /// How the weights were made (command, seed, data), for the model card.
-    #[serde(default)]
-    pub provenance: serde_json::Value,
-}
-
-/// One dense layer: `out = w · in + b`, `w` row-major (`outputs × inputs`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Dense {
-    /// Inputs.
-    pub inputs: usize,
-    /// Outputs.
-    pub outputs: usize,
-    /// Weights, row-major, `outputs × inputs`.
-    pub w: Vec<f32>,
-    /// Biases.
-    pub b: Vec<f32>,
-}
-
-/// Why a model file cannot be used.
-#[derive(Debug, thiserror::Error)]
-#[error("pixel model: {0}")]
-pub struct ModelError(pub String);
-
-impl PixelModel {
-    /// Parses and checks a model's JSON.
-    pub fn from_json(text: &str) -> Result<PixelModel, ModelError> {
-        let m: PixelModel =
-            serde_json::from_str(text).map_err(|e| ModelError(format!("not a model: {e}")))?;
-        m.check()?;
-        Ok(m)
-    }
-
-    /// Checks the shapes against the features and classes this build computes.
-    pub fn check(&self) -> Result<(), ModelError> {
-        if self.features != FEATURE_NAMES {
-            return Err(ModelError(format!(
-                "features {:?} differ from this build's {:?}",
-                self.features, FEATURE_NAMES
-            )));
-        }
-        let names: Vec<&str> = Label::ALL.iter().map(|l| l.name()).collect();
-        if self.classes != names {
-            return Err(ModelError(format!(
-                "classes {:?} differ from {:?}",
-                self.classes, names
-            )));
-        }
-        if self.mean.len() != FEATURES || self.scale.len() != FEATURES {
-            return Err(ModelError("mean/scale length".into()));
-        }
-        let mut width = FEATURES;
-        for (i, l) in self.layers.iter().enumerate() {
-            if l.inputs != width
-                || l.w.len() != l.inputs * l.outputs
-                || l.b.len() != l.outputs
-                || l.outputs == 0
-                || l.outputs > MAX_WIDTH
-            {
-                return Err(ModelError(format!("layer {i} has inconsistent shapes")));
-            }
-            width = l.outputs;
-        }
-        if width != CLASSES || self.layers.is_empty() {
-            return Err(ModelError(format!("last layer has {width} outputs")));
-        }
-        let all = self
-            .mean
-            .iter()
-            .chain(&self.scale)
-            .chain(self.layers.iter().flat_map(|l| l.w.iter().chain(&l.b)));
-        if all.clone().any(|v| !v.is_finite()) {
-            return Err(ModelError("non-finite weight".into()));
-        }
-        Ok(())
-    }
-
-    /// The model shipped with this build (`models/pixel_mlp.json`).
-    pub fn builtin() -> &'static PixelModel {
-        static MODEL: std::sync::OnceLock<PixelModel> = std::sync::OnceLock::new();
-        MODEL.get_or_init(|| {
-            // Checked by the test suite (`builtin_model_loads`): a build whose model does not
-            // fit its features must not pass.
-            PixelModel::from_json(include_str!("../../models/pixel_mlp.json"))
-                .expect("models/pixel_mlp.json fits this build")
-        })
-    }
-
-    /// Widest layer.
-    pub fn max_width(&self) -> usize {
-        self.layers.iter().map(|l| l.outputs).max().unwrap_or(0)
-    }
-
-    /// Class probabilities of one feature vector (`x` is overwritten with the standardised
-    /// inputs; `a`, `b` are scratch of at least [`MAX_WIDTH`]).
-    pub fn forward(&self, x: &mut [f32], a: &mut [f32], b: &mut [f32]) -> [f32; CLASSES] {
-        for ((v, m), s) in x.iter_mut().zip(&self.mean).zip(&self.scale) {
-            *v = (*v - m) * s;
-        }
-        a[..FEATURES].copy_from_slice(&x[..FEATURES]);
-        let (mut a, mut b) = (a, b);
-        let last = self.layers.len() - 1;
-        for (i, l) in self.layers.iter().enumerate() {
-            for o in 0..l.outputs {
-                let row = &l.w[o * l.inputs..(o + 1) * l.inputs];
-                let mut s = l.b[o];
-                for (w, v) in row.iter().zip(&a[..l.inputs]) {
-                    s += w * v;
-                }
-                b[o] = if i < last { s.max(0.0) } else { s };
-            }
-            std::mem::swap(&mut a, &mut b);
-        }
-        softmax(&a[..CLASSES])
-    }
-}
-
-/// Widest layer a model may have (the GPU shader's scratch size).
-pub const MAX_WIDTH: usize = 64;
-
-fn softmax(z: &[f32]) -> [f32; CLASSES] {
-    let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut p = [0f32; CLASSES];
-    let mut sum = 0.0;
-    for (p, z) in p.iter_mut().zip(z) {
-        *p = (z - m).exp();
-        sum += *p;
-    }
-    for p in &mut p {
-        *p /= sum;
-    }
-    p
-}
 
 /// Sums of `v` (row-major, `h × w`) over the window of half-sizes `(ry, rx)` around every
 /// pixel, clipped to the grid: a horizontal then a vertical running sum, so the cost does not
@@ -476,7 +328,11 @@ pub fn pixel_features(f: &Features) -> Vec<f32> {
             *o = v(i / w, i % w);
         }
     };
-    per_pixel(12, &|y, _| (y as f64 * mmy / DEPTH_SCALE_MM) as f32, &mut out);
+    per_pixel(
+        12,
+        &|y, _| (y as f64 * mmy / DEPTH_SCALE_MM) as f32,
+        &mut out,
+    );
     per_pixel(13, &|y, x| f.phase_symmetry[[y, x]], &mut out);
     per_pixel(14, &|y, x| f.coherence[[y, x]], &mut out);
     per_pixel(
@@ -504,45 +360,33 @@ pub fn pixel_features(f: &Features) -> Vec<f32> {
     out
 }
 
-/// The shader's source.
-pub const SHADER: &str = include_str!("../../shaders/pixel_mlp.wgsl");
-
-/// The shader's parameters; keep in sync with `Params` in shaders/pixel_mlp.wgsl.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct GpuParams {
-    /// Pixels.
-    pub n: u32,
-    /// Dense layers.
-    pub layers: u32,
-    /// Inputs of the first layer.
-    pub features: u32,
-    /// Outputs of the last layer.
-    pub classes: u32,
-    /// Layer widths, inputs first (at most 7 layers).
-    pub widths: [u32; 8],
+/// The model shipped with this build (`models/pixel_mlp.json`), checked against this build's
+/// features and labels.
+pub fn builtin_model() -> &'static PixelModel {
+    static MODEL: std::sync::OnceLock<PixelModel> = std::sync::OnceLock::new();
+    MODEL.get_or_init(|| {
+        // Checked by the test suite (`builtin_model_loads_and_fits_the_features`): a build
+        // whose model does not fit its features does not pass.
+        PixelModel::from_json(
+            include_str!("../../models/pixel_mlp.json"),
+            &FEATURE_NAMES,
+            &class_names(),
+        )
+        .expect("models/pixel_mlp.json fits this build")
+    })
 }
 
-impl PixelModel {
-    /// The model as the shader reads it from `aux`: mean, scale, then per layer its weights
-    /// and biases.
-    pub fn flat(&self) -> Vec<f32> {
-        let mut v = Vec::with_capacity(
-            2 * FEATURES + self.layers.iter().map(|l| l.w.len() + l.b.len()).sum::<usize>(),
-        );
-        v.extend(&self.mean);
-        v.extend(&self.scale);
-        for l in &self.layers {
-            v.extend(&l.w);
-            v.extend(&l.b);
-        }
-        v
-    }
+/// The label names in code order: the model's classes.
+pub fn class_names() -> Vec<&'static str> {
+    Label::ALL.iter().map(|l| l.name()).collect()
 }
 
-/// Runs the classifier on the GPU: the features go up as one image (`FEATURES` stacked
-/// grids), the weights into the scratch buffer, and the probabilities come back in the
-/// layout of [`probabilities_cpu`] (invalid pixels set to background afterwards, as there).
+/// Class probabilities on the CPU (see `kernels::pixel_mlp::cpu`).
+pub fn probabilities_cpu(model: &PixelModel, features: &[f32], valid: &Array2<bool>) -> Vec<f32> {
+    pixel_mlp::cpu(model, features, valid)
+}
+
+/// Class probabilities on the GPU (see `kernels::pixel_mlp::gpu`).
 #[cfg(feature = "gpu")]
 pub fn probabilities_gpu(
     ctx: &crate::gpu::GpuContext,
@@ -550,165 +394,7 @@ pub fn probabilities_gpu(
     features: &[f32],
     valid: &Array2<bool>,
 ) -> crate::Result<Vec<f32>> {
-    let (h, w) = valid.dim();
-    let n = h * w;
-    if model.layers.len() > 7 || features.len() != FEATURES * n || n == 0 {
-        return Err(crate::gpu::GpuError::Kernel {
-            kernel: "pixel_mlp".into(),
-            reason: format!("{} layers, {} feature values", model.layers.len(), features.len()),
-        }
-        .into());
-    }
-    let stacked = ndarray::ArrayView2::from_shape((FEATURES * h, w), features)
-        .map_err(|e| crate::gpu::GpuError::Kernel {
-            kernel: "pixel_mlp".into(),
-            reason: e.to_string(),
-        })?
-        .to_owned();
-    let mut chain = ctx.begin(&stacked)?;
-    chain.write_aux(&model.flat())?;
-    let mut widths = [0u32; 8];
-    widths[0] = FEATURES as u32;
-    for (i, l) in model.layers.iter().enumerate() {
-        widths[i + 1] = l.outputs as u32;
-    }
-    let params = GpuParams {
-        n: n as u32,
-        layers: model.layers.len() as u32,
-        features: FEATURES as u32,
-        classes: CLASSES as u32,
-        widths,
-    };
-    let groups = (n as u32).div_ceil(64);
-    let max = chain.max_workgroups();
-    let grid = (groups.min(max), groups.div_ceil(max));
-    chain.dispatch("pixel_mlp", SHADER, "pixel_mlp", &params, grid, true)?;
-    let out = chain.finish()?;
-    let mut probs: Vec<f32> = out.iter().take(CLASSES * n).copied().collect();
-    mask_invalid(&mut probs, valid);
-    Ok(probs)
-}
-
-/// Invalid pixels: background with probability 1.
-fn mask_invalid(probs: &mut [f32], valid: &Array2<bool>) {
-    let n = valid.len();
-    for (i, v) in valid.iter().enumerate() {
-        if !v {
-            for k in 0..CLASSES {
-                probs[k * n + i] = if k == 0 { 1.0 } else { 0.0 };
-            }
-        }
-    }
-}
-
-/// Pixels per block of the CPU inference: the layers run over a block at a time, with the
-/// pixel as the innermost (vectorised) loop.
-const BLOCK: usize = 64;
-/// Blocks per parallel task.
-const BLOCKS_PER_TASK: usize = 16;
-
-crate::simd::multiversion! {
-    /// One dense layer over a block: `x` is `inputs × BLOCK`, `y` becomes `outputs × BLOCK`.
-    fn dense_block(l: &Dense, x: &[f32], y: &mut [f32], relu: bool) {
-        for o in 0..l.outputs {
-            let yo = &mut y[o * BLOCK..(o + 1) * BLOCK];
-            yo.fill(l.b[o]);
-            for i in 0..l.inputs {
-                let wi = l.w[o * l.inputs + i];
-                let xi = &x[i * BLOCK..(i + 1) * BLOCK];
-                for (a, v) in yo.iter_mut().zip(xi) {
-                    *a += wi * v;
-                }
-            }
-            if relu {
-                for a in yo.iter_mut() {
-                    *a = a.max(0.0);
-                }
-            }
-        }
-    }
-}
-
-crate::simd::multiversion! {
-    /// Softmax over the classes of a block of logits (`CLASSES × BLOCK`), in place.
-    fn softmax_block(z: &mut [f32]) {
-        let mut m = [f32::NEG_INFINITY; BLOCK];
-        for k in 0..CLASSES {
-            for (m, v) in m.iter_mut().zip(&z[k * BLOCK..(k + 1) * BLOCK]) {
-                *m = m.max(*v);
-            }
-        }
-        let mut sum = [0f32; BLOCK];
-        for k in 0..CLASSES {
-            for ((v, m), s) in z[k * BLOCK..(k + 1) * BLOCK].iter_mut().zip(&m).zip(&mut sum) {
-                *v = crate::simd::exp_neg(*v - m);
-                *s += *v;
-            }
-        }
-        for k in 0..CLASSES {
-            for (v, s) in z[k * BLOCK..(k + 1) * BLOCK].iter_mut().zip(&sum) {
-                *v /= s;
-            }
-        }
-    }
-}
-
-/// Class probabilities of every valid grid pixel (`CLASSES × h·w`, class-major; invalid
-/// pixels get background 1).
-pub fn probabilities_cpu(model: &PixelModel, features: &[f32], valid: &Array2<bool>) -> Vec<f32> {
-    let n = valid.len();
-    let valid: Vec<bool> = valid.iter().copied().collect();
-    let width = model.max_width().max(FEATURES);
-    let tasks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(BLOCK * BLOCKS_PER_TASK))
-        .into_par_iter()
-        .map(|t| {
-            let t0 = t * BLOCK * BLOCKS_PER_TASK;
-            let t1 = (t0 + BLOCK * BLOCKS_PER_TASK).min(n);
-            let mut out = vec![0f32; CLASSES * (t1 - t0)];
-            let mut a = vec![0f32; width * BLOCK];
-            let mut b = vec![0f32; width * BLOCK];
-            for a0 in (t0..t1).step_by(BLOCK) {
-                let len = BLOCK.min(t1 - a0);
-                let o0 = a0 - t0;
-                if !valid[a0..a0 + len].iter().any(|v| *v) {
-                    out[o0..o0 + len].fill(1.0);
-                    continue;
-                }
-                for k in 0..FEATURES {
-                    let (m, sc) = (model.mean[k], model.scale[k]);
-                    let dst = &mut a[k * BLOCK..(k + 1) * BLOCK];
-                    for (d, v) in dst.iter_mut().zip(&features[k * n + a0..k * n + a0 + len]) {
-                        *d = (v - m) * sc;
-                    }
-                    dst[len..].fill(0.0);
-                }
-                let last = model.layers.len() - 1;
-                for (i, l) in model.layers.iter().enumerate() {
-                    dense_block(l, &a, &mut b, i < last);
-                    std::mem::swap(&mut a, &mut b);
-                }
-                softmax_block(&mut a);
-                for k in 0..CLASSES {
-                    let dst = &mut out[k * (t1 - t0) + o0..k * (t1 - t0) + o0 + len];
-                    dst.copy_from_slice(&a[k * BLOCK..k * BLOCK + len]);
-                    for (d, v) in dst.iter_mut().zip(&valid[a0..a0 + len]) {
-                        if !v {
-                            *d = if k == 0 { 1.0 } else { 0.0 };
-                        }
-                    }
-                }
-            }
-            (t0, out)
-        })
-        .collect();
-    let mut out = vec![0f32; CLASSES * n];
-    for (t0, part) in tasks {
-        let len = part.len() / CLASSES;
-        for k in 0..CLASSES {
-            out[k * n + t0..k * n + t0 + len].copy_from_slice(&part[k * len..(k + 1) * len]);
-        }
-    }
-    out
+    pixel_mlp::gpu(ctx, model, features, valid)
 }
 
 /// Radius over which class probabilities are averaged before the decision, mm (about the
@@ -777,9 +463,7 @@ pub fn soft_tissue(probs: &[f32], f: &Features, surface: &[Option<f32>]) -> Arra
         let ones = vec![1f32; n];
         let count = box_sums(&ones, dim.0, dim.1, ry, rx);
         smoothed = (0..CLASSES)
-            .flat_map(|k| {
-                box_means(&probs[k * n..(k + 1) * n], &count, dim.0, dim.1, ry, rx)
-            })
+            .flat_map(|k| box_means(&probs[k * n..(k + 1) * n], &count, dim.0, dim.1, ry, rx))
             .collect();
         &smoothed[..]
     } else {
@@ -811,9 +495,9 @@ pub fn soft_tissue(probs: &[f32], f: &Features, surface: &[Option<f32>]) -> Arra
         }
         for c in super::components::components(&mask) {
             let on_bone = label != Label::Joint
-                || c.pixels.iter().any(|&(y, x)| {
-                    near_bone(surface, y, x, f.mm_per_px, JOINT_REACH_MM)
-                });
+                || c.pixels
+                    .iter()
+                    .any(|&(y, x)| near_bone(surface, y, x, f.mm_per_px, JOINT_REACH_MM));
             if on_bone && c.area() as f64 * px_mm2 >= min_mm2 {
                 for &(y, x) in &c.pixels {
                     out[[y, x]] = label.code();

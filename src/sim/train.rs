@@ -315,14 +315,16 @@ pub fn train(s: &Samples, opt: &TrainOptions) -> (PixelModel, TrainReport) {
                 argmax(&p) == l.code() as usize
             })
             .count();
-        report.held_out_recall.push((
-            l.name().to_string(),
-            hit as f64 / of.len().max(1) as f64,
-        ));
+        report
+            .held_out_recall
+            .push((l.name().to_string(), hit as f64 / of.len().max(1) as f64));
     }
     let model = PixelModel {
         version: 1,
-        features: pixels::FEATURE_NAMES.iter().map(|s| s.to_string()).collect(),
+        features: pixels::FEATURE_NAMES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         classes: Label::ALL.iter().map(|l| l.name().to_string()).collect(),
         mean,
         scale,
@@ -335,7 +337,10 @@ pub fn train(s: &Samples, opt: &TrainOptions) -> (PixelModel, TrainReport) {
 fn argmax(p: &[f32]) -> usize {
     p.iter()
         .enumerate()
-        .fold((0, f32::NEG_INFINITY), |a, (i, v)| if *v > a.1 { (i, *v) } else { a })
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |a, (i, v)| if *v > a.1 { (i, *v) } else { a },
+        )
         .0
 }
 

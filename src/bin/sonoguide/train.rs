@@ -49,7 +49,11 @@ pub fn train_pixels(args: TrainArgs) -> Outcome {
         .map(|w| w.trim().parse::<usize>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Failure::Usage(format!("--hidden {}: {e}", args.hidden)))?;
-    if opt.hidden.iter().any(|&w| w == 0 || w > sonoguide::segment::pixels::MAX_WIDTH) {
+    if opt
+        .hidden
+        .iter()
+        .any(|&w| w == 0 || w > sonoguide::segment::pixels::MAX_WIDTH)
+    {
         return Err(Failure::Usage(format!(
             "--hidden {}: widths must be 1..={}",
             args.hidden,
@@ -86,6 +90,9 @@ pub fn train_pixels(args: TrainArgs) -> Outcome {
             let _ = std::fs::remove_file(&tmp);
             Failure::Failed(format!("cannot write {}: {e}", args.out.display()))
         })?;
-    println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report).unwrap_or_default()
+    );
     Ok(())
 }

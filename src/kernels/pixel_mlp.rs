@@ -1,0 +1,375 @@
+//! The pixel classifier's inference: a small multilayer perceptron (dense layers, ReLU
+//! between them, softmax at the end) over a feature vector per pixel. The features and what
+//! is decided from the probabilities belong to the segmenter (`crate::segment::pixels`); the
+//! weights are a [`PixelModel`] (JSON). Shader: `shaders/pixel_mlp.wgsl`; the CPU twin runs
+//! blocks of pixels with the pixel as the innermost, vectorised loop.
+
+use ndarray::Array2;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// A trained pixel classifier.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PixelModel {
+    /// Format version.
+    pub version: u32,
+    /// Feature names, in input order.
+    pub features: Vec<String>,
+    /// Class names, in label code order.
+    pub classes: Vec<String>,
+    /// Per-feature mean subtracted before the first layer.
+    pub mean: Vec<f32>,
+    /// Per-feature scale the centred feature is multiplied by.
+    pub scale: Vec<f32>,
+    /// Dense layers; every layer but the last is followed by a ReLU, the last by a softmax.
+    pub layers: Vec<Dense>,
+    /// How the weights were made (command, seed, data), for the model card.
+    #[serde(default)]
+    pub provenance: serde_json::Value,
+}
+
+/// One dense layer: `out = w · in + b`, `w` row-major (`outputs × inputs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Dense {
+    /// Inputs.
+    pub inputs: usize,
+    /// Outputs.
+    pub outputs: usize,
+    /// Weights, row-major, `outputs × inputs`.
+    pub w: Vec<f32>,
+    /// Biases.
+    pub b: Vec<f32>,
+}
+
+/// Why a model file cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("pixel model: {0}")]
+pub struct ModelError(pub String);
+
+impl PixelModel {
+    /// Parses a model's JSON and checks it against the features and classes the caller
+    /// computes.
+    pub fn from_json(
+        text: &str,
+        features: &[&str],
+        classes: &[&str],
+    ) -> Result<PixelModel, ModelError> {
+        let m: PixelModel =
+            serde_json::from_str(text).map_err(|e| ModelError(format!("not a model: {e}")))?;
+        m.check(features, classes)?;
+        Ok(m)
+    }
+
+    /// Checks the shapes against the feature and class names the caller computes.
+    pub fn check(&self, features: &[&str], names: &[&str]) -> Result<(), ModelError> {
+        if self.features != features {
+            return Err(ModelError(format!(
+                "features {:?} differ from this build's {:?}",
+                self.features, features
+            )));
+        }
+        if self.classes != names {
+            return Err(ModelError(format!(
+                "classes {:?} differ from {:?}",
+                self.classes, names
+            )));
+        }
+        let n_features = features.len();
+        if self.mean.len() != n_features || self.scale.len() != n_features {
+            return Err(ModelError("mean/scale length".into()));
+        }
+        if n_features > MAX_WIDTH || names.len() > MAX_CLASSES {
+            return Err(ModelError(format!(
+                "{n_features} features, {} classes: at most {MAX_WIDTH} and {MAX_CLASSES}",
+                names.len()
+            )));
+        }
+        let mut width = n_features;
+        for (i, l) in self.layers.iter().enumerate() {
+            if l.inputs != width
+                || l.w.len() != l.inputs * l.outputs
+                || l.b.len() != l.outputs
+                || l.outputs == 0
+                || l.outputs > MAX_WIDTH
+            {
+                return Err(ModelError(format!("layer {i} has inconsistent shapes")));
+            }
+            width = l.outputs;
+        }
+        if width != names.len() || self.layers.is_empty() || self.layers.len() > MAX_LAYERS {
+            return Err(ModelError(format!("last layer has {width} outputs")));
+        }
+        let all = self
+            .mean
+            .iter()
+            .chain(&self.scale)
+            .chain(self.layers.iter().flat_map(|l| l.w.iter().chain(&l.b)));
+        if all.clone().any(|v| !v.is_finite()) {
+            return Err(ModelError("non-finite weight".into()));
+        }
+        Ok(())
+    }
+
+    /// Widest layer, inputs included.
+    pub fn max_width(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| l.outputs.max(l.inputs))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Inputs per pixel.
+    pub fn inputs(&self) -> usize {
+        self.mean.len()
+    }
+
+    /// Classes.
+    pub fn classes(&self) -> usize {
+        self.layers.last().map_or(0, |l| l.outputs)
+    }
+}
+
+/// Widest layer a model may have, inputs included (the GPU shader's scratch size).
+pub const MAX_WIDTH: usize = 64;
+/// Most classes a model may have.
+pub const MAX_CLASSES: usize = 16;
+/// Most dense layers (the shader's parameters hold eight widths).
+pub const MAX_LAYERS: usize = 7;
+
+/// The shader's source.
+pub const SHADER: &str = include_str!("../../shaders/pixel_mlp.wgsl");
+
+/// The shader's parameters; keep in sync with `Params` in shaders/pixel_mlp.wgsl.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Params {
+    /// Pixels.
+    pub n: u32,
+    /// Dense layers.
+    pub layers: u32,
+    /// Inputs of the first layer.
+    pub features: u32,
+    /// Outputs of the last layer.
+    pub classes: u32,
+    /// Layer widths, inputs first: width0 = features, width[layers] = classes.
+    pub width0: u32,
+    /// Outputs of layer 0.
+    pub width1: u32,
+    /// Outputs of layer 1.
+    pub width2: u32,
+    /// Outputs of layer 2.
+    pub width3: u32,
+    /// Outputs of layer 3.
+    pub width4: u32,
+    /// Outputs of layer 4.
+    pub width5: u32,
+    /// Outputs of layer 5.
+    pub width6: u32,
+    /// Outputs of layer 6.
+    pub width7: u32,
+}
+
+impl PixelModel {
+    /// The model as the shader reads it from `aux`: mean, scale, then per layer its weights
+    /// and biases.
+    pub fn flat(&self) -> Vec<f32> {
+        let mut v = Vec::with_capacity(
+            2 * self.inputs()
+                + self
+                    .layers
+                    .iter()
+                    .map(|l| l.w.len() + l.b.len())
+                    .sum::<usize>(),
+        );
+        v.extend(&self.mean);
+        v.extend(&self.scale);
+        for l in &self.layers {
+            v.extend(&l.w);
+            v.extend(&l.b);
+        }
+        v
+    }
+}
+
+/// Runs the classifier on the GPU: the features go up as one image (`inputs` stacked grids),
+/// the weights into the scratch buffer, and the probabilities come back in the layout of
+/// [`cpu`] (invalid pixels set to background afterwards, as there).
+#[cfg(feature = "gpu")]
+pub fn gpu(
+    ctx: &crate::gpu::GpuContext,
+    model: &PixelModel,
+    features: &[f32],
+    valid: &Array2<bool>,
+) -> crate::Result<Vec<f32>> {
+    let (h, w) = valid.dim();
+    let (n, f, c) = (h * w, model.inputs(), model.classes());
+    let invalid = |reason: String| crate::gpu::GpuError::Kernel {
+        kernel: "pixel_mlp".into(),
+        reason,
+    };
+    if model.layers.len() > MAX_LAYERS || features.len() != f * n || n == 0 || c > f {
+        return Err(invalid(format!(
+            "{} layers, {} feature values for {n} pixels",
+            model.layers.len(),
+            features.len()
+        ))
+        .into());
+    }
+    let stacked = ndarray::ArrayView2::from_shape((f * h, w), features)
+        .map_err(|e| invalid(e.to_string()))?
+        .to_owned();
+    let mut chain = ctx.begin(&stacked)?;
+    chain.write_aux(&model.flat())?;
+    let mut widths = [0u32; 8];
+    widths[0] = f as u32;
+    for (i, l) in model.layers.iter().enumerate() {
+        widths[i + 1] = l.outputs as u32;
+    }
+    let params = Params {
+        n: n as u32,
+        layers: model.layers.len() as u32,
+        features: f as u32,
+        classes: c as u32,
+        width0: widths[0],
+        width1: widths[1],
+        width2: widths[2],
+        width3: widths[3],
+        width4: widths[4],
+        width5: widths[5],
+        width6: widths[6],
+        width7: widths[7],
+    };
+    let groups = (n as u32).div_ceil(64);
+    let max = chain.max_workgroups();
+    let grid = (groups.min(max), groups.div_ceil(max));
+    chain.dispatch("pixel_mlp", SHADER, "pixel_mlp", &params, grid, true)?;
+    let out = chain.finish()?;
+    let mut probs: Vec<f32> = out.iter().take(c * n).copied().collect();
+    mask_invalid(&mut probs, c, valid);
+    Ok(probs)
+}
+
+/// Invalid pixels: background with probability 1.
+fn mask_invalid(probs: &mut [f32], classes: usize, valid: &Array2<bool>) {
+    let n = valid.len();
+    for (i, v) in valid.iter().enumerate() {
+        if !v {
+            for k in 0..classes {
+                probs[k * n + i] = if k == 0 { 1.0 } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// Pixels per block of the CPU inference: the layers run over a block at a time, with the
+/// pixel as the innermost (vectorised) loop.
+const BLOCK: usize = 64;
+/// Blocks per parallel task.
+const BLOCKS_PER_TASK: usize = 16;
+
+crate::simd::multiversion! {
+    /// One dense layer over a block: `x` is `inputs × BLOCK`, `y` becomes `outputs × BLOCK`.
+    fn dense_block(l: &Dense, x: &[f32], y: &mut [f32], relu: bool) {
+        for o in 0..l.outputs {
+            let yo = &mut y[o * BLOCK..(o + 1) * BLOCK];
+            yo.fill(l.b[o]);
+            for i in 0..l.inputs {
+                let wi = l.w[o * l.inputs + i];
+                let xi = &x[i * BLOCK..(i + 1) * BLOCK];
+                for (a, v) in yo.iter_mut().zip(xi) {
+                    *a += wi * v;
+                }
+            }
+            if relu {
+                for a in yo.iter_mut() {
+                    *a = a.max(0.0);
+                }
+            }
+        }
+    }
+}
+
+crate::simd::multiversion! {
+    /// Softmax over the classes of a block of logits (`classes × BLOCK`), in place.
+    fn softmax_block(z: &mut [f32], classes: usize) {
+        let mut m = [f32::NEG_INFINITY; BLOCK];
+        for k in 0..classes {
+            for (m, v) in m.iter_mut().zip(&z[k * BLOCK..(k + 1) * BLOCK]) {
+                *m = m.max(*v);
+            }
+        }
+        let mut sum = [0f32; BLOCK];
+        for k in 0..classes {
+            for ((v, m), s) in z[k * BLOCK..(k + 1) * BLOCK].iter_mut().zip(&m).zip(&mut sum) {
+                *v = crate::simd::exp_neg(*v - m);
+                *s += *v;
+            }
+        }
+        for k in 0..classes {
+            for (v, s) in z[k * BLOCK..(k + 1) * BLOCK].iter_mut().zip(&sum) {
+                *v /= s;
+            }
+        }
+    }
+}
+
+/// CPU twin: class probabilities of every valid grid pixel (`classes × h·w`, class-major;
+/// invalid pixels get class 0 with probability 1). `features` is feature-major
+/// (`inputs × h·w`).
+pub fn cpu(model: &PixelModel, features: &[f32], valid: &Array2<bool>) -> Vec<f32> {
+    let n = valid.len();
+    let (inputs, classes) = (model.inputs(), model.classes());
+    let valid: Vec<bool> = valid.iter().copied().collect();
+    let width = model.max_width();
+    let tasks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(BLOCK * BLOCKS_PER_TASK))
+        .into_par_iter()
+        .map(|t| {
+            let t0 = t * BLOCK * BLOCKS_PER_TASK;
+            let t1 = (t0 + BLOCK * BLOCKS_PER_TASK).min(n);
+            let mut out = vec![0f32; classes * (t1 - t0)];
+            let mut a = vec![0f32; width * BLOCK];
+            let mut b = vec![0f32; width * BLOCK];
+            for a0 in (t0..t1).step_by(BLOCK) {
+                let len = BLOCK.min(t1 - a0);
+                let o0 = a0 - t0;
+                if !valid[a0..a0 + len].iter().any(|v| *v) {
+                    out[o0..o0 + len].fill(1.0);
+                    continue;
+                }
+                for k in 0..inputs {
+                    let (m, sc) = (model.mean[k], model.scale[k]);
+                    let dst = &mut a[k * BLOCK..(k + 1) * BLOCK];
+                    for (d, v) in dst.iter_mut().zip(&features[k * n + a0..k * n + a0 + len]) {
+                        *d = (v - m) * sc;
+                    }
+                    dst[len..].fill(0.0);
+                }
+                let last = model.layers.len() - 1;
+                for (i, l) in model.layers.iter().enumerate() {
+                    dense_block(l, &a, &mut b, i < last);
+                    std::mem::swap(&mut a, &mut b);
+                }
+                softmax_block(&mut a, classes);
+                for k in 0..classes {
+                    let dst = &mut out[k * (t1 - t0) + o0..k * (t1 - t0) + o0 + len];
+                    dst.copy_from_slice(&a[k * BLOCK..k * BLOCK + len]);
+                    for (d, v) in dst.iter_mut().zip(&valid[a0..a0 + len]) {
+                        if !v {
+                            *d = if k == 0 { 1.0 } else { 0.0 };
+                        }
+                    }
+                }
+            }
+            (t0, out)
+        })
+        .collect();
+    let mut out = vec![0f32; classes * n];
+    for (t0, part) in tasks {
+        let len = part.len() / classes;
+        for k in 0..classes {
+            out[k * n + t0..k * n + t0 + len].copy_from_slice(&part[k * len..(k + 1) * len]);
+        }
+    }
+    out
+}
