@@ -4,7 +4,7 @@
 
 mod common;
 
-use sonoguide::segment::pixels::{self, PixelModel, CLASSES, FEATURES};
+use sonoguide::segment::pixels::{self, CLASSES, FEATURES};
 use sonoguide::segment::{features_cpu, Features, SegmentParams};
 use sonoguide::sim::phantom::{frame_of, generate, write_case, PhantomParams};
 use sonoguide::sim::train::{self, TrainOptions};
@@ -26,7 +26,7 @@ fn features_of(seed: u64, map: impl Fn(f32) -> f32) -> Features {
 
 #[test]
 fn builtin_model_loads_and_fits_the_features() {
-    let m = pixels::builtin_model();
+    let m = pixels::builtin_model().expect("shipped model");
     assert_eq!(m.features.len(), FEATURES);
     assert_eq!(m.inputs(), FEATURES);
     assert_eq!(m.layers.last().map(|l| l.outputs), Some(CLASSES));
@@ -88,7 +88,7 @@ fn gpu_classifier_matches_cpu_twin() {
     };
     let f = features_of(11, |v| v);
     let x = pixels::pixel_features(&f);
-    let m = pixels::builtin_model();
+    let m = pixels::builtin_model().expect("shipped model");
     let cpu = pixels::probabilities_cpu(m, &x, &f.valid);
     let gpu = pixels::probabilities_gpu(&ctx, m, &x, &f.valid).expect("GPU classifier");
     assert_eq!(cpu.len(), gpu.len());

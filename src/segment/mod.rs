@@ -205,7 +205,7 @@ pub fn features_cpu(
         Ok([phase_symmetry, below, coherence, orientation])
     })?;
     if params.learned {
-        let model = pixels::builtin_model();
+        let model = pixels::builtin_model()?;
         f.probabilities = Some(pixels::probabilities_cpu(
             model,
             &pixels::pixel_features(&f),
@@ -266,7 +266,7 @@ pub fn features_gpu(
     if params.learned {
         // The pixel features are assembled on the CPU from the maps read back; the
         // classifier runs on the GPU.
-        let model = pixels::builtin_model();
+        let model = pixels::builtin_model()?;
         f.probabilities = Some(pixels::probabilities_gpu(
             ctx,
             model,
@@ -472,7 +472,7 @@ pub fn segment_from_features(
             (Some(p), true) => Some(&p[..]),
             (None, true) => {
                 computed = pixels::probabilities_cpu(
-                    pixels::builtin_model(),
+                    pixels::builtin_model()?,
                     &pixels::pixel_features(f),
                     &f.valid,
                 );

@@ -204,6 +204,9 @@ fn window_max(col: &[f32], a: usize, b: usize) -> Vec<f32> {
     out
 }
 
+/// Per window: the mean rank, its mean square (1 mm only) and the window sums of validity.
+type WindowMaps = (Vec<f32>, Option<Vec<f32>>, Vec<f32>);
+
 /// The feature vectors of every grid pixel, feature-major (`FEATURES × h·w`, row-major
 /// pixels). Invalid pixels get features too (they are not classified).
 pub fn pixel_features(f: &Features) -> Vec<f32> {
@@ -236,7 +239,7 @@ pub fn pixel_features(f: &Features) -> Vec<f32> {
         r(8.0),
     ];
     // Per window: the mean rank, and for 1 mm the mean square and for 1.5 mm the valid share.
-    let maps: Vec<(Vec<f32>, Option<Vec<f32>>, Vec<f32>)> = windows
+    let maps: Vec<WindowMaps> = windows
         .par_iter()
         .enumerate()
         .map(|(i, &(ry, rx))| {
@@ -361,19 +364,27 @@ pub fn pixel_features(f: &Features) -> Vec<f32> {
 }
 
 /// The model shipped with this build (`models/pixel_mlp.json`), checked against this build's
-/// features and labels.
-pub fn builtin_model() -> &'static PixelModel {
-    static MODEL: std::sync::OnceLock<PixelModel> = std::sync::OnceLock::new();
-    MODEL.get_or_init(|| {
-        // Checked by the test suite (`builtin_model_loads_and_fits_the_features`): a build
-        // whose model does not fit its features does not pass.
-        PixelModel::from_json(
-            include_str!("../../models/pixel_mlp.json"),
-            &FEATURE_NAMES,
-            &class_names(),
-        )
-        .expect("models/pixel_mlp.json fits this build")
-    })
+/// features and labels (`tests/pixels.rs` checks it loads: a build whose model does not fit
+/// its features does not pass).
+pub fn builtin_model() -> crate::Result<&'static PixelModel> {
+    static MODEL: std::sync::OnceLock<Result<PixelModel, String>> = std::sync::OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            PixelModel::from_json(
+                include_str!("../../models/pixel_mlp.json"),
+                &FEATURE_NAMES,
+                &class_names(),
+            )
+            .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|reason| {
+            crate::kernels::KernelError::InvalidParameter {
+                name: "models/pixel_mlp.json",
+                reason: reason.clone(),
+            }
+            .into()
+        })
 }
 
 /// The label names in code order: the model's classes.
@@ -427,8 +438,9 @@ fn near_bone(surface: &[Option<f32>], y: usize, x: usize, mm: (f64, f64), reach:
 pub fn class_map(probs: &[f32], dim: (usize, usize), label: Label) -> Array2<f32> {
     let n = dim.0 * dim.1;
     let k = label.code() as usize;
-    Array2::from_shape_vec(dim, probs[k * n..(k + 1) * n].to_vec())
-        .expect("probabilities of the grid's size")
+    Array2::from_shape_fn(dim, |(y, x)| {
+        probs.get(k * n + y * dim.1 + x).copied().unwrap_or(0.0)
+    })
 }
 
 /// Smallest areas kept of the soft-tissue labels, mm², from the smallest of each structure

@@ -179,14 +179,17 @@ fn sample_frame(
     Ok(())
 }
 
+/// Adam's first and second moments of one layer's weights, then of its biases.
+type AdamState = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+
 /// Trains a model on `s`.
 pub fn train(s: &Samples, opt: &TrainOptions) -> (PixelModel, TrainReport) {
     let n = s.y.len();
     let train: Vec<usize> = (0..n).filter(|&i| !s.held_out[i]).collect();
     let held: Vec<usize> = (0..n).filter(|&i| s.held_out[i]).collect();
     // Standardisation from the training samples.
-    let mut mean = vec![0f64; FEATURES];
-    let mut sq = vec![0f64; FEATURES];
+    let mut mean = [0f64; FEATURES];
+    let mut sq = [0f64; FEATURES];
     for &i in &train {
         for k in 0..FEATURES {
             let v = s.x[i * FEATURES + k] as f64;
@@ -221,7 +224,7 @@ pub fn train(s: &Samples, opt: &TrainOptions) -> (PixelModel, TrainReport) {
             }
         })
         .collect();
-    let mut adam: Vec<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> = layers
+    let mut adam: Vec<AdamState> = layers
         .iter()
         .map(|l| {
             (
@@ -349,7 +352,7 @@ fn activations(layers: &[Dense], x: &[f32]) -> Vec<Vec<f32>> {
     let mut acts = vec![x.to_vec()];
     let last = layers.len() - 1;
     for (li, l) in layers.iter().enumerate() {
-        let a = acts.last().expect("input");
+        let a = &acts[acts.len() - 1];
         let out: Vec<f32> = (0..l.outputs)
             .map(|o| {
                 let s = l.b[o]
@@ -378,13 +381,14 @@ fn softmax(z: &[f32]) -> Vec<f32> {
 }
 
 fn forward_probs(layers: &[Dense], x: &[f32]) -> Vec<f32> {
-    softmax(activations(layers, x).last().expect("logits"))
+    let acts = activations(layers, x);
+    softmax(&acts[acts.len() - 1])
 }
 
 /// Adds the cross-entropy gradient of one sample to `grads`.
 fn backprop(layers: &[Dense], x: &[f32], y: usize, grads: &mut [(Vec<f32>, Vec<f32>)]) {
     let acts = activations(layers, x);
-    let mut delta = softmax(acts.last().expect("logits"));
+    let mut delta = softmax(&acts[acts.len() - 1]);
     delta[y] -= 1.0;
     for li in (0..layers.len()).rev() {
         let l = &layers[li];
