@@ -315,6 +315,50 @@ pub fn drop_runs_not_darker_than_beside(s: &mut [Option<f32>], f: &Features) {
     }
 }
 
+/// A bone surface echo is brighter than the soft tissue over it (bone is the strongest
+/// reflector in MSK imaging): the mean within `ECHO_HALF_MM` of the surface must reach this
+/// multiple of the mean `ABOVE_MM` above it. The lower edge of a thick bright layer over a
+/// dark area is not bone.
+const ECHO_CONTRAST: f32 = 1.05;
+const ECHO_HALF_MM: f64 = 0.3;
+const ABOVE_MM: (f64, f64) = (1.0, 3.0);
+
+/// Drops runs whose echo is not brighter than the tissue above it (`ECHO_CONTRAST`), or
+/// that have no tissue above them.
+pub fn drop_runs_not_brighter_than_above(s: &mut [Option<f32>], f: &Features) {
+    let (h, _) = f.intensity.dim();
+    let px = |mm: f64| (mm / f.mm_per_px.1).round() as usize;
+    let (half, a0, a1) = (px(ECHO_HALF_MM), px(ABOVE_MM.0), px(ABOVE_MM.1).max(1));
+    for run in runs(s) {
+        let (mut echo, mut ne, mut above, mut na) = (0.0f64, 0usize, 0.0f64, 0usize);
+        for x in run.clone() {
+            let Some(y) = s[x] else { continue };
+            let y = (y.round() as usize).min(h - 1);
+            for yy in y.saturating_sub(half)..=(y + half).min(h - 1) {
+                if f.valid[[yy, x]] {
+                    echo += f.intensity[[yy, x]] as f64;
+                    ne += 1;
+                }
+            }
+            for yy in y.saturating_sub(a1)..y.saturating_sub(a0) {
+                if f.valid[[yy, x]] {
+                    above += f.intensity[[yy, x]] as f64;
+                    na += 1;
+                }
+            }
+        }
+        // No tissue over it (the run hugs the top of the image): skin and subcutis lie over
+        // every bone, so this is the edge of the image or of a graphic, not bone.
+        let dull = ne == 0 || na == 0 || {
+            let (echo, above) = (echo / ne as f64, above / na as f64);
+            echo < ECHO_CONTRAST as f64 * above
+        };
+        if dull {
+            s[run].iter_mut().for_each(|v| *v = None);
+        }
+    }
+}
+
 /// Drops runs of the surface beneath which the image does not stay dark.
 fn drop_unshadowed_runs(s: &mut [Option<f32>], f: &Features) {
     let (h, _) = f.intensity.dim();

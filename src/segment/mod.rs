@@ -502,6 +502,7 @@ pub fn segment_from_features(
                 f,
             );
             bone::drop_runs_not_darker_than_beside(&mut s, f);
+            bone::drop_runs_not_brighter_than_above(&mut s, f);
             s
         } else {
             bone::surface(f, params)
