@@ -34,7 +34,7 @@ fn builtin_model_loads_and_fits_the_features() {
     let x = pixels::pixel_features(&f);
     assert_eq!(x.len(), FEATURES * f.intensity.len());
     assert!(x.iter().all(|v| v.is_finite()));
-    let p = pixels::probabilities_cpu(m, &x, &f.valid);
+    let p = pixels::pixel_mlp::cpu(m, &x, &f.valid);
     let n = f.intensity.len();
     for i in (0..n).step_by(97) {
         let sum: f32 = (0..CLASSES).map(|k| p[k * n + i]).sum();
@@ -89,8 +89,8 @@ fn gpu_classifier_matches_cpu_twin() {
     let f = features_of(11, |v| v);
     let x = pixels::pixel_features(&f);
     let m = pixels::builtin_model().expect("shipped model");
-    let cpu = pixels::probabilities_cpu(m, &x, &f.valid);
-    let gpu = pixels::probabilities_gpu(&ctx, m, &x, &f.valid).expect("GPU classifier");
+    let cpu = pixels::pixel_mlp::cpu(m, &x, &f.valid);
+    let gpu = pixels::pixel_mlp::gpu(&ctx, m, &x, &f.valid).expect("GPU classifier");
     assert_eq!(cpu.len(), gpu.len());
     let worst = cpu
         .iter()

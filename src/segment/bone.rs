@@ -225,28 +225,15 @@ pub fn drop_runs_without_shadow(
     shadow: &Array2<f32>,
     f: &Features,
 ) {
-    let (h, _) = shadow.dim();
-    let gap = (DEEP_SHADOW_GAP_MM / f.mm_per_px.1).round() as usize;
-    let depth = (DEEP_SHADOW_MM / f.mm_per_px.1).round() as usize;
     for run in runs(s) {
-        let (mut sum, mut n) = (0.0f64, 0usize);
-        for x in run.clone() {
-            let Some(y) = s[x] else { continue };
-            let y0 = y.round() as usize + gap;
-            for yy in y0..(y0 + depth).min(h) {
-                if f.valid[[yy, x]] {
-                    sum += shadow[[yy, x]] as f64;
-                    n += 1;
-                }
-            }
-        }
+        let beneath = mean_beneath(s, run.clone(), shadow, f);
         let on: Vec<f32> = run
             .clone()
             .filter_map(|x| s[x].map(|y| bone[[y.round() as usize, x]]))
             .collect();
         let long = run.len() as f64 * f.mm_per_px.0 >= RUN_SURE_MIN_MM;
         let sure = long && on.iter().sum::<f32>() / on.len().max(1) as f32 >= RUN_BONE_PROBABILITY;
-        if !sure && (n == 0 || sum / (n as f64) < RUN_SHADOW_PROBABILITY as f64) {
+        if !sure && beneath.is_none_or(|m| m < RUN_SHADOW_PROBABILITY as f64) {
             s[run].iter_mut().for_each(|v| *v = None);
         }
     }
@@ -359,25 +346,37 @@ pub fn drop_runs_not_brighter_than_above(s: &mut [Option<f32>], f: &Features) {
     }
 }
 
-/// Drops runs of the surface beneath which the image does not stay dark.
-fn drop_unshadowed_runs(s: &mut [Option<f32>], f: &Features) {
-    let (h, _) = f.intensity.dim();
-    let level = f.tissue_level.max(1.0);
+/// The mean of `map` over the valid pixels from `DEEP_SHADOW_GAP_MM` to `DEEP_SHADOW_MM`
+/// beneath the surface of `run` (`None` when none lies there).
+fn mean_beneath(
+    s: &[Option<f32>],
+    run: std::ops::Range<usize>,
+    map: &Array2<f32>,
+    f: &Features,
+) -> Option<f64> {
+    let (h, _) = map.dim();
     let gap = (DEEP_SHADOW_GAP_MM / f.mm_per_px.1).round() as usize;
     let depth = (DEEP_SHADOW_MM / f.mm_per_px.1).round() as usize;
-    for run in runs(s) {
-        let (mut sum, mut n) = (0.0f64, 0usize);
-        for x in run.clone() {
-            let Some(y) = s[x] else { continue };
-            let y0 = y.round() as usize + gap;
-            for yy in y0..(y0 + depth).min(h) {
-                if f.valid[[yy, x]] {
-                    sum += f.intensity[[yy, x]] as f64;
-                    n += 1;
-                }
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for x in run {
+        let Some(y) = s[x] else { continue };
+        let y0 = y.round() as usize + gap;
+        for yy in y0..(y0 + depth).min(h) {
+            if f.valid[[yy, x]] {
+                sum += map[[yy, x]] as f64;
+                n += 1;
             }
         }
-        if n > 0 && (sum / n as f64) as f32 > DEEP_SHADOW_MAX * level {
+    }
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// Drops runs of the surface beneath which the image does not stay dark.
+fn drop_unshadowed_runs(s: &mut [Option<f32>], f: &Features) {
+    let level = f.tissue_level.max(1.0);
+    for run in runs(s) {
+        let beneath = mean_beneath(s, run.clone(), &f.intensity, f);
+        if beneath.is_some_and(|m| m as f32 > DEEP_SHADOW_MAX * level) {
             s[run].iter_mut().for_each(|v| *v = None);
         }
     }

@@ -206,7 +206,7 @@ pub fn features_cpu(
     })?;
     if params.learned {
         let model = pixels::builtin_model()?;
-        f.probabilities = Some(pixels::probabilities_cpu(
+        f.probabilities = Some(pixels::pixel_mlp::cpu(
             model,
             &pixels::pixel_features(&f),
             &f.valid,
@@ -267,7 +267,7 @@ pub fn features_gpu(
         // The pixel features are assembled on the CPU from the maps read back; the
         // classifier runs on the GPU.
         let model = pixels::builtin_model()?;
-        f.probabilities = Some(pixels::probabilities_gpu(
+        f.probabilities = Some(pixels::pixel_mlp::gpu(
             ctx,
             model,
             &pixels::pixel_features(&f),
@@ -471,7 +471,7 @@ pub fn segment_from_features(
         let probs = match (&f.probabilities, params.learned) {
             (Some(p), true) => Some(&p[..]),
             (None, true) => {
-                computed = pixels::probabilities_cpu(
+                computed = pixels::pixel_mlp::cpu(
                     pixels::builtin_model()?,
                     &pixels::pixel_features(f),
                     &f.valid,

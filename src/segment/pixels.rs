@@ -11,10 +11,10 @@
 //! over bone), the depth, and the feature kernels' outputs (phase symmetry, coherence, the
 //! mean beneath).
 //!
-//! The weights are trained by `sonoguide train-pixels` (`crate::sim::train`) on simulated
+//! The weights are trained by `sonoguide train-pixels` (the harness's training) on simulated
 //! frames of the tuning sets, read through the DICOM reader; the shipped model is
-//! `models/pixel_mlp.json`, described in `models/README.md`. Inference runs here on the CPU
-//! ([`probabilities_cpu`]) and as the `pixel_mlp.wgsl` compute shader on the GPU.
+//! `models/pixel_mlp.json`, described in `models/README.md`. Inference runs on the CPU
+//! (`kernels::pixel_mlp::cpu`) and as the `pixel_mlp.wgsl` compute shader on the GPU.
 
 use ndarray::Array2;
 use rayon::prelude::*;
@@ -390,22 +390,6 @@ pub fn builtin_model() -> crate::Result<&'static PixelModel> {
 /// The label names in code order: the model's classes.
 pub fn class_names() -> Vec<&'static str> {
     Label::ALL.iter().map(|l| l.name()).collect()
-}
-
-/// Class probabilities on the CPU (see `kernels::pixel_mlp::cpu`).
-pub fn probabilities_cpu(model: &PixelModel, features: &[f32], valid: &Array2<bool>) -> Vec<f32> {
-    pixel_mlp::cpu(model, features, valid)
-}
-
-/// Class probabilities on the GPU (see `kernels::pixel_mlp::gpu`).
-#[cfg(feature = "gpu")]
-pub fn probabilities_gpu(
-    ctx: &crate::gpu::GpuContext,
-    model: &PixelModel,
-    features: &[f32],
-    valid: &Array2<bool>,
-) -> crate::Result<Vec<f32>> {
-    pixel_mlp::gpu(ctx, model, features, valid)
 }
 
 /// Radius over which class probabilities are averaged before the decision, mm (about the
