@@ -278,10 +278,10 @@ pub fn draw_plan(
             ),
             format!("target depth {:.1} mm", plan.depth_mm.unwrap_or(0.0)),
             format!("path length {:.1} mm", plan.length_mm.unwrap_or(0.0)),
-            format!(
-                "clearance {:.1} mm",
-                plan.clearance_mm.unwrap_or(0.0).min(99.9)
-            ),
+            match plan.clearances_mm.nearest() {
+                Some((label, d)) => format!("nearest {} {:.1} mm", label.name(), d.min(99.9)),
+                None => "nothing to avoid in view".into(),
+            },
             format!(
                 "target: {}",
                 plan.target_kind
@@ -298,8 +298,8 @@ pub fn draw_plan(
         )]
     };
     let mut lines = lines;
-    if plan.calibration_assumed {
-        lines.push("uncalibrated: mm assumed".into());
+    if let Some(name) = &plan.preset {
+        lines.insert(0, format!("preset: {name}"));
     }
     lines.push("research tool - not for clinical use".into());
     let line_h = (px * 1.25) as u32;
@@ -358,7 +358,12 @@ pub fn draw_plan(
     }
     if !plan.is_ok() {
         let text = format!(
-            "NO SAFE PATH: {}",
+            "{}: {}",
+            if plan.status == crate::plan::PlanStatus::NoCalibration {
+                "NO CALIBRATION"
+            } else {
+                "NO SAFE PATH"
+            },
             plan.reason.as_deref().unwrap_or("unknown")
         );
         let big = PxScale::from(px * 1.2);

@@ -26,6 +26,9 @@ pub struct PipelineConfig {
     pub segment: SegmentParams,
     /// Planning settings.
     pub plan: PlanParams,
+    /// Pixel spacing (x, y) in mm for frames whose file gives no usable calibration; without
+    /// it such frames are segmented at an assumed spacing and get no plan (`no_calibration`).
+    pub spacing_mm: Option<(f64, f64)>,
 }
 
 impl Default for PipelineConfig {
@@ -37,7 +40,26 @@ impl Default for PipelineConfig {
                 .unwrap_or_default(),
             segment: SegmentParams::default(),
             plan: PlanParams::default(),
+            spacing_mm: None,
         }
+    }
+}
+
+impl PipelineConfig {
+    /// Checks the settings that have ranges: planning (see [`PlanParams::validate`]) and the
+    /// given spacing.
+    pub fn validate(&self) -> Result<()> {
+        self.plan.validate()?;
+        if let Some((x, y)) = self.spacing_mm {
+            if let Some(why) = crate::frame::check_spacing_mm(x, y) {
+                return Err(crate::plan::PlanError::InvalidParameter {
+                    name: "spacing_mm",
+                    reason: why,
+                }
+                .into());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -160,7 +182,17 @@ impl PipelineBuilder {
     }
     /// Clearance from bone, shadow and vessels, mm.
     pub fn margin_mm(mut self, mm: f64) -> Self {
-        self.config.plan.margin_mm = mm;
+        self.config.plan.set_margins_mm(mm);
+        self
+    }
+    /// An injection-site preset's planning settings (see [`crate::plan::preset`]).
+    pub fn preset(mut self, preset: &crate::plan::preset::Preset) -> Self {
+        preset.apply(&mut self.config.plan);
+        self
+    }
+    /// Pixel spacing (x, y) in mm for frames without a usable calibration of their own.
+    pub fn spacing_mm(mut self, x: f64, y: f64) -> Self {
+        self.config.spacing_mm = Some((x, y));
         self
     }
     /// A target in mm (lateral, depth) instead of the automatic choice.
@@ -178,7 +210,7 @@ impl PipelineBuilder {
     pub fn build(self) -> Result<Pipeline> {
         #[cfg(feature = "gpu")]
         if let Some(gpu) = self.gpu {
-            self.config.plan.validate()?;
+            self.config.validate()?;
             return Ok(Pipeline {
                 despeckler: Despeckler::with_gpu(gpu),
                 config: self.config,
@@ -196,7 +228,7 @@ impl Pipeline {
 
     /// Builds the pipeline (opens the GPU if the backend asks for one).
     pub fn new(config: PipelineConfig) -> Result<Pipeline> {
-        config.plan.validate()?;
+        config.validate()?;
         Ok(Pipeline {
             despeckler: Despeckler::new(config.backend)?,
             config,
@@ -226,6 +258,23 @@ impl Pipeline {
     fn run(&self, frame: &Frame, session: Option<&mut Session>) -> Result<FrameResult> {
         // The fields are public: check the invariants the stages rely on before any of them.
         frame.validate()?;
+        // A spacing given by the caller stands in only where the file has none.
+        let calibrated;
+        let frame = match self.config.spacing_mm {
+            Some((x, y)) if frame.calibration.mm_per_px().is_none() => {
+                calibrated = Frame {
+                    calibration: crate::frame::Calibration::Ok {
+                        mm_per_px_x: x,
+                        mm_per_px_y: y,
+                        reference_px: None,
+                        source: crate::frame::CalibrationSource::Given,
+                    },
+                    ..frame.clone()
+                };
+                &calibrated
+            }
+            _ => frame,
+        };
         let t0 = Instant::now();
         let (despeckled, despeckle_ran) = self
             .despeckler

@@ -341,22 +341,6 @@ pub struct PlanScore {
 /// Raw and smoothed target offsets from the ideal, and raw and smoothed entries, mm.
 type JitterPoints = ([f64; 2], [f64; 2], [f64; 2], [f64; 2]);
 
-/// Samples of the straight path from `a` to `b` (px), every quarter pixel.
-fn path_samples(a: [f64; 2], b: [f64; 2]) -> Vec<(f64, f64, f64)> {
-    let len = ((b[0] - a[0]).powi(2) + (b[1] - a[1]).powi(2)).sqrt();
-    let n = (len * 4.0).ceil().max(1.0) as usize;
-    (0..=n)
-        .map(|k| {
-            let t = k as f64 / n as f64;
-            (
-                a[0] + t * (b[0] - a[0]),
-                a[1] + t * (b[1] - a[1]),
-                (1.0 - t) * len,
-            )
-        })
-        .collect()
-}
-
 /// Scores planning on phantoms with `seeds` (single frames), and temporal jitter on `cines`
 /// moving phantoms of `cine_frames` frames.
 pub fn plan_scores(
@@ -366,7 +350,6 @@ pub fn plan_scores(
     cine_frames: usize,
     params: &PhantomParams,
 ) -> Result<PlanScore> {
-    let margin = pipeline.config().plan.margin_mm;
     let mut score = PlanScore {
         cases: 0,
         with_path: 0,
@@ -405,20 +388,20 @@ pub fn plan_scores(
             continue;
         }
         score.with_path += 1;
-        let forbidden = truth.mapv(|l| {
-            l == Label::Bone.code() || l == Label::Shadow.code() || l == Label::Vessel.code()
-        });
-        let dist = crate::plan::distance_mm(&forbidden, (mm, mm));
-        let mut crossed = false;
-        for (x, y, to_target_px) in path_samples(e.px, t.px) {
-            let (xi, yi) = (x.round() as usize, y.round() as usize);
-            if yi >= truth.nrows() || xi >= truth.ncols() {
-                continue;
-            }
-            crossed |= forbidden[[yi, xi]];
-            if to_target_px * mm > margin.min(2.0) {
-                score.min_truth_clearance_mm = score.min_truth_clearance_mm.min(dist[[yi, xi]]);
-            }
+        // The planner's own exact path check on the truth: crossing is unsafe; the clearance
+        // is measured up to the final approach (a joint target lies between bones).
+        let rules = crate::plan::path::truth_rules(0.0);
+        let obstacles = crate::plan::path::Obstacles::new(truth, (mm, mm), &rules);
+        let crossed = !obstacles.check(e.px, t.px, 0.0).is_safe();
+        let approach_px = r.plan.final_approach_mm.unwrap_or(0.0) / mm;
+        let len_px = (t.px[0] - e.px[0]).hypot(t.px[1] - e.px[1]);
+        let keep = 1.0 - (approach_px / len_px.max(1e-9)).min(1.0);
+        let until = [
+            e.px[0] + keep * (t.px[0] - e.px[0]),
+            e.px[1] + keep * (t.px[1] - e.px[1]),
+        ];
+        for (_, d) in obstacles.check(e.px, until, 0.0).clearances {
+            score.min_truth_clearance_mm = score.min_truth_clearance_mm.min(d);
         }
         score.unsafe_paths += crossed as usize;
     }

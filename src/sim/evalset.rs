@@ -19,9 +19,6 @@ use crate::Pipeline;
 /// How far a planned target may lie from the ideal one when the truth gives no tolerance, mm
 /// (the half-width of the smallest targets the presets aim at: a 4 mm recess or bursa).
 pub const DEFAULT_TARGET_TOLERANCE_MM: f64 = 2.0;
-/// Step along a needle path when looking for truth structures it crosses, px (a tenth of a
-/// pixel: a path cannot pass a labelled pixel's centre region unseen).
-const PATH_STEP_PX: f64 = 0.1;
 /// Labels scored: every label but background (tendon, bone, shadow, joint, vessel, nerve),
 /// in code order; `SetScore::dice` follows it.
 fn scored() -> impl Iterator<Item = Label> {
@@ -201,6 +198,7 @@ fn score_frame(
     truth: &TruthFile,
     labels: &Array2<u8>,
     r: &crate::FrameResult,
+    nerve_margin_mm: f64,
 ) -> Result<CaseScore> {
     let [sx, sy] = truth.spacing_mm;
     let got = &r.segmentation.labels;
@@ -249,24 +247,18 @@ fn score_frame(
     let mut crossed = Vec::new();
     let mut entry_arc_error_mm = None;
     if let (true, Some(e), Some(t)) = (plan.is_ok(), plan.entry, plan.target) {
-        let len = (t.px[0] - e.px[0]).hypot(t.px[1] - e.px[1]);
-        let n = (len / PATH_STEP_PX).ceil().max(1.0) as usize;
-        for j in 0..=n {
-            let f = j as f64 / n as f64;
-            let (x, y) = (
-                (e.px[0] + f * (t.px[0] - e.px[0])).round(),
-                (e.px[1] + f * (t.px[1] - e.px[1])).round(),
-            );
-            if x < 0.0 || y < 0.0 {
-                continue;
-            }
-            let Some(&l) = labels.get((y as usize, x as usize)) else {
-                continue;
-            };
-            if let Some(lab) = Label::from_code(l) {
-                if lab.forbidden_by_default() && !crossed.contains(&lab.name()) {
-                    crossed.push(lab.name());
-                }
+        // The planner's own exact path check, on the truth: crossing bone, shadow or a
+        // vessel, or coming within the nerve margin of a nerve, is unsafe.
+        let rules = crate::plan::path::truth_rules(nerve_margin_mm);
+        let check =
+            crate::plan::path::Obstacles::new(labels, (sx, sy), &rules).check(e.px, t.px, 0.0);
+        for (label, d) in check.clearances {
+            let margin = rules
+                .iter()
+                .find(|r| r.label == label)
+                .map_or(0.0, |r| r.margin_mm);
+            if d <= 0.0 || d < margin {
+                crossed.push(label.name());
             }
         }
         if let Some(c) = &truth.curved {
@@ -355,7 +347,14 @@ pub fn score_dir(pipeline: &Pipeline, dir: &Path) -> Result<Vec<SetScore>> {
             let frame = file.read_frame(k)?;
             let r = pipeline.process_in(&mut session, &frame)?;
             let labels = truth_labels(&dcm, k)?;
-            let c = score_frame(&truth.name, k, &truth, &labels, &r)?;
+            let c = score_frame(
+                &truth.name,
+                k,
+                &truth,
+                &labels,
+                &r,
+                pipeline.config().plan.nerve_margin_mm,
+            )?;
             groups.entry(group.clone()).or_default().push(c);
         }
     }

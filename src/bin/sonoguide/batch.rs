@@ -10,8 +10,7 @@ use sonoguide::batch::{self, BatchOptions, Event, FileStatus, FileTask};
 use sonoguide::Filter;
 
 use crate::args::{
-    open_despeckler, parse_frames, parse_target, BackendOpt, FilterArgs, SegmenterOpt,
-    FILTER_CHOICES,
+    open_despeckler, parse_frames, BackendOpt, FilterArgs, SegmenterOpt, FILTER_CHOICES,
 };
 use crate::exit::{Failure, Outcome};
 
@@ -83,19 +82,8 @@ pub struct ProcessArgs {
     /// Draw the overlay on the despeckled or the original frame.
     #[arg(long, value_enum, default_value_t = OverlayOn::Despeckled)]
     overlay_on: OverlayOn,
-    /// Target in mm, X_MM,Y_MM: lateral from the reference pixel, depth from the
-    /// transducer face (default: chosen automatically).
-    #[arg(long, value_parser = parse_target)]
-    target: Option<(f64, f64)>,
-    /// Smallest needle angle to the skin line, degrees.
-    #[arg(long, default_value_t = 15.0)]
-    min_angle: f64,
-    /// Largest needle angle, degrees.
-    #[arg(long, default_value_t = 45.0)]
-    max_angle: f64,
-    /// Clearance from bone, shadow and vessels, mm.
-    #[arg(long, default_value_t = 2.0)]
-    margin_mm: f64,
+    #[command(flatten)]
+    plan: crate::plan_args::PlanArgs,
     #[command(flatten)]
     filter: FilterArgs,
     #[command(flatten)]
@@ -120,23 +108,11 @@ pub fn segment(args: SegmentArgs) -> Outcome {
 /// `sonoguide process`.
 pub fn process(args: ProcessArgs) -> Outcome {
     let filter = args.filter.filter()?;
-    let (min_angle, max_angle, margin_mm) = (args.min_angle, args.max_angle, args.margin_mm);
-    if !((0.0..90.0).contains(&min_angle)
-        && (min_angle..90.0).contains(&max_angle)
-        && (0.0..50.0).contains(&margin_mm))
-    {
-        return Err(Failure::Usage(
-            "need 0 ≤ --min-angle ≤ --max-angle < 90 and 0 ≤ --margin-mm < 50".into(),
-        ));
-    }
     let mut config = sonoguide::PipelineConfig::default();
     config.backend = args.backend.get();
     config.filters = vec![filter];
     config.segment = args.segmenter.params();
-    config.plan.min_angle_deg = min_angle;
-    config.plan.max_angle_deg = max_angle;
-    config.plan.margin_mm = margin_mm;
-    config.plan.target_mm = args.target;
+    args.plan.apply(&mut config)?;
     let mut opts = BatchOptions::default();
     opts.recursive = args.recursive;
     opts.jobs = args.jobs.max(1);

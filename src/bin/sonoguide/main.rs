@@ -14,6 +14,7 @@ mod evalset;
 mod exit;
 mod inspect;
 mod phantom;
+mod plan_args;
 mod serve;
 mod train;
 
@@ -62,6 +63,8 @@ enum Command {
     EvalSet(evalset::EvalSetArgs),
     /// Generate synthetic MSK phantoms (DICOM + truth labels + clean map + truth JSON).
     Phantom(phantom::PhantomArgs),
+    /// List the injection-site presets (`--preset NAME` of process and serve).
+    Presets(plan_args::PresetsArgs),
     /// Train the pixel classifier on folders of tuning cases; writes the model JSON.
     TrainPixels(train::TrainArgs),
 }
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
         Command::EvalPlan(a) => eval::eval_plan(a),
         Command::EvalSet(a) => evalset::eval_set(a),
         Command::Phantom(a) => phantom::phantom(a),
+        Command::Presets(a) => plan_args::presets(a),
         Command::TrainPixels(a) => train::train_pixels(a),
     };
     exit::exit_code(outcome)

@@ -32,6 +32,8 @@ pub struct ServeArgs {
     /// Seconds a peer may take to read the replies to one frame.
     #[arg(long, value_parser = seconds)]
     write_timeout: Option<Duration>,
+    #[command(flatten)]
+    plan: crate::plan_args::PlanArgs,
 }
 
 fn positive_count(s: &str) -> Result<usize, String> {
@@ -54,6 +56,7 @@ pub fn serve(args: ServeArgs) -> Outcome {
     use sonoguide::igtl::Event;
     let mut config = sonoguide::PipelineConfig::default();
     config.backend = args.backend.get();
+    args.plan.apply(&mut config)?;
     let pipeline = std::sync::Arc::new(sonoguide::Pipeline::new(config)?);
     let mut limits = sonoguide::igtl::ServerConfig::default();
     limits.max_connections = args.max_connections;
