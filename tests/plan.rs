@@ -206,7 +206,13 @@ fn nan_infinite_and_out_of_range_settings_are_refused_by_name() {
         );
     }
     // The command line refuses them with the usage exit code.
-    for args in [["--margin-mm", "nan"], ["--max-angle", "inf"]] {
+    for args in [
+        ["--margin-mm", "nan"],
+        ["--max-angle", "inf"],
+        ["--nerve-margin-mm", "NaN"],
+        ["--spacing-mm", "nan,0.1"],
+        ["--preset", "no-such-site"],
+    ] {
         let o = bin()
             .arg("process")
             .arg(root().join("sample-data/linear_0001.dcm"))
@@ -215,6 +221,13 @@ fn nan_infinite_and_out_of_range_settings_are_refused_by_name() {
             .output()
             .unwrap();
         assert_eq!(o.status.code(), Some(2), "{args:?}");
+        // The OpenIGTLink server's entry point refuses them before it listens.
+        let o = bin()
+            .args(["serve", "--backend", "cpu", "--port", "0"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "serve {args:?}");
     }
 }
 
@@ -544,5 +557,11 @@ fn derived_dicom_inherits_lossy_history_and_frame_time_and_invents_no_calibratio
         "no calibration is invented for an uncalibrated source"
     );
     assert_eq!(j2k.info().calibration.status(), "missing");
+    // Without a calibration there is no plan in mm, and the plan says why.
+    let plan: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("US1_J2KR/frame_0000.plan.json")).unwrap())
+            .unwrap();
+    assert_eq!(plan["status"], "no_calibration", "{plan}");
+    assert!(plan["entry"].is_null() && plan["target"].is_null());
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -1,7 +1,8 @@
 //! Segmentation of musculoskeletal structures in one frame: bone surface, acoustic shadow,
 //! tendon, joint space / effusion, vessel.
 //!
-//! Works inside the imaging region, leaving out colour-masked pixels (Doppler, annotations).
+//! Works inside the imaging region, leaving the colour pixels out of the B-mode decisions;
+//! colour flow inside the region is then labelled vessel ([`doppler`]).
 //! Features come from the kernels (phase symmetry, shadow, coherence), computed on the GPU or
 //! the CPU; the decisions (dynamic programming for the bone surface, connected components for
 //! fluid and tendon) run on the CPU, where they are cheap. Label values are those of
@@ -9,6 +10,7 @@
 
 pub mod bone;
 pub mod components;
+pub mod doppler;
 pub mod fluid;
 pub mod pixels;
 pub mod tendon;
@@ -585,6 +587,8 @@ pub fn segment_from_features(
     labels
         .slice_mut(s![b.y0..b.y1, b.x0..b.x1])
         .assign(&crop_labels);
+    // Colour flow is a vessel whatever the B-mode beneath it shows.
+    doppler::label_flow(frame, mm_full, &mut labels);
     let top_row = b.y0 as f64;
     let polylines_px: Vec<Vec<[f64; 2]>> = bone::polylines(&surface, mm_full, params)
         .into_iter()
