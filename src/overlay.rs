@@ -190,6 +190,48 @@ pub fn draw_contours(img: &mut RgbImage, labels: &Array2<u8>) -> crate::Result<(
     draw_legend(img, &present)
 }
 
+/// Tint of the keep-out zones (Okabe–Ito vermillion), and its opacity: faint, so that the
+/// tissue stays readable.
+const ZONE: [f32; 3] = [213.0, 94.0, 0.0];
+const ZONE_ALPHA: f32 = 0.22;
+
+/// Tints the zones around bone, shadow, vessels and nerves that a needle must not enter (their
+/// margins), outside the structures themselves.
+pub fn draw_margin_zones(
+    img: &mut RgbImage,
+    labels: &Array2<u8>,
+    margins: &crate::plan::Margins,
+    mm_per_px: (f64, f64),
+) {
+    let mut done: Vec<f64> = Vec::new();
+    for (_, m) in margins.by_label() {
+        if m <= 0.0 || done.contains(&m) {
+            continue;
+        }
+        done.push(m);
+        // Every structure with this margin at once: one distance transform per margin.
+        let with: Vec<u8> = margins
+            .by_label()
+            .iter()
+            .filter(|(_, mm)| *mm == m)
+            .map(|(l, _)| l.code())
+            .collect();
+        let mask = labels.mapv(|l| with.contains(&l));
+        if !mask.iter().any(|v| *v) {
+            continue;
+        }
+        let dist = crate::plan::distance_mm(&mask, mm_per_px);
+        for ((y, x), d) in dist.indexed_iter() {
+            if *d > 0.0 && *d < m {
+                let p = img.get_pixel_mut(x as u32, y as u32);
+                for c in 0..3 {
+                    p.0[c] = (p.0[c] as f32 * (1.0 - ZONE_ALPHA) + ZONE[c] * ZONE_ALPHA) as u8;
+                }
+            }
+        }
+    }
+}
+
 fn thick_line(img: &mut RgbImage, a: (f32, f32), b: (f32, f32), colour: Rgb<u8>, half: i32) {
     for dx in -half..=half {
         for dy in -half..=half {
@@ -203,7 +245,8 @@ fn thick_line(img: &mut RgbImage, a: (f32, f32), b: (f32, f32), colour: Rgb<u8>,
     }
 }
 
-/// Draws the overlay of one frame: label contours and legend, the needle path with depth ticks
+/// Draws the overlay of one frame: faint keep-out zones (the margins), label contours and
+/// legend, the needle path with depth ticks
 /// every 5 mm, the entry marker, the target crosshair, a text box, a scale bar, and a "NO SAFE
 /// PATH" banner when there is none.
 pub fn draw_plan(
@@ -213,6 +256,7 @@ pub fn draw_plan(
     mm_per_px: (f64, f64),
 ) -> crate::Result<RgbImage> {
     let mut img = gray_to_rgb_image(base);
+    draw_margin_zones(&mut img, labels, &plan.margins_mm, mm_per_px);
     draw_contours(&mut img, labels)?;
     let font = font()?;
     let px = text_px(img.height());
@@ -298,6 +342,7 @@ pub fn draw_plan(
         )]
     };
     let mut lines = lines;
+    lines.extend(plan.notes.iter().filter(|n| n.len() < 40).cloned());
     if let Some(name) = &plan.preset {
         lines.insert(0, format!("preset: {name}"));
     }

@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::despeckle::{Despeckler, Filter};
 use crate::frame::Frame;
 use crate::gpu::{Backend, Ran};
-use crate::plan::{plan, NeedlePlan, PlanParams, PlanSmoother};
+use crate::plan::{plan, plan_smoothed, NeedlePlan, PlanParams, PlanSmoother};
 use crate::segment::{self, SegmentParams, Segmentation};
 use crate::Result;
 
@@ -286,14 +286,15 @@ impl Pipeline {
         let segmentation =
             segment::segment_from_features(frame, &despeckled, &features, &self.config.segment)?;
         let t3 = Instant::now();
-        let raw_plan = plan(frame, &segmentation, &self.config.plan);
-        let plan = match session {
+        let (raw_plan, plan) = match session {
             Some(s) => {
                 s.frames += 1;
-                s.smoother
-                    .smooth(frame, &segmentation, &raw_plan, &self.config.plan)
+                plan_smoothed(frame, &segmentation, &self.config.plan, &mut s.smoother)
             }
-            None => raw_plan.clone(),
+            None => {
+                let p = plan(frame, &segmentation, &self.config.plan);
+                (p.clone(), p)
+            }
         };
         let t4 = Instant::now();
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;

@@ -389,18 +389,52 @@ impl Clearances {
         out
     }
 
-    /// The nearest structure and its distance, mm.
+    /// The nearest of the structures always avoided (nerve, vessel, bone, shadow) and its
+    /// distance, mm.
     pub fn nearest(&self) -> Option<(Label, f64)> {
         [
             (Label::Nerve, self.nerve),
             (Label::Vessel, self.vessel),
             (Label::Bone, self.bone),
             (Label::Shadow, self.shadow),
-            (Label::Tendon, self.tendon),
         ]
         .into_iter()
         .filter_map(|(l, d)| d.map(|d| (l, d)))
         .min_by(|a, b| a.1.total_cmp(&b.1))
+    }
+}
+
+/// The margins a plan keeps from each structure, mm.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Margins {
+    /// Bone surface.
+    pub bone: f64,
+    /// Acoustic shadow.
+    pub shadow: f64,
+    /// Vessels.
+    pub vessel: f64,
+    /// Nerves.
+    pub nerve: f64,
+}
+
+impl Margins {
+    fn of(p: &PlanParams) -> Margins {
+        Margins {
+            bone: p.margin_mm,
+            shadow: p.shadow_margin_mm,
+            vessel: p.vessel_margin_mm,
+            nerve: p.nerve_margin_mm,
+        }
+    }
+
+    /// (label, margin) pairs.
+    pub fn by_label(&self) -> [(Label, f64); 4] {
+        [
+            (Label::Bone, self.bone),
+            (Label::Shadow, self.shadow),
+            (Label::Vessel, self.vessel),
+            (Label::Nerve, self.nerve),
+        ]
     }
 }
 
@@ -437,6 +471,9 @@ pub struct NeedlePlan {
     pub target_kind: Option<TargetKind>,
     /// `"left"` or `"right"`: the side of the target the needle enters from.
     pub side: Option<Side>,
+    /// The margins kept, mm (bone, shadow, vessel, nerve): what the overlay draws as
+    /// keep-out zones.
+    pub margins_mm: Margins,
     /// The site preset planned for.
     pub preset: Option<String>,
     /// Where the spacing came from (`given`: by the caller); null without calibration.
@@ -460,6 +497,7 @@ impl NeedlePlan {
             final_approach_mm: None,
             target_kind: None,
             side: None,
+            margins_mm: Margins::of(params),
             preset: params.preset.clone(),
             calibration: None,
             notes: Vec::new(),
@@ -644,7 +682,21 @@ enum Refusal {
 
 impl<'a> Planner<'a> {
     fn new(g: Geometry<'a>, seg: &Segmentation, params: &'a PlanParams, kind: TargetKind) -> Self {
-        let obstacles = Obstacles::new(&seg.labels, g.mm, &params.rules(kind));
+        Planner::with(g, seg, params, kind, None)
+    }
+
+    /// As `new`, reusing `obstacles` when they were built for this kind's rules.
+    fn with(
+        g: Geometry<'a>,
+        seg: &Segmentation,
+        params: &'a PlanParams,
+        kind: TargetKind,
+        obstacles: Option<(TargetKind, Obstacles)>,
+    ) -> Self {
+        let obstacles = match obstacles {
+            Some((k, o)) if params.rules(k) == params.rules(kind) => o,
+            _ => Obstacles::new(&seg.labels, g.mm, &params.rules(kind)),
+        };
         Planner {
             skin: skin_line(g.frame),
             g,
@@ -713,6 +765,7 @@ impl<'a> Planner<'a> {
             } else {
                 Side::Right
             }),
+            margins_mm: Margins::of(self.params),
             preset: self.params.preset.clone(),
             calibration: Some(self.g.source),
             notes: Vec::new(),
@@ -801,13 +854,41 @@ impl<'a> Planner<'a> {
 
 /// Plans a needle path for one segmented frame.
 pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePlan {
+    plan_keeping(frame, seg, params).0
+}
+
+/// Plans a frame and smooths the plan with `smoother` (a cine), reusing the obstacles the plan
+/// was checked against. Returns the raw and the smoothed plan.
+pub fn plan_smoothed(
+    frame: &Frame,
+    seg: &Segmentation,
+    params: &PlanParams,
+    smoother: &mut PlanSmoother,
+) -> (NeedlePlan, NeedlePlan) {
+    let (raw, planner) = plan_keeping(frame, seg, params);
+    let smooth = smoother.smooth_with(planner.as_ref(), frame, seg, &raw, params);
+    (raw, smooth)
+}
+
+/// `plan`, also giving the planner (frame geometry and obstacles) when one was built.
+fn plan_keeping<'a>(
+    frame: &'a Frame,
+    seg: &Segmentation,
+    params: &'a PlanParams,
+) -> (NeedlePlan, Option<Planner<'a>>) {
     // Settings, frame or label map that break the invariants get no path, never a panic.
     if let Err(e) = params.validate() {
-        return NeedlePlan::refused(PlanStatus::NoSafePath, e.to_string(), params);
+        return (
+            NeedlePlan::refused(PlanStatus::NoSafePath, e.to_string(), params),
+            None,
+        );
     }
     // The layout is what planning indexes by; the pixel values are not read here.
     if let Err(e) = frame.check_layout() {
-        return NeedlePlan::refused(PlanStatus::NoSafePath, e.to_string(), params);
+        return (
+            NeedlePlan::refused(PlanStatus::NoSafePath, e.to_string(), params),
+            None,
+        );
     }
     if seg.labels.dim() != frame.intensity.dim() {
         let why = format!(
@@ -816,7 +897,10 @@ pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePla
             frame.width(),
             frame.height()
         );
-        return NeedlePlan::refused(PlanStatus::NoSafePath, why, params);
+        return (
+            NeedlePlan::refused(PlanStatus::NoSafePath, why, params),
+            None,
+        );
     }
     let Some(g) = Geometry::new(frame) else {
         let why = format!(
@@ -828,14 +912,15 @@ pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePla
         );
         let mut p = NeedlePlan::refused(PlanStatus::NoCalibration, why, params);
         finish(frame, params, &mut p);
-        return p;
+        return (p, None);
     };
+    let mut built = None;
     let (target, kind) = match params.target_mm {
         Some((xm, ym)) => {
             let (x, y) = g.mm_to_px(xm, ym);
             ([x, y], TargetKind::User)
         }
-        None => match target::choose(seg, &g, params) {
+        None => match target::choose(seg, &g, params, &mut built) {
             Some(t) => t,
             None => {
                 let kinds: Vec<&str> = params.targets.iter().map(|k| k.as_str()).collect();
@@ -846,11 +931,17 @@ pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePla
                     params,
                 );
                 finish(frame, params, &mut p);
-                return p;
+                return (p, None);
             }
         },
     };
-    let planner = Planner::new(g, seg, params, kind);
+    let planner = Planner::with(
+        g,
+        seg,
+        params,
+        kind,
+        built.map(|o| (TargetKind::Effusion, o)),
+    );
     let point = planner.g.point(target[0], target[1]);
     let (h, w) = seg.labels.dim();
     let refuse = |why: String| {
@@ -866,18 +957,21 @@ pub fn plan(frame: &Frame, seg: &Segmentation, params: &PlanParams) -> NeedlePla
             .region
             .contains(target[0] as usize, target[1] as usize)
     {
-        return refuse("the target lies outside the imaging region".into());
+        let p = refuse("the target lies outside the imaging region".into());
+        return (p, Some(planner));
     }
     if let Some(l) = planner
         .obstacles
         .at(target[0].round() as usize, target[1].round() as usize)
     {
-        return refuse(format!("the target lies in {}", l.name()));
+        let p = refuse(format!("the target lies in {}", l.name()));
+        return (p, Some(planner));
     }
-    match planner.search(target) {
+    let p = match planner.search(target) {
         Ok(p) => p,
         Err(why) => refuse(why),
-    }
+    };
+    (p, Some(planner))
 }
 
 /// What every plan gets at the end: the depth along the beam for a fan, and the notes.
@@ -959,6 +1053,18 @@ impl PlanSmoother {
         raw: &NeedlePlan,
         params: &PlanParams,
     ) -> NeedlePlan {
+        self.smooth_with(None, frame, seg, raw, params)
+    }
+
+    /// `smooth`, with the planner `raw` came from when there is one (its obstacles are reused).
+    fn smooth_with(
+        &mut self,
+        planner: Option<&Planner<'_>>,
+        frame: &Frame,
+        seg: &Segmentation,
+        raw: &NeedlePlan,
+        params: &PlanParams,
+    ) -> NeedlePlan {
         let (Some(e), Some(t), Some(kind)) = (raw.entry, raw.target, raw.target_kind) else {
             self.state = None;
             return raw.clone();
@@ -979,10 +1085,17 @@ impl PlanSmoother {
             ]
         };
         if let (Some((pe, pt)), Some(g)) = (self.state, Geometry::new(frame)) {
+            let built;
+            let planner = match planner.filter(|p| p.kind == kind) {
+                Some(p) => p,
+                None => {
+                    built = Planner::new(g, seg, params, kind);
+                    &built
+                }
+            };
             // Even when this frame's best entry is on the other side, the previous one is kept
             // if it is still safe: near-equal costs must not flip the suggestion.
             let st = mix(pt, t.px);
-            let planner = Planner::new(g, seg, params, kind);
             let on_skin = |at: [f64; 2]| {
                 let x = at[0].round().clamp(0.0, (frame.width().max(1) - 1) as f64) as usize;
                 [x as f64, planner.skin[x].map(|y| y as f64).unwrap_or(at[1])]

@@ -45,10 +45,12 @@ struct Structure {
     outline: Vec<[f64; 2]>,
 }
 
-/// A distance map shared by the structures with the same margin and exemption.
+/// A distance map shared by the structures with the same margin.
 #[derive(Debug)]
 struct Field {
     margin_mm: f64,
+    /// Whether a structure of the field is exempt near a joint target (screening then skips
+    /// the field on the final approach; the exact check judges the others there).
     exempt: bool,
     /// Distance from each pixel to the nearest pixel centre of its structures, mm.
     dist: Array2<f64>,
@@ -60,7 +62,12 @@ pub struct Obstacles {
     mm: (f64, f64),
     structures: Vec<Structure>,
     fields: Vec<Field>,
+    /// Per pixel: `HARD` if a hard structure covers it, `SOFT` if a soft one does.
+    occupancy: Array2<u8>,
 }
+
+const HARD: u8 = 1;
+const SOFT: u8 = 2;
 
 /// The result of the exact check of one path.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,15 +118,17 @@ impl Obstacles {
                 })
                 .map(|((y, x), _)| [x as f64 * mm.0, y as f64 * mm.1])
                 .collect();
-            // Structures with the same margin and exemption share one distance map.
+            // Structures with the same margin share one distance map.
             if rule.hard && rule.margin_mm > 0.0 {
-                let key = (rule.margin_mm, rule.exempt_near_joint);
-                match fields.iter().position(|f| (f.margin_mm, f.exempt) == key) {
-                    Some(i) => field_members[i].push(structures.len()),
+                match fields.iter().position(|f| f.margin_mm == rule.margin_mm) {
+                    Some(i) => {
+                        field_members[i].push(structures.len());
+                        fields[i].exempt |= rule.exempt_near_joint;
+                    }
                     None => {
                         fields.push(Field {
-                            margin_mm: key.0,
-                            exempt: key.1,
+                            margin_mm: rule.margin_mm,
+                            exempt: rule.exempt_near_joint,
                             dist: Array2::zeros((0, 0)),
                         });
                         field_members.push(vec![structures.len()]);
@@ -132,6 +141,13 @@ impl Obstacles {
                 outline,
             });
         }
+        let mut occupancy = Array2::<u8>::zeros((h, w));
+        for st in &structures {
+            let bit = if st.rule.hard { HARD } else { SOFT };
+            ndarray::Zip::from(&mut occupancy)
+                .and(&st.mask)
+                .for_each(|o, m| *o |= bit * (*m as u8));
+        }
         for (f, members) in fields.iter_mut().zip(&field_members) {
             let union =
                 Array2::from_shape_fn((h, w), |p| members.iter().any(|&i| structures[i].mask[p]));
@@ -141,6 +157,7 @@ impl Obstacles {
             mm,
             structures,
             fields,
+            occupancy,
         }
     }
 
@@ -151,13 +168,12 @@ impl Obstacles {
 
     /// The hard structure at pixel (column, row), if any.
     pub fn at(&self, x: usize, y: usize) -> Option<Label> {
-        self.structure_at(x, y, true)
-    }
-
-    fn structure_at(&self, x: usize, y: usize, hard: bool) -> Option<Label> {
+        if self.occupancy.get((y, x)).copied().unwrap_or(0) & HARD == 0 {
+            return None;
+        }
         self.structures
             .iter()
-            .filter(|s| s.rule.hard == hard)
+            .filter(|s| s.rule.hard)
             .find(|s| s.mask.get((y, x)).copied().unwrap_or(false))
             .map(|s| s.rule.label)
     }
@@ -198,10 +214,11 @@ impl Obstacles {
                 continue;
             }
             let (xi, yi) = (xi as usize, yi as usize);
-            if self.at(xi, yi).is_some() {
+            let o = self.occupancy.get((yi, xi)).copied().unwrap_or(0);
+            if o & HARD != 0 {
                 return None;
             }
-            soft |= self.structure_at(xi, yi, false).is_some();
+            soft |= o & SOFT != 0;
             let in_approach = (1.0 - s) * len < approach_mm;
             for f in &self.fields {
                 if f.exempt && in_approach {

@@ -18,16 +18,19 @@ const PERINEURAL_EXTRA_MM: f64 = 0.4;
 /// its bevel must sit inside with room on both sides; thinner fluid is left for the next kind.
 const EFFUSION_MIN_DEPTH_MM: f64 = 2.0;
 
-/// The first target found among the kinds asked for, as full-frame px (column, row).
+/// The first target found among the kinds asked for, as full-frame px (column, row), with the
+/// obstacles built to choose it (an effusion's safe point needs them; the planner reuses
+/// them).
 pub(super) fn choose(
     seg: &Segmentation,
     g: &Geometry<'_>,
     params: &PlanParams,
+    obstacles: &mut Option<Obstacles>,
 ) -> Option<([f64; 2], TargetKind)> {
     params.targets.iter().find_map(|&kind| {
         let t = match kind {
             TargetKind::JointSpace => joint_space(&seg.labels, g.mm),
-            TargetKind::Effusion => effusion(seg, g, params),
+            TargetKind::Effusion => effusion(seg, g, params, obstacles),
             TargetKind::Peritendinous => above(&seg.labels, Label::Tendon, PERITENDINOUS_MM, g),
             TargetKind::Intratendinous => inside(&seg.labels, Label::Tendon, g.mm),
             TargetKind::Perineural => above(
@@ -86,7 +89,12 @@ fn joint_space(labels: &Array2<u8>, mm: (f64, f64)) -> Option<[f64; 2]> {
 
 /// The deepest point of an effusion (label 4 not between bone ends, in a collection deep
 /// enough for a needle tip) that keeps every margin; else the one with the most room.
-fn effusion(seg: &Segmentation, g: &Geometry<'_>, params: &PlanParams) -> Option<[f64; 2]> {
+fn effusion(
+    seg: &Segmentation,
+    g: &Geometry<'_>,
+    params: &PlanParams,
+    obstacles: &mut Option<Obstacles>,
+) -> Option<[f64; 2]> {
     let labels = &seg.labels;
     let bone_cols = bone_columns(labels);
     let mask = Array2::from_shape_fn(labels.dim(), |(y, x)| {
@@ -101,7 +109,8 @@ fn effusion(seg: &Segmentation, g: &Geometry<'_>, params: &PlanParams) -> Option
     if fluid.is_empty() {
         return None;
     }
-    let obstacles = Obstacles::new(labels, g.mm, &params.rules(TargetKind::Effusion));
+    let obstacles = obstacles
+        .get_or_insert_with(|| Obstacles::new(labels, g.mm, &params.rules(TargetKind::Effusion)));
     let slack = |p: &(usize, usize)| obstacles.slack_at(p.1, p.0);
     // Slack is measured to pixel centres; the path check measures to pixel squares, up to half
     // a pixel's diagonal closer.

@@ -583,6 +583,7 @@ SITES = {
     "knee_medial_joint": dict(probes=("L11-5v",), scenes=("joint",)),
     "ankle_anterior": dict(probes=("L11-5v", "L22-14v"), scenes=("joint",)),
     "achilles": dict(probes=("L11-5v",), scenes=("bone",)),
+    "elbow_lateral": dict(probes=("L11-5v", "L22-14v"), scenes=("bone",)),
     "shoulder_supraspinatus": dict(probes=("L11-5v", "C5-2v"), scenes=("bone",)),
     "shoulder_posterior": dict(probes=("C5-2v",), scenes=("joint",)),
     "hip_anterior": dict(probes=("C5-2v",), scenes=("joint",)),
@@ -596,6 +597,11 @@ SITES = {
     "tibial_ankle": dict(probes=("L11-5v",), scenes=("nerve",)),
     "sural": dict(probes=("L22-14v",), scenes=("nerve",)),
 }
+
+
+# `--effusion always`: every bone scene has its effusion or bursa (preset scenes whose target
+# is the fluid).
+FORCE_EFFUSION = False
 
 
 def _u(rng, lo, hi):
@@ -702,7 +708,8 @@ def build_anatomy(geo, site, rng):
     want_vessel = scene_kind in ("bone", "joint") and rng.uniform() < 0.5
     v_diam = _u(rng, 1.5, 3.0) * (0.6 if small else 1.0)
     vessel_room = v_diam + 2.0 if want_vessel else 0.0
-    if site in ("knee_suprapatellar", "knee_trochlea", "achilles", "shoulder_supraspinatus"):
+    if site in ("knee_suprapatellar", "knee_trochlea", "achilles", "elbow_lateral",
+                "shoulder_supraspinatus"):
         # ---- single bone with an overlying tendon; effusion/bursa half the time ----
         if site == "knee_suprapatellar":
             thick = _u(rng, 5.0, 8.0)  # quadriceps tendon [jacobson2018]
@@ -731,6 +738,14 @@ def build_anatomy(geo, site, rng):
             dome = None
             p_eff = 0.5
             a.cites |= {"koivunen1995", "fornage1986"}
+        elif site == "elbow_lateral":
+            thick = _u(rng, 3.0, 5.0)  # common extensor origin, about 4 mm [jacobson2018]
+            cart = 0.0                 # the lateral epicondyle carries no cartilage
+            eff_h = _u(rng, 1.5, 3.0)  # a little fluid beside the origin, rarely
+            eff_floor = "bone"
+            a.deep_fill = "muscle"
+            dome = None
+            p_eff = 0.2
         else:  # shoulder_supraspinatus
             thick = _u(rng, 4.0, 8.0)  # [cholewinski2008]
             cart = _u(rng, 0.8, 1.5)   # humeral head cartilage [jacobson2018]
@@ -742,7 +757,7 @@ def build_anatomy(geo, site, rng):
             a.cites |= {"cholewinski2008", "vanholsbeeck1993"}
         a.sizes["cartilage_mm"] = round(cart, 2)
         m1 = _u(rng, 0.0, 3.0) if site != "shoulder_supraspinatus" else _u(rng, 3.0, 10.0) * (0.6 if not conv else 1.0)
-        has_eff = rng.uniform() < p_eff
+        has_eff = rng.uniform() < p_eff or FORCE_EFFUSION
         gapmm = _u(rng, 1.0, 6.0) + (eff_h if has_eff else 0.0) + vessel_room
         if site == "shoulder_supraspinatus":
             fit((eff_h + 0.5 if has_eff else 0.0) + thick + 0.2 + cart + 4.0)
@@ -788,7 +803,7 @@ def build_anatomy(geo, site, rng):
                 slope = _u(rng, -0.08, 0.08)
                 b = BonePiece(u0 - 60, u1 + 60, base, slope=slope, cartilage=cart,
                               wave=(_u(rng, 0.1, 0.6), _u(rng, 15, 40), _u(rng, 0, 6.3)))
-                if site == "achilles" and rng.uniform() < 0.7:
+                if site in ("achilles", "elbow_lateral") and rng.uniform() < 0.7:
                     # calcaneus occupies one side of the field only (its posterior tuberosity)
                     edge = _u(rng, -0.3, 0.1) * Wd
                     if rng.uniform() < 0.5:
@@ -1846,6 +1861,10 @@ def main(argv=None):
     ap.add_argument("--probes", default="L11-5v,L22-14v,C5-2v")
     ap.add_argument("--scenes", default="joint,bone,soft_tissue",
                     help="comma list of joint,bone,soft_tissue,nerve (default without nerve)")
+    ap.add_argument("--sites", default=None,
+                    help="comma list of sites to cycle through (default: by --scenes)")
+    ap.add_argument("--effusion", choices=("random", "always"), default="random",
+                    help="always: every bone scene gets its effusion or bursa")
     ap.add_argument("--convex", type=int, default=None, help="number of convex cases (default ~40 %%)")
     ap.add_argument("--prefix", default=None, help="case name prefix (default pusim_SET)")
     ap.add_argument("--perturbed-out", default=None,
@@ -1871,8 +1890,21 @@ def main(argv=None):
             ap.error(f"unknown probe {p}")
     scenes = [s.strip() for s in args.scenes.split(",") if s.strip()]
     prefix = args.prefix or f"pusim_{args.set}"
-    plan = plan_cases(args.count, args.seed, probes, scenes)
-    if "C5-2v" in probes:
+    global FORCE_EFFUSION
+    FORCE_EFFUSION = args.effusion == "always"
+    if args.sites:
+        sites = [x.strip() for x in args.sites.split(",") if x.strip()]
+        for x in sites:
+            if x not in SITES:
+                ap.error(f"unknown site {x}")
+        plan = []
+        for i in range(args.count):
+            site = sites[i % len(sites)]
+            allowed = [p for p in SITES[site]["probes"] if p in probes] or list(SITES[site]["probes"])
+            plan.append((SITES[site]["scenes"][0], site, allowed[(i // len(sites)) % len(allowed)]))
+    else:
+        plan = plan_cases(args.count, args.seed, probes, scenes)
+    if "C5-2v" in probes and not args.sites:
         want = args.convex if args.convex is not None else int(round(0.4 * len(plan)))
         plan = balance_probes(plan, want, np.random.default_rng(args.seed + 1))
     cases = [(f"{prefix}_{i + 1:03d}", args.seed * 1000 + i + 1, probe, site)
