@@ -836,6 +836,12 @@ impl<'a> Planner<'a> {
             return Err("no skin entry point on either side of the target".into());
         }
         let p = self.params;
+        if counts[Refusal::Angle as usize] == counts.iter().sum::<usize>() {
+            return Err(format!(
+                "every entry on the skin line in view gives an angle outside {}–{}° (the target is too deep or too shallow for this field of view; an entry beside the probe, out of view, is not planned)",
+                p.min_angle_deg, p.max_angle_deg
+            ));
+        }
         let length = p
             .max_length_mm
             .map(|m| format!(", {} longer than {m} mm", counts[Refusal::Length as usize]))

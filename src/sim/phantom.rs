@@ -7,7 +7,9 @@
 //!    with septa, a bright fascia, muscle bellies with perimysium striations at a random
 //!    pennation angle, a fibrillar tendon that bends (0–15° of tilt), bone with hypoechoic
 //!    cartilage, two bone ends with a joint recess and an anechoic effusion between them, a
-//!    vessel (lumen and bright wall). Each structure has a backscatter power (echogenicity), an
+//!    vessel (lumen and bright wall), and in some scenes a nerve in cross-section (hypoechoic
+//!    fascicles in a hyperechoic epineurium, drawn from its own random stream so that adding
+//!    it left every other draw as it was). Each structure has a backscatter power (echogenicity), an
 //!    attenuation coefficient and a scatterer density.
 //! 2. Complex Gaussian scatterers on the grid, amplitude √(echogenicity); sparse scatterers
 //!    (partially developed speckle) in fat and in a few patches of muscle; the tendon's are
@@ -189,18 +191,22 @@ mod echo {
     pub const FLUID: f64 = 0.0005;
     pub const BONE: f64 = 2500.0;
     pub const VESSEL_WALL: f64 = 15.0;
+    /// Epineurium and the fat between fascicles: brighter than muscle.
+    pub const EPINEURIUM: f64 = 10.0;
+    /// Fascicles: hypoechoic, darker than muscle but not anechoic.
+    pub const FASCICLE: f64 = 0.12;
 }
 
 /// A structure a needle must avoid, in mm of the first frame.
 #[derive(Debug, Clone, Serialize)]
 pub struct Forbidden {
-    /// `"bone"` or `"vessel"`.
+    /// `"bone"`, `"vessel"` or `"nerve"`.
     pub kind: &'static str,
     /// Polyline (bone) or centre (vessel), px.
     pub points_px: Vec<[f64; 2]>,
     /// The same in mm.
     pub points_mm: Vec<[f64; 2]>,
-    /// Radius in mm (vessels).
+    /// Radius in mm (vessels; the larger half axis for nerves).
     pub radius_mm: Option<f64>,
 }
 
@@ -404,6 +410,8 @@ struct Draws {
     muscles: [Striations; 2],
     /// Diameter (mm), the small diameter to fall back on, lateral share, depth share.
     vessel: Option<(f64, f64, f64, f64)>,
+    /// A nerve in cross-section.
+    nerve: Option<NerveDraw>,
     comets: Vec<Comet>,
     /// Partially developed speckle in muscle: lateral share, depth share of the muscle layer,
     /// half axes (mm), scatterer density.
@@ -417,6 +425,62 @@ struct Draws {
     /// change with depth below the bone (dB/mm).
     clutter: (f64, f64, f64, f64, f64),
     reverb_db: f64,
+}
+
+/// A peripheral nerve in cross-section (short axis): the "honeycomb" of hypoechoic fascicles
+/// in a hyperechoic epineurium. Cross-sectional areas of healthy nerves (Cartwright MS et al.,
+/// Muscle Nerve 2008;37:566-571): median at the wrist about 9 mm², ulnar at the elbow about
+/// 6 mm², tibial at the ankle about 11 mm², sural about 2-3 mm², i.e. 1.5-5 mm across; the
+/// median nerve is flattened at the wrist (flattening ratio up to about 3). Fascicles number
+/// from a few (sural) to some 20-30 (median, sciatic branches) and measure 0.2-1 mm
+/// (Sunderland, "Nerves and Nerve Injuries", 1978).
+#[derive(Debug, Clone)]
+struct NerveDraw {
+    /// Cross-sectional area, mm².
+    area_mm2: f64,
+    /// Short over long axis (1: round).
+    aspect: f64,
+    /// Lateral share and depth share of the free band.
+    at: (f64, f64),
+    /// Fascicles: centre in the unit disc (x, y) and radius as a share of the nerve's radius.
+    fascicles: Vec<(f64, f64, f64)>,
+    /// Epineurium thickness, mm.
+    rim_mm: f64,
+}
+
+/// Draws a nerve for a scene from its own stream of random numbers (so that every other
+/// draw of the phantom stays as it was).
+fn nerve_draw(seed: u64, scene: Scene) -> Option<NerveDraw> {
+    let mut rng = Rng::new(seed ^ 0x4E45_5256_455F_3133);
+    let p = if scene == Scene::SoftTissue { 0.7 } else { 0.4 };
+    if rng.unit() >= p {
+        return None;
+    }
+    let area_mm2 = rng.range(2.0, 14.0);
+    let aspect = rng.range(0.35, 1.0);
+    let n = rng.range(4.0, 22.0) as usize;
+    let mut fascicles: Vec<(f64, f64, f64)> = Vec::new();
+    for _ in 0..n * 8 {
+        if fascicles.len() >= n {
+            break;
+        }
+        let r = rng.range(0.14, 0.32);
+        let (x, y) = (rng.range(-1.0, 1.0), rng.range(-1.0, 1.0));
+        let fits = (x.hypot(y) + r) < 0.85;
+        let apart = fascicles
+            .iter()
+            .all(|&(fx, fy, fr)| (x - fx).hypot(y - fy) > r + fr + 0.04);
+        if fits && apart {
+            fascicles.push((x, y, r));
+        }
+    }
+    Some(NerveDraw {
+        area_mm2,
+        aspect,
+        at: (rng.range(0.12, 0.88), rng.unit()),
+        fascicles,
+        rim_mm: rng.range(0.15, 0.3),
+    })
 }
 
 fn striations(rng: &mut Rng) -> Striations {
@@ -613,6 +677,7 @@ impl Draws {
                 vessel_at.0,
                 vessel_at.1,
             )),
+            nerve: None,
             comets,
             sparse,
             fat_density,
@@ -735,6 +800,8 @@ struct Anatomy {
     effusion_u: (f64, f64),
     recess_depth: f64,
     vessel: Option<(f64, f64, f64)>,
+    /// Nerve: centre (u, d), half axes (lateral, depth), the draw.
+    nerve: Option<((f64, f64), (f64, f64), NerveDraw)>,
     comets: Vec<Comet>,
     /// Centre (u, d), half axes, density.
     sparse: Vec<(f64, f64, f64, f64, f64)>,
@@ -838,6 +905,7 @@ impl Anatomy {
             effusion_u: (0.0, 0.0),
             recess_depth: d.recess_depth,
             vessel: None,
+            nerve: None,
             comets: Vec::new(),
             sparse: Vec::new(),
             fat_density: d.fat_density,
@@ -909,6 +977,42 @@ impl Anatomy {
             for dia in [diameter, small] {
                 if let Some(v) = a.place_vessel(dia / 2.0, us, ds, depth_mm) {
                     a.vessel = Some(v);
+                    break;
+                }
+            }
+        }
+        if let Some(n) = &d.nerve {
+            // Half axes from the area: π·a·b = area, b = aspect·a.
+            let ha = (n.area_mm2 / (PI * n.aspect)).sqrt();
+            let hb = ha * n.aspect;
+            // At the drawn place, else the first of a few others where it fits clear of the
+            // vessel (nerves run beside vessels, not through them).
+            let tries = [
+                n.at.0,
+                n.at.0 + 0.3,
+                n.at.0 - 0.3,
+                n.at.0 + 0.55,
+                n.at.0 - 0.55,
+            ];
+            for us in tries.map(|u| u.rem_euclid(1.0).clamp(0.1, 0.9)) {
+                // Beneath the tendon like a vessel, else in the muscle between the fascia and
+                // the tendon (an intermuscular plane).
+                let r = ha.max(hb);
+                let above = || {
+                    let u = us * width_mm;
+                    let top = a.fascia_bottom + hb + 0.4;
+                    let bottom = a.tendon_range(u).map_or(depth_mm * 0.5, |(t, _)| t) - hb - 0.4;
+                    (bottom > top).then_some((u, top + n.at.1 * (bottom - top), r))
+                };
+                let Some((u, dd, _)) = a.place_vessel(r, us, n.at.1, depth_mm).or_else(above)
+                else {
+                    continue;
+                };
+                let clear = a
+                    .vessel
+                    .is_none_or(|(vu, vd, vr)| (vu - u).hypot(vd - dd) > vr + ha + 1.0);
+                if clear {
+                    a.nerve = Some(((u, dd), (ha, hb), n.clone()));
                     break;
                 }
             }
@@ -1111,6 +1215,24 @@ impl Anatomy {
             }
             if r < vr + 0.15 {
                 return Tissue::diffuse(echo::VESSEL_WALL, nominal, Label::Vessel);
+            }
+        }
+        if let Some(((nu, nd), (ha, hb), n)) = &self.nerve {
+            let (x, y) = ((u - nu) / ha, (d - nd) / hb);
+            let r = x.hypot(y);
+            if r < 1.0 {
+                // The rim (epineurium) in mm along the nearer axis.
+                let rim = n.rim_mm / hb.min(*ha);
+                let in_fascicle = r < 1.0 - rim
+                    && n.fascicles
+                        .iter()
+                        .any(|&(fx, fy, fr)| (x - fx).hypot(y - fy) < fr);
+                let echo = if in_fascicle {
+                    echo::FASCICLE
+                } else {
+                    echo::EPINEURIUM
+                };
+                return Tissue::diffuse(echo, TISSUE_ATTEN_DB_CM_MHZ, Label::Nerve);
             }
         }
         if self.scene != Scene::SoftTissue && self.has_bone_at(u) {
@@ -1390,7 +1512,8 @@ pub fn generate(name: &str, params: &PhantomParams) -> super::Result<Phantom> {
     let curved_radius_mm = rng.range(30.0, 60.0);
     let depth_share = rng.range(0.4, 0.8);
     let freq_u = rng.unit();
-    let draws = Draws::random(&mut rng);
+    let mut draws = Draws::random(&mut rng);
+    draws.nerve = nerve_draw(p.seed, draws.scene);
     let s = p.mm_per_px.unwrap_or_else(|| {
         let depth = (draws.nominal_depth() / depth_share).clamp(DEPTH_RANGE_MM.0, DEPTH_RANGE_MM.1);
         (depth / p.height as f64).clamp(MM_PER_PX_RANGE.0, MM_PER_PX_RANGE.1)
@@ -1787,6 +1910,15 @@ fn truth_of(
             points_px: vec![c],
             points_mm: vec![to_mm(c)],
             radius_mm: Some(vr),
+        });
+    }
+    if let Some(((nu, nd), (ha, hb), _)) = &anatomy.nerve {
+        let c = to_px(*nu, *nd, 0);
+        forbidden.push(Forbidden {
+            kind: "nerve",
+            points_px: vec![c],
+            points_mm: vec![to_mm(c)],
+            radius_mm: Some(ha.max(*hb)),
         });
     }
     let (region, curved) = match p.geometry {
