@@ -39,7 +39,6 @@ pub struct Rule {
 #[derive(Debug)]
 struct Structure {
     rule: Rule,
-    mask: Array2<bool>,
     /// Pixels on the outline (a 4-neighbour outside the structure or the image), as
     /// (column, row) centres in mm.
     outline: Vec<[f64; 2]>,
@@ -60,6 +59,7 @@ struct Field {
 #[derive(Debug)]
 pub struct Obstacles {
     mm: (f64, f64),
+    labels: Array2<u8>,
     structures: Vec<Structure>,
     fields: Vec<Field>,
     /// Per pixel: `HARD` if a hard structure covers it, `SOFT` if a soft one does.
@@ -93,68 +93,75 @@ impl Obstacles {
     /// left out), at `mm` (x, y) mm per pixel.
     pub fn new(labels: &Array2<u8>, mm: (f64, f64), rules: &[Rule]) -> Obstacles {
         let (h, w) = labels.dim();
-        let mut structures = Vec::new();
+        // Which rule claims each label code (the first that names it).
+        let mut rule_of = [None::<usize>; 256];
+        for (i, r) in rules.iter().enumerate().rev() {
+            rule_of[r.label.code() as usize] = Some(i);
+        }
+        // Which distance map each rule feeds: structures with the same margin share one.
         let mut fields: Vec<Field> = Vec::new();
-        let mut field_members: Vec<Vec<usize>> = Vec::new();
-        for rule in rules {
-            let code = rule.label.code();
-            let mask = labels.mapv(|l| l == code);
-            if !mask.iter().any(|m| *m) {
+        let mut field_of = vec![None::<usize>; rules.len()];
+        for (i, r) in rules.iter().enumerate() {
+            if !(r.hard && r.margin_mm > 0.0) {
                 continue;
             }
-            let inside = |y: isize, x: isize| {
-                y >= 0
-                    && x >= 0
-                    && (y as usize) < h
-                    && (x as usize) < w
-                    && mask[[y as usize, x as usize]]
-            };
-            let outline = mask
-                .indexed_iter()
-                .filter(|(_, m)| **m)
-                .filter(|((y, x), _)| {
-                    let (y, x) = (*y as isize, *x as isize);
-                    !(inside(y - 1, x) && inside(y + 1, x) && inside(y, x - 1) && inside(y, x + 1))
-                })
-                .map(|((y, x), _)| [x as f64 * mm.0, y as f64 * mm.1])
-                .collect();
-            // Structures with the same margin share one distance map.
-            if rule.hard && rule.margin_mm > 0.0 {
-                match fields.iter().position(|f| f.margin_mm == rule.margin_mm) {
-                    Some(i) => {
-                        field_members[i].push(structures.len());
-                        fields[i].exempt |= rule.exempt_near_joint;
-                    }
-                    None => {
-                        fields.push(Field {
-                            margin_mm: rule.margin_mm,
-                            exempt: rule.exempt_near_joint,
-                            dist: Array2::zeros((0, 0)),
-                        });
-                        field_members.push(vec![structures.len()]);
-                    }
+            let f = match fields.iter().position(|f| f.margin_mm == r.margin_mm) {
+                Some(f) => f,
+                None => {
+                    fields.push(Field {
+                        margin_mm: r.margin_mm,
+                        exempt: false,
+                        dist: Array2::zeros((0, 0)),
+                    });
+                    fields.len() - 1
                 }
-            }
-            structures.push(Structure {
-                rule: *rule,
-                mask,
-                outline,
-            });
+            };
+            fields[f].exempt |= r.exempt_near_joint;
+            field_of[i] = Some(f);
         }
+        // One pass over the labels: occupancy, the fields' masks, each structure's outline.
         let mut occupancy = Array2::<u8>::zeros((h, w));
-        for st in &structures {
-            let bit = if st.rule.hard { HARD } else { SOFT };
-            ndarray::Zip::from(&mut occupancy)
-                .and(&st.mask)
-                .for_each(|o, m| *o |= bit * (*m as u8));
+        let mut masks = vec![Array2::from_elem((h, w), false); fields.len()];
+        let mut outlines: Vec<Vec<[f64; 2]>> = vec![Vec::new(); rules.len()];
+        let mut present = vec![false; rules.len()];
+        for ((y, x), &l) in labels.indexed_iter() {
+            let Some(i) = rule_of[l as usize] else {
+                continue;
+            };
+            present[i] = true;
+            occupancy[[y, x]] = if rules[i].hard { HARD } else { SOFT };
+            if let Some(f) = field_of[i] {
+                masks[f][[y, x]] = true;
+            }
+            let same = |yy: usize, xx: usize| labels[[yy, xx]] == l;
+            let interior = y > 0
+                && x > 0
+                && y + 1 < h
+                && x + 1 < w
+                && same(y - 1, x)
+                && same(y + 1, x)
+                && same(y, x - 1)
+                && same(y, x + 1);
+            if !interior {
+                outlines[i].push([x as f64 * mm.0, y as f64 * mm.1]);
+            }
         }
-        for (f, members) in fields.iter_mut().zip(&field_members) {
-            let union =
-                Array2::from_shape_fn((h, w), |p| members.iter().any(|&i| structures[i].mask[p]));
-            f.dist = distance_mm(&union, mm);
+        for (f, mask) in fields.iter_mut().zip(&masks) {
+            f.dist = distance_mm(mask, mm);
         }
+        let structures = rules
+            .iter()
+            .zip(outlines)
+            .zip(&present)
+            .filter(|(_, p)| **p)
+            .map(|((rule, outline), _)| Structure {
+                rule: *rule,
+                outline,
+            })
+            .collect();
         Obstacles {
             mm,
+            labels: labels.clone(),
             structures,
             fields,
             occupancy,
@@ -174,7 +181,7 @@ impl Obstacles {
         self.structures
             .iter()
             .filter(|s| s.rule.hard)
-            .find(|s| s.mask.get((y, x)).copied().unwrap_or(false))
+            .find(|s| self.labels.get((y, x)) == Some(&s.rule.label.code()))
             .map(|s| s.rule.label)
     }
 
@@ -261,16 +268,25 @@ impl Obstacles {
         for s in &self.structures {
             let inside = |q: [f64; 2]| {
                 let (x, y) = ((q[0] / self.mm.0).round(), (q[1] / self.mm.1).round());
-                x >= 0.0 && y >= 0.0 && s.mask.get((y as usize, x as usize)) == Some(&true)
+                x >= 0.0
+                    && y >= 0.0
+                    && self.labels.get((y as usize, x as usize)) == Some(&s.rule.label.code())
             };
             let dist = |u: [f64; 2], v: [f64; 2]| {
                 if inside(u) || inside(v) {
                     return 0.0;
                 }
-                s.outline
-                    .iter()
-                    .map(|c| segment_box_distance(u, v, *c, half))
-                    .fold(f64::INFINITY, f64::min)
+                // A square is no nearer than its centre less half its diagonal: most squares
+                // are ruled out by that bound without the exact computation.
+                let half_diagonal = half.0.hypot(half.1);
+                let mut best = f64::INFINITY;
+                for c in &s.outline {
+                    if point_segment_distance(*c, u, v) - half_diagonal >= best {
+                        continue;
+                    }
+                    best = best.min(segment_box_distance(u, v, *c, half));
+                }
+                best
             };
             let margin = s.rule.margin_mm;
             let (whole, kept) = if s.rule.exempt_near_joint && approach > 0.0 {
