@@ -448,6 +448,16 @@ struct NerveDraw {
     rim_mm: f64,
 }
 
+/// A nerve laid out in the anatomy.
+#[derive(Debug, Clone)]
+struct PlacedNerve {
+    /// Centre (u, d), mm.
+    centre: (f64, f64),
+    /// Half axes (lateral, depth), mm.
+    half: (f64, f64),
+    draw: NerveDraw,
+}
+
 /// Draws a nerve for a scene from its own stream of random numbers (so that every other
 /// draw of the phantom stays as it was).
 fn nerve_draw(seed: u64, scene: Scene) -> Option<NerveDraw> {
@@ -800,8 +810,7 @@ struct Anatomy {
     effusion_u: (f64, f64),
     recess_depth: f64,
     vessel: Option<(f64, f64, f64)>,
-    /// Nerve: centre (u, d), half axes (lateral, depth), the draw.
-    nerve: Option<((f64, f64), (f64, f64), NerveDraw)>,
+    nerve: Option<PlacedNerve>,
     comets: Vec<Comet>,
     /// Centre (u, d), half axes, density.
     sparse: Vec<(f64, f64, f64, f64, f64)>,
@@ -1012,7 +1021,11 @@ impl Anatomy {
                     .vessel
                     .is_none_or(|(vu, vd, vr)| (vu - u).hypot(vd - dd) > vr + ha + 1.0);
                 if clear {
-                    a.nerve = Some(((u, dd), (ha, hb), n.clone()));
+                    a.nerve = Some(PlacedNerve {
+                        centre: (u, dd),
+                        half: (ha, hb),
+                        draw: n.clone(),
+                    });
                     break;
                 }
             }
@@ -1217,7 +1230,12 @@ impl Anatomy {
                 return Tissue::diffuse(echo::VESSEL_WALL, nominal, Label::Vessel);
             }
         }
-        if let Some(((nu, nd), (ha, hb), n)) = &self.nerve {
+        if let Some(PlacedNerve {
+            centre: (nu, nd),
+            half: (ha, hb),
+            draw: n,
+        }) = &self.nerve
+        {
             let (x, y) = ((u - nu) / ha, (d - nd) / hb);
             let r = x.hypot(y);
             if r < 1.0 {
@@ -1912,7 +1930,12 @@ fn truth_of(
             radius_mm: Some(vr),
         });
     }
-    if let Some(((nu, nd), (ha, hb), _)) = &anatomy.nerve {
+    if let Some(PlacedNerve {
+        centre: (nu, nd),
+        half: (ha, hb),
+        ..
+    }) = &anatomy.nerve
+    {
         let c = to_px(*nu, *nd, 0);
         forbidden.push(Forbidden {
             kind: "nerve",
