@@ -595,6 +595,10 @@ fn skin_line(frame: &Frame) -> Vec<Option<usize>> {
     drop_fan_sides(line, frame)
 }
 
+/// Depth range of a sector mask's top edge under which it is flat (a linear image with dark
+/// corners, whose top is skin), mm; a fan's near arc sags more than this over its width.
+const FLAT_TOP_MM: f64 = 2.0;
+
 /// Steepest top edge that can be skin, rows per column: an arc's tangent at a fan's corner
 /// (up to 45° from horizontal for the widest phased arrays); a fan's straight sides are
 /// steeper.
@@ -971,6 +975,21 @@ fn plan_keeping<'a>(
         .at(target[0].round() as usize, target[1].round() as usize)
     {
         let p = refuse(format!("the target lies in {}", l.name()));
+        return (p, Some(planner));
+    }
+    // A fan whose arc could not be fitted (a dark near field) has no known skin line: its
+    // top edge runs down the fan's straight sides too, and an entry there starts off the skin.
+    // (A sector mask with a flat top is a linear image with dark corners: its top is skin.)
+    let rows: Vec<usize> = planner.skin.iter().flatten().copied().collect();
+    let sag_mm = match (rows.iter().min(), rows.iter().max()) {
+        (Some(a), Some(b)) => (b - a) as f64 * planner.g.mm.1,
+        _ => 0.0,
+    };
+    if frame.region.shape == crate::frame::RegionShape::Sector
+        && frame.region.fan.is_none()
+        && sag_mm > FLAT_TOP_MM
+    {
+        let p = refuse("the convex fan could not be fitted to the image (a dark near field?), so the skin arc where a needle enters is not known".into());
         return (p, Some(planner));
     }
     let p = match planner.search(target) {
