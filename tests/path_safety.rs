@@ -6,7 +6,7 @@
 use ndarray::Array2;
 use sonoguide::frame::{Calibration, CalibrationSource, Frame};
 use sonoguide::label::Label;
-use sonoguide::plan::{plan, PlanParams, PlanSmoother, TargetKind};
+use sonoguide::plan::{check_path, plan, PlanParams, PlanSmoother, TargetKind};
 use sonoguide::{Backend, Pipeline};
 
 /// Random label maps tried.
@@ -187,6 +187,10 @@ fn no_returned_path_breaks_a_margin_by_brute_force() {
             let d = brute(&seg.labels, Label::Tendon, e, t, (mm, mm));
             assert!(d > 0.0, "case {case}: a {kind} path pierces a tendon");
         }
+        // The public check accepts what the planner returned, with the same clearances.
+        let again = check_path(&frame, &seg, &params, kind, e, t)
+            .unwrap_or_else(|why| panic!("case {case}: check_path refuses the plan: {why}"));
+        assert_eq!(again.clearances_mm, p.clearances_mm, "case {case}");
         // The reported clearances are the exact ones.
         let c = p.clearances_mm;
         for (label, got) in [

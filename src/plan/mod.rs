@@ -684,6 +684,24 @@ enum Refusal {
     Unsafe,
 }
 
+impl Refusal {
+    /// Why, in words.
+    fn describe(self, p: &PlanParams) -> String {
+        match self {
+            Refusal::Angle => format!(
+                "the needle's angle to the skin is outside {}–{}°",
+                p.min_angle_deg, p.max_angle_deg
+            ),
+            Refusal::Length => format!(
+                "the path is longer than the needle ({} mm)",
+                p.max_length_mm.unwrap_or(f64::INFINITY)
+            ),
+            Refusal::Outside => "the path leaves the imaging region".into(),
+            Refusal::Unsafe => "the path is too close to or across an avoided structure".into(),
+        }
+    }
+}
+
 impl<'a> Planner<'a> {
     fn new(g: Geometry<'a>, seg: &Segmentation, params: &'a PlanParams, kind: TargetKind) -> Self {
         Planner::with(g, seg, params, kind, None)
@@ -745,7 +763,9 @@ impl<'a> Planner<'a> {
 
     /// The exact check of one path; the plan if it is safe, else why not.
     fn evaluate(&self, entry: [f64; 2], target: [f64; 2]) -> Result<NeedlePlan, String> {
-        let (angle, len) = self.geometry(entry, target).map_err(|r| format!("{r:?}"))?;
+        let (angle, len) = self
+            .geometry(entry, target)
+            .map_err(|r| r.describe(self.params))?;
         let check = self.obstacles.check(entry, target, self.approach_mm);
         if let Some(v) = check.violation {
             return Err(v);
