@@ -592,7 +592,33 @@ fn skin_line(frame: &Frame) -> Vec<Option<usize>> {
             }
         })
         .collect::<Vec<_>>();
-    drop_fan_sides(line, frame)
+    drop_silent_columns(drop_fan_sides(line, frame), frame)
+}
+
+/// Grey level under which the first millimetre beneath the top edge holds no echo at all: the
+/// black corners beside a fan that a rectangular region declares (exactly 0 there), where
+/// there is no skin.
+const SILENT_ECHO: f32 = 1.0;
+/// Depth beneath the top edge searched for an echo, mm.
+const SKIN_ECHO_MM: f64 = 1.0;
+
+/// Drops the columns whose first millimetre holds no echo at all: beside a fan that could not
+/// be found inside its declared rectangle, an entry there would start in air, off the skin.
+fn drop_silent_columns(line: Vec<Option<usize>>, frame: &Frame) -> Vec<Option<usize>> {
+    let my = frame
+        .calibration
+        .mm_per_px()
+        .map_or(crate::segment::ASSUMED_MM_PER_PX, |m| m.1);
+    let rows = ((SKIN_ECHO_MM / my).ceil() as usize).max(1);
+    let h = frame.height();
+    line.into_iter()
+        .enumerate()
+        .map(|(x, y)| {
+            let y = y?;
+            let echo = (y..(y + rows).min(h)).any(|r| frame.intensity[[r, x]] >= SILENT_ECHO);
+            echo.then_some(y)
+        })
+        .collect()
 }
 
 /// Depth range of a sector mask's top edge under which it is flat (a linear image with dark
