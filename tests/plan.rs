@@ -267,18 +267,7 @@ fn root() -> PathBuf {
 }
 
 fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        common::missing_tool(
-            name,
-            &format!("{name} (Debian packages dcmtk, dicom3tools)"),
-        );
-    }
-    found
+    common::find_tool(name, name, "Debian packages dcmtk, dicom3tools")
 }
 
 #[test]

@@ -12,6 +12,8 @@
 //! blocks lazily; measured with that bug put back: 200 such peers sending 4 KiB each, 14.5 MB
 //! RSS but 28.3 GB of address space), so the allocation itself is what is checked.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -218,18 +220,7 @@ fn closed_by_server(s: &mut TcpStream) -> bool {
 
 /// Whether pyigtl can be used: under CI it must be; elsewhere its absence is said loudly.
 fn pyigtl_available(test: &str) -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import pyigtl, numpy"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI must have python3 with pyigtl (.ci/run installs it)");
-        }
-        eprintln!("SKIPPED: {test}: the pyigtl client part (pyigtl not installed)");
-    }
-    ok
+    common::python_has(test, &["pyigtl", "numpy"])
 }
 
 /// Runs tests/igtl_client.py against the server; the plan JSON it printed.

@@ -142,6 +142,19 @@ pub struct FileReport {
     pub backends: BackendCounts,
     /// A line for people (e.g. "bone found in 3"), not written to the summary.
     pub detail: Option<String>,
+    /// The DICOM SEG written (`process`): its file name and segment labels in order.
+    pub seg: Option<SegSummary>,
+}
+
+/// The DICOM SEG written for one input.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct SegSummary {
+    /// The file, inside the input's output folder; `None` when no frame held any label (a
+    /// SEG needs at least one segment).
+    pub file: Option<String>,
+    /// The segments' labels, segment 1 first.
+    pub segments: Vec<crate::Label>,
 }
 
 /// One input's entry in `summary.json`.
@@ -160,6 +173,9 @@ pub struct FileSummary {
     pub plan: Option<PlanSummary>,
     /// Median milliseconds per frame for each stage (`process` only).
     pub timings: Option<StageTimings>,
+    /// The DICOM SEG written (`process`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seg: Option<SegSummary>,
     /// Why it failed.
     pub error: Option<String>,
     /// A line for people, not written to the summary.
@@ -178,6 +194,7 @@ impl FileSummary {
             frames: 0,
             plan: None,
             timings: None,
+            seg: None,
             error: Some(error),
             detail: None,
             backends: BackendCounts::default(),
@@ -441,6 +458,7 @@ fn run_one(
             frames: r.frames,
             plan: r.plan,
             timings: r.timings,
+            seg: r.seg,
             error: None,
             detail: r.detail,
             backends: r.backends,

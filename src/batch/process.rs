@@ -6,7 +6,8 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::json;
 
-use super::{BackendCounts, FileReport, FileTask};
+use super::{BackendCounts, FileReport, FileTask, SegSummary};
+use crate::dicom::seg::{SegOutcome, SegSource, SegWriter};
 use crate::dicom::write::{derived_identity, source_history, Colour, UsImage, UsImageWriter};
 use crate::pipeline::StageTimings;
 use crate::{Pipeline, Session};
@@ -57,8 +58,10 @@ fn process_file(
     pipeline: &Pipeline,
     frames: Option<(usize, usize)>,
     overlay_on_original: bool,
+    write_seg: bool,
 ) -> Result<FileReport, String> {
     let dicom_out = dir.join(format!("{stem}.overlay.dcm"));
+    let seg_name = format!("{stem}.seg.dcm");
     let (file, start, end) = super::open_frames(path, frames)?;
     // Never overwrite an input.
     let input_abs = std::fs::canonicalize(path).ok();
@@ -77,6 +80,7 @@ fn process_file(
     // The derived DICOM is written frame by frame as the frames are processed; its header
     // needs the first frame's region and calibration, so it starts with that frame.
     let mut writer: Option<UsImageWriter> = None;
+    let mut seg_writer: Option<SegWriter> = None;
     let (mut t_despeckle, mut t_features, mut t_segment, mut t_plan, mut t_total) =
         (vec![], vec![], vec![], vec![], vec![]);
     let (mut angles, mut depths, mut lengths) = (vec![], vec![], vec![]);
@@ -137,6 +141,15 @@ fn process_file(
                 UsImageWriter::create(&dicom_out, &image, end - start)
                     .map_err(|e| e.to_string())?,
             );
+            if write_seg {
+                let (identity, _) =
+                    derived_identity(file.object(), "sonoguide segmentation (research tool)");
+                let source = SegSource::of(file.object(), file.frame_count() > 1);
+                seg_writer = Some(
+                    SegWriter::create(&dir.join(&seg_name), w, h, identity, source)
+                        .map_err(|e| e.to_string())?,
+                );
+            }
         }
         let r = pipeline.process_in(&mut session, &frame).map_err(wrap)?;
         let name = format!("frame_{k:04}");
@@ -174,6 +187,10 @@ fn process_file(
         if let Some(wr) = writer.as_mut() {
             wr.push(overlay.as_raw()).map_err(|e| e.to_string())?;
         }
+        if let Some(sw) = seg_writer.as_mut() {
+            sw.push(k as u32 + 1, &r.segmentation.labels)
+                .map_err(|e| e.to_string())?;
+        }
         backends.add("despeckle", r.backends.despeckle);
         backends.add("features", r.backends.features);
         let t = r.timings;
@@ -198,6 +215,19 @@ fn process_file(
         .ok_or_else(|| format!("{}: no frame was processed", path.display()))?
         .finish()
         .map_err(|e| e.to_string())?;
+    let seg = match seg_writer {
+        Some(sw) => Some(match sw.finish().map_err(|e| e.to_string())? {
+            SegOutcome::Written(segments) => SegSummary {
+                file: Some(seg_name),
+                segments,
+            },
+            _ => SegSummary {
+                file: None,
+                segments: Vec::new(),
+            },
+        }),
+        None => None,
+    };
     let m = |v: &mut Vec<f64>| median(v).unwrap_or(0.0);
     Ok(FileReport {
         frames: end - start,
@@ -219,6 +249,7 @@ fn process_file(
         }),
         backends,
         detail: None,
+        seg,
     })
 }
 
@@ -227,6 +258,7 @@ fn process_file(
 pub struct ProcessTask {
     pipeline: Pipeline,
     overlay_on_original: bool,
+    seg: bool,
 }
 
 impl ProcessTask {
@@ -236,7 +268,15 @@ impl ProcessTask {
         ProcessTask {
             pipeline,
             overlay_on_original,
+            seg: true,
         }
+    }
+
+    /// Whether a DICOM SEG (`<stem>.seg.dcm`) is written beside the overlay DICOM (the
+    /// default).
+    pub fn with_seg(mut self, seg: bool) -> ProcessTask {
+        self.seg = seg;
+        self
     }
 
     /// The pipeline.
@@ -264,6 +304,7 @@ impl FileTask for ProcessTask {
             &self.pipeline,
             frames,
             self.overlay_on_original,
+            self.seg,
         )
     }
 
@@ -281,6 +322,7 @@ impl FileTask for ProcessTask {
                 "target_mm": c.plan.target_mm,
             },
             "overlay_on": if self.overlay_on_original { "original" } else { "despeckled" },
+            "seg": self.seg,
         })
     }
 

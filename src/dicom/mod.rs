@@ -7,6 +7,7 @@
 mod prescan;
 pub mod read;
 pub mod region;
+pub mod seg;
 pub mod write;
 
 pub use prescan::long_length_vr;

@@ -82,6 +82,12 @@ pub struct ProcessArgs {
     /// Draw the overlay on the despeckled or the original frame.
     #[arg(long, value_enum, default_value_t = OverlayOn::Despeckled)]
     overlay_on: OverlayOn,
+    /// Write a DICOM SEG (`<stem>.seg.dcm`) per input: on by default.
+    #[arg(long, overrides_with = "no_seg")]
+    seg: bool,
+    /// Write no DICOM SEG.
+    #[arg(long)]
+    no_seg: bool,
     #[command(flatten)]
     plan: crate::plan_args::PlanArgs,
     #[command(flatten)]
@@ -122,7 +128,8 @@ pub fn process(args: ProcessArgs) -> Outcome {
     if let Some(note) = pipeline.despeckler().note() {
         eprintln!("note: {note}");
     }
-    let task = batch::ProcessTask::new(pipeline, args.overlay_on == OverlayOn::Original);
+    let task = batch::ProcessTask::new(pipeline, args.overlay_on == OverlayOn::Original)
+        .with_seg(args.seg || !args.no_seg);
     run(&args.inputs, &args.out, &task, &opts)
 }
 
