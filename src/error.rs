@@ -34,6 +34,10 @@ pub enum Error {
     /// A batch could not run (output folder).
     #[error(transparent)]
     Batch(#[from] crate::batch::BatchError),
+    /// A DICOMweb server could not be used.
+    #[cfg(feature = "dicomweb")]
+    #[error(transparent)]
+    DicomWeb(#[from] crate::dicomweb::DicomWebError),
 }
 
 /// Result alias used throughout the crate.

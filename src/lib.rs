@@ -30,6 +30,8 @@ pub(crate) mod atomic;
 pub mod batch;
 pub mod despeckle;
 pub mod dicom;
+#[cfg(feature = "dicomweb")]
+pub mod dicomweb;
 pub mod error;
 pub mod fft;
 pub mod frame;

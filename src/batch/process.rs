@@ -8,7 +8,9 @@ use serde_json::json;
 
 use super::{BackendCounts, FileReport, FileTask, SegSummary};
 use crate::dicom::seg::{SegOutcome, SegSource, SegWriter};
-use crate::dicom::write::{derived_identity, source_history, Colour, UsImage, UsImageWriter};
+use crate::dicom::write::{
+    derived_identity, source_history, Colour, UsImage, UsImageWriter, OVERLAY_SERIES, SEG_SERIES,
+};
 use crate::pipeline::StageTimings;
 use crate::{Pipeline, Session};
 
@@ -111,8 +113,7 @@ fn process_file(
             } else {
                 reference = (region.x0 as i64, region.y0 as i64);
             }
-            let (identity, derived) =
-                derived_identity(file.object(), "sonoguide overlay (research tool)");
+            let (identity, derived) = derived_identity(file.object(), OVERLAY_SERIES);
             let mut image = UsImage::new(
                 w,
                 h,
@@ -142,8 +143,7 @@ fn process_file(
                     .map_err(|e| e.to_string())?,
             );
             if write_seg {
-                let (identity, _) =
-                    derived_identity(file.object(), "sonoguide segmentation (research tool)");
+                let (identity, _) = derived_identity(file.object(), SEG_SERIES);
                 let source = SegSource::of(file.object(), file.frame_count() > 1);
                 seg_writer = Some(
                     SegWriter::create(&dir.join(&seg_name), w, h, identity, source)

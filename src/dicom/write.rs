@@ -101,6 +101,11 @@ pub fn derived_identity(
     (identity, reference)
 }
 
+/// Series Description of the derived overlay DICOM.
+pub const OVERLAY_SERIES: &str = "sonoguide overlay (research tool)";
+/// Series Description of the DICOM SEG.
+pub const SEG_SERIES: &str = "sonoguide segmentation (research tool)";
+
 /// Frame Time written when nothing better is known (a source without Frame Time or Cine
 /// Rate): 30 frames/s.
 pub const DEFAULT_FRAME_TIME_MS: f64 = 33.3;

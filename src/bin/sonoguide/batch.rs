@@ -56,29 +56,11 @@ pub enum OverlayOn {
     Original,
 }
 
-/// `process`' arguments.
+/// How `process` and `watch` build their pipeline and outputs.
 #[derive(clap::Args)]
-pub struct ProcessArgs {
-    /// DICOM files or folders.
-    #[arg(required = true)]
-    inputs: Vec<PathBuf>,
-    /// Output folder.
-    #[arg(long)]
-    out: PathBuf,
-    /// Look into sub-folders of folder inputs.
-    #[arg(long)]
-    recursive: bool,
-    /// Files processed at once.
-    #[arg(long, default_value_t = 1)]
-    jobs: usize,
+pub struct PipelineArgs {
     #[command(flatten)]
     backend: BackendOpt,
-    /// Frames to process: N, A..B (B excluded) or A-B (B included); zero-based.
-    #[arg(long, value_parser = parse_frames)]
-    frames: Option<(usize, usize)>,
-    /// Skip inputs whose overlay DICOM already exists in OUT (resume a batch).
-    #[arg(long)]
-    skip_existing: bool,
     /// Draw the overlay on the despeckled or the original frame.
     #[arg(long, value_enum, default_value_t = OverlayOn::Despeckled)]
     overlay_on: OverlayOn,
@@ -94,6 +76,54 @@ pub struct ProcessArgs {
     filter: FilterArgs,
     #[command(flatten)]
     segmenter: SegmenterOpt,
+}
+
+impl PipelineArgs {
+    /// The `process` task these arguments ask for.
+    pub fn task(&self) -> Result<batch::ProcessTask, Failure> {
+        let filter = self.filter.filter()?;
+        let mut config = sonoguide::PipelineConfig::default();
+        config.backend = self.backend.get();
+        config.filters = vec![filter];
+        config.segment = self.segmenter.params();
+        self.plan.apply(&mut config)?;
+        let pipeline = sonoguide::Pipeline::new(config)?;
+        if let Some(note) = pipeline.despeckler().note() {
+            eprintln!("note: {note}");
+        }
+        Ok(
+            batch::ProcessTask::new(pipeline, self.overlay_on == OverlayOn::Original)
+                .with_seg(self.seg || !self.no_seg),
+        )
+    }
+}
+
+/// `process`' arguments.
+#[derive(clap::Args)]
+pub struct ProcessArgs {
+    /// DICOM files or folders, or one DICOMweb server: dicomweb+http://HOST/ROOT (with
+    /// --study, --since, --modality; --store sends the overlay and SEG back).
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Look into sub-folders of folder inputs.
+    #[arg(long)]
+    recursive: bool,
+    /// Files processed at once.
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
+    /// Frames to process: N, A..B (B excluded) or A-B (B included); zero-based.
+    #[arg(long, value_parser = parse_frames)]
+    frames: Option<(usize, usize)>,
+    /// Skip inputs whose overlay DICOM already exists in OUT (resume a batch).
+    #[arg(long)]
+    skip_existing: bool,
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 /// `sonoguide despeckle`.
@@ -113,28 +143,37 @@ pub fn segment(args: SegmentArgs) -> Outcome {
 
 /// `sonoguide process`.
 pub fn process(args: ProcessArgs) -> Outcome {
-    let filter = args.filter.filter()?;
-    let mut config = sonoguide::PipelineConfig::default();
-    config.backend = args.backend.get();
-    config.filters = vec![filter];
-    config.segment = args.segmenter.params();
-    args.plan.apply(&mut config)?;
+    let url = crate::remote::url_input(&args.inputs)?;
+    let task = args.pipeline.task()?;
     let mut opts = BatchOptions::default();
     opts.recursive = args.recursive;
     opts.jobs = args.jobs.max(1);
     opts.frames = args.frames;
     opts.skip_existing = args.skip_existing;
-    let pipeline = sonoguide::Pipeline::new(config)?;
-    if let Some(note) = pipeline.despeckler().note() {
-        eprintln!("note: {note}");
+    match url {
+        Some(url) => crate::remote::process(&url, &args.remote, &args.out, |inputs| {
+            run_batch(inputs, &args.out, &task, &opts)
+        }),
+        None => run(&args.inputs, &args.out, &task, &opts),
     }
-    let task = batch::ProcessTask::new(pipeline, args.overlay_on == OverlayOn::Original)
-        .with_seg(args.seg || !args.no_seg);
-    run(&args.inputs, &args.out, &task, &opts)
 }
 
-/// Runs the batch with progress on stderr and reports its end.
+/// Runs the batch and ends with exit 1 if any input failed.
 fn run(inputs: &[PathBuf], out: &Path, task: &dyn FileTask, opts: &BatchOptions) -> Outcome {
+    let report = run_batch(inputs, out, task, opts)?;
+    if report.failures().next().is_some() {
+        return Err(Failure::Reported);
+    }
+    Ok(())
+}
+
+/// Runs the batch with progress on stderr and reports its end (every failure listed).
+pub fn run_batch(
+    inputs: &[PathBuf],
+    out: &Path,
+    task: &dyn FileTask,
+    opts: &BatchOptions,
+) -> Result<batch::BatchReport, Failure> {
     let bar: std::sync::OnceLock<indicatif::ProgressBar> = std::sync::OnceLock::new();
     let terminal = std::io::stderr().is_terminal();
     let on_event = |event: Event<'_>| match event {
@@ -195,14 +234,13 @@ fn run(inputs: &[PathBuf], out: &Path, task: &dyn FileTask, opts: &BatchOptions)
         failures.len(),
         report.summary_path.display()
     );
-    if failures.is_empty() {
-        return Ok(());
+    if !failures.is_empty() {
+        eprintln!("failures:");
+        for f in &failures {
+            eprintln!("  {}", f.error.as_deref().unwrap_or("unknown error"));
+        }
     }
-    eprintln!("failures:");
-    for f in &failures {
-        eprintln!("  {}", f.error.as_deref().unwrap_or("unknown error"));
-    }
-    Err(Failure::Reported)
+    Ok(report)
 }
 
 fn status_name(status: FileStatus) -> &'static str {

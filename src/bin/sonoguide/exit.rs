@@ -1,6 +1,7 @@
 //! The one mapping from outcomes to exit codes: 0 all good, 1 some inputs failed (the others
 //! were processed), 2 usage error (bad arguments, an output folder that cannot be created, an
-//! address that cannot be listened on).
+//! address that cannot be listened on), 3 a server (DICOMweb) unreachable or refusing the
+//! credentials.
 
 use std::process::ExitCode;
 
@@ -12,6 +13,8 @@ use sonoguide::kernels::KernelError;
 pub const EXIT_INPUT_FAILED: u8 = 1;
 /// Exit code for a usage error.
 pub const EXIT_USAGE: u8 = 2;
+/// Exit code when a server (DICOMweb) cannot be reached or refuses the credentials.
+pub const EXIT_SERVER: u8 = 3;
 
 /// Why a command stopped.
 #[derive(Debug)]
@@ -20,6 +23,8 @@ pub enum Failure {
     Usage(String),
     /// The work failed (exit 1).
     Failed(String),
+    /// A server could not be reached or refused the credentials (exit 3).
+    Server(String),
     /// The command has already reported what failed; exit 1 without another message.
     Reported,
 }
@@ -67,6 +72,10 @@ pub fn exit_code(outcome: Outcome) -> ExitCode {
         Err(Failure::Failed(m)) => {
             eprintln!("error: {m}");
             ExitCode::from(EXIT_INPUT_FAILED)
+        }
+        Err(Failure::Server(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(EXIT_SERVER)
         }
         Err(Failure::Reported) => ExitCode::from(EXIT_INPUT_FAILED),
     }

@@ -15,6 +15,7 @@ mod exit;
 mod inspect;
 mod phantom;
 mod plan_args;
+mod remote;
 mod serve;
 mod train;
 
@@ -46,6 +47,9 @@ enum Command {
     /// write overlays, labels, bone and plan JSON per frame, a derived overlay DICOM per file,
     /// and OUT/summary.json.
     Process(batch::ProcessArgs),
+    /// Poll a DICOMweb server for new ultrasound instances and process each once (resumable:
+    /// OUT/watch-state.json remembers what was done); --store sends the results back.
+    Watch(remote::WatchArgs),
     /// Serve OpenIGTLink: answer each IMAGE with an overlay IMAGE, a POINT (entry, target) and a
     /// STRING (the plan as JSON). Stops cleanly on SIGINT or SIGTERM.
     Serve(serve::ServeArgs),
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
         Command::Despeckle(a) => batch::despeckle(a),
         Command::Segment(a) => batch::segment(a),
         Command::Process(a) => batch::process(a),
+        Command::Watch(a) => remote::watch(a),
         Command::Serve(a) => serve::serve(a),
         Command::Bench(a) => bench::bench(a),
         Command::EvalDespeckle(a) => eval::eval_despeckle(a),
