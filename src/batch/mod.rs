@@ -10,6 +10,8 @@
 //! on. The runner never prints.
 
 mod process;
+#[cfg(feature = "dicomweb")]
+pub mod remote;
 mod tasks;
 
 pub use process::{PlanSummary, ProcessTask};

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sonoguide::batch::{self, BatchOptions, FileStatus};
+use sonoguide::batch::remote::{self, WatchState};
+use sonoguide::batch::{self, FileStatus};
 use sonoguide::dicomweb::{Auth, DicomWebClient, DicomWebError, InstanceRef, Limits, Query};
 
 use crate::exit::{Failure, Outcome};
@@ -111,53 +112,6 @@ fn server_failure(e: DicomWebError) -> Failure {
     }
 }
 
-/// Retrieves `instance` into `cache` (kept for a resumed run); its path.
-fn retrieve(
-    client: &DicomWebClient,
-    cache: &Path,
-    instance: &InstanceRef,
-) -> Result<PathBuf, DicomWebError> {
-    // UIDs hold digits and dots only when valid; anything else is replaced so that a hostile
-    // server cannot choose a path.
-    let name: String = instance
-        .instance
-        .chars()
-        .map(|c| {
-            if c.is_ascii_digit() || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect();
-    let path = cache.join(format!("{name}.dcm"));
-    if !path.is_file() {
-        let bytes = client.retrieve_instance(instance)?;
-        let tmp = cache.join(format!(".{name}.{}.tmp", std::process::id()));
-        std::fs::write(&tmp, &bytes)
-            .and_then(|_| std::fs::rename(&tmp, &path))
-            .map_err(|e| DicomWebError::BadAnswer {
-                server: client.base().to_string(),
-                what: format!("saving {}", path.display()),
-                reason: e.to_string(),
-            })?;
-    }
-    Ok(path)
-}
-
-/// Sends the overlay DICOM and SEG written for `stem` in `dir` into `study`.
-fn store(client: &DicomWebClient, dir: &Path, stem: &str, study: &str) -> Result<usize, String> {
-    let mut files = Vec::new();
-    for name in [format!("{stem}.overlay.dcm"), format!("{stem}.seg.dcm")] {
-        let p = dir.join(name);
-        if p.is_file() {
-            files.push(std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?);
-        }
-    }
-    client.store(study, &files).map_err(|e| e.to_string())
-}
-
 /// `process URL`: every matching instance, through the same batch as files.
 pub fn process(
     url: &str,
@@ -178,7 +132,7 @@ pub fn process(
     let mut paths = Vec::new();
     let mut study_of = BTreeMap::new();
     for i in wanted {
-        match retrieve(&client, &cache, i) {
+        match remote::retrieve(&client, &cache, i) {
             Ok(p) => {
                 study_of.insert(p.clone(), i.study.clone());
                 paths.push(p);
@@ -197,7 +151,7 @@ pub fn process(
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            match store(&client, dir, &stem, study) {
+            match remote::store(&client, dir, &stem, study) {
                 Ok(n) => eprintln!("stored {n} object(s) for {stem} into study {study}"),
                 Err(e) => failures.push(format!("storing the outputs of {stem}: {e}")),
             }
@@ -239,40 +193,6 @@ pub struct WatchArgs {
     pipeline: crate::batch::PipelineArgs,
 }
 
-/// One instance's record in the watch state.
-#[derive(serde::Serialize, serde::Deserialize, Clone, Default)]
-struct Record {
-    /// "done" or "failed".
-    status: String,
-    attempts: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-    #[serde(default)]
-    stored: bool,
-}
-
-/// What `watch` has done, by SOP Instance UID.
-#[derive(serde::Serialize, serde::Deserialize, Default)]
-struct WatchState {
-    instances: BTreeMap<String, Record>,
-}
-
-impl WatchState {
-    fn load(path: &Path) -> Result<WatchState, Failure> {
-        match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                Failure::Usage(format!("{}: not a watch state file: {e}", path.display()))
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(WatchState::default()),
-            Err(e) => Err(Failure::Usage(format!("{}: {e}", path.display()))),
-        }
-    }
-
-    fn save(&self, path: &Path) -> Outcome {
-        sonoguide::imageio::write_json(path, self).map_err(|e| Failure::Failed(e.to_string()))
-    }
-}
-
 /// `sonoguide watch`.
 pub fn watch(args: WatchArgs) -> Outcome {
     if !(args.interval_s.is_finite() && args.interval_s > 0.0 && args.interval_s <= 86_400.0) {
@@ -287,7 +207,7 @@ pub fn watch(args: WatchArgs) -> Outcome {
     let cache = args.out.join(".dicomweb");
     crate::exit::make_out_dir(&cache)?;
     let state_path = args.out.join("watch-state.json");
-    let mut state = WatchState::load(&state_path)?;
+    let mut state = WatchState::load(&state_path).map_err(Failure::Usage)?;
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -312,7 +232,15 @@ pub fn watch(args: WatchArgs) -> Outcome {
                     if record.status == "done" || record.attempts >= args.max_attempts {
                         continue;
                     }
-                    let record = watch_one(&client, &cache, &args, &task, i, record);
+                    let record = remote::process_one(
+                        &client,
+                        &cache,
+                        &args.out,
+                        &task,
+                        i,
+                        args.remote.store,
+                        record,
+                    );
                     eprintln!(
                         "{} {}: {}{}",
                         if record.status == "done" {
@@ -329,7 +257,7 @@ pub fn watch(args: WatchArgs) -> Outcome {
                             .unwrap_or_default()
                     );
                     state.instances.insert(i.instance.clone(), record);
-                    state.save(&state_path)?;
+                    state.save(&state_path).map_err(Failure::Failed)?;
                 }
             }
             Err(e @ DicomWebError::Auth { .. }) => return Err(server_failure(e)),
@@ -359,48 +287,4 @@ pub fn watch(args: WatchArgs) -> Outcome {
         eprintln!("{failed} instance(s) failed; see {}", state_path.display());
     }
     Ok(())
-}
-
-fn watch_one(
-    client: &DicomWebClient,
-    cache: &Path,
-    args: &WatchArgs,
-    task: &batch::ProcessTask,
-    i: &InstanceRef,
-    mut record: Record,
-) -> Record {
-    record.attempts += 1;
-    let result = (|| -> Result<bool, String> {
-        let path = retrieve(client, cache, i).map_err(|e| e.to_string())?;
-        let mut opts = BatchOptions::default();
-        opts.jobs = 1;
-        let report = batch::run(std::slice::from_ref(&path), &args.out, task, &opts, &|_| {})
-            .map_err(|e| e.to_string())?;
-        let f = report.files.first().ok_or("nothing was processed")?;
-        if let Some(e) = &f.error {
-            return Err(e.clone());
-        }
-        let dir = f.output.clone().ok_or("no output folder")?;
-        if !args.remote.store {
-            return Ok(false);
-        }
-        let stem = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        store(client, &dir, &stem, &i.study)?;
-        Ok(true)
-    })();
-    match result {
-        Ok(stored) => {
-            record.status = "done".into();
-            record.error = None;
-            record.stored = stored;
-        }
-        Err(e) => {
-            record.status = "failed".into();
-            record.error = Some(e);
-        }
-    }
-    record
 }
