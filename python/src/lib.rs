@@ -1,0 +1,291 @@
+//! Python bindings: `sonoguide.Pipeline` over numpy arrays and `sonoguide.read_dicom`.
+//!
+//! The GIL is released while Rust works (`Python::detach`); every Rust error becomes a
+//! `sonoguide.SonoguideError` carrying the Rust error's message.
+
+use std::sync::Mutex;
+
+use numpy::{IntoPyArray, PyReadonlyArray2};
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use sonoguide::frame::CalibrationSource;
+use sonoguide::{Calibration, Frame, Pipeline, PipelineConfig, Session};
+
+pyo3::create_exception!(
+    _sonoguide,
+    SonoguideError,
+    PyException,
+    "An error from sonoguide; the message is the Rust error's."
+);
+
+fn err(e: impl std::fmt::Display) -> PyErr {
+    SonoguideError::new_err(e.to_string())
+}
+
+/// A JSON value as Python objects (dict, list, str, float, int, bool, None).
+fn to_py<'py>(py: Python<'py>, v: &serde_json::Value) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match v {
+        serde_json::Value::Null => py.None().into_bound(py),
+        serde_json::Value::Bool(b) => b.into_pyobject(py)?.to_owned().into_any(),
+        serde_json::Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => i.into_pyobject(py)?.into_any(),
+            (None, Some(f)) => f.into_pyobject(py)?.into_any(),
+            _ => py.None().into_bound(py),
+        },
+        serde_json::Value::String(s) => s.into_pyobject(py)?.into_any(),
+        serde_json::Value::Array(a) => {
+            let list = PyList::empty(py);
+            for x in a {
+                list.append(to_py(py, x)?)?;
+            }
+            list.into_any()
+        }
+        serde_json::Value::Object(o) => {
+            let d = PyDict::new(py);
+            for (k, x) in o {
+                d.set_item(k, to_py(py, x)?)?;
+            }
+            d.into_any()
+        }
+    })
+}
+
+fn spacing(spacing_mm: Option<(f64, f64)>) -> PyResult<Calibration> {
+    Ok(match spacing_mm {
+        None => Calibration::Missing,
+        Some((x, y)) => {
+            if let Some(reason) = sonoguide::frame::check_spacing_mm(x, y) {
+                return Err(err(format!("spacing_mm: {reason}")));
+            }
+            Calibration::Ok {
+                mm_per_px_x: x,
+                mm_per_px_y: y,
+                reference_px: None,
+                source: CalibrationSource::Given,
+            }
+        }
+    })
+}
+
+/// The pipeline: despeckle, segment and plan one frame at a time.
+#[pyclass(name = "Pipeline", module = "sonoguide._sonoguide", frozen)]
+struct PyPipeline {
+    pipeline: Pipeline,
+    /// The plan smoothing of a stream (`process(..., stream=True)`).
+    session: Mutex<Session>,
+}
+
+#[pymethods]
+impl PyPipeline {
+    #[new]
+    #[pyo3(signature = (preset=None, backend="auto", filter=None, margin_mm=None))]
+    fn new(
+        py: Python<'_>,
+        preset: Option<&str>,
+        backend: &str,
+        filter: Option<&str>,
+        margin_mm: Option<f64>,
+    ) -> PyResult<PyPipeline> {
+        let mut config = PipelineConfig::default();
+        config.backend = match backend {
+            "auto" => sonoguide::Backend::Auto,
+            "gpu" => sonoguide::Backend::Gpu,
+            "cpu" => sonoguide::Backend::Cpu,
+            other => {
+                return Err(err(format!(
+                    "backend {other:?}: expected \"auto\", \"gpu\" or \"cpu\""
+                )))
+            }
+        };
+        if let Some(f) = filter {
+            config.filters = vec![sonoguide::Filter::default_for(f).map_err(err)?];
+        }
+        if let Some(name) = preset {
+            let presets = sonoguide::plan::preset::builtin().map_err(err)?;
+            let p = sonoguide::plan::preset::find(&presets, name).map_err(err)?;
+            p.apply(&mut config.plan);
+        }
+        if let Some(m) = margin_mm {
+            config.plan.set_margins_mm(m);
+        }
+        let pipeline = py.detach(|| Pipeline::new(config)).map_err(err)?;
+        Ok(PyPipeline {
+            pipeline,
+            session: Mutex::new(Session::new()),
+        })
+    }
+
+    /// The backend the despeckling runs on ("gpu" or "cpu") and the device's name.
+    #[getter]
+    fn device(&self) -> (String, String) {
+        let c = self.pipeline.despeckler().compute();
+        (c.backend_name().to_string(), c.device_name())
+    }
+
+    /// Processes one greyscale frame (2-D uint8 or float32, 0–255). `spacing_mm` is
+    /// (x, y) millimetres per pixel; without it the plan says `no_calibration`. With
+    /// `stream=True` the plan is smoothed over the frames of this pipeline's stream. With
+    /// `overlay=False` no overlay is drawn (the result's `overlay` is None).
+    #[pyo3(signature = (image, spacing_mm=None, stream=false, overlay=true))]
+    fn process<'py>(
+        &self,
+        py: Python<'py>,
+        image: &Bound<'py, PyAny>,
+        spacing_mm: Option<(f64, f64)>,
+        stream: bool,
+        overlay: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let calibration = spacing(spacing_mm)?;
+        let intensity = if let Ok(a) = image.extract::<PyReadonlyArray2<'py, u8>>() {
+            a.as_array().mapv(f32::from)
+        } else if let Ok(a) = image.extract::<PyReadonlyArray2<'py, f32>>() {
+            a.as_array().to_owned()
+        } else {
+            let shape = image
+                .getattr("shape")
+                .map(|s| s.to_string())
+                .unwrap_or_else(|_| "?".into());
+            let dtype = image
+                .getattr("dtype")
+                .map(|s| s.to_string())
+                .unwrap_or_else(|_| type_name(image));
+            return Err(err(format!(
+                "image: expected a 2-D numpy array of uint8 or float32, got {dtype} of shape {shape}"
+            )));
+        };
+        let (h, w) = intensity.dim();
+        // The frame's checks (finite, 0–255, sizes) run in Pipeline::process.
+        let mut frame = Frame::from_gray8(
+            w.max(1),
+            h.max(1),
+            &vec![0; w.max(1) * h.max(1)],
+            calibration,
+        )
+        .map_err(err)?;
+        frame.intensity = intensity;
+        let pipeline = &self.pipeline;
+        let session = &self.session;
+        let draw = overlay;
+        let (result, overlay) = py
+            .detach(|| -> sonoguide::Result<_> {
+                let r = if stream {
+                    let mut s = session.lock().unwrap_or_else(|p| p.into_inner());
+                    pipeline.process_in(&mut s, &frame)?
+                } else {
+                    pipeline.process(&frame)?
+                };
+                let overlay = if draw {
+                    Some(sonoguide::overlay::draw_plan(
+                        &r.despeckled,
+                        &r.segmentation.labels,
+                        &r.plan,
+                        r.segmentation.mm_per_px,
+                    )?)
+                } else {
+                    None
+                };
+                Ok((r, overlay))
+            })
+            .map_err(err)?;
+        let out = PyDict::new(py);
+        out.set_item("labels", result.segmentation.labels.into_pyarray(py))?;
+        out.set_item("despeckled", result.despeckled.into_pyarray(py))?;
+        match overlay {
+            Some(img) => {
+                let (ow, oh) = img.dimensions();
+                let a =
+                    ndarray::Array3::from_shape_vec((oh as usize, ow as usize, 3), img.into_raw())
+                        .map_err(err)?;
+                out.set_item("overlay", a.into_pyarray(py))?;
+            }
+            None => out.set_item("overlay", py.None())?,
+        }
+        let plan = serde_json::to_value(&result.plan).map_err(err)?;
+        out.set_item("plan", to_py(py, &plan)?)?;
+        let timings = serde_json::to_value(result.timings).map_err(err)?;
+        out.set_item("timings", to_py(py, &timings)?)?;
+        Ok(out)
+    }
+}
+
+fn type_name(o: &Bound<'_, PyAny>) -> String {
+    o.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// The frames of a DICOM file, one dict each: `index`, `image` (float32, 0–255),
+/// `spacing_mm` ((x, y) or None), `calibration` (status), `calibration_source`, `region`
+/// ((x0, y0, x1, y1), end exclusive).
+#[pyclass(module = "sonoguide._sonoguide")]
+struct DicomFrames {
+    file: sonoguide::dicom::DicomFile,
+    next: usize,
+}
+
+#[pymethods]
+impl DicomFrames {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __len__(&self) -> usize {
+        self.file.frame_count()
+    }
+
+    fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        if self.next >= self.file.frame_count() {
+            return Ok(None);
+        }
+        let k = self.next;
+        self.next += 1;
+        let file = &self.file;
+        let frame = py.detach(|| file.read_frame(k)).map_err(err)?;
+        let d = PyDict::new(py);
+        d.set_item("index", k)?;
+        let r = frame.region.bounds;
+        d.set_item("region", (r.x0, r.y0, r.x1, r.y1))?;
+        d.set_item("calibration", frame.calibration.status())?;
+        match &frame.calibration {
+            Calibration::Ok {
+                mm_per_px_x,
+                mm_per_px_y,
+                source,
+                ..
+            } => {
+                d.set_item("spacing_mm", (*mm_per_px_x, *mm_per_px_y))?;
+                let s = serde_json::to_value(source).map_err(err)?;
+                d.set_item("calibration_source", to_py(py, &s)?)?;
+            }
+            _ => {
+                d.set_item("spacing_mm", py.None())?;
+                d.set_item("calibration_source", py.None())?;
+            }
+        }
+        d.set_item("image", frame.intensity.into_pyarray(py))?;
+        Ok(Some(d))
+    }
+}
+
+/// Opens a DICOM file; iterate over the result for its frames.
+#[pyfunction]
+fn read_dicom(py: Python<'_>, path: std::path::PathBuf) -> PyResult<DicomFrames> {
+    let file = py
+        .detach(|| {
+            sonoguide::dicom::DicomFile::open(&path, &sonoguide::dicom::ReadOptions::default())
+        })
+        .map_err(err)?;
+    Ok(DicomFrames { file, next: 0 })
+}
+
+#[pymodule]
+fn _sonoguide(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyPipeline>()?;
+    m.add_class::<DicomFrames>()?;
+    m.add_function(wrap_pyfunction!(read_dicom, m)?)?;
+    m.add("SonoguideError", m.py().get_type::<SonoguideError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
