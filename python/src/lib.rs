@@ -10,6 +10,9 @@ use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use sonoguide::frame::CalibrationSource;
+use std::path::PathBuf;
+
+use sonoguide::batch::{self, BatchOptions, FileTask, ProcessTask};
 use sonoguide::{Calibration, Frame, Pipeline, PipelineConfig, Session};
 
 pyo3::create_exception!(
@@ -68,6 +71,117 @@ fn spacing(spacing_mm: Option<(f64, f64)>) -> PyResult<Calibration> {
     })
 }
 
+/// The pipeline configuration the constructors' arguments ask for.
+fn config_from(
+    preset: Option<&str>,
+    backend: &str,
+    filter: Option<&str>,
+    margin_mm: Option<f64>,
+) -> PyResult<PipelineConfig> {
+    let mut config = PipelineConfig::default();
+    config.backend = match backend {
+        "auto" => sonoguide::Backend::Auto,
+        "gpu" => sonoguide::Backend::Gpu,
+        "cpu" => sonoguide::Backend::Cpu,
+        other => {
+            return Err(err(format!(
+                "backend {other:?}: expected \"auto\", \"gpu\" or \"cpu\""
+            )))
+        }
+    };
+    if let Some(f) = filter {
+        config.filters = vec![sonoguide::Filter::default_for(f).map_err(err)?];
+    }
+    if let Some(name) = preset {
+        let presets = sonoguide::plan::preset::builtin().map_err(err)?;
+        let p = sonoguide::plan::preset::find(&presets, name).map_err(err)?;
+        p.apply(&mut config.plan);
+    }
+    if let Some(m) = margin_mm {
+        config.plan.set_margins_mm(m);
+    }
+    config.validate().map_err(err)?;
+    Ok(config)
+}
+
+/// The `process` job, one file at a time, for runners that spread files themselves (the Ray
+/// cluster runner): each file's outputs exactly as `sonoguide process` writes them.
+#[pyclass(name = "Batch", module = "sonoguide._sonoguide", frozen)]
+struct PyBatch {
+    task: ProcessTask,
+}
+
+#[pymethods]
+impl PyBatch {
+    #[new]
+    #[pyo3(signature = (preset=None, backend="auto", filter=None, margin_mm=None, seg=true))]
+    fn new(
+        py: Python<'_>,
+        preset: Option<&str>,
+        backend: &str,
+        filter: Option<&str>,
+        margin_mm: Option<f64>,
+        seg: bool,
+    ) -> PyResult<PyBatch> {
+        let config = config_from(preset, backend, filter, margin_mm)?;
+        let pipeline = py.detach(|| Pipeline::new(config)).map_err(err)?;
+        Ok(PyBatch {
+            task: ProcessTask::new(pipeline, false).with_seg(seg),
+        })
+    }
+
+    /// The configuration as `summary.json` records it (JSON text).
+    fn config_json(&self) -> String {
+        self.task.config().to_string()
+    }
+
+    /// (backend, device name) the despeckling runs on.
+    #[getter]
+    fn device(&self) -> (String, String) {
+        let c = self.task.compute();
+        (c.backend_name().to_string(), c.device_name())
+    }
+
+    /// Processes `path` into `out/<stem>`; (the file's `summary.json` entry, its frames per
+    /// backend per stage), both as JSON text. Failures are in the entry, not raised.
+    #[pyo3(signature = (path, out, stem, skip_existing=false))]
+    fn run_file(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        out: PathBuf,
+        stem: &str,
+        skip_existing: bool,
+    ) -> PyResult<(String, String)> {
+        let mut opts = BatchOptions::default();
+        opts.skip_existing = skip_existing;
+        let task = &self.task;
+        let summary = py.detach(|| batch::run_file(task, &path, &out, stem, &opts));
+        Ok((
+            serde_json::to_string(&summary).map_err(err)?,
+            serde_json::to_string(summary.backends()).map_err(err)?,
+        ))
+    }
+}
+
+/// The work list of a batch: (files, their output stems, the `summary.json` entries of the
+/// inputs that could not be listed, as JSON text).
+#[pyfunction]
+#[pyo3(signature = (inputs, out, recursive=false))]
+fn plan_inputs(
+    inputs: Vec<PathBuf>,
+    out: PathBuf,
+    recursive: bool,
+) -> PyResult<(Vec<PathBuf>, Vec<String>, Vec<String>)> {
+    let (files, stems, missing) = batch::plan_inputs(&inputs, &out, recursive);
+    let missing = missing
+        .iter()
+        .map(serde_json::to_string)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(err)?;
+    Ok((files, stems, missing))
+}
+
 /// The pipeline: despeckle, segment and plan one frame at a time.
 #[pyclass(name = "Pipeline", module = "sonoguide._sonoguide", frozen)]
 struct PyPipeline {
@@ -87,28 +201,7 @@ impl PyPipeline {
         filter: Option<&str>,
         margin_mm: Option<f64>,
     ) -> PyResult<PyPipeline> {
-        let mut config = PipelineConfig::default();
-        config.backend = match backend {
-            "auto" => sonoguide::Backend::Auto,
-            "gpu" => sonoguide::Backend::Gpu,
-            "cpu" => sonoguide::Backend::Cpu,
-            other => {
-                return Err(err(format!(
-                    "backend {other:?}: expected \"auto\", \"gpu\" or \"cpu\""
-                )))
-            }
-        };
-        if let Some(f) = filter {
-            config.filters = vec![sonoguide::Filter::default_for(f).map_err(err)?];
-        }
-        if let Some(name) = preset {
-            let presets = sonoguide::plan::preset::builtin().map_err(err)?;
-            let p = sonoguide::plan::preset::find(&presets, name).map_err(err)?;
-            p.apply(&mut config.plan);
-        }
-        if let Some(m) = margin_mm {
-            config.plan.set_margins_mm(m);
-        }
+        let config = config_from(preset, backend, filter, margin_mm)?;
         let pipeline = py.detach(|| Pipeline::new(config)).map_err(err)?;
         Ok(PyPipeline {
             pipeline,
@@ -284,6 +377,8 @@ fn read_dicom(py: Python<'_>, path: std::path::PathBuf) -> PyResult<DicomFrames>
 fn _sonoguide(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyPipeline>()?;
     m.add_class::<DicomFrames>()?;
+    m.add_class::<PyBatch>()?;
+    m.add_function(wrap_pyfunction!(plan_inputs, m)?)?;
     m.add_function(wrap_pyfunction!(read_dicom, m)?)?;
     m.add("SonoguideError", m.py().get_type::<SonoguideError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

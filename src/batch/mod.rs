@@ -188,6 +188,12 @@ pub struct FileSummary {
 }
 
 impl FileSummary {
+    /// Frames per backend, per stage (not in `summary.json`'s file entries, but summed into
+    /// its top-level `backends`).
+    pub fn backends(&self) -> &BackendCounts {
+        &self.backends
+    }
+
     fn failed(p: &Path, error: String) -> FileSummary {
         FileSummary {
             path: p.to_path_buf(),
@@ -469,6 +475,66 @@ fn run_one(
     }
 }
 
+/// The work list of a batch, for runners that spread it themselves (a cluster): the input
+/// files, their output stems (unique), and the inputs that could not be listed (as failures).
+pub fn plan_inputs(
+    inputs: &[PathBuf],
+    out: &Path,
+    recursive: bool,
+) -> (Vec<PathBuf>, Vec<String>, Vec<FileSummary>) {
+    let mut missing = Vec::new();
+    let files = collect(inputs, out, recursive, &mut missing);
+    let stems = unique_stems(&files);
+    (files, stems, missing)
+}
+
+/// Runs `task` on one input into `out/<stem>` exactly as [`run`] does for each of its inputs
+/// (skip when complete and `opts.skip_existing`, a panic caught as that input's failure), but
+/// writes no summary.
+pub fn run_file(
+    task: &dyn FileTask,
+    path: &Path,
+    out: &Path,
+    stem: &str,
+    opts: &BatchOptions,
+) -> FileSummary {
+    run_one(task, path, out, stem, opts)
+}
+
+/// Writes `out/summary.json` for `summaries` as [`run`] does.
+pub fn write_summary(
+    out: &Path,
+    task: &dyn FileTask,
+    summaries: &[FileSummary],
+) -> crate::Result<(PathBuf, String)> {
+    let mut backends = BackendCounts::default();
+    for s in summaries {
+        backends.merge(&s.backends);
+    }
+    let backend = backends
+        .overall()
+        .unwrap_or(task.compute().backend_name())
+        .to_string();
+    let failed = summaries
+        .iter()
+        .filter(|s| s.status == FileStatus::Failed)
+        .count();
+    let doc = json!({
+        "sonoguide_version": env!("CARGO_PKG_VERSION"),
+        "backend": backend,
+        "backends": backends,
+        "device": task.compute().device_name(),
+        "config": task.config(),
+        "files": summaries,
+        "failed": failed,
+        "note": "research tool, not a medical device: every suggested path must be checked by a trained person",
+    });
+    let summary_path = out.join("summary.json");
+    crate::imageio::write_json(&summary_path, &doc)
+        .map_err(|e| BatchError::Summary(e.to_string()))?;
+    Ok((summary_path, backend))
+}
+
 /// Runs `task` over `inputs`, writing into `out` and `out/summary.json`; `on_event` hears of
 /// progress.
 pub fn run(
@@ -515,31 +581,7 @@ pub fn run(
     let mut finished = results.into_inner().unwrap_or_default();
     finished.sort_by_key(|(i, _)| *i);
     summaries.extend(finished.into_iter().map(|(_, s)| s));
-    let mut backends = BackendCounts::default();
-    for s in &summaries {
-        backends.merge(&s.backends);
-    }
-    let backend = backends
-        .overall()
-        .unwrap_or(task.compute().backend_name())
-        .to_string();
-    let failed = summaries
-        .iter()
-        .filter(|s| s.status == FileStatus::Failed)
-        .count();
-    let doc = json!({
-        "sonoguide_version": env!("CARGO_PKG_VERSION"),
-        "backend": backend,
-        "backends": backends,
-        "device": task.compute().device_name(),
-        "config": task.config(),
-        "files": summaries,
-        "failed": failed,
-        "note": "research tool, not a medical device: every suggested path must be checked by a trained person",
-    });
-    let summary_path = out.join("summary.json");
-    crate::imageio::write_json(&summary_path, &doc)
-        .map_err(|e| BatchError::Summary(e.to_string()))?;
+    let (summary_path, backend) = write_summary(out, task, &summaries)?;
     Ok(BatchReport {
         files: summaries,
         summary_path,

@@ -211,7 +211,7 @@ impl SegWriter {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let spool_path = path.with_file_name(format!(".{name}.{}.labels.tmp", std::process::id()));
+        let spool_path = path.with_file_name(format!(".{name}.labels.{}.tmp", std::process::id()));
         let file = std::fs::File::create(&spool_path)
             .map_err(|e| err(format!("{}: {e}", spool_path.display())))?;
         Ok(SegWriter {
