@@ -192,6 +192,17 @@ pub struct DicomWebClient {
 const PAGE: usize = 500;
 
 impl InstanceRef {
+    /// An instance named by its UIDs (what a query returned, or what a caller knows).
+    pub fn new(study: &str, series: &str, instance: &str) -> InstanceRef {
+        InstanceRef {
+            study: study.to_string(),
+            series: series.to_string(),
+            instance: instance.to_string(),
+            series_description: None,
+            modality: None,
+        }
+    }
+
     /// Whether this is one of sonoguide's derived objects (never processed again).
     pub fn is_sonoguide_output(&self) -> bool {
         self.series_description.as_deref().is_some_and(|d| {

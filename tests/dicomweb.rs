@@ -401,3 +401,109 @@ fn watch_processes_a_new_instance_once_and_resumes() {
     let _ = std::fs::remove_dir_all(&ph);
     let _ = std::fs::remove_file(&log_path);
 }
+
+/// A hostile DICOMweb peer on 127.0.0.1: answers each connection with `answer(request line)`
+/// (raw bytes, then closes), or stalls when it returns `None`.
+fn hostile_server(answer: fn(&str) -> Option<Vec<u8>>) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                use std::io::{BufRead, Write};
+                let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                let mut first = String::new();
+                let _ = reader.read_line(&mut first);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                }
+                match answer(&first) {
+                    Some(bytes) => {
+                        let _ = stream.write_all(&bytes);
+                    }
+                    None => std::thread::sleep(Duration::from_secs(30)),
+                }
+            });
+        }
+    });
+    port
+}
+
+fn http(status: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut v = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    v.extend_from_slice(body);
+    v
+}
+
+const ONE_INSTANCE: &str = r#"[{"0020000D":{"vr":"UI","Value":["1.2"]},"0020000E":{"vr":"UI","Value":["1.2.3"]},"00080018":{"vr":"UI","Value":["../../1.2.3.4"]}}]"#;
+
+#[test]
+fn hostile_dicomweb_peers_get_clear_errors_and_no_hang() {
+    let out = temp("hostile");
+    let run = |port: u16| {
+        let start = Instant::now();
+        let o = bin()
+            .args([
+                "process",
+                &format!("dicomweb+http://127.0.0.1:{port}/dw"),
+                "--timeout-s",
+                "3",
+                "--out",
+            ])
+            .arg(&out)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+            start.elapsed(),
+        )
+    };
+    // Not JSON where a DICOM JSON array is promised.
+    let port = hostile_server(|_| Some(http("200 OK", "application/dicom+json", b"<html>hello")));
+    let (code, err, _) = run(port);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("not a DICOM JSON array") && err.contains(&port.to_string()),
+        "{err}"
+    );
+    // A retrieval whose multipart never closes, and a UID that tries to climb out of the cache
+    // folder: that instance fails, named; nothing is written outside OUT.
+    let port = hostile_server(|line| {
+        Some(if line.contains("/instances?") {
+            http("200 OK", "application/dicom+json", ONE_INSTANCE.as_bytes())
+        } else {
+            http(
+                "200 OK",
+                "multipart/related; type=\"application/dicom\"; boundary=xyz",
+                b"--xyz\r\nContent-Type: application/dicom\r\n\r\nDICM but never closed",
+            )
+        })
+    });
+    let (code, err, _) = run(port);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("closing boundary"), "{err}");
+    assert!(!out.parent().unwrap().join("1.2.3.4.dcm").exists());
+    // A body far larger than it sends (the client must not allocate what is claimed): a bad
+    // answer, named.
+    let port = hostile_server(|_| {
+        Some(b"HTTP/1.1 200 OK\r\nContent-Type: application/dicom+json\r\nContent-Length: 100000000000\r\n\r\n[".to_vec())
+    });
+    let (code, err, _) = run(port);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("reading the answer"), "{err}");
+    // A peer that accepts and never answers: the time limit ends it (3 s here).
+    let port = hostile_server(|_| None);
+    let (code, err, took) = run(port);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(took < Duration::from_secs(25), "{took:?}");
+    let _ = std::fs::remove_dir_all(&out);
+}

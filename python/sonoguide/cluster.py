@@ -3,8 +3,13 @@
 usage: python -m sonoguide.cluster INPUT [INPUT ...] --out DIR [--address ADDR] [--workers N]
                                    [--preset NAME] [--backend auto|gpu|cpu] [--no-seg]
                                    [--skip-existing] [--recursive]
+       python -m sonoguide.cluster dicomweb+http://HOST/ROOT --out DIR [--study UID]
+                                   [--since YYYYMMDD] [--modality US] [--user NAME] [--store] ...
 
-Inputs are DICOM files or folders. Each file becomes one call on a pool of Ray actors; every
+Inputs are DICOM files or folders, or one DICOMweb server (its instances are found by the
+driver, and each worker retrieves, processes and with --store sends back its own; the password
+or token is read from SONOGUIDE_DICOMWEB_PASSWORD / SONOGUIDE_DICOMWEB_TOKEN and handed to the
+workers in their environment). Each file becomes one call on a pool of Ray actors; every
 actor holds one warm pipeline (and asks for a GPU when the cluster has them). Outputs are
 exactly those of `sonoguide process`: OUT/<stem>/… per file and OUT/summary.json with the same
 entries, resume (--skip-existing) and per-file errors: a file that fails is reported and the
@@ -96,7 +101,23 @@ def parse_args(argv):
     p.add_argument("--no-seg", action="store_true", help="write no DICOM SEG")
     p.add_argument("--skip-existing", action="store_true", help="resume: skip complete inputs")
     p.add_argument("--recursive", action="store_true", help="look into sub-folders")
+    p.add_argument("--study", default=None, help="DICOMweb: only this study")
+    p.add_argument("--since", default=None, help="DICOMweb: only studies from this date on")
+    p.add_argument("--modality", default="US", help="DICOMweb: only this modality")
+    p.add_argument("--user", default=None, help="DICOMweb: Basic authentication user")
+    p.add_argument("--store", action="store_true",
+                   help="DICOMweb: send the overlay and SEG back into each study")
     return p.parse_args(argv)
+
+
+def _uid_stem(uid):
+    """The output folder of an instance: its SOP Instance UID as `sonoguide process` names it."""
+    return "".join(c if c.isdigit() or c == "." else "_" for c in uid)[:64]
+
+
+def _failed_entry(path, error):
+    return {"path": str(path), "status": "failed", "output": None, "frames": 0, "plan": None,
+            "timings": None, "error": error}
 
 
 def run(args):
@@ -110,7 +131,15 @@ def run(args):
         return EXIT_USAGE
     # Workers run in folders of their own: every path they see is absolute.
     args.out = os.path.abspath(args.out)
-    args.inputs = [os.path.abspath(i) for i in args.inputs]
+    args.url = None
+    urls = [i for i in args.inputs if i.startswith("dicomweb+")]
+    if urls and len(args.inputs) > 1:
+        print("error: a DICOMweb address must be the only input", file=sys.stderr)
+        return EXIT_USAGE
+    if urls:
+        args.url = urls[0]
+    else:
+        args.inputs = [os.path.abspath(i) for i in args.inputs]
     options = dict(preset=args.preset, backend=args.backend, seg=not args.no_seg)
     try:
         # Built here first: a bad preset or backend is a usage error before any cluster work.
@@ -123,13 +152,33 @@ def run(args):
     except OSError as e:
         print(f"error: cannot create output folder {args.out}: {e}", file=sys.stderr)
         return EXIT_USAGE
-    files, stems, missing = _sonoguide.plan_inputs(args.inputs, args.out, args.recursive)
+    if args.url:
+        try:
+            found = _sonoguide.dicomweb_search(args.url, args.study, args.since, args.modality,
+                                               args.user)
+        except _sonoguide.ServerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_SERVER
+        except _sonoguide.SonoguideError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE if "not a DICOMweb address" in str(e) else EXIT_INPUT_FAILED
+        # Work items: (what the summary calls the input, the instance's UIDs).
+        files = [f"{args.url}/studies/{s}/series/{se}/instances/{i}" for s, se, i in found]
+        stems = [_uid_stem(i) for _, _, i in found]
+        args.instances = found
+        missing = []
+    else:
+        files, stems, missing = _sonoguide.plan_inputs(args.inputs, args.out, args.recursive)
     reason = _unreachable(args.address)
     if reason:
         print(f"error: Ray cluster {args.address}: unreachable: {reason}", file=sys.stderr)
         return EXIT_SERVER
     # One Rayon thread per actor: the cluster spreads files, not pixels.
-    env = {"env_vars": {"RAYON_NUM_THREADS": "1"}}
+    env_vars = {"RAYON_NUM_THREADS": "1"}
+    for key in ("SONOGUIDE_DICOMWEB_PASSWORD", "SONOGUIDE_DICOMWEB_TOKEN"):
+        if key in os.environ:
+            env_vars[key] = os.environ[key]
+    env = {"env_vars": env_vars}
     try:
         ray.init(address=args.address, runtime_env=env, log_to_driver=False,
                  include_dashboard=False)
@@ -159,6 +208,25 @@ def _run_on_cluster(ray, args, options, local, files, stems, missing):
         def run_file(self, path, out, stem, skip):
             return self.batch.run_file(path, out, stem, skip)
 
+        def run_instance(self, url, user, uids, label, out, stem, skip, store):
+            from sonoguide import _sonoguide as native
+
+            study, series, instance = uids
+            cache = os.path.join(out, ".dicomweb")
+            try:
+                path = native.dicomweb_retrieve(url, study, series, instance, cache, user)
+            except native.SonoguideError as e:
+                return json.dumps(_failed_entry(label, str(e))), "{}"
+            entry_json, counts = self.batch.run_file(str(path), out, stem, skip)
+            entry = json.loads(entry_json)
+            if store and entry["status"] == "ok":
+                try:
+                    native.dicomweb_store(url, entry["output"], stem, study, user)
+                except native.SonoguideError as e:
+                    entry["status"] = "failed"
+                    entry["error"] = f"storing the outputs of {stem}: {e}"
+            return json.dumps(entry), counts
+
         def device(self):
             return self.batch.device
 
@@ -172,10 +240,17 @@ def _run_on_cluster(ray, args, options, local, files, stems, missing):
     queue.reverse()
     in_flight = {}
     results = {}
+    def submit(w, i):
+        if args.url:
+            ref = w.run_instance.remote(args.url, args.user, args.instances[i], files[i],
+                                        args.out, stems[i], args.skip_existing, args.store)
+        else:
+            ref = w.run_file.remote(str(files[i]), args.out, stems[i], args.skip_existing)
+        in_flight[ref] = (i, w)
+
     for w in workers:
         if queue:
-            i = queue.pop()
-            in_flight[w.run_file.remote(str(files[i]), args.out, stems[i], args.skip_existing)] = (i, w)
+            submit(w, queue.pop())
     done = 0
     while in_flight:
         ready, _ = ray.wait(list(in_flight), num_returns=1)
@@ -185,9 +260,8 @@ def _run_on_cluster(ray, args, options, local, files, stems, missing):
             entry_json, counts_json = ray.get(ref)
             entry, counts = json.loads(entry_json), json.loads(counts_json)
         except Exception as e:  # the worker died RETRIES times on this file, or Ray failed
-            entry = {"path": str(files[i]), "status": "failed", "output": None, "frames": 0,
-                     "plan": None, "timings": None,
-                     "error": f"{files[i]}: lost on the cluster: {type(e).__name__}: {e}"}
+            entry = _failed_entry(files[i], f"{files[i]}: lost on the cluster: "
+                                            f"{type(e).__name__}: {e}")
             counts = {}
             # A dead actor is replaced so that the rest of the queue still runs.
             workers.remove(w)
@@ -198,8 +272,7 @@ def _run_on_cluster(ray, args, options, local, files, stems, missing):
         line = entry["error"] if entry.get("error") else f"{entry['path']}: {entry['status']}"
         print(f"[{done}/{len(files)}] {line}", file=sys.stderr)
         if queue:
-            j = queue.pop()
-            in_flight[w.run_file.remote(str(files[j]), args.out, stems[j], args.skip_existing)] = (j, w)
+            submit(w, queue.pop())
     elapsed = time.perf_counter() - start
     entries = [json.loads(m) for m in missing]
     backends = {}

@@ -13,6 +13,7 @@ use sonoguide::frame::CalibrationSource;
 use std::path::PathBuf;
 
 use sonoguide::batch::{self, BatchOptions, FileTask, ProcessTask};
+use sonoguide::dicomweb::{Auth, DicomWebClient, DicomWebError, InstanceRef, Limits, Query};
 use sonoguide::{Calibration, Frame, Pipeline, PipelineConfig, Session};
 
 pyo3::create_exception!(
@@ -21,6 +22,108 @@ pyo3::create_exception!(
     PyException,
     "An error from sonoguide; the message is the Rust error's."
 );
+
+pyo3::create_exception!(
+    _sonoguide,
+    ServerError,
+    SonoguideError,
+    "A DICOMweb server could not be reached or refused the credentials."
+);
+
+fn web_err(e: DicomWebError) -> PyErr {
+    match e {
+        DicomWebError::Auth { .. } | DicomWebError::Unreachable { .. } => {
+            ServerError::new_err(e.to_string())
+        }
+        e => err(e),
+    }
+}
+
+/// A DICOMweb client; credentials from SONOGUIDE_DICOMWEB_PASSWORD (with `user`) or
+/// SONOGUIDE_DICOMWEB_TOKEN, as on the command line.
+fn web_client(url: &str, user: Option<String>, timeout_s: f64) -> PyResult<DicomWebClient> {
+    let auth = match (user, std::env::var("SONOGUIDE_DICOMWEB_TOKEN").ok()) {
+        (Some(user), _) => Auth::Basic {
+            user,
+            password: std::env::var("SONOGUIDE_DICOMWEB_PASSWORD").unwrap_or_default(),
+        },
+        (None, Some(token)) => Auth::Bearer(token),
+        (None, None) => Auth::None,
+    };
+    if !(timeout_s.is_finite() && timeout_s > 0.0 && timeout_s <= 86_400.0) {
+        return Err(err(format!(
+            "timeout_s {timeout_s} must be between 0 and 86400"
+        )));
+    }
+    let mut limits = Limits::default();
+    limits.timeout = std::time::Duration::from_secs_f64(timeout_s);
+    DicomWebClient::new(url, auth, limits).map_err(err)
+}
+
+/// QIDO-RS: (study, series, instance) UIDs of the matching instances, sonoguide's own
+/// derived series left out.
+#[pyfunction]
+#[pyo3(signature = (url, study=None, since=None, modality=Some("US".to_string()), user=None, timeout_s=120.0))]
+fn dicomweb_search(
+    py: Python<'_>,
+    url: &str,
+    study: Option<String>,
+    since: Option<String>,
+    modality: Option<String>,
+    user: Option<String>,
+    timeout_s: f64,
+) -> PyResult<Vec<(String, String, String)>> {
+    let client = web_client(url, user, timeout_s)?;
+    let mut q = Query::default();
+    q.study = study;
+    q.since = since;
+    q.modality = modality.filter(|m| !m.is_empty());
+    let found = py.detach(|| client.search_instances(&q)).map_err(web_err)?;
+    Ok(found
+        .into_iter()
+        .filter(|i| !i.is_sonoguide_output())
+        .map(|i| (i.study, i.series, i.instance))
+        .collect())
+}
+
+/// WADO-RS into `cache` (kept for a resumed run); the file's path.
+#[pyfunction]
+#[pyo3(signature = (url, study, series, instance, cache, user=None, timeout_s=120.0))]
+#[allow(clippy::too_many_arguments)]
+fn dicomweb_retrieve(
+    py: Python<'_>,
+    url: &str,
+    study: &str,
+    series: &str,
+    instance: &str,
+    cache: PathBuf,
+    user: Option<String>,
+    timeout_s: f64,
+) -> PyResult<PathBuf> {
+    let client = web_client(url, user, timeout_s)?;
+    let r = InstanceRef::new(study, series, instance);
+    std::fs::create_dir_all(&cache).map_err(|e| err(format!("{}: {e}", cache.display())))?;
+    py.detach(|| batch::remote::retrieve(&client, &cache, &r))
+        .map_err(web_err)
+}
+
+/// STOW-RS: stores the overlay DICOM and SEG of `stem` (in `folder`) into `study`; how many
+/// objects the server acknowledged.
+#[pyfunction]
+#[pyo3(signature = (url, folder, stem, study, user=None, timeout_s=120.0))]
+fn dicomweb_store(
+    py: Python<'_>,
+    url: &str,
+    folder: PathBuf,
+    stem: &str,
+    study: &str,
+    user: Option<String>,
+    timeout_s: f64,
+) -> PyResult<usize> {
+    let client = web_client(url, user, timeout_s)?;
+    py.detach(|| batch::remote::store(&client, &folder, stem, study))
+        .map_err(err)
+}
 
 fn err(e: impl std::fmt::Display) -> PyErr {
     SonoguideError::new_err(e.to_string())
@@ -379,6 +482,10 @@ fn _sonoguide(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DicomFrames>()?;
     m.add_class::<PyBatch>()?;
     m.add_function(wrap_pyfunction!(plan_inputs, m)?)?;
+    m.add_function(wrap_pyfunction!(dicomweb_search, m)?)?;
+    m.add_function(wrap_pyfunction!(dicomweb_retrieve, m)?)?;
+    m.add_function(wrap_pyfunction!(dicomweb_store, m)?)?;
+    m.add("ServerError", m.py().get_type::<ServerError>())?;
     m.add_function(wrap_pyfunction!(read_dicom, m)?)?;
     m.add("SonoguideError", m.py().get_type::<SonoguideError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

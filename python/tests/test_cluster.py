@@ -146,3 +146,74 @@ def test_an_unreachable_cluster_is_exit_3(tmp_path):
         env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert p.returncode == 3, p.stderr
     assert "unreachable" in p.stderr
+
+
+@pytest.fixture()
+def orthanc(tmp_path):
+    """A real Orthanc with its DICOMweb plugin on 127.0.0.1 (as in tests/dicomweb.rs)."""
+    exe = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc") else None)
+    plugin = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+    if exe is None or not os.path.exists(plugin):
+        if os.environ.get("CI"):
+            pytest.fail("CI must have orthanc and orthanc-dicomweb (.ci/run installs them)")
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed")
+    port = free_port()
+    config = {"Name": "sonoguide-test", "StorageDirectory": str(tmp_path / "db"),
+              "IndexDirectory": str(tmp_path / "db"), "HttpPort": port,
+              "DicomServerEnabled": False, "DicomPort": free_port(),
+              "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
+              "RegisteredUsers": {"sono": "guide-test"}, "Plugins": [plugin],
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+    proc = subprocess.Popen([exe, str(tmp_path / "orthanc.json")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    import base64
+    import urllib.request
+
+    auth = "Basic " + base64.b64encode(b"sono:guide-test").decode()
+
+    def call(path, data=None):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                     headers={"Authorization": auth})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    deadline = time.time() + START_TIMEOUT_S
+    while True:
+        try:
+            call("/system")
+            break
+        except OSError:
+            assert time.time() < deadline, "Orthanc did not start"
+            time.sleep(0.2)
+    try:
+        yield port, call
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_dicomweb_studies_on_the_cluster_are_stored_back(cluster, orthanc, tmp_path):
+    address, env = cluster
+    port, call = orthanc
+    for f in sorted(SAMPLES.glob("*.dcm")):
+        assert call("/instances", f.read_bytes())["Status"] == "Success"
+    env = dict(env, SONOGUIDE_DICOMWEB_PASSWORD="guide-test")
+    out = tmp_path / "out"
+    p = run_cluster(address, env, [f"dicomweb+http://127.0.0.1:{port}/dicom-web"], out,
+                    "--workers", "2", "--user", "sono", "--store")
+    _, err = p.communicate(timeout=RUN_TIMEOUT_S)
+    assert p.returncode == 0, err
+    s = summary_of(out)
+    n = len(list(SAMPLES.glob("*.dcm")))
+    assert len(s["files"]) == n and all(e["status"] == "ok" for e in s["files"]), s["files"]
+    series = call("/series?expand")
+    seg = [x for x in series if x["MainDicomTags"].get("Modality") == "SEG"]
+    assert len(seg) == n, [x["MainDicomTags"] for x in series]
+    # Wrong password: exit 3 before any work.
+    bad = dict(env, SONOGUIDE_DICOMWEB_PASSWORD="wrong")
+    p = run_cluster(address, bad, [f"dicomweb+http://127.0.0.1:{port}/dicom-web"], out,
+                    "--user", "sono")
+    _, err = p.communicate(timeout=RUN_TIMEOUT_S)
+    assert p.returncode == 3, err
+    assert "authentication refused" in err
