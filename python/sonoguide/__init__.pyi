@@ -21,7 +21,8 @@ class Result(TypedDict):
     plan: dict[str, Any]
     """The needle plan, as `plan.json` (status ok / no_safe_path / no_calibration)."""
     timings: dict[str, float]
-    """Milliseconds per stage."""
+    """Milliseconds per stage (despeckle_ms, features_ms, segment_ms, plan_ms, total_ms: the
+    Rust pipeline's own time) and overlay_ms (drawing the overlay, not part of total_ms)."""
 
 class Pipeline:
     def __init__(

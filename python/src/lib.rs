@@ -363,7 +363,7 @@ impl PyPipeline {
         let pipeline = &self.pipeline;
         let session = &self.session;
         let draw = overlay;
-        let (result, overlay) = py
+        let (result, overlay, overlay_ms) = py
             .detach(|| -> sonoguide::Result<_> {
                 let r = if stream {
                     let mut s = session.lock().unwrap_or_else(|p| p.into_inner());
@@ -371,6 +371,7 @@ impl PyPipeline {
                 } else {
                     pipeline.process(&frame)?
                 };
+                let start = std::time::Instant::now();
                 let overlay = if draw {
                     Some(sonoguide::overlay::draw_plan(
                         &r.despeckled,
@@ -381,7 +382,7 @@ impl PyPipeline {
                 } else {
                     None
                 };
-                Ok((r, overlay))
+                Ok((r, overlay, start.elapsed().as_secs_f64() * 1000.0))
             })
             .map_err(err)?;
         let out = PyDict::new(py);
@@ -399,7 +400,10 @@ impl PyPipeline {
         }
         let plan = serde_json::to_value(&result.plan).map_err(err)?;
         out.set_item("plan", to_py(py, &plan)?)?;
-        let timings = serde_json::to_value(result.timings).map_err(err)?;
+        let mut timings = serde_json::to_value(result.timings).map_err(err)?;
+        if let Some(t) = timings.as_object_mut() {
+            t.insert("overlay_ms".into(), serde_json::json!(overlay_ms));
+        }
         out.set_item("timings", to_py(py, &timings)?)?;
         Ok(out)
     }
