@@ -416,7 +416,10 @@ pub fn unique_stems(files: &[PathBuf]) -> Vec<String> {
         .collect()
 }
 
-fn run_one(
+/// Runs `task` on one input into `out/<stem>` exactly as [`run`] does for each of its inputs
+/// (skip when complete and `opts.skip_existing`, a panic caught as that input's failure), but
+/// writes no summary.
+pub fn run_file(
     task: &dyn FileTask,
     path: &Path,
     out: &Path,
@@ -488,19 +491,6 @@ pub fn plan_inputs(
     (files, stems, missing)
 }
 
-/// Runs `task` on one input into `out/<stem>` exactly as [`run`] does for each of its inputs
-/// (skip when complete and `opts.skip_existing`, a panic caught as that input's failure), but
-/// writes no summary.
-pub fn run_file(
-    task: &dyn FileTask,
-    path: &Path,
-    out: &Path,
-    stem: &str,
-    opts: &BatchOptions,
-) -> FileSummary {
-    run_one(task, path, out, stem, opts)
-}
-
 /// Writes `out/summary.json` for `summaries` as [`run`] does.
 pub fn write_summary(
     out: &Path,
@@ -565,7 +555,7 @@ pub fn run(
                 let (Some(path), Some(stem)) = (files.get(i), stems.get(i)) else {
                     break;
                 };
-                let summary = run_one(task, path, out, stem, opts);
+                let summary = run_file(task, path, out, stem, opts);
                 let k = done.fetch_add(1, Ordering::Relaxed) + 1;
                 on_event(Event::Finished {
                     done: k,

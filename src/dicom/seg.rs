@@ -22,11 +22,10 @@ use std::path::{Path, PathBuf};
 use dicom_core::value::{DataSetSequence, PrimitiveValue};
 use dicom_core::{dicom_value, DataElement, Length, Tag, VR};
 use dicom_dictionary_std::{tags, uids};
-use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::InMemDicomObject;
 use ndarray::Array2;
 
-use super::write::{new_uid, Identity, IMPLEMENTATION_CLASS_UID};
+use super::write::{new_uid, part10_bytes, pixel_data_element, Identity};
 use super::DicomError;
 use crate::label::Label;
 
@@ -297,12 +296,8 @@ impl SegWriter {
             let file = std::fs::File::create(tmp).map_err(|e| e.to_string())?;
             let mut out = std::io::BufWriter::new(file);
             out.write_all(&header).map_err(|e| e.to_string())?;
-            let mut element = Vec::with_capacity(12);
-            element.extend_from_slice(&0x7FE0u16.to_le_bytes());
-            element.extend_from_slice(&0x0010u16.to_le_bytes());
-            element.extend_from_slice(b"OB\0\0");
-            element.extend_from_slice(&(padded as u32).to_le_bytes());
-            out.write_all(&element).map_err(|e| e.to_string())?;
+            out.write_all(&pixel_data_element(padded as u32))
+                .map_err(|e| e.to_string())?;
             let mut spool = std::fs::File::open(&spool_path)
                 .map_err(|e| format!("{}: {e}", spool_path.display()))?;
             let mut frame = vec![0u8; frame_px];
@@ -601,17 +596,7 @@ impl SegWriter {
             }
         }
         obj.put(seq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame));
-        let file = obj
-            .with_meta(
-                FileMetaTableBuilder::new()
-                    .transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN)
-                    .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
-                    .implementation_version_name("SONOGUIDE_01"),
-            )
-            .map_err(|e| err(e.to_string()))?;
-        let mut bytes = Vec::new();
-        file.write_all(&mut bytes).map_err(|e| err(e.to_string()))?;
-        Ok(bytes)
+        part10_bytes(obj).map_err(err)
     }
 }
 

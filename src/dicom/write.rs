@@ -299,15 +299,7 @@ impl UsImageWriter {
             frames,
             written: 0,
         };
-        // Pixel Data (7FE0,0010), explicit VR little endian: tag, "OB", two reserved bytes,
-        // the 32-bit length (padded to even), then the frames. It is the last element of the
-        // data set, so appending it after the header keeps the tags in ascending order.
-        let padded = (pixel_bytes + pixel_bytes % 2) as u32;
-        let mut element = Vec::with_capacity(12);
-        element.extend_from_slice(&0x7FE0u16.to_le_bytes());
-        element.extend_from_slice(&0x0010u16.to_le_bytes());
-        element.extend_from_slice(b"OB\0\0");
-        element.extend_from_slice(&padded.to_le_bytes());
+        let element = pixel_data_element((pixel_bytes + pixel_bytes % 2) as u32);
         writer.write(&header)?;
         writer.write(&element)?;
         Ok(writer)
@@ -565,6 +557,12 @@ fn header_bytes(path: &Path, image: &UsImage, frames: usize) -> Result<Vec<u8>, 
             DataSetSequence::new(vec![region_item], Length::UNDEFINED),
         ));
     }
+    part10_bytes(obj).map_err(err)
+}
+
+/// `obj` as a Part 10 file (preamble, file meta group, data set) in explicit VR little
+/// endian, for a header to which Pixel Data is appended.
+pub(crate) fn part10_bytes(obj: InMemDicomObject) -> Result<Vec<u8>, String> {
     let file = obj
         .with_meta(
             FileMetaTableBuilder::new()
@@ -572,10 +570,22 @@ fn header_bytes(path: &Path, image: &UsImage, frames: usize) -> Result<Vec<u8>, 
                 .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
                 .implementation_version_name("SONOGUIDE_01"),
         )
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     let mut bytes = Vec::new();
-    file.write_all(&mut bytes).map_err(|e| err(e.to_string()))?;
+    file.write_all(&mut bytes).map_err(|e| e.to_string())?;
     Ok(bytes)
+}
+
+/// The start of a Pixel Data (7FE0,0010) element in explicit VR little endian: tag, "OB", two
+/// reserved bytes and the 32-bit length `padded` (even); the pixel bytes follow. It is the
+/// last element of the data set, so appending it after the header keeps tags in order.
+pub(crate) fn pixel_data_element(padded: u32) -> [u8; 12] {
+    let mut e = [0u8; 12];
+    e[0..2].copy_from_slice(&0x7FE0u16.to_le_bytes());
+    e[2..4].copy_from_slice(&0x0010u16.to_le_bytes());
+    e[4..8].copy_from_slice(b"OB\0\0");
+    e[8..12].copy_from_slice(&padded.to_le_bytes());
+    e
 }
 
 /// The implementation class UID written in the file meta group.
