@@ -4,8 +4,6 @@
 
 use ndarray::Array2;
 
-use rayon::prelude::*;
-
 use super::{at, check_image, par_image, window_stats};
 use crate::simd::{exp_neg, multiversion};
 
@@ -109,22 +107,21 @@ multiversion! {
     }
 }
 
-/// The CPU production path: window statistics by sums over a padded copy, the exponential
+/// The CPU production path: window statistics by separable running sums, the exponential
 /// weights with a vectorised `exp`, AVX2 where the CPU has it, rows in parallel.
 pub fn cpu_fast(img: &Array2<f32>, params: &Params) -> crate::Result<Array2<f32>> {
     check_image("frost", img)?;
     let (h, w) = img.dim();
     let r = params.radius as usize;
     let pad = super::padded(img, r);
-    let (mean, var) = super::box_stats(&pad, w, h, r);
     let pw = w + 2 * r;
+    let data = super::flat(img);
     let mut out = vec![0f32; w * h];
-    out.par_chunks_mut(w).enumerate().for_each(|(y, row)| {
-        let k: Vec<f32> = (0..w)
-            .map(|x| {
-                let m = mean[y * w + x];
-                params.damping * var[y * w + x] / (m * m).max(MEAN_FLOOR)
-            })
+    super::for_each_window_row(&data, w, r, &mut out, |y, mean, var, row| {
+        let k: Vec<f32> = mean
+            .iter()
+            .zip(var)
+            .map(|(m, v)| params.damping * v / (m * m).max(MEAN_FLOOR))
             .collect();
         let mut wsum = vec![0f32; w];
         frost_row(&pad, pw, y, r, &k, row, &mut wsum);

@@ -80,26 +80,39 @@ pub fn cpu(img: &Array2<f32>, params: &Params) -> crate::Result<Array2<f32>> {
     }))
 }
 
-/// The CPU production path: window means and variances by sums over a padded copy (E[x²] −
-/// m² instead of the twin's two passes), AVX2 where the CPU has it, rows in parallel.
+crate::simd::multiversion! {
+    /// One output row from the window means and variances and the row's own values.
+    fn lee_row(img: &[f32], mean: &[f32], var: &[f32], cu2: f32, out: &mut [f32]) {
+        for x in 0..out.len() {
+            let (m, v) = (mean[x], var[x]);
+            let ci2 = v / (m * m).max(MEAN_FLOOR);
+            let wgt = if ci2 > 0.0 { (1.0 - cu2 / ci2).clamp(0.0, 1.0) } else { 0.0 };
+            out[x] = m + wgt * (img[x] - m);
+        }
+    }
+}
+
+/// The CPU production path: window means and variances by separable running sums
+/// ([`super::for_each_window_row`], E[x²] − m² instead of the twin's two passes), each output
+/// row written as soon as its statistics are known, AVX2 where the CPU has it, bands of rows
+/// in parallel.
 pub fn cpu_fast(img: &Array2<f32>, params: &Params) -> crate::Result<Array2<f32>> {
     check_image("lee", img)?;
     let (h, w) = img.dim();
-    let r = params.radius as usize;
-    let pad = super::padded(img, r);
-    let (mean, var) = super::box_stats(&pad, w, h, r);
+    let data = super::flat(img);
+    let data: &[f32] = &data;
     let cu2 = params.noise_cv * params.noise_cv;
-    let pw = w + 2 * r;
-    Ok(par_image(h, w, |x, y| {
-        let (m, v) = (mean[y * w + x], var[y * w + x]);
-        let ci2 = v / (m * m).max(MEAN_FLOOR);
-        let wgt = if ci2 > 0.0 {
-            (1.0 - cu2 / ci2).clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
-        m + wgt * (pad[(y + r) * pw + x + r] - m)
-    }))
+    let mut out = vec![0f32; w * h];
+    super::for_each_window_row(data, w, params.radius as usize, &mut out, |y, m, v, o| {
+        lee_row(&data[y * w..(y + 1) * w], m, v, cu2, o)
+    });
+    Array2::from_shape_vec((h, w), out).map_err(|e| {
+        crate::kernels::KernelError::InvalidParameter {
+            name: "lee",
+            reason: e.to_string(),
+        }
+        .into()
+    })
 }
 
 /// Queues the kernel on a GPU chain.

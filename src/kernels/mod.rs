@@ -109,6 +109,15 @@ pub fn window_stats(img: &Array2<f32>, x: usize, y: usize, r: isize) -> (f32, f3
     (m, ss / n)
 }
 
+/// The image's values row-major: borrowed when the array is contiguous (the usual case),
+/// copied otherwise.
+pub(crate) fn flat(img: &Array2<f32>) -> std::borrow::Cow<'_, [f32]> {
+    match img.as_slice() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(img.iter().copied().collect()),
+    }
+}
+
 /// The image padded by `r` on every side, edges clamped (so window reads need no clamping),
 /// row-major, `(w + 2r) × (h + 2r)`.
 pub(crate) fn padded(img: &Array2<f32>, r: usize) -> Vec<f32> {
@@ -126,45 +135,96 @@ pub(crate) fn padded(img: &Array2<f32>, r: usize) -> Vec<f32> {
 }
 
 crate::simd::multiversion! {
-    /// Window sums of one output row: for each x, Σ and Σ² of the (2r+1)² window, from the
-    /// padded image.
-    fn window_sums_row(pad: &[f32], pw: usize, y: usize, r: usize, w: usize, sum: &mut [f32], sq: &mut [f32]) {
-        let k = 2 * r + 1;
-        sum[..w].iter_mut().for_each(|v| *v = 0.0);
-        sq[..w].iter_mut().for_each(|v| *v = 0.0);
-        for dy in 0..k {
-            let row = &pad[(y + dy) * pw..(y + dy + 1) * pw];
-            for dx in 0..k {
-                let src = &row[dx..dx + w];
-                for x in 0..w {
-                    let v = src[x];
-                    sum[x] += v;
-                    sq[x] += v * v;
-                }
-            }
+    /// Adds `sign` × a row and its squares to the running column sums.
+    fn add_row(sum: &mut [f32], sq: &mut [f32], row: &[f32], sign: f32) {
+        for ((s, q), v) in sum.iter_mut().zip(sq.iter_mut()).zip(row) {
+            *s += sign * *v;
+            *q += sign * *v * *v;
         }
     }
 }
 
-/// Local mean and variance (E[x²] − m², floored at 0) over (2r+1)² windows, rows in
-/// parallel. The fast paths' form of [`window_stats`].
-pub(crate) fn box_stats(pad: &[f32], w: usize, h: usize, r: usize) -> (Vec<f32>, Vec<f32>) {
-    let pw = w + 2 * r;
-    let n = ((2 * r + 1) * (2 * r + 1)) as f32;
-    let mut mean = vec![0f32; w * h];
-    let mut var = vec![0f32; w * h];
-    mean.par_chunks_mut(w)
-        .zip(var.par_chunks_mut(w))
-        .enumerate()
-        .for_each(|(y, (m, v))| {
-            window_sums_row(pad, pw, y, r, w, m, v);
+crate::simd::multiversion! {
+    /// Window mean and variance (E[x²] − m², floored at 0) of one row from the column sums
+    /// `vs`, `vq`, edge-padded by `k / 2` on both sides: `k` shifted slices added.
+    fn window_row(vs: &[f32], vq: &[f32], k: usize, n_inv: f32, mean: &mut [f32], var: &mut [f32]) {
+        let w = mean.len();
+        mean.copy_from_slice(&vs[..w]);
+        var.copy_from_slice(&vq[..w]);
+        for dx in 1..k {
+            let (a, b) = (&vs[dx..dx + w], &vq[dx..dx + w]);
             for x in 0..w {
-                let mm = m[x] / n;
-                v[x] = (v[x] / n - mm * mm).max(0.0);
-                m[x] = mm;
+                mean[x] += a[x];
+                var[x] += b[x];
+            }
+        }
+        for x in 0..w {
+            let m = mean[x] * n_inv;
+            var[x] = (var[x] * n_inv - m * m).max(0.0);
+            mean[x] = m;
+        }
+    }
+}
+
+/// Output rows per band of [`for_each_window_row`]: the running column sums restart at each
+/// band, so f32 add-and-subtract error never builds up over more than this many rows.
+const WINDOW_BAND_ROWS: usize = 32;
+
+/// Local mean and variance (E[x²] − m², floored at 0) over (2r+1)² windows, edges clamped,
+/// handed row by row to `f(y, mean, var, out_row)` with `out` (row-major, `w` wide) cut into
+/// its rows; bands of rows in parallel. Separable: running column sums (one row added and one
+/// taken away per output row) then `2r + 1` shifted adds along the row, so the cost grows
+/// with the radius, not its square. The fast paths' form of [`window_stats`].
+pub(crate) fn for_each_window_row(
+    img: &[f32],
+    w: usize,
+    r: usize,
+    out: &mut [f32],
+    f: impl Fn(usize, &[f32], &[f32], &mut [f32]) + Sync,
+) {
+    if w == 0 {
+        return;
+    }
+    let h = img.len() / w;
+    let k = 2 * r + 1;
+    let n_inv = 1.0 / (k * k) as f32;
+    let row = |y: isize| {
+        let y = y.clamp(0, h as isize - 1) as usize;
+        &img[y * w..(y + 1) * w]
+    };
+    out.par_chunks_mut(WINDOW_BAND_ROWS * w)
+        .enumerate()
+        .for_each(|(b, band)| {
+            let y0 = (b * WINDOW_BAND_ROWS) as isize;
+            let (mut vs, mut vq) = (vec![0f32; w + 2 * r], vec![0f32; w + 2 * r]);
+            let (mut mean, mut var) = (vec![0f32; w], vec![0f32; w]);
+            for dy in -(r as isize)..=r as isize {
+                add_row(&mut vs[r..r + w], &mut vq[r..r + w], row(y0 + dy), 1.0);
+            }
+            for (i, o) in band.chunks_exact_mut(w).enumerate() {
+                let y = y0 + i as isize;
+                if i > 0 {
+                    add_row(
+                        &mut vs[r..r + w],
+                        &mut vq[r..r + w],
+                        row(y + r as isize),
+                        1.0,
+                    );
+                    add_row(
+                        &mut vs[r..r + w],
+                        &mut vq[r..r + w],
+                        row(y - r as isize - 1),
+                        -1.0,
+                    );
+                }
+                for j in 0..r {
+                    (vs[j], vq[j]) = (vs[r], vq[r]);
+                    (vs[r + w + j], vq[r + w + j]) = (vs[r + w - 1], vq[r + w - 1]);
+                }
+                window_row(&vs, &vq, k, n_inv, &mut mean, &mut var);
+                f(y as usize, &mean, &var, o);
             }
         });
-    (mean, var)
 }
 
 /// Params structs that start with the frame's width and height (as every 2-D kernel's do).

@@ -12,6 +12,8 @@
 //! Edges clamped; intensities floored at 1 grey level so that black shadows stay finite.
 //! Shader: `shaders/srad.wgsl` (three entry points per iteration).
 
+use std::mem::MaybeUninit;
+
 use ndarray::Array2;
 use rayon::prelude::*;
 
@@ -224,14 +226,17 @@ pub fn cpu(img: &Array2<f32>, srad: &Srad) -> crate::Result<Array2<f32>> {
 }
 
 multiversion! {
-    /// Diffusion coefficients of row `y` (all intensities already ≥ the floor).
+    /// Diffusion coefficients of row `y`; intensities are floored as they are read (the
+    /// first iteration reads the caller's image directly).
     fn coeff_row(img: &[f32], w: usize, h: usize, y: usize, q02: f32, c: &mut [f32]) {
         let up = &img[y.saturating_sub(1) * w..][..w];
         let mid = &img[y * w..][..w];
         let down = &img[(y + 1).min(h - 1) * w..][..w];
         let k = 1.0 / (q02 * (1.0 + q02));
+        let f = INTENSITY_FLOOR;
         let one = |j: f32, n: f32, s: f32, wv: f32, e: f32| {
-            let (dn, ds, dw, de) = (n - j, s - j, wv - j, e - j);
+            let j = j.max(f);
+            let (dn, ds, dw, de) = (n.max(f) - j, s.max(f) - j, wv.max(f) - j, e.max(f) - j);
             let inv = 1.0 / j;
             let g2 = (dn * dn + ds * ds + dw * dw + de * de) * inv * inv;
             let l = (dn + ds + dw + de) * inv;
@@ -254,20 +259,20 @@ multiversion! {
 }
 
 multiversion! {
-    /// Updates row `y` from its coefficients `c` and the next row's `c_south`; returns the
-    /// sum and sum of squares of the new row (for the next iteration's q0).
-    fn update_row(img: &[f32], w: usize, h: usize, y: usize, c: &[f32], c_south: &[f32], lambda: f32, out: &mut [f32]) -> (f64, f64) {
+    /// Updates row `y` from its coefficients `c` and the next row's `c_south` (intensities
+    /// floored as they are read) into `out`, copies it into `slots` (the destination row) and
+    /// returns the sum and sum of squares of the new row (for the next iteration's q0).
+    fn update_row(img: &[f32], w: usize, h: usize, y: usize, c: &[f32], c_south: &[f32], lambda: f32, out: &mut [f32], slots: &mut [MaybeUninit<f32>]) -> (f64, f64) {
+        let f = INTENSITY_FLOOR;
         let up = &img[y.saturating_sub(1) * w..][..w];
         let mid = &img[y * w..][..w];
         let down = &img[(y + 1).min(h - 1) * w..][..w];
         let step = 0.25 * lambda;
-        let (mut s, mut q) = (0.0f32, 0.0f32);
         let one = |x: usize, xl: usize, xr: usize| {
-            let j = mid[x];
-            let d = c[x] * (up[x] - j) + c_south[x] * (down[x] - j) + c[x] * (mid[xl] - j) + c[xr] * (mid[xr] - j);
-            // After the first iteration every value stays ≥ the floor (λ ≤ 1); the max only
-            // guards f32 rounding.
-            (j + step * d).max(INTENSITY_FLOOR)
+            let j = mid[x].max(f);
+            let d = c[x] * (up[x].max(f) - j) + c_south[x] * (down[x].max(f) - j) + c[x] * (mid[xl].max(f) - j) + c[xr] * (mid[xr].max(f) - j);
+            // Every value stays ≥ the floor (λ ≤ 1); the max only guards f32 rounding.
+            (j + step * d).max(f)
         };
         out[0] = one(0, 0, 1.min(w - 1));
         if w > 1 {
@@ -279,16 +284,46 @@ multiversion! {
             let (m, u, dn, cc, cs) = (&mid[1..w - 1], &up[1..w - 1], &down[1..w - 1], &c[1..w - 1], &c_south[1..w - 1]);
             let o = &mut out[1..w - 1];
             for i in 0..w - 2 {
-                let j = m[i];
-                let d = cc[i] * (u[i] - j) + cs[i] * (dn[i] - j) + cc[i] * (ml[i] - j) + cr[i] * (mr[i] - j);
-                o[i] = (j + step * d).max(INTENSITY_FLOOR);
+                let j = m[i].max(f);
+                let d = cc[i] * (u[i].max(f) - j) + cs[i] * (dn[i].max(f) - j) + cc[i] * (ml[i].max(f) - j) + cr[i] * (mr[i].max(f) - j);
+                o[i] = (j + step * d).max(f);
             }
         }
-        for v in out.iter() {
-            s += *v;
-            q += *v * *v;
+        for (slot, v) in slots.iter_mut().zip(out.iter()) {
+            slot.write(*v);
         }
-        (s as f64, q as f64)
+        row_sums(out)
+    }
+}
+
+/// Sum and sum of squares of a row: eight f32 lanes (so that the loop vectorises), summed in
+/// f64 at the end (a row is short: the f32 lanes keep about 1e-6 of relative precision).
+#[inline(always)]
+fn row_sums(v: &[f32]) -> (f64, f64) {
+    let (mut s, mut q) = ([0f32; 8], [0f32; 8]);
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            s[l] += c[l];
+            q[l] += c[l] * c[l];
+        }
+    }
+    let (mut s64, mut q64) = (0f64, 0f64);
+    for l in 0..8 {
+        s64 += s[l] as f64;
+        q64 += q[l] as f64;
+    }
+    for x in chunks.remainder() {
+        s64 += *x as f64;
+        q64 += (*x as f64) * (*x as f64);
+    }
+    (s64, q64)
+}
+
+multiversion! {
+    /// [`row_sums`] over a band of rows, AVX2 where the CPU has it.
+    fn band_sums(v: &[f32]) -> (f64, f64) {
+        row_sums(v)
     }
 }
 
@@ -303,75 +338,108 @@ fn q0_from_sums(sum: f64, sumsq: f64, n: usize) -> f32 {
 /// its lower edge).
 const BAND_ROWS: usize = 32;
 
-/// The CPU production path: each iteration is one pass over the image in bands of rows
-/// (coefficients computed a row ahead, never stored whole), with q0's sums gathered while
-/// writing, AVX2 where the CPU has it. Tested against [`cpu`].
+thread_local! {
+    /// The fast path's second image buffer, kept between calls on the same thread so that a
+    /// call costs no allocation beyond its output (a video's frames reuse it).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One iteration of the fast path: `src` → `dst` (its contents replaced, `n` values) in bands
+/// of rows, coefficients computed a row ahead and never stored whole; returns the sums of the
+/// new image. `dst` is written without being zeroed first.
+fn iterate(
+    src: &[f32],
+    dst: &mut Vec<f32>,
+    w: usize,
+    h: usize,
+    q02: f32,
+    lambda: f32,
+) -> (f64, f64) {
+    let n = w * h;
+    dst.clear();
+    dst.reserve(n);
+    let sums = dst.spare_capacity_mut()[..n]
+        .par_chunks_mut(BAND_ROWS * w)
+        .enumerate()
+        .map(|(b, band)| {
+            let y0 = b * BAND_ROWS;
+            let rows = band.len() / w;
+            let mut c = vec![0f32; w];
+            let mut cs = vec![0f32; w];
+            let mut row = vec![0f32; w];
+            coeff_row(src, w, h, y0, q02, &mut c);
+            let (mut s, mut q) = (0.0, 0.0);
+            for r in 0..rows {
+                let y = y0 + r;
+                coeff_row(src, w, h, (y + 1).min(h - 1), q02, &mut cs);
+                let slots = &mut band[r * w..(r + 1) * w];
+                let (rs, rq) = update_row(src, w, h, y, &c, &cs, lambda, &mut row, slots);
+                s += rs;
+                q += rq;
+                std::mem::swap(&mut c, &mut cs);
+            }
+            (s, q)
+        })
+        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    // SAFETY: the bands cover the n slots, and each band wrote every slot of every one of its
+    // rows (`update_row` writes a whole row), so all n values are initialised.
+    unsafe { dst.set_len(n) };
+    sums
+}
+
+/// The CPU production path: each iteration is one pass over the image in bands of rows, with
+/// q0's sums gathered while writing, AVX2 where the CPU has it. The first iteration reads the
+/// caller's image (floored as read), the iterations alternate between the output and a
+/// scratch buffer kept per thread so that the last one lands in the output: a call's only
+/// set-up is the first q0 (one read of the input). Tested against [`cpu`].
 pub fn cpu_fast(img: &Array2<f32>, srad: &Srad) -> crate::Result<Array2<f32>> {
     check_image("srad", img)?;
     let (h, w) = img.dim();
     let p = srad.resolved(w, h);
     let whole = p.roi_x0 == 0 && p.roi_y0 == 0 && p.roi_w as usize == w && p.roi_h as usize == h;
-    let mut cur: Vec<f32> = img.iter().map(|v| v.max(INTENSITY_FLOOR)).collect();
-    let mut next = vec![0f32; w * h];
+    let input = super::flat(img);
+    let input: &[f32] = &input;
     // The twin takes the first q0 from the unfloored input; so does this (for the whole image
-    // by row sums in parallel, in f64, rather than the shader's 256 strided partial sums).
+    // by band sums in parallel, rather than the shader's 256 strided partial sums).
     let mut q02 = if whole {
-        let (s, q) = img
-            .axis_iter(ndarray::Axis(0))
-            .into_par_iter()
-            .map(|row| {
-                row.iter().fold((0.0f64, 0.0f64), |a, v| {
-                    (a.0 + *v as f64, a.1 + (*v as f64) * (*v as f64))
-                })
-            })
+        let (s, q) = input
+            .par_chunks(BAND_ROWS * w)
+            .map(band_sums)
             .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
         q0_from_sums(s, q, w * h)
     } else {
-        q0_squared(img, &p)
+        q0_squared_flat(input, w, &p)
     };
-    for it in 0..srad.iterations {
-        let cur_ref = &cur;
-        let sums: Vec<(f64, f64)> = next
-            .par_chunks_mut(BAND_ROWS * w)
-            .enumerate()
-            .map(|(b, band)| {
-                let y0 = b * BAND_ROWS;
-                let rows = band.len() / w;
-                let mut c = vec![0f32; w];
-                let mut cs = vec![0f32; w];
-                coeff_row(cur_ref, w, h, y0, q02, &mut c);
-                let (mut s, mut q) = (0.0, 0.0);
-                for r in 0..rows {
-                    let y = y0 + r;
-                    coeff_row(cur_ref, w, h, (y + 1).min(h - 1), q02, &mut cs);
-                    let (rs, rq) = update_row(
-                        cur_ref,
-                        w,
-                        h,
-                        y,
-                        &c,
-                        &cs,
-                        p.lambda,
-                        &mut band[r * w..(r + 1) * w],
-                    );
-                    s += rs;
-                    q += rq;
-                    std::mem::swap(&mut c, &mut cs);
-                }
-                (s, q)
-            })
-            .collect();
-        std::mem::swap(&mut cur, &mut next);
-        if it + 1 < srad.iterations {
-            q02 = if whole {
-                let (s, q) = sums.iter().fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
-                q0_from_sums(s, q, w * h)
-            } else {
-                q0_squared_flat(&cur, w, &p)
+    let mut out = Vec::new();
+    let n = srad.iterations as usize;
+    let mut run = |scratch: &mut Vec<f32>| {
+        for it in 0..n {
+            // Iteration it writes the output when n − it is odd (so the last one does).
+            let into_out = (n - it) % 2 == 1;
+            let sums = match (it, into_out) {
+                (0, true) => iterate(input, &mut out, w, h, q02, p.lambda),
+                (0, false) => iterate(input, scratch, w, h, q02, p.lambda),
+                (_, true) => iterate(scratch, &mut out, w, h, q02, p.lambda),
+                (_, false) => iterate(&out, scratch, w, h, q02, p.lambda),
             };
+            if it + 1 < n {
+                q02 = if whole {
+                    q0_from_sums(sums.0, sums.1, w * h)
+                } else if into_out {
+                    q0_squared_flat(&out, w, &p)
+                } else {
+                    q0_squared_flat(scratch, w, &p)
+                };
+            }
         }
-    }
-    Array2::from_shape_vec((h, w), cur).map_err(|e| {
+    };
+    // A thread waiting on Rayon may run another frame's SRAD meanwhile: that nested call finds
+    // the buffer in use and takes a fresh one.
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => run(&mut scratch),
+        Err(_) => run(&mut Vec::new()),
+    });
+    Array2::from_shape_vec((h, w), out).map_err(|e| {
         crate::kernels::KernelError::InvalidParameter {
             name: "srad",
             reason: e.to_string(),
