@@ -18,6 +18,21 @@ macro_rules! multiversion {
             fn inner($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    inner($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: `avx512` only needs these AVX-512 subsets, AVX2 and FMA, and
+                    // the CPU has them (checked just above).
+                    return unsafe { avx512($($arg),*) };
+                }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
@@ -42,9 +57,15 @@ pub fn exp_neg(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and taking away 1.5·2²³ rounds to the nearest integer, and the sum's low
+    // mantissa bits hold that integer: both steps vectorise (`round` and a saturating `as i32`
+    // would not, and made callers' loops partly scalar).
+    const MAGIC: f32 = 12_582_912.0;
+    const MAGIC_BITS: u32 = 0x4B40_0000;
     let under = x < -87.0;
     let x = x.max(-87.0);
-    let n = (x * LOG2E).round();
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -53,7 +74,8 @@ pub fn exp_neg(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // n lies in −126..=1 here, so n + 127 is a normal exponent.
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(MAGIC_BITS).wrapping_add(127) << 23);
     if under {
         0.0
     } else {
