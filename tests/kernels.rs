@@ -330,6 +330,52 @@ fn gpu_matches_cpu_twins() {
     }
 }
 
+/// The production paths on both sides at the frame sizes scanners write (640x480, 1024x768):
+/// the GPU's multi-tile SRAD reduction (1024x768 is 3,072 tiles of 16 x 16, far past the
+/// 256 partial sums of one workgroup), the tiled OBNLM over many workgroups, and the CPU's
+/// banded fast paths (tested against their twins at small sizes above) at full width.
+#[test]
+fn gpu_matches_cpu_at_production_sizes() {
+    let Some(d) = gpu() else { return };
+    eprintln!("adapter: {}", d.device_name());
+    for (w, h) in [(640, 480), (1024, 768)] {
+        let img = speckle(w, h, 31);
+        let mut filters: Vec<(Filter, f32)> = vec![
+            (
+                Filter::Median(median::Params::new(5).unwrap()),
+                MEDIAN_TOLERANCE,
+            ),
+            (
+                Filter::Lee(lee::Params::new(7, 0.25).unwrap()),
+                LOCAL_STATS_FAST_TOLERANCE,
+            ),
+            (
+                Filter::Srad(srad::Srad::new(0.5, 15).unwrap()),
+                SRAD_TOLERANCE,
+            ),
+        ];
+        // OBNLM on lavapipe takes seconds per frame: once, at the smaller size.
+        if w == 640 {
+            filters.push((
+                Filter::Obnlm(obnlm::Params::new(11, 5, 4.0).unwrap()),
+                OBNLM_FAST_TOLERANCE,
+            ));
+        }
+        for (f, tol) in &filters {
+            let want = f.cpu(&img).unwrap();
+            let got = d.run(&img, std::slice::from_ref(f)).unwrap();
+            assert_eq!(got.dim(), want.dim());
+            let max = max_abs_diff(&want, &got);
+            eprintln!("{:>6} {w}x{h}: max abs {max:.2e}", f.name());
+            assert!(
+                max <= *tol,
+                "{} {w}x{h}: max abs error {max} > {tol}",
+                f.name()
+            );
+        }
+    }
+}
+
 #[test]
 fn gpu_chain_keeps_the_frame_on_the_gpu_and_reuses_buffers() {
     let Some(d) = gpu() else { return };
@@ -585,4 +631,28 @@ fn gpu_feature_kernels_match_cpu_twins() {
             PHASE_SYMMETRY_TOLERANCE,
         );
     }
+}
+
+/// The feature kernels at a production size: 1024 columns make the GPU's phase-symmetry FFT
+/// 1024 points long (the largest it runs on a full-width analysis of a 1024x768 frame).
+#[test]
+fn gpu_feature_kernels_match_at_production_size() {
+    let Some(d) = gpu() else { return };
+    let ctx = d.gpu_context().unwrap();
+    let img = speckle(1024, 768, 33);
+    let pp = phase_symmetry::Params::new(3, 3, 3.75).unwrap();
+    let mut chain = ctx.begin(&img).unwrap();
+    phase_symmetry::encode(&mut chain, &pp).unwrap();
+    let got = chain.finish().unwrap();
+    let max = max_abs_diff(&got, &phase_symmetry::cpu(&img, &pp).unwrap());
+    eprintln!("phase_symmetry 1024x768: max abs {max:.2e}");
+    assert!(max <= PHASE_SYMMETRY_TOLERANCE, "phase symmetry: {max}");
+
+    let cp = coherence::Params::new(4).unwrap();
+    let mut chain = ctx.begin(&img).unwrap();
+    coherence::encode(&mut chain, &cp).unwrap();
+    let (c, _) = chain.finish_with_aux().unwrap();
+    let max = max_abs_diff(&c, &coherence::cpu(&img, &cp).unwrap().0);
+    eprintln!("coherence 1024x768: max abs {max:.2e}");
+    assert!(max <= COHERENCE_TOLERANCE, "coherence: {max}");
 }

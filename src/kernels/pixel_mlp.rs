@@ -268,23 +268,52 @@ const BLOCK: usize = 64;
 /// Blocks per parallel task.
 const BLOCKS_PER_TASK: usize = 16;
 
+/// Pixels per register tile of [`dense_block`]: one 512-bit vector, two 256-bit ones.
+const SUB: usize = 16;
+/// Outputs per register tile of [`dense_block`]: four accumulator tiles and the input tile fit
+/// the vector registers (AVX2: 8 + 2 of 16), and each input load serves four outputs.
+const OUTS: usize = 4;
+
+/// `N` outputs of one dense layer, starting at output `o`, over the `SUB` pixels at `s` of a
+/// block: accumulators held in registers across the whole input loop.
+#[inline(always)]
+fn dense_tile<const N: usize>(l: &Dense, x: &[f32], y: &mut [f32], o: usize, s: usize, relu: bool) {
+    let mut acc = [[0f32; SUB]; N];
+    for (k, a) in acc.iter_mut().enumerate() {
+        *a = [l.b[o + k]; SUB];
+    }
+    for i in 0..l.inputs {
+        let Some(xi) = x.get(i * BLOCK + s..i * BLOCK + s + SUB) else {
+            return;
+        };
+        for (k, a) in acc.iter_mut().enumerate() {
+            let wk = l.w[(o + k) * l.inputs + i];
+            for (a, v) in a.iter_mut().zip(xi) {
+                *a += wk * v;
+            }
+        }
+    }
+    for (k, a) in acc.iter().enumerate() {
+        let dst = &mut y[(o + k) * BLOCK + s..(o + k) * BLOCK + s + SUB];
+        for (d, v) in dst.iter_mut().zip(a) {
+            *d = if relu { v.max(0.0) } else { *v };
+        }
+    }
+}
+
 crate::simd::multiversion! {
     /// One dense layer over a block: `x` is `inputs × BLOCK`, `y` becomes `outputs × BLOCK`.
+    /// Register-tiled: `OUTS` outputs × `SUB` pixels per pass over the inputs.
     fn dense_block(l: &Dense, x: &[f32], y: &mut [f32], relu: bool) {
-        for o in 0..l.outputs {
-            let yo = &mut y[o * BLOCK..(o + 1) * BLOCK];
-            yo.fill(l.b[o]);
-            for i in 0..l.inputs {
-                let wi = l.w[o * l.inputs + i];
-                let xi = &x[i * BLOCK..(i + 1) * BLOCK];
-                for (a, v) in yo.iter_mut().zip(xi) {
-                    *a += wi * v;
-                }
+        for s in (0..BLOCK).step_by(SUB) {
+            let mut o = 0;
+            while o + OUTS <= l.outputs {
+                dense_tile::<OUTS>(l, x, y, o, s, relu);
+                o += OUTS;
             }
-            if relu {
-                for a in yo.iter_mut() {
-                    *a = a.max(0.0);
-                }
+            while o < l.outputs {
+                dense_tile::<1>(l, x, y, o, s, relu);
+                o += 1;
             }
         }
     }

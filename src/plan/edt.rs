@@ -45,51 +45,71 @@ fn edt_1d(f: &[f64], out: &mut [f64], v: &mut [usize], z: &mut [f64]) {
 }
 
 /// Distance in mm from each pixel to the nearest `true` pixel of `mask` (infinite if none).
-/// Columns, then rows, each line in parallel (every line is the same 1-D transform whatever
-/// the order, so the result does not depend on the thread count).
+/// First the distance along each column to the nearest `true` pixel (two scans, row by row so
+/// that they vectorise across the columns), then the exact 1-D transform of its square along
+/// each row, rows in parallel (each row is the same transform whatever the order, so the
+/// result does not depend on the thread count).
 pub fn distance_mm(mask: &Array2<bool>, mm: (f64, f64)) -> Array2<f64> {
     let (h, w) = mask.dim();
     const BIG: f64 = 1e20;
     if h == 0 || w == 0 {
         return Array2::from_elem((h, w), f64::INFINITY);
     }
-    // Scratch for one line of length n: parabola indices, boundaries, input, output.
-    let scratch = |n: usize| {
-        (
-            vec![0usize; n],
-            vec![0f64; n + 1],
-            vec![0f64; n],
-            vec![0f64; n],
-        )
-    };
-    // Columns first (squared distances in rows², scaled to mm²), stored column-major; the
-    // row pass divides by mm.0² so that it works in column units, then scales back.
     let mask = mask.as_standard_layout();
     let mask = mask.as_slice().unwrap_or(&[]);
-    let mut cols = vec![0f64; w * h];
-    cols.par_chunks_mut(h).enumerate().for_each_init(
-        || scratch(h),
-        |(v, z, f, out), (x, col)| {
-            for y in 0..h {
-                f[y] = if mask[y * w + x] { 0.0 } else { BIG };
-            }
-            edt_1d(f, out, v, z);
-            for (c, &o) in col.iter_mut().zip(out.iter()) {
-                *c = if o >= BIG / 2.0 { BIG } else { o * mm.1 * mm.1 };
-            }
-        },
-    );
+    if !mask.contains(&true) {
+        return Array2::from_elem((h, w), f64::INFINITY);
+    }
+    // Rows to the nearest `true` pixel in the same column; NONE where the column has none.
+    const NONE: u32 = u32::MAX / 2;
+    let mut g = vec![NONE; h * w];
+    for y in 0..h {
+        let (done, rest) = g.split_at_mut(y * w);
+        let above = if y > 0 { &done[(y - 1) * w..] } else { &[][..] };
+        for (x, o) in rest[..w].iter_mut().enumerate() {
+            *o = if mask[y * w + x] {
+                0
+            } else if y > 0 {
+                (above[x] + 1).min(NONE)
+            } else {
+                NONE
+            };
+        }
+    }
+    for y in (0..h - 1).rev() {
+        let (cur, below) = g.split_at_mut((y + 1) * w);
+        for (o, b) in cur[y * w..].iter_mut().zip(&below[..w]) {
+            *o = (*o).min((b + 1).min(NONE));
+        }
+    }
+    // Along the rows, in column units: f = (rows · mm_y / mm_x)².
     let sx2 = mm.0 * mm.0;
-    let mut d = vec![0f64; h * w];
+    let ratio2 = mm.1 * mm.1 / sx2;
+    let mut d = vec![f64::INFINITY; h * w];
     d.par_chunks_mut(w).enumerate().for_each_init(
-        || scratch(w),
+        || {
+            (
+                vec![0usize; w],
+                vec![0f64; w + 1],
+                vec![0f64; w],
+                vec![0f64; w],
+            )
+        },
         |(v, z, f, out), (y, row)| {
-            for x in 0..w {
-                f[x] = cols[x * h + y] / sx2;
+            let gy = &g[y * w..(y + 1) * w];
+            if gy.iter().all(|&r| r >= NONE) {
+                return;
+            }
+            for (f, &r) in f.iter_mut().zip(gy) {
+                *f = if r >= NONE {
+                    BIG
+                } else {
+                    (r as f64) * (r as f64) * ratio2
+                };
             }
             edt_1d(f, out, v, z);
             for (d, &o) in row.iter_mut().zip(out.iter()) {
-                *d = if o >= BIG / (2.0 * sx2) {
+                *d = if o >= BIG / 2.0 {
                     f64::INFINITY
                 } else {
                     (o * sx2).sqrt()

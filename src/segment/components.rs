@@ -98,10 +98,19 @@ pub fn morph(m: &Array2<bool>, r: usize, all: bool) -> Array2<bool> {
             prefix[x + 1] = prefix[x] + row[x] as u32;
         }
         let out = &mut tmp[y * w..(y + 1) * w];
-        for x in 0..w {
+        let judge = |n: u32, span: usize| if all { n as usize == span } else { n > 0 };
+        // Interior columns (the whole window inside the row): shifted slices of the prefix
+        // sums, so that the loop vectorises; the clipped edges one by one.
+        let (a, b) = (r.min(w), w.saturating_sub(r).max(r.min(w)));
+        if b > a {
+            let (hi, lo) = (&prefix[a + r + 1..b + r + 1], &prefix[a - r..b - r]);
+            for ((o, h), l) in out[a..b].iter_mut().zip(hi).zip(lo) {
+                *o = judge(h - l, 2 * r + 1);
+            }
+        }
+        for x in (0..a).chain(b.max(a)..w) {
             let (lo, hi) = (x.saturating_sub(r), (x + r + 1).min(w));
-            let n = prefix[hi] - prefix[lo];
-            out[x] = if all { n as usize == hi - lo } else { n > 0 };
+            out[x] = judge(prefix[hi] - prefix[lo], hi - lo);
         }
     }
     // Vertical pass: per-column counts over the window, updated one row at a time.

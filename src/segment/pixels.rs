@@ -61,26 +61,30 @@ const RANK_BINS: usize = 1024;
 const DEPTH_SCALE_MM: f64 = 30.0;
 
 /// Sums of `v` (row-major, `h × w`) over the window of half-sizes `(ry, rx)` around every
-/// pixel, clipped to the grid: a horizontal then a vertical running sum, so the cost does not
-/// depend on the window.
+/// pixel, clipped to the grid: a vertical running sum (vectorised across the row) then a
+/// horizontal one along each row, so the cost does not depend on the window.
 fn box_sums(v: &[f32], h: usize, w: usize, ry: usize, rx: usize) -> Vec<f32> {
-    let mut hs = vec![0f32; h * w];
-    for (row, out) in v.chunks_exact(w).zip(hs.chunks_exact_mut(w)) {
-        // Prefix sums in f64 so that long rows keep their precision.
-        let mut prefix = Vec::with_capacity(w + 1);
-        prefix.push(0f64);
-        let mut acc = 0f64;
-        for &x in row {
-            acc += x as f64;
-            prefix.push(acc);
-        }
-        for (x, o) in out.iter_mut().enumerate() {
+    let mut vs = vec![0f32; h * w];
+    vertical_sums(v, &mut vs, h, w, ry);
+    let mut out = vec![0f32; h * w];
+    for (row, o) in vs.chunks_exact(w).zip(out.chunks_exact_mut(w)) {
+        // acc holds the sum of row[lo..hi); f32 add-and-subtract over a row of a few hundred
+        // window sums drifts by about 1e-6 of their size.
+        let mut acc = 0f32;
+        let (mut lo, mut hi) = (0usize, 0usize);
+        for (x, o) in o.iter_mut().enumerate() {
             let (x0, x1) = (x.saturating_sub(rx), (x + rx + 1).min(w));
-            *o = (prefix[x1] - prefix[x0]) as f32;
+            while hi < x1 {
+                acc += row[hi];
+                hi += 1;
+            }
+            while lo < x0 {
+                acc -= row[lo];
+                lo += 1;
+            }
+            *o = acc;
         }
     }
-    let mut out = vec![0f32; h * w];
-    vertical_sums(&hs, &mut out, h, w, ry);
     out
 }
 
@@ -326,34 +330,35 @@ pub fn pixel_features(f: &Features) -> Vec<f32> {
     // The mean beneath is a mean of grey levels: the intensity's rank map keeps it invariant
     // to a gain or dynamic-range change (and "nothing beneath", 0, stays lowest).
     let below_rank = &rank;
-    let per_pixel = |k: usize, v: &dyn Fn(usize, usize) -> f32, out: &mut [f32]| {
-        for (i, o) in out[k * n..(k + 1) * n].iter_mut().enumerate() {
-            *o = v(i / w, i % w);
+    // Per-pixel features in row-major order (ndarray iterates standard-layout arrays so).
+    let mut put = |k: usize, values: &mut dyn Iterator<Item = f32>| {
+        for (o, v) in out[k * n..(k + 1) * n].iter_mut().zip(values) {
+            *o = v;
         }
     };
-    per_pixel(
+    put(
         12,
-        &|y, _| (y as f64 * mmy / DEPTH_SCALE_MM) as f32,
-        &mut out,
+        &mut (0..h).flat_map(|y| std::iter::repeat_n((y as f64 * mmy / DEPTH_SCALE_MM) as f32, w)),
     );
-    per_pixel(13, &|y, x| f.phase_symmetry[[y, x]], &mut out);
-    per_pixel(14, &|y, x| f.coherence[[y, x]], &mut out);
-    per_pixel(
+    put(13, &mut f.phase_symmetry.iter().copied());
+    put(14, &mut f.coherence.iter().copied());
+    put(
         15,
-        &|y, x| f.coherence[[y, x]] * abs_cos(f.orientation[[y, x]]),
-        &mut out,
+        &mut f
+            .coherence
+            .iter()
+            .zip(f.orientation.iter())
+            .map(|(c, o)| c * abs_cos(*o)),
     );
-    per_pixel(16, &|y, x| below_rank(f.below[[y, x]]), &mut out);
+    put(16, &mut f.below.iter().map(|b| below_rank(*b)));
     let share = &maps[2].2;
     let (ry, rx) = windows[2];
-    per_pixel(
+    let span = |i: usize, r: usize, len: usize| (i + r + 1).min(len) - i.saturating_sub(r);
+    put(
         19,
-        &|y, x| {
-            let area = ((y + ry + 1).min(h) - y.saturating_sub(ry))
-                * ((x + rx + 1).min(w) - x.saturating_sub(rx));
-            share[y * w + x] / area as f32
-        },
-        &mut out,
+        &mut (0..h).flat_map(|y| {
+            (0..w).map(move |x| share[y * w + x] / (span(y, ry, h) * span(x, rx, w)) as f32)
+        }),
     );
     for v in &mut out {
         if !v.is_finite() {
