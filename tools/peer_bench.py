@@ -1,6 +1,6 @@
 """sonoguide's CPU kernels against their peers (numpy, OpenCV), in one run on one frame.
 
-usage: python3 tools/peer_bench.py [--sonoguide PATH] [--repeats N] [--json FILE]
+usage: python3 tools/peer_bench.py [--sonoguide PATH] [--repeats N] [--rounds R] [--json FILE]
 
 The frame: a 1024x768 phantom written by `sonoguide phantom` and read back with pydicom (the
 same kind of speckle the kernels bench on). The script runs `sonoguide bench --backend cpu
@@ -122,6 +122,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sonoguide", default="target/release/sonoguide")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", help="write the table as JSON here")
     a = ap.parse_args()
     import cv2
@@ -131,22 +132,37 @@ def main():
     print(f"frame {img.shape[1]}x{img.shape[0]}, numpy {np.__version__}, OpenCV "
           f"{cv2.__version__} ({cv2.getNumThreads()} threads), {os.cpu_count()} cores")
 
-    rows = sonoguide_bench(a.sonoguide, ["--size", "1024x768", "--repeats", str(a.repeats)])
-    ours = {}
-    for r in rows:
-        p = r["parameters"]
-        if r["kernel"] == "srad":
-            ours[f"srad{int(p['iterations'])}"] = r["ms_median"]
-        elif r["kernel"] == "median":
-            ours[f"median{int(p['size'])}"] = r["ms_median"]
-        else:
-            ours[r["kernel"]] = r["ms_median"]
+    def ours_once():
+        rows = sonoguide_bench(a.sonoguide, ["--size", "1024x768", "--repeats", str(a.repeats)])
+        ours = {}
+        for r in rows:
+            p = r["parameters"]
+            if r["kernel"] == "srad":
+                ours[f"srad{int(p['iterations'])}"] = r["ms_median"]
+            elif r["kernel"] == "median":
+                ours[f"median{int(p['size'])}"] = r["ms_median"]
+            else:
+                ours[r["kernel"]] = r["ms_median"]
+        return ours
 
-    srad_iter = timed(lambda: srad_rodinia(img, 10), max(3, a.repeats // 3), 1) / 10
-    lee_ms = timed(lambda: lee_numpy(img), a.repeats)
     u8 = np.clip(img, 0, 255).astype(np.uint8)
-    nlm_ms = timed(lambda: cv2.fastNlMeansDenoising(u8, None, 10, 5, 11), a.repeats)
-    med_ms = timed(lambda: cv2.medianBlur(img, 5), a.repeats)
+
+    def peers_once():
+        return {
+            "srad": timed(lambda: srad_rodinia(img, 10), max(3, a.repeats // 3), 1) / 10,
+            "lee": timed(lambda: lee_numpy(img), a.repeats),
+            "nlm": timed(lambda: cv2.fastNlMeansDenoising(u8, None, 10, 5, 11), a.repeats),
+            "median": timed(lambda: cv2.medianBlur(img, 5), a.repeats),
+        }
+
+    # Rounds alternate sonoguide and the peers, so that a change in the machine's load hits
+    # both; each figure is the median over the rounds.
+    runs = [(ours_once(), peers_once()) for _ in range(a.rounds)]
+    med = statistics.median
+    ours = {k: med(r[0][k] for r in runs) for k in runs[0][0]}
+    srad_iter, lee_ms, nlm_ms, med_ms = (med(r[1][k] for r in runs)
+                                         for k in ("srad", "lee", "nlm", "median"))
+    print(f"{a.rounds} rounds alternating sonoguide and the peers; medians over the rounds")
 
     our_iter = ours["srad100"] / 100
     setup = ours["srad1"] - our_iter
