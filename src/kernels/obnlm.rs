@@ -309,16 +309,20 @@ pub fn cpu_fast(img: &Array2<f32>, params: &Params) -> crate::Result<Array2<f32>
             (y0, x0, out)
         })
         .collect();
-    let mut out = Array2::<f32>::zeros((h, w));
+    let mut out = vec![0f32; w * h];
     for (y0, x0, tile) in tiles {
         let cols = TILE_COLS.min(w - x0);
         for (r, row) in tile.chunks_exact(cols).enumerate() {
-            for (c, v) in row.iter().enumerate() {
-                out[[y0 + r, x0 + c]] = *v;
-            }
+            out[(y0 + r) * w + x0..][..cols].copy_from_slice(row);
         }
     }
-    Ok(out)
+    Array2::from_shape_vec((h, w), out).map_err(|e| {
+        crate::kernels::KernelError::InvalidParameter {
+            name: "obnlm",
+            reason: e.to_string(),
+        }
+        .into()
+    })
 }
 
 /// Queues the kernel on a GPU chain.
