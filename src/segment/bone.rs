@@ -38,9 +38,11 @@ const SHADOW_NONE: f32 = 0.9;
 const SHADOW_FLOOR: f32 = 0.3;
 /// Largest jump between neighbouring columns inside one polyline, mm.
 const POLYLINE_BREAK_MM: f64 = 1.0;
-/// Bone band above and below the echo, mm: 0.5 mm thick, centred on it.
-const BAND_ABOVE_MM: f64 = 0.25;
-const BAND_BELOW_MM: f64 = 0.25;
+/// Bone band above and below the surface, mm: 0.5 mm thick, the label convention of
+/// truth files (`tests/data/pusim/README.md`, "Labels"): from 0.2 mm above the interface to 0.3 mm below
+/// it: the cortex's specular echo and the first fraction of a millimetre of cortex).
+const BAND_ABOVE_MM: f64 = 0.2;
+const BAND_BELOW_MM: f64 = 0.3;
 
 /// The tissue level of an analysis grid (computed once per frame into
 /// [`Features::tissue_level`]).
@@ -452,17 +454,20 @@ pub fn label_bone_and_shadow(
     labels: &mut Array2<u8>,
 ) {
     let (h, _) = labels.dim();
-    let above = (BAND_ABOVE_MM / mm.1).round() as isize;
-    let below = (BAND_BELOW_MM / mm.1).round().max(1.0) as isize;
+    // A row belongs to the band when its centre lies within [surface − above, surface +
+    // below), measured from the sub-pixel surface (as the truth is rasterised); at least one
+    // row is bone.
+    let above = BAND_ABOVE_MM / mm.1;
+    let below = (BAND_BELOW_MM / mm.1).max(0.5);
     for (x, s) in surface.iter().enumerate() {
         let Some(y) = s else { continue };
-        let y = y.round() as isize;
-        for yy in (y - above).max(0)..(h as isize) {
-            let yy = yy as usize;
+        let y = f64::from(*y);
+        let first = (y - above).ceil().max(0.0) as usize;
+        for yy in first..h {
             if !valid[[yy, x]] {
                 continue;
             }
-            labels[[yy, x]] = if (yy as isize) < y + below {
+            labels[[yy, x]] = if (yy as f64) < y + below {
                 Label::Bone.code()
             } else {
                 Label::Shadow.code()
