@@ -19,7 +19,7 @@ use ndarray::{Array2, Array3};
 use serde::Serialize;
 
 use super::prescan::{self, Layout};
-use super::region::{detect_imaging_region, fan_within};
+use super::region::{detect_imaging_region, face_at_reference, fan_within};
 use super::DicomError;
 use crate::frame::{
     check_spacing_mm, chroma, luma, Calibration, CalibrationSource, Frame, ImagingRegion, Rect,
@@ -621,7 +621,17 @@ impl DicomFile {
             // first frame cannot be decoded, the rectangle stands (reading its pixels will
             // report the error).
             Some(header) => match self.decode_display(0) {
-                Ok((rgb, gray)) => fan_within(header, &gray, rgb.as_ref()),
+                Ok((rgb, gray)) => {
+                    let found = fan_within(header, &gray, rgb.as_ref());
+                    match &self.info.calibration {
+                        Calibration::Ok {
+                            mm_per_px_y,
+                            reference_px: Some(face),
+                            ..
+                        } => face_at_reference(found, *face, *mm_per_px_y),
+                        _ => found,
+                    }
+                }
                 Err(_) => return Ok(header.clone()),
             },
             None => {

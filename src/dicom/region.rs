@@ -76,6 +76,48 @@ pub fn fan_within(
     }
 }
 
+/// How far above the fan's first echo the declared transducer face may lie, mm: the near
+/// field of a convex array can stay dark for a fraction of a millimetre (the first samples
+/// before the receive aperture opens, and the scan conversion's first row); a reference
+/// pixel further above the image is not the face (some scanners put it at the apex).
+const FACE_ABOVE_ECHO_MM: f64 = 1.5;
+
+/// A fitted fan's near arc moved up to the transducer face that the file declares: the
+/// region's reference pixel (physical depth 0) when it lies on the fan's middle beams,
+/// above the first echo by at most [`FACE_ABOVE_ECHO_MM`]. The skin is where the probe
+/// touches it, not where the image first lights up. Anything else is returned unchanged.
+pub fn face_at_reference(
+    region: ImagingRegion,
+    face_px: (f64, f64),
+    mm_per_px_y: f64,
+) -> ImagingRegion {
+    let Some(fan) = region.fan else {
+        return region;
+    };
+    // Pixel centres are at +0.5 in the fan's coordinates.
+    let (r, t) = fan.polar(face_px.0 + 0.5, face_px.1 + 0.5);
+    let span = fan.theta_right - fan.theta_left;
+    let middle = (t - fan.theta_left) >= 0.25 * span && (fan.theta_right - t) >= 0.25 * span;
+    let above_px = fan.r_near - r;
+    if !middle
+        || !(mm_per_px_y.is_finite() && mm_per_px_y > 0.0)
+        || !(0.0..=FACE_ABOVE_ECHO_MM / mm_per_px_y).contains(&above_px)
+    {
+        return region;
+    }
+    let fan = Fan { r_near: r, ..fan };
+    let b = region.bounds;
+    let (h, w) = region.mask.as_deref().map_or((b.y1, b.x1), |m| m.dim());
+    let rendered = Array2::from_shape_fn((h, w), |(y, x)| {
+        u8::from(b.contains(x, y) && fan.contains(x as f64 + 0.5, y as f64 + 0.5))
+    });
+    ImagingRegion {
+        mask: Some(std::sync::Arc::new(rendered)),
+        fan: Some(fan),
+        ..region
+    }
+}
+
 /// Detects the imaging area of a frame from its intensity (and colours, which count as signal).
 pub fn detect_imaging_region(gray: &Array2<f32>, rgb: Option<&Array3<u8>>) -> ImagingRegion {
     let (h, w) = gray.dim();
@@ -480,6 +522,48 @@ mod tests {
     /// A fitted fan's apex and radii must be this close to the drawn one, px (edges are found
     /// to the pixel in every row; the lines through them average that out).
     const FIT_PX: f64 = 1.0;
+
+    #[test]
+    fn the_declared_face_moves_the_near_arc_only_when_it_agrees_with_the_image() {
+        let fan = Fan {
+            apex: [150.0, -100.0],
+            r_near: 130.0,
+            r_far: 400.0,
+            theta_left: -0.5,
+            theta_right: 0.5,
+        };
+        let region = ImagingRegion {
+            bounds: Rect {
+                x0: 0,
+                y0: 0,
+                x1: 300,
+                y1: 300,
+            },
+            shape: RegionShape::Sector,
+            source: RegionSource::UltrasoundRegion,
+            mask: None,
+            fan: Some(fan),
+        };
+        let near = |r: &ImagingRegion| r.fan.map(|f| f.r_near);
+        // Face 4 px (0.8 mm at 0.2 mm/px) above the first echo, on the centre beam: taken.
+        // (Pixel (149.5, 25.5) has its centre at (150, 26): radius 126.)
+        let moved = face_at_reference(region.clone(), (149.5, 25.5), 0.2);
+        assert!(
+            (near(&moved).unwrap_or(0.0) - 126.0).abs() < 1e-9,
+            "{moved:?}"
+        );
+        let mask = moved.mask.as_deref().expect("re-rendered mask");
+        assert_eq!(mask[[27, 150]], 1, "the near strip is inside the fan now");
+        assert_eq!(mask[[24, 150]], 0, "above the face is not");
+        // Too far above (3 mm), at the apex, below the echo, or off the middle beams: kept.
+        for face in [(149.5, 14.5), (149.5, -100.5), (149.5, 35.5), (250.0, 60.0)] {
+            assert_eq!(
+                near(&face_at_reference(region.clone(), face, 0.2)),
+                Some(130.0),
+                "{face:?}"
+            );
+        }
+    }
 
     #[test]
     fn a_black_frame_is_the_whole_frame() {
