@@ -743,7 +743,7 @@ impl<'a> Planner<'a> {
     ) -> Self {
         let obstacles = match obstacles {
             Some((k, o)) if params.rules(k) == params.rules(kind) => o,
-            _ => Obstacles::new(&seg.labels, g.mm, &params.rules(kind)),
+            _ => Obstacles::new(&seg.obstacle_labels(), g.mm, &params.rules(kind)),
         };
         Planner {
             skin: skin_line(g.frame),
@@ -1020,7 +1020,17 @@ fn plan_keeping<'a>(
         .obstacles
         .at(target[0].round() as usize, target[1].round() as usize)
     {
-        let p = refuse(format!("the target lies in {}", l.name()));
+        let (tx, ty) = (target[0].round() as usize, target[1].round() as usize);
+        let labelled = seg.labels.get((ty, tx)).copied() == Some(l.code());
+        let p = refuse(if labelled {
+            format!("the target lies in {}", l.name())
+        } else {
+            format!(
+                "the target lies in possible {} (probability at least {} by the classifier)",
+                l.name(),
+                crate::segment::pixels::POSSIBLE_NERVE_PROBABILITY
+            )
+        });
         return (p, Some(planner));
     }
     // A fan whose arc could not be fitted (a dark near field) has no known skin line: its
@@ -1038,10 +1048,16 @@ fn plan_keeping<'a>(
         let p = refuse("the convex fan could not be fitted to the image (a dark near field?), so the skin arc where a needle enters is not known".into());
         return (p, Some(planner));
     }
-    let p = match planner.search(target) {
+    let mut p = match planner.search(target) {
         Ok(p) => p,
         Err(why) => refuse(why),
     };
+    if seg.possible_nerve.is_some() {
+        p.notes.push(format!(
+            "the nerve margin is also kept from possible nerve (not labelled nerve, but nerve probability at least {})",
+            crate::segment::pixels::POSSIBLE_NERVE_PROBABILITY
+        ));
+    }
     (p, Some(planner))
 }
 

@@ -109,8 +109,13 @@ fn effusion(
     if fluid.is_empty() {
         return None;
     }
-    let obstacles = obstacles
-        .get_or_insert_with(|| Obstacles::new(labels, g.mm, &params.rules(TargetKind::Effusion)));
+    let obstacles = obstacles.get_or_insert_with(|| {
+        Obstacles::new(
+            &seg.obstacle_labels(),
+            g.mm,
+            &params.rules(TargetKind::Effusion),
+        )
+    });
     let slack = |p: &(usize, usize)| obstacles.slack_at(p.1, p.0);
     // Slack is measured to pixel centres; the path check measures to pixel squares, up to half
     // a pixel's diagonal closer.

@@ -83,6 +83,11 @@ pub struct Segmentation {
     pub mm_per_px: (f64, f64),
     /// Whether `mm_per_px` was assumed (the frame has no usable calibration).
     pub calibration_assumed: bool,
+    /// Possible nerve, full-frame: background or tendon pixels the pixel classifier gives at
+    /// least [`pixels::POSSIBLE_NERVE_PROBABILITY`] of being nerve. Not a label (the label
+    /// map says what is most probable); the planner keeps the nerve margin from it too.
+    /// `None` when there is none (or the rules segmented the frame).
+    pub possible_nerve: Option<Array2<bool>>,
 }
 
 /// The bone polylines in the JSON form of `frame_NNNN.bone.json`.
@@ -99,6 +104,23 @@ pub struct BoneJson {
 }
 
 impl Segmentation {
+    /// The label map the planner keeps clear of: the labels, with possible nerve
+    /// ([`Segmentation::possible_nerve`]) counted as nerve.
+    pub fn obstacle_labels(&self) -> std::borrow::Cow<'_, Array2<u8>> {
+        match &self.possible_nerve {
+            Some(m) if m.dim() == self.labels.dim() => {
+                let mut l = self.labels.clone();
+                l.zip_mut_with(m, |l, &doubt| {
+                    if doubt {
+                        *l = Label::Nerve.code();
+                    }
+                });
+                std::borrow::Cow::Owned(l)
+            }
+            _ => std::borrow::Cow::Borrowed(&self.labels),
+        }
+    }
+
     /// The bone JSON document.
     pub fn bone_json(&self) -> BoneJson {
         BoneJson {
@@ -445,6 +467,25 @@ fn carry_soft_tissue(
     }
 }
 
+/// Carries the grid's possible nerve to full resolution, on background and tendon only (bone,
+/// shadow, vessel and nerve are obstacles already; fluid is what a joint target is).
+/// `None` when nothing is left.
+fn carry_possible_nerve(
+    grid: &Array2<bool>,
+    step: usize,
+    labels: &Array2<u8>,
+) -> Option<Array2<bool>> {
+    let (gh, gw) = grid.dim();
+    if gh == 0 || gw == 0 || !grid.iter().any(|&d| d) {
+        return None;
+    }
+    let soft = [Label::Background.code(), Label::Tendon.code()];
+    let full = Array2::from_shape_fn(labels.dim(), |(y, x)| {
+        grid[[(y / step).min(gh - 1), (x / step).min(gw - 1)]] && soft.contains(&labels[[y, x]])
+    });
+    full.iter().any(|&d| d).then_some(full)
+}
+
 /// Segments one frame given its feature maps.
 pub fn segment_from_features(
     frame: &Frame,
@@ -530,13 +571,11 @@ pub fn segment_from_features(
             }
         };
         shadows(&surface_full, valid_full, mm_full, 1, &mut labels);
+        let mut possible_nerve = None;
         if let Some(p) = probs {
-            carry_soft_tissue(
-                &pixels::soft_tissue(p, f, &surface),
-                f.step,
-                valid_full,
-                &mut labels,
-            );
+            let soft = pixels::soft_tissue(p, f, &surface);
+            carry_soft_tissue(&soft.labels, f.step, valid_full, &mut labels);
+            possible_nerve = carry_possible_nerve(&soft.possible_nerve, f.step, &labels);
         } else if f.step == 1 {
             fluid::label_joint_and_effusion(
                 &crop,
@@ -580,9 +619,14 @@ pub fn segment_from_features(
                 *l = Label::Background.code();
             }
         }
-        (labels, surface_full)
+        (labels, surface_full, possible_nerve)
     };
-    let (crop_labels, surface) = region_labels;
+    let (crop_labels, surface, crop_possible_nerve) = region_labels;
+    let possible_nerve = crop_possible_nerve.map(|m| {
+        let mut full = Array2::from_elem((h, w), false);
+        full.slice_mut(s![b.y0..b.y1, b.x0..b.x1]).assign(&m);
+        full
+    });
     let mut labels = Array2::<u8>::zeros((h, w));
     labels
         .slice_mut(s![b.y0..b.y1, b.x0..b.x1])
@@ -617,5 +661,6 @@ pub fn segment_from_features(
         bone_polylines_mm: polylines_mm,
         mm_per_px: mm_full,
         calibration_assumed,
+        possible_nerve,
     })
 }

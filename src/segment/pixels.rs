@@ -432,6 +432,22 @@ pub fn class_map(probs: &[f32], dim: (usize, usize), label: Label) -> Array2<f32
     })
 }
 
+/// Joint fluid shallower than this everywhere is not kept, mm: ultrasound reports a knee
+/// effusion from 2 mm of depth ("Detectable threshold of knee effusion by ultrasonography in
+/// osteoarthritis patients", Am J Phys Med Rehabil 2011;90(2):112–8), and a collection
+/// thinner than that leaves no room for a needle tip either.
+pub const MIN_FLUID_DEPTH_MM: f64 = 2.0;
+
+/// The component's greatest depth: its most pixels in one column, mm.
+fn deepest_column_mm(c: &super::components::Component, mm_per_row: f64) -> f64 {
+    let (x0, x1) = (c.bbox.1, c.bbox.3);
+    let mut count = vec![0usize; x1 - x0 + 1];
+    for &(_, x) in &c.pixels {
+        count[x - x0] += 1;
+    }
+    count.into_iter().max().unwrap_or(0) as f64 * mm_per_row
+}
+
 /// Smallest areas kept of the soft-tissue labels, mm², from the smallest of each structure
 /// that an MSK injection must see (sizes from Bianchi & Martinoli, "Ultrasound of the
 /// Musculoskeletal System", Springer 2007): tendons about 1 mm thick (finger extensors) seen
@@ -445,12 +461,32 @@ const MIN_AREA_MM2: [(Label, f64); 4] = [
     (Label::Nerve, 1.5),
 ];
 
+/// Nerve probability (averaged over [`SMOOTH_MM`]) from which a pixel not labelled nerve is a
+/// *possible* nerve, kept clear of like a nerve by the planner. The classifier misses nerves
+/// more often than any other structure (its held-out nerve recall is the lowest, see
+/// `models/README.md`), and a missed nerve is the one mistake an injection must not make:
+/// in doubt, the planner keeps away. Chosen on the tuning sets (pulse-echo `nerve-tune` and
+/// the validation split): at 0.2 no path there came within the nerve margin of a truth nerve,
+/// at 0.3 and above one did.
+pub const POSSIBLE_NERVE_PROBABILITY: f32 = 0.2;
+
+/// The soft-tissue decisions of the grid.
+pub struct SoftTissue {
+    /// Tendon, joint / effusion, vessel and nerve where each is the most probable class,
+    /// without components smaller than the structure can be.
+    pub labels: Array2<u8>,
+    /// Possible nerve: pixels not labelled nerve whose nerve probability reaches
+    /// [`POSSIBLE_NERVE_PROBABILITY`], in patches at least as large as the smallest nerve.
+    pub possible_nerve: Array2<bool>,
+}
+
 /// The soft-tissue labels of the grid (tendon, joint / effusion, vessel, nerve) where each is
-/// the most probable class, without components smaller than the structure can be.
+/// the most probable class, without components smaller than the structure can be, and the
+/// possible nerves beside them.
 ///
 /// Joint space and effusion lie on bone: a component none of whose pixels comes within
 /// [`JOINT_REACH_MM`] of the bone `surface` (grid rows per column) is not kept.
-pub fn soft_tissue(probs: &[f32], f: &Features, surface: &[Option<f32>]) -> Array2<u8> {
+pub fn soft_tissue(probs: &[f32], f: &Features, surface: &[Option<f32>]) -> SoftTissue {
     let dim = f.intensity.dim();
     let n = dim.0 * dim.1;
     // Probabilities averaged over about a resolution cell, so that single speckle-sized
@@ -499,7 +535,9 @@ pub fn soft_tissue(probs: &[f32], f: &Features, surface: &[Option<f32>]) -> Arra
                 || c.pixels
                     .iter()
                     .any(|&(y, x)| near_bone(surface, y, x, f.mm_per_px, JOINT_REACH_MM));
-            if on_bone && c.area() as f64 * px_mm2 >= min_mm2 {
+            let deep_enough =
+                label != Label::Joint || deepest_column_mm(&c, f.mm_per_px.1) >= MIN_FLUID_DEPTH_MM;
+            if on_bone && deep_enough && c.area() as f64 * px_mm2 >= min_mm2 {
                 for &(y, x) in &c.pixels {
                     out[[y, x]] = label.code();
                 }
@@ -507,7 +545,28 @@ pub fn soft_tissue(probs: &[f32], f: &Features, surface: &[Option<f32>]) -> Arra
         }
     }
     merge_fluid_into_joint(&mut out);
-    out
+    let nerve = Label::Nerve.code() as usize;
+    let doubt = Array2::from_shape_fn(dim, |(y, x)| {
+        f.valid[[y, x]]
+            && out[[y, x]] != Label::Nerve.code()
+            && probs[nerve * n + y * dim.1 + x] >= POSSIBLE_NERVE_PROBABILITY
+    });
+    let min_nerve_mm2 = MIN_AREA_MM2
+        .iter()
+        .find(|(l, _)| *l == Label::Nerve)
+        .map_or(0.0, |(_, a)| *a);
+    let mut possible_nerve = Array2::from_elem(dim, false);
+    for c in super::components::components(&doubt) {
+        if c.area() as f64 * px_mm2 >= min_nerve_mm2 {
+            for &(y, x) in &c.pixels {
+                possible_nerve[[y, x]] = true;
+            }
+        }
+    }
+    SoftTissue {
+        labels: out,
+        possible_nerve,
+    }
 }
 
 /// A vessel component that touches joint fluid is part of the same fluid collection (a
