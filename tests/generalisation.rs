@@ -16,25 +16,29 @@ const TENDON: usize = 0;
 const BONE: usize = 1;
 const SHADOW: usize = 2;
 
-/// Regression guards: the mean Dice measured on the pulse-echo test set when this test was
-/// written (pixel classifier: tendon 0.81, bone 0.73, shadow 0.88), less 0.05 for the spread
+/// Regression guards: the mean Dice measured on the pulse-echo test set (pixel classifier:
+/// tendon 0.81, shadow 0.88 when this test was written; bone 0.82 since the band follows the
+/// truth's 0.2 mm above / 0.3 mm below convention, sixth session), less 0.05 for the spread
 /// between CPU builds (floating-point order in the kernels' parallel sums can move a decision
 /// by a pixel). The floors (0.80 / 0.80 / 0.85) are in the README's table.
 const PUSIM_TENDON_FLOOR: f64 = 0.76;
-const PUSIM_BONE_FLOOR: f64 = 0.68;
+const PUSIM_BONE_FLOOR: f64 = 0.77;
 const PUSIM_SHADOW_FLOOR: f64 = 0.83;
 /// Own phantoms from the test seeds (the realistic phantom: layered tissue, filled shadows,
-/// random gain and dynamic range): guards under the measured means (tendon 0.91, bone 0.80,
-/// shadow 0.85).
+/// random gain and dynamic range): guards under the measured means (tendon 0.91, bone 0.74,
+/// shadow 0.85). The own phantom's bone echo peaks about 0.07 mm below its labelled surface
+/// (its specular layer lies under the interface), so the band drawn from the echo's peak by
+/// the label convention sits a pixel low there: 0.80 before the band followed the convention.
 const PHANTOM_TENDON_FLOOR: f64 = 0.80;
-const PHANTOM_BONE_FLOOR: f64 = 0.75;
+const PHANTOM_BONE_FLOOR: f64 = 0.69;
 const PHANTOM_SHADOW_FLOOR: f64 = 0.75;
 /// Paths crossing a truth structure on the pulse-echo test set: none (the set was never used
 /// to tune; the first version had one, pusim_test_011).
 const PUSIM_MAX_UNSAFE_PATHS: usize = 0;
-/// Convex entries must lie on the skin arc: the image's first echo may start up to one
-/// pixel (0.2 mm on the convex sets) below the probe face, plus rounding to the pixel.
-const ARC_TOLERANCE_MM: f64 = 1.0;
+/// Convex entries must lie on the skin arc within the 0.5 mm: the near arc is the
+/// declared transducer face (the region's reference pixel) when it agrees with the image,
+/// and entries are pixels (0.2 mm on the convex sets), so half a pixel's rounding remains.
+const ARC_TOLERANCE_MM: f64 = 0.5;
 
 fn pipeline() -> Pipeline {
     let mut config = PipelineConfig::default();

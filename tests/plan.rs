@@ -554,3 +554,72 @@ fn derived_dicom_inherits_lossy_history_and_frame_time_and_invents_no_calibratio
     assert!(plan["entry"].is_null() && plan["target"].is_null());
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// A possible nerve (a patch the classifier gives some nerve probability without labelling it
+/// nerve) laid across a planned path: the new plan keeps the nerve margin from every pixel of
+/// it, judged here by brute force over the pixels' squares, or refuses; and says why.
+#[test]
+fn possible_nerve_is_kept_clear_of_like_a_nerve() {
+    let p = cpu_pipeline();
+    let mut pp = PhantomParams::default();
+    pp.seed = 2; // soft tissue: a peritendinous target
+    let ph = generate("n", &pp).unwrap();
+    let frame = frame_of(&ph, 0).unwrap();
+    let r = p.process(&frame).unwrap();
+    let (Some(e), Some(t)) = (r.plan.entry, r.plan.target) else {
+        panic!("no path to start from: {:?}", r.plan);
+    };
+    let mut seg = r.segmentation.clone();
+    let mm = seg.mm_per_px;
+    // A disc of 1 mm radius on the path's midpoint, on background and tendon pixels only.
+    let mid = [(e.px[0] + t.px[0]) / 2.0, (e.px[1] + t.px[1]) / 2.0];
+    let mask = ndarray::Array2::from_shape_fn(seg.labels.dim(), |(y, x)| {
+        let d = ((x as f64 - mid[0]) * mm.0).hypot((y as f64 - mid[1]) * mm.1);
+        d <= 1.0 && [Label::Background.code(), Label::Tendon.code()].contains(&seg.labels[[y, x]])
+    });
+    assert!(mask.iter().any(|&m| m), "the disc lies on the path");
+    seg.possible_nerve = Some(mask.clone());
+    let obstacle = seg.obstacle_labels();
+    assert!(mask
+        .indexed_iter()
+        .all(|((y, x), &m)| !m || obstacle[[y, x]] == Label::Nerve.code()));
+    let params = PlanParams::default();
+    let again = plan(&frame, &seg, &params);
+    eprintln!(
+        "before {:?} → {:?}; after {:?} {:?}",
+        e.px, t.px, again.entry, again.reason
+    );
+    assert!(
+        again.notes.iter().any(|n| n.contains("possible nerve")),
+        "{:?}",
+        again.notes
+    );
+    let (Some(e2), Some(t2)) = (again.entry, again.target) else {
+        assert!(again.reason.is_some(), "a refusal says why");
+        return;
+    };
+    // Exact distance from the segment to each pixel's square, sampled finely enough that the
+    // sampling error stays far below the margin's tolerance.
+    let samples = 2000;
+    let mut nearest = f64::INFINITY;
+    for ((y, x), &m) in mask.indexed_iter() {
+        if !m {
+            continue;
+        }
+        for k in 0..=samples {
+            let s = k as f64 / samples as f64;
+            let px = e2.px[0] + s * (t2.px[0] - e2.px[0]);
+            let py = e2.px[1] + s * (t2.px[1] - e2.px[1]);
+            let dx = ((px - x as f64).abs() - 0.5).max(0.0) * mm.0;
+            let dy = ((py - y as f64).abs() - 0.5).max(0.0) * mm.1;
+            nearest = nearest.min(dx.hypot(dy));
+        }
+    }
+    assert!(
+        nearest >= params.nerve_margin_mm - SAMPLING_SLACK_MM,
+        "path passes {nearest} mm from a possible nerve: {again:?}"
+    );
+}
+
+/// The brute-force check samples the path every 1/2000 of its length (under 0.03 mm here).
+const SAMPLING_SLACK_MM: f64 = 0.03;
