@@ -99,10 +99,11 @@ pub fn face_at_reference(
     let span = fan.theta_right - fan.theta_left;
     let middle = (t - fan.theta_left) >= 0.25 * span && (fan.theta_right - t) >= 0.25 * span;
     let above_px = fan.r_near - r;
-    if !middle
-        || !(mm_per_px_y.is_finite() && mm_per_px_y > 0.0)
-        || !(0.0..=FACE_ABOVE_ECHO_MM / mm_per_px_y).contains(&above_px)
-    {
+    let agrees = middle
+        && mm_per_px_y.is_finite()
+        && mm_per_px_y > 0.0
+        && (0.0..=FACE_ABOVE_ECHO_MM / mm_per_px_y).contains(&above_px);
+    if !agrees {
         return region;
     }
     let fan = Fan { r_near: r, ..fan };
