@@ -466,8 +466,9 @@ const MIN_AREA_MM2: [(Label, f64); 4] = [
 /// more often than any other structure (its held-out nerve recall is the lowest, see
 /// `models/README.md`), and a missed nerve is the one mistake an injection must not make:
 /// in doubt, the planner keeps away. Chosen on the tuning sets (pulse-echo `nerve-tune` and
-/// the validation split): at 0.2 no path there came within the nerve margin of a truth nerve,
-/// at 0.3 and above one did.
+/// the validation split), trying the threshold on the labels first: at 0.2 no path there came
+/// within the nerve margin of a truth nerve, at 0.3 one did (as labels, 0.2 also invented
+/// nerves: nerve Dice 0.59 → 0.28 on the validation split, hence an obstacle, not a label).
 pub const POSSIBLE_NERVE_PROBABILITY: f32 = 0.2;
 
 /// The soft-tissue decisions of the grid.
