@@ -1,9 +1,12 @@
-//! The pixel classifier: the shipped model fits this build, its features do not move with gain
-//! or dynamic range, the GPU shader agrees with the CPU twin (on lavapipe in CI), and training
-//! is deterministic and learns.
+//! The pixel classifier: the shipped models (both stages) fit this build, its features do not
+//! move with gain or dynamic range, the second stage reads its context where it should, the
+//! GPU shader agrees with the CPU twin (on lavapipe in CI), and training is deterministic and
+//! learns.
 
 mod common;
 
+use sonoguide::label::Label;
+use sonoguide::segment::context;
 use sonoguide::segment::pixels::{self, CLASSES, FEATURES};
 use sonoguide::segment::{features_cpu, Features, SegmentParams};
 use sonoguide::sim::phantom::{frame_of, generate, write_case, PhantomParams};
@@ -43,6 +46,78 @@ fn builtin_model_loads_and_fits_the_features() {
             "probabilities of pixel {i} sum to {sum}"
         );
     }
+}
+
+#[test]
+fn builtin_second_stage_loads_and_gives_probabilities() {
+    let m = context::builtin_model().expect("shipped second stage");
+    assert_eq!(m.inputs(), context::INPUTS);
+    assert_eq!(m.features, context::input_names());
+    let f = features_of(4, |v| v);
+    let (p, first) = context::classify(&f, |m, x| Ok(pixels::pixel_mlp::cpu(m, x, &f.valid)))
+        .expect("both stages");
+    assert_eq!(first.len(), p.len());
+    let n = f.intensity.len();
+    assert_eq!(p.len(), CLASSES * n);
+    for i in (0..n).step_by(89) {
+        let sum: f32 = (0..CLASSES).map(|k| p[k * n + i]).sum();
+        assert!(
+            (sum - 1.0).abs() < 1e-4,
+            "probabilities of pixel {i} sum to {sum}"
+        );
+    }
+}
+
+/// Index of a context input by name.
+fn input(name: &str) -> usize {
+    context::input_names()
+        .iter()
+        .position(|n| *n == name)
+        .unwrap_or_else(|| panic!("no input {name}"))
+}
+
+#[test]
+fn second_stage_reads_the_surroundings_at_their_offsets() {
+    // A vessel disc of 1 mm radius in background: at its centre nothing is vessel 4 mm to
+    // either side; 4 mm beneath it, the vessel is "above"; 4 mm to its right, it is on one
+    // side only.
+    let f = features_of(6, |v| v);
+    let (h, w) = f.intensity.dim();
+    let n = h * w;
+    let (mmx, mmy) = f.mm_per_px;
+    let (oy, ox) = ((4.0 / mmy).round() as usize, (4.0 / mmx).round() as usize);
+    // A centre whose reads (4 mm beneath, 4 mm to either side) all fall on valid pixels.
+    let (cy, cx) = (h / 4..h.saturating_sub(oy + 1))
+        .flat_map(|y| (ox..w.saturating_sub(ox + 1)).map(move |x| (y, x)))
+        .find(|&(y, x)| {
+            f.valid[[y, x]] && f.valid[[y + oy, x]] && f.valid[[y, x + ox]] && f.valid[[y, x - ox]]
+        })
+        .expect("a valid centre");
+    let mut probs = vec![0f32; CLASSES * n];
+    let vessel = Label::Vessel.code() as usize;
+    for y in 0..h {
+        for x in 0..w {
+            let (dx, dy) = ((x as f64 - cx as f64) * mmx, (y as f64 - cy as f64) * mmy);
+            let k = if dx.hypot(dy) <= 1.0 { vessel } else { 0 };
+            probs[k * n + y * w + x] = 1.0;
+        }
+    }
+    let base = pixels::pixel_features(&f);
+    let ctx = context::context_features(&f, &base, &probs);
+    assert_eq!(ctx.len(), context::INPUTS * n);
+    let at = |name: &str, y: usize, x: usize| ctx[input(name) * n + y * w + x];
+    // A 1 mm disc fills π/9 ≈ 0.35 of a 3 mm square window; the window's half-width in
+    // pixels is rounded, hence the looser bound.
+    const DISC_SHARE: f32 = 0.2;
+    assert_eq!(at("p_vessel", cy, cx), 1.0);
+    assert!(at("p_mean_1.5mm_vessel", cy, cx) > DISC_SHARE);
+    assert!(at("p_side_max_4mm_vessel", cy, cx) < 0.05);
+    assert!(at("p_above_4mm_vessel", cy + oy, cx) > DISC_SHARE);
+    assert!(at("p_below_4mm_vessel", cy + oy, cx) < 0.05);
+    assert!(at("p_side_max_4mm_vessel", cy, cx + ox) > DISC_SHARE);
+    assert!(at("p_side_min_4mm_vessel", cy, cx + ox) < 0.05);
+    // The first stage's own features come first, unchanged.
+    assert_eq!(&ctx[..FEATURES * n], &base[..]);
 }
 
 /// Largest change of a rank feature under an affine grey-level map: the rank transform's bins
@@ -99,7 +174,27 @@ fn gpu_classifier_matches_cpu_twin() {
         .fold(0f32, f32::max);
     eprintln!("adapter {}: largest difference {worst}", ctx.adapter_name());
     assert!(worst <= GPU_PROBABILITY_TOLERANCE, "GPU differs by {worst}");
+    // Both stages: the first stage's differences reach the second through its context.
+    let (cpu, _) = context::classify(&f, |m, x| Ok(pixels::pixel_mlp::cpu(m, x, &f.valid)))
+        .expect("both stages on the CPU");
+    let (gpu, _) = context::classify(&f, |m, x| pixels::pixel_mlp::gpu(&ctx, m, x, &f.valid))
+        .expect("both stages on the GPU");
+    let worst = cpu
+        .iter()
+        .zip(&gpu)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("two stages: largest difference {worst}");
+    assert!(
+        worst <= SECOND_STAGE_TOLERANCE,
+        "GPU differs by {worst} after two stages"
+    );
 }
+
+/// GPU against CPU after both stages: the first stage's differences (at most
+/// [`GPU_PROBABILITY_TOLERANCE`]) are averaged into the context and pass through a second
+/// network whose standardisation scales them up by at most a few tens.
+const SECOND_STAGE_TOLERANCE: f32 = 2e-3;
 
 /// Cross-entropy a trained model must reach on its training samples (two thirds of chance).
 const TRAINED_LOSS: f64 = 1.3;
@@ -122,9 +217,21 @@ fn training_is_deterministic_and_learns() {
     opt.hidden = vec![8];
     opt.holdout_every = 4;
     let samples = train::collect(&pipeline, std::slice::from_ref(&dir), &opt).expect("samples");
-    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(samples.frames, 4);
+    assert_eq!(samples.dim, FEATURES);
     let (m1, r1) = train::train(&samples, &opt);
+    // The second stage over the first's probabilities, on the same cases.
+    let mut opt2 = opt.clone();
+    opt2.first_stage = Some(m1.clone());
+    let second = train::collect(&pipeline, std::slice::from_ref(&dir), &opt2);
+    let _ = std::fs::remove_dir_all(&dir);
+    let second = second.expect("second-stage samples");
+    assert_eq!(second.dim, context::INPUTS);
+    let (m2nd, r2nd) = train::train(&second, &opt2);
+    m2nd.check(&context::input_names(), &pixels::class_names())
+        .expect("trained second stage is well-formed");
+    let last2 = *r2nd.train_loss.last().expect("losses");
+    assert!(last2 < TRAINED_LOSS, "second-stage training loss {last2}");
     let (m2, _) = train::train(&samples, &opt);
     assert_eq!(
         serde_json::to_string(&m1).unwrap(),
@@ -133,6 +240,7 @@ fn training_is_deterministic_and_learns() {
     );
     m1.check(&pixels::FEATURE_NAMES, &pixels::class_names())
         .expect("trained model is well-formed");
+
     // Chance for 7 classes is ln 7 = 1.95 and the label frequencies alone give about 1.6; a
     // model that learned from the features must do clearly better.
     let last = *r1.train_loss.last().expect("losses");

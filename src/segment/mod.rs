@@ -10,6 +10,7 @@
 
 pub mod bone;
 pub mod components;
+pub mod context;
 pub mod doppler;
 pub mod fluid;
 pub mod pixels;
@@ -159,6 +160,9 @@ pub struct Features {
     /// The pixel classifier's class probabilities on the grid (`pixels::CLASSES` × pixels,
     /// class-major), when the segmenter is set to use it.
     pub probabilities: Option<Vec<f32>>,
+    /// The classifier's first stage's probabilities (same layout), before the second stage
+    /// looked at their context ([`context`]): the possible nerve reads its nerve channel too.
+    pub first_stage: Option<Vec<f32>>,
 }
 
 /// The three feature kernels' parameters, for [`feature_params`]' result.
@@ -185,6 +189,7 @@ fn features_with(
     let tissue_level = bone::tissue_level(&grid, &valid);
     Ok(Features {
         probabilities: None,
+        first_stage: None,
         tissue_level,
         intensity: grid,
         phase_symmetry,
@@ -229,12 +234,10 @@ pub fn features_cpu(
         Ok([phase_symmetry, below, coherence, orientation])
     })?;
     if params.learned {
-        let model = pixels::builtin_model()?;
-        f.probabilities = Some(pixels::pixel_mlp::cpu(
-            model,
-            &pixels::pixel_features(&f),
-            &f.valid,
-        ));
+        let (second, first) =
+            context::classify(&f, |m, x| Ok(pixels::pixel_mlp::cpu(m, x, &f.valid)))?;
+        f.probabilities = Some(second);
+        f.first_stage = Some(first);
     }
     Ok(f)
 }
@@ -288,15 +291,12 @@ pub fn features_gpu(
         Ok([phase_symmetry, below, coherence, orientation])
     })?;
     if params.learned {
-        // The pixel features are assembled on the CPU from the maps read back; the
-        // classifier runs on the GPU.
-        let model = pixels::builtin_model()?;
-        f.probabilities = Some(pixels::pixel_mlp::gpu(
-            ctx,
-            model,
-            &pixels::pixel_features(&f),
-            &f.valid,
-        )?);
+        // The pixel features (and the second stage's context) are assembled on the CPU from
+        // the maps read back; both stages of the classifier run on the GPU.
+        let (second, first) =
+            context::classify(&f, |m, x| pixels::pixel_mlp::gpu(ctx, m, x, &f.valid))?;
+        f.probabilities = Some(second);
+        f.first_stage = Some(first);
     }
     Ok(f)
 }
@@ -511,17 +511,13 @@ pub fn segment_from_features(
         // frame gets no bone, so no shadow or joint either; the result says it was
         // uncalibrated.
         let computed;
-        let probs = match (&f.probabilities, params.learned) {
-            (Some(p), true) => Some(&p[..]),
+        let (probs, first_stage) = match (&f.probabilities, params.learned) {
+            (Some(p), true) => (Some(&p[..]), f.first_stage.as_deref()),
             (None, true) => {
-                computed = pixels::pixel_mlp::cpu(
-                    pixels::builtin_model()?,
-                    &pixels::pixel_features(f),
-                    &f.valid,
-                );
-                Some(&computed[..])
+                computed = context::classify(f, |m, x| Ok(pixels::pixel_mlp::cpu(m, x, &f.valid)))?;
+                (Some(&computed.0[..]), Some(&computed.1[..]))
             }
-            (_, false) => None,
+            (_, false) => (None, None),
         };
         let surface = if calibration_assumed {
             vec![None; f.intensity.ncols()]
@@ -573,7 +569,7 @@ pub fn segment_from_features(
         shadows(&surface_full, valid_full, mm_full, 1, &mut labels);
         let mut possible_nerve = None;
         if let Some(p) = probs {
-            let soft = pixels::soft_tissue(p, f, &surface);
+            let soft = pixels::soft_tissue(p, first_stage, f, &surface);
             carry_soft_tissue(&soft.labels, f.step, valid_full, &mut labels);
             possible_nerve = carry_possible_nerve(&soft.possible_nerve, f.step, &labels);
         } else if f.step == 1 {

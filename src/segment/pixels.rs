@@ -63,7 +63,7 @@ const DEPTH_SCALE_MM: f64 = 30.0;
 /// Sums of `v` (row-major, `h × w`) over the window of half-sizes `(ry, rx)` around every
 /// pixel, clipped to the grid: a vertical running sum (vectorised across the row) then a
 /// horizontal one along each row, so the cost does not depend on the window.
-fn box_sums(v: &[f32], h: usize, w: usize, ry: usize, rx: usize) -> Vec<f32> {
+pub(crate) fn box_sums(v: &[f32], h: usize, w: usize, ry: usize, rx: usize) -> Vec<f32> {
     let mut vs = vec![0f32; h * w];
     vertical_sums(v, &mut vs, h, w, ry);
     let mut out = vec![0f32; h * w];
@@ -116,7 +116,14 @@ crate::simd::multiversion! {
 
 /// Means over the valid pixels of windows of half-sizes `(ry, rx)`: `um` is the value times
 /// validity, `ms` the window sums of validity.
-fn box_means(um: &[f32], ms: &[f32], h: usize, w: usize, ry: usize, rx: usize) -> Vec<f32> {
+pub(crate) fn box_means(
+    um: &[f32],
+    ms: &[f32],
+    h: usize,
+    w: usize,
+    ry: usize,
+    rx: usize,
+) -> Vec<f32> {
     box_sums(um, h, w, ry, rx)
         .into_iter()
         .zip(ms)
@@ -177,7 +184,7 @@ fn abs_cos(theta: f32) -> f32 {
 }
 
 /// Pixels of `mm` millimetres at `mm_per_px`, at least `min`.
-fn px(mm: f64, mm_per_px: f64, min: usize) -> usize {
+pub(crate) fn px(mm: f64, mm_per_px: f64, min: usize) -> usize {
     ((mm / mm_per_px).round() as usize).max(min)
 }
 
@@ -461,6 +468,14 @@ const MIN_AREA_MM2: [(Label, f64); 4] = [
     (Label::Nerve, 1.5),
 ];
 
+/// Mean vessel probability (averaged over [`SMOOTH_MM`]) a vessel component needs over its
+/// pixels. Dark, compact patches of muscle or fat come out vessel-most-likely but with less
+/// confidence than a lumen inside its wall. Chosen on the validation split (pulse-echo
+/// every-5th training case, own phantom seeds 700–729): at 0.6–0.8 vessel Dice rose with the
+/// threshold (0.37 → 0.52 and 0.66 → 0.75), at 0.85 true vessels began to be lost (0.37,
+/// 0.64); 0.75 keeps a margin from that edge.
+pub const MIN_VESSEL_PROBABILITY: f32 = 0.75;
+
 /// Nerve probability (averaged over [`SMOOTH_MM`]) from which a pixel not labelled nerve is a
 /// *possible* nerve, kept clear of like a nerve by the planner. The classifier misses nerves
 /// more often than any other structure (its held-out nerve recall is the lowest, see
@@ -487,7 +502,17 @@ pub struct SoftTissue {
 ///
 /// Joint space and effusion lie on bone: a component none of whose pixels comes within
 /// [`JOINT_REACH_MM`] of the bone `surface` (grid rows per column) is not kept.
-pub fn soft_tissue(probs: &[f32], f: &Features, surface: &[Option<f32>]) -> SoftTissue {
+///
+/// Possible nerve is read from the larger of `probs`' nerve probability and `first_stage`'s
+/// (the classifier's first stage, when there is one): [`POSSIBLE_NERVE_PROBABILITY`] was
+/// chosen on the first stage's probabilities, and the second stage, surer of itself, would
+/// otherwise let the safety margin shrink where the first stage had its doubts.
+pub fn soft_tissue(
+    probs: &[f32],
+    first_stage: Option<&[f32]>,
+    f: &Features,
+    surface: &[Option<f32>],
+) -> SoftTissue {
     let dim = f.intensity.dim();
     let n = dim.0 * dim.1;
     // Probabilities averaged over about a resolution cell, so that single speckle-sized
@@ -496,17 +521,27 @@ pub fn soft_tissue(probs: &[f32], f: &Features, surface: &[Option<f32>]) -> Soft
         px(SMOOTH_MM, f.mm_per_px.1, 0),
         px(SMOOTH_MM, f.mm_per_px.0, 0),
     );
-    let smoothed: Vec<f32>;
-    let probs = if ry + rx > 0 {
-        let ones = vec![1f32; n];
-        let count = box_sums(&ones, dim.0, dim.1, ry, rx);
-        smoothed = (0..CLASSES)
-            .flat_map(|k| box_means(&probs[k * n..(k + 1) * n], &count, dim.0, dim.1, ry, rx))
-            .collect();
-        &smoothed[..]
-    } else {
-        probs
+    let nerve = Label::Nerve.code() as usize;
+    let count = (ry + rx > 0).then(|| box_sums(&vec![1f32; n], dim.0, dim.1, ry, rx));
+    let smooth = |p: &[f32]| -> Vec<f32> {
+        match &count {
+            Some(count) => box_means(p, count, dim.0, dim.1, ry, rx),
+            None => p.to_vec(),
+        }
     };
+    let smoothed: Vec<f32> = (0..CLASSES)
+        .flat_map(|k| smooth(&probs[k * n..(k + 1) * n]))
+        .collect();
+    let mut nerve_doubt = smoothed[nerve * n..(nerve + 1) * n].to_vec();
+    if let Some(first) = first_stage.filter(|p| p.len() == probs.len()) {
+        for (d, p) in nerve_doubt
+            .iter_mut()
+            .zip(smooth(&first[nerve * n..(nerve + 1) * n]))
+        {
+            *d = d.max(p);
+        }
+    }
+    let probs = &smoothed[..];
     let best = Array2::from_shape_fn(dim, |(y, x)| {
         let i = y * dim.1 + x;
         if !f.valid[[y, x]] {
@@ -538,7 +573,16 @@ pub fn soft_tissue(probs: &[f32], f: &Features, surface: &[Option<f32>]) -> Soft
                     .any(|&(y, x)| near_bone(surface, y, x, f.mm_per_px, JOINT_REACH_MM));
             let deep_enough =
                 label != Label::Joint || deepest_column_mm(&c, f.mm_per_px.1) >= MIN_FLUID_DEPTH_MM;
-            if on_bone && deep_enough && c.area() as f64 * px_mm2 >= min_mm2 {
+            let confident = label != Label::Vessel || {
+                let k = label.code() as usize;
+                let sum: f32 = c
+                    .pixels
+                    .iter()
+                    .map(|&(y, x)| probs[k * n + y * dim.1 + x])
+                    .sum();
+                sum >= MIN_VESSEL_PROBABILITY * c.pixels.len() as f32
+            };
+            if on_bone && deep_enough && confident && c.area() as f64 * px_mm2 >= min_mm2 {
                 for &(y, x) in &c.pixels {
                     out[[y, x]] = label.code();
                 }
@@ -546,11 +590,10 @@ pub fn soft_tissue(probs: &[f32], f: &Features, surface: &[Option<f32>]) -> Soft
         }
     }
     merge_fluid_into_joint(&mut out);
-    let nerve = Label::Nerve.code() as usize;
     let doubt = Array2::from_shape_fn(dim, |(y, x)| {
         f.valid[[y, x]]
             && out[[y, x]] != Label::Nerve.code()
-            && probs[nerve * n + y * dim.1 + x] >= POSSIBLE_NERVE_PROBABILITY
+            && nerve_doubt[y * dim.1 + x] >= POSSIBLE_NERVE_PROBABILITY
     });
     let min_nerve_mm2 = MIN_AREA_MM2
         .iter()

@@ -13,6 +13,7 @@ use super::evalset::{cases_in, truth_labels};
 use super::phantom::Rng;
 use super::Result;
 use crate::label::Label;
+use crate::segment::context;
 use crate::segment::pixels::{self, Dense, PixelModel, CLASSES, FEATURES};
 use crate::Pipeline;
 
@@ -41,6 +42,9 @@ pub struct TrainOptions {
     pub holdout_every: usize,
     /// L2 weight decay per step.
     pub weight_decay: f32,
+    /// When set, the model trained is the second stage (`segment::context`) over this first
+    /// stage's probabilities.
+    pub first_stage: Option<PixelModel>,
 }
 
 impl Default for TrainOptions {
@@ -56,6 +60,7 @@ impl Default for TrainOptions {
             frames_per_case: 2,
             holdout_every: 8,
             weight_decay: 1e-5,
+            first_stage: None,
         }
     }
 }
@@ -63,7 +68,9 @@ impl Default for TrainOptions {
 /// Sampled pixels: features and labels.
 #[derive(Debug, Default)]
 pub struct Samples {
-    /// `FEATURES` values per sample.
+    /// Inputs per sample (`FEATURES`, or `context::INPUTS` for the second stage).
+    pub dim: usize,
+    /// `dim` values per sample.
     pub x: Vec<f32>,
     /// Label code per sample.
     pub y: Vec<u8>,
@@ -140,9 +147,15 @@ fn sample_frame(
     if frame.calibration.mm_per_px().is_none() {
         return Ok(());
     }
-    let feats = pixels::pixel_features(&f);
     let (h, w) = f.intensity.dim();
     let n = h * w;
+    let mut feats = pixels::pixel_features(&f);
+    if let Some(first) = &opt.first_stage {
+        let probs = pixels::pixel_mlp::cpu(first, &feats, &f.valid);
+        feats = context::context_features(&f, &feats, &probs);
+    }
+    let dim = feats.len() / n.max(1);
+    s.dim = dim;
     let b = frame.region.bounds;
     let label_at = |i: usize| -> Option<u8> {
         let (y, x) = (i / w, i % w);
@@ -163,7 +176,7 @@ fn sample_frame(
         }
     }
     let mut push = |i: usize, l: u8| {
-        s.x.extend((0..FEATURES).map(|k| feats[k * n + i]));
+        s.x.extend((0..dim).map(|k| feats[k * n + i]));
         s.y.push(l);
         s.held_out.push(held);
     };
@@ -187,12 +200,13 @@ pub fn train(s: &Samples, opt: &TrainOptions) -> (PixelModel, TrainReport) {
     let n = s.y.len();
     let train: Vec<usize> = (0..n).filter(|&i| !s.held_out[i]).collect();
     let held: Vec<usize> = (0..n).filter(|&i| s.held_out[i]).collect();
+    let dim = s.dim;
     // Standardisation from the training samples.
-    let mut mean = [0f64; FEATURES];
-    let mut sq = [0f64; FEATURES];
+    let mut mean = vec![0f64; dim];
+    let mut sq = vec![0f64; dim];
     for &i in &train {
-        for k in 0..FEATURES {
-            let v = s.x[i * FEATURES + k] as f64;
+        for k in 0..dim {
+            let v = s.x[i * dim + k] as f64;
             mean[k] += v;
             sq[k] += v * v;
         }
@@ -208,7 +222,7 @@ pub fn train(s: &Samples, opt: &TrainOptions) -> (PixelModel, TrainReport) {
         })
         .collect();
     let mut rng = Rng::new(opt.seed);
-    let mut widths = vec![FEATURES];
+    let mut widths = vec![dim];
     widths.extend(&opt.hidden);
     widths.push(CLASSES);
     let mut layers: Vec<Dense> = widths
@@ -236,8 +250,8 @@ pub fn train(s: &Samples, opt: &TrainOptions) -> (PixelModel, TrainReport) {
         })
         .collect();
     let standardised = |i: usize| -> Vec<f32> {
-        (0..FEATURES)
-            .map(|k| (s.x[i * FEATURES + k] - mean[k]) * scale[k])
+        (0..dim)
+            .map(|k| (s.x[i * dim + k] - mean[k]) * scale[k])
             .collect()
     };
     let mut report = TrainReport {
@@ -324,10 +338,14 @@ pub fn train(s: &Samples, opt: &TrainOptions) -> (PixelModel, TrainReport) {
     }
     let model = PixelModel {
         version: 1,
-        features: pixels::FEATURE_NAMES
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        features: if dim == FEATURES {
+            pixels::FEATURE_NAMES.to_vec()
+        } else {
+            context::input_names()
+        }
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
         classes: Label::ALL.iter().map(|l| l.name().to_string()).collect(),
         mean,
         scale,

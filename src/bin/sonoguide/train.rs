@@ -33,6 +33,10 @@ pub struct TrainArgs {
     /// Despeckling filter before the features (as in `process`).
     #[arg(long, default_value = "srad", value_parser = FILTER_CHOICES)]
     despeckle: String,
+    /// Train the second stage (auto-context) over this first-stage model's probabilities
+    /// (e.g. models/pixel_mlp.json); without it, the first stage is trained.
+    #[arg(long)]
+    first_stage: Option<PathBuf>,
     #[command(flatten)]
     backend: BackendOpt,
 }
@@ -59,6 +63,17 @@ pub fn train_pixels(args: TrainArgs) -> Outcome {
             args.hidden,
             sonoguide::segment::pixels::MAX_WIDTH
         )));
+    }
+    if let Some(path) = &args.first_stage {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Failure::Usage(format!("--first-stage {}: {e}", path.display())))?;
+        let model = sonoguide::segment::pixels::PixelModel::from_json(
+            &text,
+            &sonoguide::segment::pixels::FEATURE_NAMES,
+            &sonoguide::segment::pixels::class_names(),
+        )
+        .map_err(|e| Failure::Usage(format!("--first-stage {}: {e}", path.display())))?;
+        opt.first_stage = Some(model);
     }
     let mut config = sonoguide::PipelineConfig::default();
     config.backend = args.backend.get();
