@@ -142,6 +142,7 @@ fn impossible_requests_say_no_safe_path_and_why() {
     // Nothing to target: an empty segmentation.
     let mut empty = r.segmentation.clone();
     empty.labels.fill(0);
+    empty.possible_nerve = None;
     let pl = plan(&frame, &empty, &PlanParams::default());
     assert_eq!(pl.status, "no_safe_path");
     assert!(pl.reason.as_deref().unwrap().contains("no target"));
