@@ -103,7 +103,7 @@ fn second_stage_reads_the_surroundings_at_their_offsets() {
         }
     }
     let base = pixels::pixel_features(&f);
-    let ctx = context::context_features(&f, &base, &probs);
+    let ctx = context::context_features(&f, base.clone(), &probs);
     assert_eq!(ctx.len(), context::INPUTS * n);
     let at = |name: &str, y: usize, x: usize| ctx[input(name) * n + y * w + x];
     // A 1 mm disc fills π/9 ≈ 0.35 of a 3 mm square window; the window's half-width in

@@ -270,14 +270,20 @@ const BLOCKS_PER_TASK: usize = 16;
 
 /// Pixels per register tile of [`dense_block`]: one 512-bit vector, two 256-bit ones.
 const SUB: usize = 16;
-/// Outputs per register tile of [`dense_block`]: four accumulator tiles and the input tile fit
-/// the vector registers (AVX2: 8 + 2 of 16), and each input load serves four outputs.
-const OUTS: usize = 4;
 
 /// `N` outputs of one dense layer, starting at output `o`, over the `SUB` pixels at `s` of a
-/// block: accumulators held in registers across the whole input loop.
+/// block: accumulators held in registers across the whole input loop. `FUSED`: multiply-adds
+/// as single fused instructions (only where the CPU has them: elsewhere `mul_add` is a slow
+/// library call).
 #[inline(always)]
-fn dense_tile<const N: usize>(l: &Dense, x: &[f32], y: &mut [f32], o: usize, s: usize, relu: bool) {
+fn dense_tile<const N: usize, const FUSED: bool>(
+    l: &Dense,
+    x: &[f32],
+    y: &mut [f32],
+    o: usize,
+    s: usize,
+    relu: bool,
+) {
     let mut acc = [[0f32; SUB]; N];
     for (k, a) in acc.iter_mut().enumerate() {
         *a = [l.b[o + k]; SUB];
@@ -289,7 +295,11 @@ fn dense_tile<const N: usize>(l: &Dense, x: &[f32], y: &mut [f32], o: usize, s: 
         for (k, a) in acc.iter_mut().enumerate() {
             let wk = l.w[(o + k) * l.inputs + i];
             for (a, v) in a.iter_mut().zip(xi) {
-                *a += wk * v;
+                *a = if FUSED {
+                    wk.mul_add(*v, *a)
+                } else {
+                    *a + wk * v
+                };
             }
         }
     }
@@ -301,19 +311,91 @@ fn dense_tile<const N: usize>(l: &Dense, x: &[f32], y: &mut [f32], o: usize, s: 
     }
 }
 
-crate::simd::multiversion! {
-    /// One dense layer over a block: `x` is `inputs × BLOCK`, `y` becomes `outputs × BLOCK`.
-    /// Register-tiled: `OUTS` outputs × `SUB` pixels per pass over the inputs.
-    fn dense_block(l: &Dense, x: &[f32], y: &mut [f32], relu: bool) {
-        for s in (0..BLOCK).step_by(SUB) {
-            let mut o = 0;
-            while o + OUTS <= l.outputs {
-                dense_tile::<OUTS>(l, x, y, o, s, relu);
-                o += OUTS;
+/// One dense layer over a block: `x` is `inputs × BLOCK`, `y` becomes `outputs × BLOCK`.
+/// Register-tiled: `OUTS` outputs × `SUB` pixels per pass over the inputs.
+#[inline(always)]
+fn dense_block_with<const OUTS: usize, const FUSED: bool>(
+    l: &Dense,
+    x: &[f32],
+    y: &mut [f32],
+    relu: bool,
+) {
+    for s in (0..BLOCK).step_by(SUB) {
+        let mut o = 0;
+        while o + OUTS <= l.outputs {
+            dense_tile::<OUTS, FUSED>(l, x, y, o, s, relu);
+            o += OUTS;
+        }
+        while o + 4 <= l.outputs {
+            dense_tile::<4, FUSED>(l, x, y, o, s, relu);
+            o += 4;
+        }
+        while o < l.outputs {
+            dense_tile::<1, FUSED>(l, x, y, o, s, relu);
+            o += 1;
+        }
+    }
+}
+
+/// The instructions the CPU inference can use, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tier {
+    /// AVX-512 (F, VL, BW, DQ) with FMA: 32 vector registers hold 8 accumulator tiles.
+    Avx512,
+    /// AVX2 with FMA: 16 registers hold 4 accumulator tiles of two vectors.
+    Avx2,
+    /// Whatever the build targets; separate multiplies and adds unless the target has FMA.
+    Baseline,
+}
+
+impl Tier {
+    fn detect() -> Tier {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f")
+                && has!("avx512vl")
+                && has!("avx512bw")
+                && has!("avx512dq")
+                && has!("fma")
+            {
+                return Tier::Avx512;
             }
-            while o < l.outputs {
-                dense_tile::<1>(l, x, y, o, s, relu);
-                o += 1;
+            if has!("avx2") && has!("fma") {
+                return Tier::Avx2;
+            }
+        }
+        Tier::Baseline
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+unsafe fn dense_block_avx512(l: &Dense, x: &[f32], y: &mut [f32], relu: bool) {
+    dense_block_with::<8, true>(l, x, y, relu)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dense_block_avx2(l: &Dense, x: &[f32], y: &mut [f32], relu: bool) {
+    dense_block_with::<4, true>(l, x, y, relu)
+}
+
+/// One dense layer over a block (see [`dense_block_with`]) with the tier's instructions.
+fn dense_block(l: &Dense, x: &[f32], y: &mut [f32], relu: bool, tier: Tier) {
+    match tier {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Tier::detect` returned Avx512 only after checking that the CPU has these
+        // AVX-512 subsets, AVX2 and FMA.
+        Tier::Avx512 => unsafe { dense_block_avx512(l, x, y, relu) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Tier::detect` returned Avx2 only after checking for AVX2 and FMA.
+        Tier::Avx2 => unsafe { dense_block_avx2(l, x, y, relu) },
+        _ => {
+            if cfg!(target_feature = "fma") || cfg!(target_arch = "aarch64") {
+                dense_block_with::<4, true>(l, x, y, relu)
+            } else {
+                dense_block_with::<4, false>(l, x, y, relu)
             }
         }
     }
@@ -351,6 +433,7 @@ pub fn cpu(model: &PixelModel, features: &[f32], valid: &Array2<bool>) -> Vec<f3
     let (inputs, classes) = (model.inputs(), model.classes());
     let valid: Vec<bool> = valid.iter().copied().collect();
     let width = model.max_width();
+    let tier = Tier::detect();
     let tasks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(BLOCK * BLOCKS_PER_TASK))
         .into_par_iter()
         .map(|t| {
@@ -376,7 +459,7 @@ pub fn cpu(model: &PixelModel, features: &[f32], valid: &Array2<bool>) -> Vec<f3
                 }
                 let last = model.layers.len() - 1;
                 for (i, l) in model.layers.iter().enumerate() {
-                    dense_block(l, &a, &mut b, i < last);
+                    dense_block(l, &a, &mut b, i < last, tier);
                     std::mem::swap(&mut a, &mut b);
                 }
                 softmax_block(&mut a, classes);
@@ -401,4 +484,124 @@ pub fn cpu(model: &PixelModel, features: &[f32], valid: &Array2<bool>) -> Vec<f3
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Largest difference between the register-tiled layers (fused or not) and a plain scalar
+    /// forward pass: float rounding over 63 inputs of order 1.
+    const TIER_TOLERANCE: f32 = 1e-4;
+
+    fn model(inputs: usize, widths: &[usize]) -> PixelModel {
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let mut layers = Vec::new();
+        let mut width = inputs;
+        for &outputs in widths {
+            layers.push(Dense {
+                inputs: width,
+                outputs,
+                w: (0..width * outputs).map(|_| next()).collect(),
+                b: (0..outputs).map(|_| next()).collect(),
+            });
+            width = outputs;
+        }
+        PixelModel {
+            version: 1,
+            features: (0..inputs).map(|i| format!("f{i}")).collect(),
+            classes: (0..width).map(|i| format!("c{i}")).collect(),
+            mean: (0..inputs).map(|_| next()).collect(),
+            scale: (0..inputs).map(|_| 1.0 + next()).collect(),
+            layers,
+            provenance: serde_json::Value::Null,
+        }
+    }
+
+    fn scalar(m: &PixelModel, x: &[f32]) -> Vec<f32> {
+        let mut a: Vec<f32> = x
+            .iter()
+            .zip(&m.mean)
+            .zip(&m.scale)
+            .map(|((v, mu), s)| (v - mu) * s)
+            .collect();
+        for (i, l) in m.layers.iter().enumerate() {
+            a = (0..l.outputs)
+                .map(|o| {
+                    let z = l.b[o]
+                        + (0..l.inputs)
+                            .map(|k| l.w[o * l.inputs + k] * a[k])
+                            .sum::<f32>();
+                    if i + 1 < m.layers.len() {
+                        z.max(0.0)
+                    } else {
+                        z
+                    }
+                })
+                .collect();
+        }
+        let top = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = a.iter().map(|v| (v - top).exp()).collect();
+        let sum: f32 = e.iter().sum();
+        e.iter().map(|v| v / sum).collect()
+    }
+
+    #[test]
+    fn every_tier_matches_a_scalar_forward_pass() {
+        // 63 inputs and 32/16/7 widths: the shipped second stage's shape (8-output tiles, the
+        // 4-output and single-output remainders all run).
+        let m = model(63, &[32, 16, 7]);
+        let m_odd = model(5, &[13, 3]);
+        for m in [&m, &m_odd] {
+            let (h, w) = (3, 50);
+            let n = h * w;
+            let features: Vec<f32> = (0..m.inputs() * n)
+                .map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0)
+                .collect();
+            let valid = Array2::from_shape_fn((h, w), |(y, x)| (x + y) % 11 != 0);
+            let probs = cpu(m, &features, &valid);
+            let c = m.classes();
+            for (i, ok) in valid.iter().enumerate() {
+                let x: Vec<f32> = (0..m.inputs()).map(|k| features[k * n + i]).collect();
+                let want = if *ok {
+                    scalar(m, &x)
+                } else {
+                    (0..c).map(|k| if k == 0 { 1.0 } else { 0.0 }).collect()
+                };
+                for k in 0..c {
+                    let got = probs[k * n + i];
+                    assert!(
+                        (got - want[k]).abs() < TIER_TOLERANCE,
+                        "pixel {i} class {k}: {got} vs {}",
+                        want[k]
+                    );
+                }
+            }
+            // Each tier this CPU has gives the same layer outputs as the baseline.
+            let l = &m.layers[0];
+            let x: Vec<f32> = (0..l.inputs * BLOCK)
+                .map(|i| (i % 17) as f32 * 0.1)
+                .collect();
+            let run = |tier| {
+                let mut y = vec![0f32; l.outputs * BLOCK];
+                dense_block(l, &x, &mut y, true, tier);
+                y
+            };
+            let base = run(Tier::Baseline);
+            let best = Tier::detect();
+            for tier in [Tier::Avx2, Tier::Avx512] {
+                if tier == best || (tier == Tier::Avx2 && best == Tier::Avx512) {
+                    for (a, b) in run(tier).iter().zip(&base) {
+                        assert!((a - b).abs() < TIER_TOLERANCE, "{tier:?}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
 }

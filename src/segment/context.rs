@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::pixels::{self, box_means, box_sums, px, PixelModel, CLASSES, FEATURES};
+use super::pixels::{self, box_sums, px, PixelModel, CLASSES, FEATURES};
 use super::Features;
 use crate::label::Label;
 
@@ -95,30 +95,18 @@ pub fn input_names() -> Vec<&'static str> {
 
 /// The second stage's inputs for every grid pixel, feature-major (`INPUTS × h·w`): `base`
 /// (the first stage's features, [`pixels::pixel_features`]) followed by the context of
-/// `probs` (the first stage's probabilities, class-major).
-pub fn context_features(f: &Features, base: &[f32], probs: &[f32]) -> Vec<f32> {
+/// `probs` (the first stage's probabilities, class-major). `base` is extended in place (it
+/// is the first `FEATURES` planes of the result).
+pub fn context_features(f: &Features, mut base: Vec<f32>, probs: &[f32]) -> Vec<f32> {
     let (h, w) = f.intensity.dim();
     let n = h * w;
-    let mut out = Vec::with_capacity(INPUTS * n);
-    out.extend_from_slice(&base[..FEATURES * n]);
+    base.truncate(FEATURES * n);
+    base.resize(INPUTS * n, 0.0);
+    let mut out = base;
     if n == 0 {
-        out.resize(INPUTS * n, 0.0);
         return out;
     }
     let m: Vec<f32> = f.valid.iter().map(|v| f32::from(u8::from(*v))).collect();
-    // The first stage's probabilities on the valid pixels (outside, 0 for every class).
-    let p: Vec<Vec<f32>> = (0..CLASSES)
-        .map(|k| {
-            probs[k * n..(k + 1) * n]
-                .iter()
-                .zip(&m)
-                .map(|(v, m)| v * m)
-                .collect()
-        })
-        .collect();
-    for pk in &p {
-        out.extend_from_slice(pk);
-    }
     let (mmx, mmy) = f.mm_per_px;
     let window = |mm: f64| (px(mm, mmy, 1), px(mm, mmx, 1));
     let near = window(NEAR_MM);
@@ -127,73 +115,96 @@ pub fn context_features(f: &Features, base: &[f32], probs: &[f32]) -> Vec<f32> {
         || box_sums(&m, h, w, near.0, near.1),
         || box_sums(&m, h, w, far.0, far.1),
     );
-    let means: Vec<(Vec<f32>, Vec<f32>)> = p
-        .par_iter()
-        .map(|pk| {
-            (
-                box_means(pk, &near_share, h, w, near.0, near.1),
-                box_means(pk, &far_share, h, w, far.0, far.1),
-            )
-        })
-        .collect();
-    for (near_mean, _) in &means {
-        out.extend_from_slice(near_mean);
-    }
-    for (_, far_mean) in &means {
-        out.extend_from_slice(far_mean);
-    }
+    // The planes after the base: 7 probabilities, 7 near means, 7 far means, then per offset
+    // label its above / below / side-min / side-max.
+    let (_, context) = out.split_at_mut(FEATURES * n);
+    let (p_planes, rest) = context.split_at_mut(CLASSES * n);
+    let (near_planes, rest) = rest.split_at_mut(CLASSES * n);
+    let (far_planes, offset_planes) = rest.split_at_mut(CLASSES * n);
+    // The first stage's probabilities on the valid pixels (outside, 0 for every class), and
+    // their window means, one class per task.
+    p_planes
+        .par_chunks_mut(n)
+        .zip(near_planes.par_chunks_mut(n))
+        .zip(far_planes.par_chunks_mut(n))
+        .enumerate()
+        .for_each(|(k, ((pk, near_k), far_k))| {
+            for ((o, v), m) in pk.iter_mut().zip(&probs[k * n..(k + 1) * n]).zip(&m) {
+                *o = v * m;
+            }
+            box_means_into(pk, &near_share, h, w, near, near_k);
+            box_means_into(pk, &far_share, h, w, far, far_k);
+        });
+    let near_planes: &[f32] = near_planes;
     let (dy, dx) = (px(OFFSET_MM, mmy, 1), px(OFFSET_MM, mmx, 1));
-    for label in OFFSET_LABELS {
-        let near_mean = &means[label.code() as usize].0;
-        let at = |y: usize, x: usize, oy: isize, ox: isize| -> f32 {
-            let (yy, xx) = (y as isize + oy, x as isize + ox);
-            if yy < 0 || xx < 0 || yy >= h as isize || xx >= w as isize {
-                0.0
-            } else {
-                near_mean[yy as usize * w + xx as usize]
-            }
-        };
-        let (dy, dx) = (dy as isize, dx as isize);
-        let start = out.len();
-        out.resize(start + 4 * n, 0.0);
-        let (above, rest) = out[start..].split_at_mut(n);
-        let (below, rest) = rest.split_at_mut(n);
-        let (side_min, side_max) = rest.split_at_mut(n);
-        for y in 0..h {
-            for x in 0..w {
-                let i = y * w + x;
-                above[i] = at(y, x, -dy, 0);
-                below[i] = at(y, x, dy, 0);
-                let (l, r) = (at(y, x, 0, -dx), at(y, x, 0, dx));
-                side_min[i] = l.min(r);
-                side_max[i] = l.max(r);
-            }
+    offset_planes
+        .par_chunks_mut(4 * n)
+        .zip(OFFSET_LABELS.par_iter())
+        .for_each(|(planes, label)| {
+            let k = label.code() as usize;
+            let near_mean = &near_planes[k * n..(k + 1) * n];
+            let (above, rest) = planes.split_at_mut(n);
+            let (below, rest) = rest.split_at_mut(n);
+            let (side_min, side_max) = rest.split_at_mut(n);
+            offset_reads(near_mean, h, w, dy, dx, [above, below, side_min, side_max]);
+        });
+    out
+}
+
+/// Window means of `pk` over the valid share `share` into `out` (see `pixels::box_means`).
+fn box_means_into(
+    pk: &[f32],
+    share: &[f32],
+    h: usize,
+    w: usize,
+    (ry, rx): (usize, usize),
+    out: &mut [f32],
+) {
+    let sums = box_sums(pk, h, w, ry, rx);
+    for ((o, s), m) in out.iter_mut().zip(&sums).zip(share) {
+        *o = if *m > 0.5 { s / m } else { 0.0 };
+    }
+}
+
+/// The reads of `map` (row-major `h × w`) `dy` rows above and below every pixel and the
+/// smaller and larger of the reads `dx` columns to either side; outside the grid reads 0.
+/// The planes start zeroed.
+fn offset_reads(
+    map: &[f32],
+    h: usize,
+    w: usize,
+    dy: usize,
+    dx: usize,
+    [above, below, side_min, side_max]: [&mut [f32]; 4],
+) {
+    for y in dy..h {
+        above[y * w..(y + 1) * w].copy_from_slice(&map[(y - dy) * w..(y - dy + 1) * w]);
+        below[(y - dy) * w..(y - dy + 1) * w].copy_from_slice(&map[y * w..(y + 1) * w]);
+    }
+    for ((row, lo), hi) in map
+        .chunks_exact(w)
+        .zip(side_min.chunks_exact_mut(w))
+        .zip(side_max.chunks_exact_mut(w))
+    {
+        for x in 0..w {
+            let l = if x >= dx { row[x - dx] } else { 0.0 };
+            let r = if x + dx < w { row[x + dx] } else { 0.0 };
+            lo[x] = l.min(r);
+            hi[x] = l.max(r);
         }
     }
-    out
 }
 
 /// The second stage shipped with this build (`models/pixel_context.json`), checked against
 /// this build's inputs and labels.
 pub fn builtin_model() -> crate::Result<&'static PixelModel> {
-    static MODEL: std::sync::OnceLock<Result<PixelModel, String>> = std::sync::OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            PixelModel::from_json(
-                include_str!("../../models/pixel_context.json"),
-                &input_names(),
-                &pixels::class_names(),
-            )
-            .map_err(|e| e.to_string())
-        })
-        .as_ref()
-        .map_err(|reason| {
-            crate::kernels::KernelError::InvalidParameter {
-                name: "models/pixel_context.json",
-                reason: reason.clone(),
-            }
-            .into()
-        })
+    static MODEL: pixels::ModelCell = std::sync::OnceLock::new();
+    pixels::load_builtin(
+        &MODEL,
+        include_str!("../../models/pixel_context.json"),
+        &input_names(),
+        "models/pixel_context.json",
+    )
 }
 
 /// Both stages: the first stage's probabilities from `f`'s features, then the second's from
@@ -203,9 +214,9 @@ pub fn classify(
     f: &Features,
     mut run: impl FnMut(&PixelModel, &[f32]) -> crate::Result<Vec<f32>>,
 ) -> crate::Result<(Vec<f32>, Vec<f32>)> {
-    let base = pixels::pixel_features(f);
+    let base = pixels::pixel_features_with_room(f, CONTEXT);
     let first = run(pixels::builtin_model()?, &base)?;
     let second = builtin_model()?;
-    let inputs = context_features(f, &base, &first);
+    let inputs = context_features(f, base, &first);
     Ok((run(second, &inputs)?, first))
 }

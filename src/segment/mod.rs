@@ -335,36 +335,56 @@ const GRAPHIC_RADIUS: usize = 2;
 /// included), not colour (Doppler, coloured annotations), and not burned-in white text or
 /// markers (thin bright strokes on a dark surround, found on the raw intensity).
 pub fn valid_mask(frame: &Frame) -> Array2<bool> {
+    use rayon::prelude::*;
     let b = frame.region.bounds;
     let raw = &frame.intensity;
     let (h, w) = raw.dim();
+    let (bh, bw) = (b.height(), b.width());
+    if bh == 0 || bw == 0 {
+        return Array2::from_elem((bh, bw), false);
+    }
+    const SIDE: usize = 2 * GRAPHIC_RADIUS + 1;
     let r = GRAPHIC_RADIUS as isize;
-    let stroke = Array2::from_shape_fn((b.height(), b.width()), |(y, x)| {
-        let (fx, fy) = (x + b.x0, y + b.y0);
-        if raw[[fy, fx]] < GRAPHIC_LEVEL {
-            return false;
-        }
-        let mut around: Vec<f32> = Vec::with_capacity(((2 * r + 1) * (2 * r + 1)) as usize);
-        for dy in -r..=r {
-            for dx in -r..=r {
-                let (xx, yy) = (
-                    (fx as isize + dx).clamp(0, w as isize - 1),
-                    (fy as isize + dy).clamp(0, h as isize - 1),
-                );
-                around.push(raw[[yy as usize, xx as usize]]);
+    // Rows in parallel; a neighbourhood is judged only under a bright pixel (rare).
+    let mut stroke = vec![false; bh * bw];
+    stroke.par_chunks_mut(bw).enumerate().for_each(|(y, row)| {
+        let fy = y + b.y0;
+        for (x, out) in row.iter_mut().enumerate() {
+            let fx = x + b.x0;
+            if raw[[fy, fx]] < GRAPHIC_LEVEL {
+                continue;
             }
+            let mut around = [0f32; SIDE * SIDE];
+            let mut k = 0;
+            for dy in -r..=r {
+                let yy = (fy as isize + dy).clamp(0, h as isize - 1) as usize;
+                for dx in -r..=r {
+                    let xx = (fx as isize + dx).clamp(0, w as isize - 1) as usize;
+                    around[k] = raw[[yy, xx]];
+                    k += 1;
+                }
+            }
+            let (_, m, _) = around.select_nth_unstable_by(SIDE * SIDE / 2, |a, b| a.total_cmp(b));
+            *out = *m < GRAPHIC_SURROUND;
         }
-        let mid = around.len() / 2;
-        let (_, m, _) = around.select_nth_unstable_by(mid, |a, b| a.total_cmp(b));
-        *m < GRAPHIC_SURROUND
     });
-    let graphics = components::morph(&stroke, GRAPHIC_RADIUS, false);
-    Array2::from_shape_fn((b.height(), b.width()), |(y, x)| {
-        let (fx, fy) = (x + b.x0, y + b.y0);
-        frame.region.contains(fx, fy)
-            && frame.colour_mask.as_ref().is_none_or(|m| m[[fy, fx]] == 0)
-            && !graphics[[y, x]]
-    })
+    let graphics = if stroke.iter().any(|v| *v) {
+        let stroke = Array2::from_shape_fn((bh, bw), |(y, x)| stroke[y * bw + x]);
+        Some(components::morph(&stroke, GRAPHIC_RADIUS, false))
+    } else {
+        None
+    };
+    let mut valid = vec![false; bh * bw];
+    valid.par_chunks_mut(bw).enumerate().for_each(|(y, row)| {
+        let fy = y + b.y0;
+        for (x, out) in row.iter_mut().enumerate() {
+            let fx = x + b.x0;
+            *out = frame.region.contains(fx, fy)
+                && frame.colour_mask.as_ref().is_none_or(|m| m[[fy, fx]] == 0)
+                && graphics.as_ref().is_none_or(|g| !g[[y, x]]);
+        }
+    });
+    Array2::from_shape_vec((bh, bw), valid).unwrap_or_else(|_| Array2::from_elem((bh, bw), false))
 }
 
 /// The region of `despeckled`, at half resolution when it is wide, with its valid mask.
@@ -452,19 +472,28 @@ fn carry_soft_tissue(
     valid_full: &Array2<bool>,
     labels: &mut Array2<u8>,
 ) {
+    use rayon::prelude::*;
     let (gh, gw) = grid.dim();
-    for ((y, x), l) in labels.indexed_iter_mut() {
-        if *l != Label::Background.code() || !valid_full[[y, x]] {
-            continue;
-        }
-        let g = grid[[(y / step).min(gh - 1), (x / step).min(gw - 1)]];
-        if [Label::Tendon, Label::Joint, Label::Vessel, Label::Nerve]
-            .iter()
-            .any(|s| s.code() == g)
-        {
-            *l = g;
-        }
+    if gh == 0 || gw == 0 {
+        return;
     }
+    let carried = [Label::Tendon, Label::Joint, Label::Vessel, Label::Nerve].map(|s| s.code());
+    labels
+        .axis_iter_mut(ndarray::Axis(0))
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(y, mut row)| {
+            let gy = (y / step).min(gh - 1);
+            for (x, l) in row.iter_mut().enumerate() {
+                if *l != Label::Background.code() || !valid_full[[y, x]] {
+                    continue;
+                }
+                let g = grid[[gy, (x / step).min(gw - 1)]];
+                if carried.contains(&g) {
+                    *l = g;
+                }
+            }
+        });
 }
 
 /// Carries the grid's possible nerve to full resolution, on background and tendon only (bone,

@@ -67,25 +67,55 @@ pub(crate) fn box_sums(v: &[f32], h: usize, w: usize, ry: usize, rx: usize) -> V
     let mut vs = vec![0f32; h * w];
     vertical_sums(v, &mut vs, h, w, ry);
     let mut out = vec![0f32; h * w];
-    for (row, o) in vs.chunks_exact(w).zip(out.chunks_exact_mut(w)) {
-        // acc holds the sum of row[lo..hi); f32 add-and-subtract over a row of a few hundred
-        // window sums drifts by about 1e-6 of their size.
-        let mut acc = 0f32;
-        let (mut lo, mut hi) = (0usize, 0usize);
-        for (x, o) in o.iter_mut().enumerate() {
-            let (x0, x1) = (x.saturating_sub(rx), (x + rx + 1).min(w));
-            while hi < x1 {
-                acc += row[hi];
-                hi += 1;
-            }
-            while lo < x0 {
-                acc -= row[lo];
-                lo += 1;
-            }
-            *o = acc;
-        }
+    if w == 0 {
+        return out;
+    }
+    // Rows in groups of ROWS: every row of a group has the same window at each column, so the
+    // group's running sums advance together (independent chains: the additions overlap instead
+    // of waiting on each other). Per row, the additions and subtractions come in the same
+    // order as a row-by-row running sum.
+    const ROWS: usize = 8;
+    let full = h / ROWS * ROWS;
+    let (head, tail) = vs.split_at(full * w);
+    let (out_head, out_tail) = out.split_at_mut(full * w);
+    for (rows, outs) in head
+        .chunks_exact(ROWS * w)
+        .zip(out_head.chunks_exact_mut(ROWS * w))
+    {
+        horizontal_sums::<ROWS>(rows, outs, w, rx);
+    }
+    for (row, o) in tail.chunks_exact(w).zip(out_tail.chunks_exact_mut(w)) {
+        horizontal_sums::<1>(row, o, w, rx);
     }
     out
+}
+
+/// Running sums over `±rx` columns (clipped) of the `R` rows of `rows` into `outs`, the rows
+/// advancing together.
+#[inline(always)]
+fn horizontal_sums<const R: usize>(rows: &[f32], outs: &mut [f32], w: usize, rx: usize) {
+    let src: [&[f32]; R] = std::array::from_fn(|r| &rows[r * w..(r + 1) * w]);
+    let mut dst: Vec<&mut [f32]> = outs.chunks_exact_mut(w).collect();
+    let mut acc = [0f32; R];
+    let (mut lo, mut hi) = (0usize, 0usize);
+    for x in 0..w {
+        let (x0, x1) = (x.saturating_sub(rx), (x + rx + 1).min(w));
+        while hi < x1 {
+            for (a, row) in acc.iter_mut().zip(&src) {
+                *a += row[hi];
+            }
+            hi += 1;
+        }
+        while lo < x0 {
+            for (a, row) in acc.iter_mut().zip(&src) {
+                *a -= row[lo];
+            }
+            lo += 1;
+        }
+        for (a, o) in acc.iter().zip(dst.iter_mut()) {
+            o[x] = *a;
+        }
+    }
 }
 
 crate::simd::multiversion! {
@@ -221,9 +251,16 @@ type WindowMaps = (Vec<f32>, Option<Vec<f32>>, Vec<f32>);
 /// The feature vectors of every grid pixel, feature-major (`FEATURES × h·w`, row-major
 /// pixels). Invalid pixels get features too (they are not classified).
 pub fn pixel_features(f: &Features) -> Vec<f32> {
+    pixel_features_with_room(f, 0)
+}
+
+/// [`pixel_features`] in a vector with room for `planes` more planes after them (the second
+/// stage's context is added in place, without a copy of these).
+pub fn pixel_features_with_room(f: &Features, planes: usize) -> Vec<f32> {
     let (h, w) = f.intensity.dim();
     let n = h * w;
-    let mut out = vec![0f32; FEATURES * n];
+    let mut out = Vec::with_capacity((FEATURES + planes) * n);
+    out.resize(FEATURES * n, 0f32);
     if n == 0 {
         return out;
     }
@@ -261,24 +298,6 @@ pub fn pixel_features(f: &Features) -> Vec<f32> {
         })
         .collect();
     let u1 = &maps[0].0;
-    {
-        let mut put = |k: usize, v: &[f32]| out[k * n..(k + 1) * n].copy_from_slice(v);
-        put(0, &u);
-        put(1, u1);
-        put(2, &maps[2].0);
-        put(3, &maps[3].0);
-        let sd: Vec<f32> = maps[1]
-            .0
-            .iter()
-            .zip(maps[1].1.as_deref().unwrap_or(&[]))
-            .map(|(a, q)| (q - a * a).max(0.0).sqrt())
-            .collect();
-        put(4, &sd);
-        put(5, &maps[4].0);
-        put(6, &maps[5].0);
-        put(20, &maps[6].0);
-        put(21, &maps[7].0);
-    }
     // Columns: prefix sums of the smoothed rank and of validity, the running maximum from the
     // top, and the maximum in a window beneath.
     let (d05, d1, d3, d8) = (
@@ -326,77 +345,144 @@ pub fn pixel_features(f: &Features) -> Vec<f32> {
             c
         })
         .collect();
-    for (k, j) in [(7, 0), (8, 1), (9, 4), (10, 5), (11, 2), (17, 3), (18, 6)] {
-        let dst = &mut out[k * n..(k + 1) * n];
-        for (x, c) in columns.iter().enumerate() {
-            for (y, v) in c[j].iter().enumerate() {
-                dst[y * w + x] = *v;
-            }
-        }
-    }
     // The mean beneath is a mean of grey levels: the intensity's rank map keeps it invariant
     // to a gain or dynamic-range change (and "nothing beneath", 0, stays lowest).
     let below_rank = &rank;
-    // Per-pixel features in row-major order (ndarray iterates standard-layout arrays so).
-    let mut put = |k: usize, values: &mut dyn Iterator<Item = f32>| {
-        for (o, v) in out[k * n..(k + 1) * n].iter_mut().zip(values) {
-            *o = v;
-        }
-    };
-    put(
-        12,
-        &mut (0..h).flat_map(|y| std::iter::repeat_n((y as f64 * mmy / DEPTH_SCALE_MM) as f32, w)),
-    );
-    put(13, &mut f.phase_symmetry.iter().copied());
-    put(14, &mut f.coherence.iter().copied());
-    put(
-        15,
-        &mut f
-            .coherence
-            .iter()
-            .zip(f.orientation.iter())
-            .map(|(c, o)| c * abs_cos(*o)),
-    );
-    put(16, &mut f.below.iter().map(|b| below_rank(*b)));
     let share = &maps[2].2;
     let (ry, rx) = windows[2];
     let span = |i: usize, r: usize, len: usize| (i + r + 1).min(len) - i.saturating_sub(r);
-    put(
-        19,
-        &mut (0..h).flat_map(|y| {
-            (0..w).map(move |x| share[y * w + x] / (span(y, ry, h) * span(x, rx, w)) as f32)
-        }),
-    );
-    for v in &mut out {
-        if !v.is_finite() {
-            *v = 0.0;
+    let copy = |dst: &mut [f32], src: &[f32]| dst.copy_from_slice(src);
+    // Every plane on its own (in parallel), row-major pixels; values that are not finite
+    // become 0 while the plane is still in cache.
+    out.par_chunks_mut(n).enumerate().for_each(|(k, plane)| {
+        match k {
+            0 => copy(plane, &u),
+            1 => copy(plane, u1),
+            2 => copy(plane, &maps[2].0),
+            3 => copy(plane, &maps[3].0),
+            4 => {
+                let (a, q) = (&maps[1].0, maps[1].1.as_deref().unwrap_or(&[]));
+                for ((o, a), q) in plane.iter_mut().zip(a).zip(q) {
+                    *o = (q - a * a).max(0.0).sqrt();
+                }
+            }
+            5 => copy(plane, &maps[4].0),
+            6 => copy(plane, &maps[5].0),
+            20 => copy(plane, &maps[6].0),
+            21 => copy(plane, &maps[7].0),
+            7..=11 | 17 | 18 => {
+                let j = match k {
+                    7 => 0,
+                    8 => 1,
+                    9 => 4,
+                    10 => 5,
+                    11 => 2,
+                    17 => 3,
+                    _ => 6,
+                };
+                transpose_columns(&columns, j, plane, h, w);
+            }
+            12 => {
+                for (y, row) in plane.chunks_exact_mut(w).enumerate() {
+                    row.fill((y as f64 * mmy / DEPTH_SCALE_MM) as f32);
+                }
+            }
+            13 => copy_map(plane, &f.phase_symmetry, |v| v),
+            14 => copy_map(plane, &f.coherence, |v| v),
+            15 => {
+                for ((o, c), t) in plane.iter_mut().zip(&f.coherence).zip(&f.orientation) {
+                    *o = c * abs_cos(*t);
+                }
+            }
+            16 => copy_map(plane, &f.below, below_rank),
+            19 => {
+                for (y, row) in plane.chunks_exact_mut(w).enumerate() {
+                    let sy = span(y, ry, h);
+                    for (x, o) in row.iter_mut().enumerate() {
+                        *o = share[y * w + x] / (sy * span(x, rx, w)) as f32;
+                    }
+                }
+            }
+            _ => {}
+        }
+        for v in plane.iter_mut() {
+            if !v.is_finite() {
+                *v = 0.0;
+            }
+        }
+    });
+    out
+}
+
+/// `plane[i] = f(map[i])` in the map's logical (row-major) order.
+fn copy_map(plane: &mut [f32], map: &Array2<f32>, f: impl Fn(f32) -> f32) {
+    match map.as_slice() {
+        Some(v) => {
+            for (o, v) in plane.iter_mut().zip(v) {
+                *o = f(*v);
+            }
+        }
+        None => {
+            for (o, v) in plane.iter_mut().zip(map.iter()) {
+                *o = f(*v);
+            }
         }
     }
-    out
+}
+
+/// Writes column feature `j` of every column (`columns[x][j][y]`) into the row-major `plane`,
+/// in tiles, so that reads and writes both stay within a few cache lines.
+fn transpose_columns(columns: &[[Vec<f32>; 7]], j: usize, plane: &mut [f32], h: usize, w: usize) {
+    const TILE: usize = 16;
+    for y0 in (0..h).step_by(TILE) {
+        let y1 = (y0 + TILE).min(h);
+        for x0 in (0..w).step_by(TILE) {
+            let x1 = (x0 + TILE).min(w);
+            for (x, c) in columns[x0..x1].iter().enumerate() {
+                let col = &c[j];
+                for y in y0..y1 {
+                    plane[y * w + x0 + x] = col[y];
+                }
+            }
+        }
+    }
 }
 
 /// The model shipped with this build (`models/pixel_mlp.json`), checked against this build's
 /// features and labels (`tests/pixels.rs` checks it loads: a build whose model does not fit
 /// its features does not pass).
 pub fn builtin_model() -> crate::Result<&'static PixelModel> {
-    static MODEL: std::sync::OnceLock<Result<PixelModel, String>> = std::sync::OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            PixelModel::from_json(
-                include_str!("../../models/pixel_mlp.json"),
-                &FEATURE_NAMES,
-                &class_names(),
-            )
-            .map_err(|e| e.to_string())
-        })
-        .as_ref()
-        .map_err(|reason| {
-            crate::kernels::KernelError::InvalidParameter {
-                name: "models/pixel_mlp.json",
-                reason: reason.clone(),
-            }
-            .into()
-        })
+    static MODEL: ModelCell = std::sync::OnceLock::new();
+    load_builtin(
+        &MODEL,
+        include_str!("../../models/pixel_mlp.json"),
+        &FEATURE_NAMES,
+        "models/pixel_mlp.json",
+    )
+}
+
+/// Where a shipped model is parsed once and kept (or why it could not be).
+pub(crate) type ModelCell = std::sync::OnceLock<Result<PixelModel, String>>;
+
+/// A model shipped with the build (`text`, from `file`), parsed on first use into `cell` and
+/// checked against the `inputs` this build computes and the labels.
+pub(crate) fn load_builtin(
+    cell: &'static ModelCell,
+    text: &str,
+    inputs: &[&str],
+    file: &'static str,
+) -> crate::Result<&'static PixelModel> {
+    cell.get_or_init(|| {
+        PixelModel::from_json(text, inputs, &class_names()).map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|reason| {
+        crate::kernels::KernelError::InvalidParameter {
+            name: file,
+            reason: reason.clone(),
+        }
+        .into()
+    })
 }
 
 /// The label names in code order: the model's classes.
@@ -529,9 +615,11 @@ pub fn soft_tissue(
             None => p.to_vec(),
         }
     };
-    let smoothed: Vec<f32> = (0..CLASSES)
-        .flat_map(|k| smooth(&probs[k * n..(k + 1) * n]))
-        .collect();
+    let mut smoothed = vec![0f32; CLASSES * n];
+    smoothed
+        .par_chunks_mut(n.max(1))
+        .enumerate()
+        .for_each(|(k, out)| out.copy_from_slice(&smooth(&probs[k * n..(k + 1) * n])));
     let mut nerve_doubt = smoothed[nerve * n..(nerve + 1) * n].to_vec();
     if let Some(first) = first_stage.filter(|p| p.len() == probs.len()) {
         for (d, p) in nerve_doubt
@@ -557,36 +645,45 @@ pub fn soft_tissue(
     });
     let mut out = Array2::<u8>::zeros(dim);
     let px_mm2 = f.mm_per_px.0 * f.mm_per_px.1;
-    for (label, min_mm2) in MIN_AREA_MM2 {
-        let mut mask = best.mapv(|l| l == label.code());
-        if label != Label::Tendon {
-            // Fluid and nerves are compact: strands thinner than OPEN_MM are clutter.
-            let r = px(OPEN_MM / 2.0, f.mm_per_px.0.max(f.mm_per_px.1), 0);
-            if r > 0 {
-                mask = super::components::open_close(&mask, r);
-            }
-        }
-        for c in super::components::components(&mask) {
-            let on_bone = label != Label::Joint
-                || c.pixels
-                    .iter()
-                    .any(|&(y, x)| near_bone(surface, y, x, f.mm_per_px, JOINT_REACH_MM));
-            let deep_enough =
-                label != Label::Joint || deepest_column_mm(&c, f.mm_per_px.1) >= MIN_FLUID_DEPTH_MM;
-            let confident = label != Label::Vessel || {
-                let k = label.code() as usize;
-                let sum: f32 = c
-                    .pixels
-                    .iter()
-                    .map(|&(y, x)| probs[k * n + y * dim.1 + x])
-                    .sum();
-                sum >= MIN_VESSEL_PROBABILITY * c.pixels.len() as f32
-            };
-            if on_bone && deep_enough && confident && c.area() as f64 * px_mm2 >= min_mm2 {
-                for &(y, x) in &c.pixels {
-                    out[[y, x]] = label.code();
+    // Each label's components on their own (in parallel: the labels' masks are disjoint).
+    let kept: Vec<(Label, Vec<(usize, usize)>)> = MIN_AREA_MM2
+        .par_iter()
+        .map(|&(label, min_mm2)| {
+            let mut mask = best.mapv(|l| l == label.code());
+            if label != Label::Tendon {
+                // Fluid and nerves are compact: strands thinner than OPEN_MM are clutter.
+                let r = px(OPEN_MM / 2.0, f.mm_per_px.0.max(f.mm_per_px.1), 0);
+                if r > 0 {
+                    mask = super::components::open_close(&mask, r);
                 }
             }
+            let mut pixels = Vec::new();
+            for c in super::components::components(&mask) {
+                let on_bone = label != Label::Joint
+                    || c.pixels
+                        .iter()
+                        .any(|&(y, x)| near_bone(surface, y, x, f.mm_per_px, JOINT_REACH_MM));
+                let deep_enough = label != Label::Joint
+                    || deepest_column_mm(&c, f.mm_per_px.1) >= MIN_FLUID_DEPTH_MM;
+                let confident = label != Label::Vessel || {
+                    let k = label.code() as usize;
+                    let sum: f32 = c
+                        .pixels
+                        .iter()
+                        .map(|&(y, x)| probs[k * n + y * dim.1 + x])
+                        .sum();
+                    sum >= MIN_VESSEL_PROBABILITY * c.pixels.len() as f32
+                };
+                if on_bone && deep_enough && confident && c.area() as f64 * px_mm2 >= min_mm2 {
+                    pixels.extend_from_slice(&c.pixels);
+                }
+            }
+            (label, pixels)
+        })
+        .collect();
+    for (label, pixels) in kept {
+        for (y, x) in pixels {
+            out[[y, x]] = label.code();
         }
     }
     merge_fluid_into_joint(&mut out);
@@ -627,6 +724,36 @@ fn merge_fluid_into_joint(labels: &mut Array2<u8>) {
         if touches {
             for &(y, x) in &c.pixels {
                 labels[[y, x]] = Label::Joint.code();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Running f32 sums against a direct sum of a window of at most a few hundred values
+    /// below 1: rounding only.
+    const SUM_TOLERANCE: f32 = 1e-4;
+
+    #[test]
+    fn box_sums_match_the_direct_window_sums() {
+        // Heights that leave a remainder below the row groups, windows wider than the grid.
+        for (h, w, ry, rx) in [(1, 1, 0, 0), (17, 9, 2, 3), (8, 40, 1, 50), (29, 23, 40, 4)] {
+            let v: Vec<f32> = (0..h * w).map(|i| ((i * 53 % 97) as f32) / 97.0).collect();
+            let got = box_sums(&v, h, w, ry, rx);
+            for y in 0..h {
+                for x in 0..w {
+                    let mut want = 0f32;
+                    for yy in y.saturating_sub(ry)..(y + ry + 1).min(h) {
+                        for xx in x.saturating_sub(rx)..(x + rx + 1).min(w) {
+                            want += v[yy * w + xx];
+                        }
+                    }
+                    let d = (got[y * w + x] - want).abs();
+                    assert!(d < SUM_TOLERANCE, "{h}x{w} r=({ry},{rx}) at ({y},{x}): {d}");
+                }
             }
         }
     }

@@ -149,10 +149,15 @@ fn sample_frame(
     }
     let (h, w) = f.intensity.dim();
     let n = h * w;
-    let mut feats = pixels::pixel_features(&f);
+    let room = if opt.first_stage.is_some() {
+        context::CONTEXT
+    } else {
+        0
+    };
+    let mut feats = pixels::pixel_features_with_room(&f, room);
     if let Some(first) = &opt.first_stage {
         let probs = pixels::pixel_mlp::cpu(first, &feats, &f.valid);
-        feats = context::context_features(&f, &feats, &probs);
+        feats = context::context_features(&f, feats, &probs);
     }
     let dim = feats.len() / n.max(1);
     s.dim = dim;
