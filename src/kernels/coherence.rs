@@ -7,6 +7,7 @@
 use std::f32::consts::FRAC_PI_2;
 
 use ndarray::Array2;
+use rayon::prelude::*;
 
 use super::{at, check_image, par_image};
 
@@ -95,39 +96,45 @@ pub fn cpu_fast(img: &Array2<f32>, params: &Params) -> crate::Result<(Array2<f32
     let r = params.radius as usize;
     // Gradient products on the window domain (output ± r), edges clamped like the twin.
     let (pw, ph) = (w + 2 * r, h + 2 * r);
+    // Rows in parallel; every sum is taken in the same order as a plain loop would.
     let mut products = [
         vec![0f32; pw * ph],
         vec![0f32; pw * ph],
         vec![0f32; pw * ph],
     ];
-    for py in 0..ph {
-        for px in 0..pw {
-            let (x, y) = (px as isize - r as isize, py as isize - r as isize);
-            let gx = 0.5 * (at(img, x + 1, y) - at(img, x - 1, y));
-            let gy = 0.5 * (at(img, x, y + 1) - at(img, x, y - 1));
-            let i = py * pw + px;
-            products[0][i] = gx * gx;
-            products[1][i] = gx * gy;
-            products[2][i] = gy * gy;
-        }
-    }
+    let [pxx, pxy, pyy] = &mut products;
+    pxx.par_chunks_mut(pw)
+        .zip(pxy.par_chunks_mut(pw))
+        .zip(pyy.par_chunks_mut(pw))
+        .enumerate()
+        .for_each(|(py, ((rxx, rxy), ryy))| {
+            let y = py as isize - r as isize;
+            for px in 0..pw {
+                let x = px as isize - r as isize;
+                let gx = 0.5 * (at(img, x + 1, y) - at(img, x - 1, y));
+                let gy = 0.5 * (at(img, x, y + 1) - at(img, x, y - 1));
+                rxx[px] = gx * gx;
+                rxy[px] = gx * gy;
+                ryy[px] = gy * gy;
+            }
+        });
     let k = 2 * r + 1;
     let sums: Vec<Vec<f32>> = products
-        .iter()
+        .par_iter()
         .map(|p| {
             // Rows: k-wide sums; then columns.
             let mut rows = vec![0f32; ph * w];
-            for y in 0..ph {
-                for x in 0..w {
-                    rows[y * w + x] = p[y * pw + x..y * pw + x + k].iter().sum();
+            rows.par_chunks_mut(w).enumerate().for_each(|(y, row)| {
+                for (x, o) in row.iter_mut().enumerate() {
+                    *o = p[y * pw + x..y * pw + x + k].iter().sum();
                 }
-            }
+            });
             let mut out = vec![0f32; h * w];
-            for y in 0..h {
-                for x in 0..w {
-                    out[y * w + x] = (0..k).map(|d| rows[(y + d) * w + x]).sum();
+            out.par_chunks_mut(w).enumerate().for_each(|(y, row)| {
+                for (x, o) in row.iter_mut().enumerate() {
+                    *o = (0..k).map(|d| rows[(y + d) * w + x]).sum();
                 }
-            }
+            });
             out
         })
         .collect();

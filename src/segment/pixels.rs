@@ -64,28 +64,28 @@ const DEPTH_SCALE_MM: f64 = 30.0;
 /// pixel, clipped to the grid: a vertical running sum (vectorised across the row) then a
 /// horizontal one along each row, so the cost does not depend on the window.
 pub(crate) fn box_sums(v: &[f32], h: usize, w: usize, ry: usize, rx: usize) -> Vec<f32> {
-    let mut vs = vec![0f32; h * w];
-    vertical_sums(v, &mut vs, h, w, ry);
-    let mut out = vec![0f32; h * w];
+    // One vector, written once by the vertical pass (pushed: no zeroing first), then the
+    // horizontal pass in place.
+    let mut out = Vec::with_capacity(h * w);
+    vertical_sums(v, &mut out, h, w, ry);
     if w == 0 {
         return out;
     }
     // Rows in groups of ROWS: every row of a group has the same window at each column, so the
     // group's running sums advance together (independent chains: the additions overlap instead
     // of waiting on each other). Per row, the additions and subtractions come in the same
-    // order as a row-by-row running sum.
+    // order as a row-by-row running sum. Each group's vertical sums are copied aside first.
     const ROWS: usize = 8;
+    let mut rows = vec![0f32; ROWS * w];
     let full = h / ROWS * ROWS;
-    let (head, tail) = vs.split_at(full * w);
-    let (out_head, out_tail) = out.split_at_mut(full * w);
-    for (rows, outs) in head
-        .chunks_exact(ROWS * w)
-        .zip(out_head.chunks_exact_mut(ROWS * w))
-    {
-        horizontal_sums::<ROWS>(rows, outs, w, rx);
+    let (head, tail) = out.split_at_mut(full * w);
+    for group in head.chunks_exact_mut(ROWS * w) {
+        rows.copy_from_slice(group);
+        horizontal_sums::<ROWS>(&rows, group, w, rx);
     }
-    for (row, o) in tail.chunks_exact(w).zip(out_tail.chunks_exact_mut(w)) {
-        horizontal_sums::<1>(row, o, w, rx);
+    for row in tail.chunks_exact_mut(w) {
+        rows[..w].copy_from_slice(row);
+        horizontal_sums::<1>(&rows[..w], row, w, rx);
     }
     out
 }
@@ -119,8 +119,9 @@ fn horizontal_sums<const R: usize>(rows: &[f32], outs: &mut [f32], w: usize, rx:
 }
 
 crate::simd::multiversion! {
-    /// Vertical running sums of the rows of `hs` over `±ry` rows (clipped) into `out`.
-    fn vertical_sums(hs: &[f32], out: &mut [f32], h: usize, w: usize, ry: usize) {
+    /// Vertical running sums of the rows of `hs` over `±ry` rows (clipped), appended to
+    /// `out` row by row.
+    fn vertical_sums(hs: &[f32], out: &mut Vec<f32>, h: usize, w: usize, ry: usize) {
         // acc holds the sum of rows lo..hi (half-open); the window sums are small (a few
         // hundred values of at most 1), so f32 running sums stay exact to about 1e-5.
         let mut acc = vec![0f32; w];
@@ -139,7 +140,7 @@ crate::simd::multiversion! {
                 }
                 lo += 1;
             }
-            out[y * w..(y + 1) * w].copy_from_slice(&acc);
+            out.extend_from_slice(&acc);
         }
     }
 }
@@ -154,11 +155,11 @@ pub(crate) fn box_means(
     ry: usize,
     rx: usize,
 ) -> Vec<f32> {
-    box_sums(um, h, w, ry, rx)
-        .into_iter()
-        .zip(ms)
-        .map(|(s, m)| if *m > 0.5 { s / m } else { 0.0 })
-        .collect()
+    let mut sums = box_sums(um, h, w, ry, rx);
+    for (s, m) in sums.iter_mut().zip(ms) {
+        *s = if *m > 0.5 { *s / m } else { 0.0 };
+    }
+    sums
 }
 
 /// The rank transform of `v` over the valid pixels: a monotone map to 0..1.
