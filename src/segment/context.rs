@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::pixels::{self, box_sums, px, PixelModel, CLASSES, FEATURES};
+use super::pixels::{self, box_means_into, box_sums, px, PixelModel, CLASSES, FEATURES};
 use super::Features;
 use crate::label::Label;
 
@@ -149,21 +149,6 @@ pub fn context_features(f: &Features, mut base: Vec<f32>, probs: &[f32]) -> Vec<
             offset_reads(near_mean, h, w, dy, dx, [above, below, side_min, side_max]);
         });
     out
-}
-
-/// Window means of `pk` over the valid share `share` into `out` (see `pixels::box_means`).
-fn box_means_into(
-    pk: &[f32],
-    share: &[f32],
-    h: usize,
-    w: usize,
-    (ry, rx): (usize, usize),
-    out: &mut [f32],
-) {
-    let sums = box_sums(pk, h, w, ry, rx);
-    for ((o, s), m) in out.iter_mut().zip(&sums).zip(share) {
-        *o = if *m > 0.5 { s / m } else { 0.0 };
-    }
 }
 
 /// The reads of `map` (row-major `h × w`) `dy` rows above and below every pixel and the

@@ -157,9 +157,33 @@ pub(crate) fn box_means(
 ) -> Vec<f32> {
     let mut sums = box_sums(um, h, w, ry, rx);
     for (s, m) in sums.iter_mut().zip(ms) {
-        *s = if *m > 0.5 { *s / m } else { 0.0 };
+        *s = share_mean(*s, *m);
     }
     sums
+}
+
+/// [`box_means`] written into `out`.
+pub(crate) fn box_means_into(
+    um: &[f32],
+    ms: &[f32],
+    h: usize,
+    w: usize,
+    (ry, rx): (usize, usize),
+    out: &mut [f32],
+) {
+    let sums = box_sums(um, h, w, ry, rx);
+    for ((o, s), m) in out.iter_mut().zip(&sums).zip(ms) {
+        *o = share_mean(*s, *m);
+    }
+}
+
+/// A window's mean over its valid pixels from its sum and its count of them (none: 0).
+fn share_mean(sum: f32, count: f32) -> f32 {
+    if count > 0.5 {
+        sum / count
+    } else {
+        0.0
+    }
 }
 
 /// The rank transform of `v` over the valid pixels: a monotone map to 0..1.
