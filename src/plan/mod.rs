@@ -3,9 +3,10 @@
 //!
 //! - Target: given in mm, or chosen by the kinds of [`PlanParams::targets`] in order of
 //!   priority (a site preset sets them; see [`preset`]): the centre of a joint space (label 4
-//!   between two bone ends), the deepest safe point of an effusion or bursa, just superficial to
-//!   a tendon (peritendinous), inside it (intratendinous), or beside a nerve outside its margin
-//!   (perineural).
+//!   between two bone ends, at their level), the middle of an effusion or bursa 1 mm above its
+//!   floor, just superficial to a tendon (peritendinous), inside it (intratendinous), or beside
+//!   a nerve outside its margin (perineural); tendons and nerves are taken where the image is
+//!   centred (the sonographer centres the structure to be injected).
 //! - Entry: every column of the skin line (the near arc of a fan) on either side of the target
 //!   is tried; the search is exhaustive, not sampled.
 //! - Constraints: the angle between needle and skin line within [min, max] (one definition,
@@ -324,7 +325,8 @@ spelled_enum! {
     TargetKind {
         /// The centre of a joint space between two bone ends.
         JointSpace => "joint_space",
-        /// The deepest safe point of an effusion or bursa.
+        /// The middle of an effusion or bursa, 1 mm above its floor (or the nearest point that
+        /// keeps every margin).
         Effusion => "effusion",
         /// Just superficial to a tendon.
         Peritendinous => "peritendinous",

@@ -32,7 +32,7 @@ pub(super) fn choose(
             TargetKind::JointSpace => joint_space(&seg.labels, g.mm),
             TargetKind::Effusion => effusion(seg, g, params, obstacles),
             TargetKind::Peritendinous => above(&seg.labels, Label::Tendon, PERITENDINOUS_MM, g),
-            TargetKind::Intratendinous => inside(&seg.labels, Label::Tendon, g.mm),
+            TargetKind::Intratendinous => inside(&seg.labels, Label::Tendon, g),
             TargetKind::Perineural => above(
                 &seg.labels,
                 Label::Nerve,
@@ -73,8 +73,18 @@ fn nearest_to_centroid(pixels: &[(usize, usize)], mm: (f64, f64)) -> Option<[f64
     Some([best.1 as f64, best.0 as f64])
 }
 
+/// How far above the shallower bone end the joint space may begin, mm: the articular
+/// cartilage capping the bone ends lies between the bone surface and the joint space, and is
+/// 1.9–3.2 mm thick over the femoral condyles on ultrasound ("Ultrasonographic assessment of
+/// the normal femoral articular cartilage of the knee joint", The Scientific World Journal
+/// 2021, 9978819), thinner at smaller joints. Fluid higher than this over a gap is an effusion
+/// bulging out of the joint, not the joint space between the bone ends.
+const JOINT_ABOVE_BONE_END_MM: f64 = 2.0;
+
 /// The centre of the joint space: label 4 in columns without bone, between bone columns on
-/// both sides (snapped to a joint pixel: the centroid of a curved recess may lie outside it).
+/// both sides, and no higher than [`JOINT_ABOVE_BONE_END_MM`] above the shallower of the two
+/// bone ends around it (an effusion over the gap would pull the centre out of the joint);
+/// snapped to a joint pixel, as the centroid of a curved recess may lie outside it.
 fn joint_space(labels: &Array2<u8>, mm: (f64, f64)) -> Option<[f64; 2]> {
     let bone_cols = bone_columns(labels);
     let joint: Vec<(usize, usize)> = labels
@@ -82,13 +92,61 @@ fn joint_space(labels: &Array2<u8>, mm: (f64, f64)) -> Option<[f64; 2]> {
         .filter(|((_, x), l)| **l == Label::Joint.code() && between_bones(&bone_cols, *x))
         .map(|(p, _)| p)
         .collect();
-    (!joint.is_empty())
-        .then(|| nearest_to_centroid(&joint, mm))
-        .flatten()
+    if joint.is_empty() {
+        return None;
+    }
+    let ends = bone_end_rows(labels, &bone_cols);
+    let above = JOINT_ABOVE_BONE_END_MM / mm.1;
+    let between: Vec<(usize, usize)> = joint
+        .iter()
+        .copied()
+        .filter(|&(y, x)| ends[x].is_none_or(|top| y as f64 >= top - above))
+        .collect();
+    nearest_to_centroid(if between.is_empty() { &joint } else { &between }, mm)
 }
 
-/// The deepest point of an effusion (label 4 not between bone ends, in a collection deep
-/// enough for a needle tip) that keeps every margin; else the one with the most room.
+/// For each column without bone, the row of the shallower of the two bone ends beside it: the
+/// top bone pixel of the nearest bone column on the left and on the right (`None` where there
+/// is bone in the column or none on one side).
+fn bone_end_rows(labels: &Array2<u8>, bone_cols: &[bool]) -> Vec<Option<f64>> {
+    let top = |x: usize| {
+        labels
+            .column(x)
+            .iter()
+            .position(|&l| l == Label::Bone.code())
+    };
+    let w = bone_cols.len();
+    let mut left = vec![None; w];
+    let mut last = None;
+    for x in 0..w {
+        if bone_cols[x] {
+            last = top(x);
+        } else {
+            left[x] = last;
+        }
+    }
+    let mut out = vec![None; w];
+    let mut next = None;
+    for x in (0..w).rev() {
+        if bone_cols[x] {
+            next = top(x);
+        } else if let (Some(l), Some(r)) = (left[x], next) {
+            out[x] = Some(l.min(r) as f64);
+        }
+    }
+    out
+}
+
+/// How far above an effusion's floor its target sits, mm: the deepest safe point of the
+/// collection, where fluid pools, with the bevel of a 21–22 G needle (about 1 mm long) inside
+/// the fluid rather than against the capsule or cartilage beneath. The same convention as the
+/// truth files of both simulators (the collection's middle, 1 mm above its floor).
+const EFFUSION_ABOVE_FLOOR_MM: f64 = 1.0;
+
+/// The target in an effusion (label 4 not between bone ends): in the largest collection deep
+/// enough for a needle tip, [`EFFUSION_ABOVE_FLOOR_MM`] above its floor in its middle column
+/// (midway up that column when it is thinner than that). If that point does not keep every
+/// margin, the collection's pixel nearest to it that does; else the one with the most room.
 fn effusion(
     seg: &Segmentation,
     g: &Geometry<'_>,
@@ -101,14 +159,11 @@ fn effusion(
         labels[[y, x]] == Label::Joint.code() && !between_bones(&bone_cols, x)
     });
     let min_rows = EFFUSION_MIN_DEPTH_MM / g.mm.1;
-    let fluid: Vec<(usize, usize)> = components(&mask)
+    let fluid = components(&mask)
         .into_iter()
         .filter(|c| c.extent().0 as f64 >= min_rows)
-        .flat_map(|c| c.pixels)
-        .collect();
-    if fluid.is_empty() {
-        return None;
-    }
+        .max_by_key(|c| c.area())?;
+    let ideal = effusion_point(&fluid.pixels, fluid.bbox, g.mm)?;
     let obstacles = obstacles.get_or_insert_with(|| {
         Obstacles::new(
             &seg.obstacle_labels(),
@@ -120,34 +175,91 @@ fn effusion(
     // Slack is measured to pixel centres; the path check measures to pixel squares, up to half
     // a pixel's diagonal closer.
     let half_diagonal = 0.5 * g.mm.0.hypot(g.mm.1);
+    let from_ideal = |p: &(usize, usize)| {
+        ((p.0 as f64 - ideal.0 as f64) * g.mm.1).hypot((p.1 as f64 - ideal.1 as f64) * g.mm.0)
+    };
     let best = fluid
+        .pixels
         .iter()
         .filter(|p| slack(p) >= half_diagonal)
-        .max_by_key(|p| p.0)
-        .or_else(|| fluid.iter().max_by(|a, b| slack(a).total_cmp(&slack(b))))?;
+        .min_by(|a, b| from_ideal(a).total_cmp(&from_ideal(b)))
+        .or_else(|| {
+            fluid
+                .pixels
+                .iter()
+                .max_by(|a, b| slack(a).total_cmp(&slack(b)))
+        })?;
     Some([best.1 as f64, best.0 as f64])
 }
 
-/// The largest component of `label`.
-fn largest(labels: &Array2<u8>, label: Label) -> Option<Vec<(usize, usize)>> {
+/// The ideal point of a fluid collection, (row, column): in the middle column of its bounding
+/// box `bbox`, [`EFFUSION_ABOVE_FLOOR_MM`] above the deepest fluid pixel of that column, or
+/// midway between that column's shallowest and deepest fluid pixels when it is thinner.
+fn effusion_point(
+    pixels: &[(usize, usize)],
+    bbox: (usize, usize, usize, usize),
+    mm: (f64, f64),
+) -> Option<(usize, usize)> {
+    let mid = (bbox.1 + bbox.3) / 2;
+    // The column nearest the middle that holds fluid (a crescent may leave its middle empty).
+    let column = pixels.iter().map(|p| p.1).min_by_key(|x| x.abs_diff(mid))?;
+    let rows = pixels.iter().filter(|p| p.1 == column).map(|p| p.0);
+    let (top, floor) = rows.fold((usize::MAX, 0), |(t, f), y| (t.min(y), f.max(y)));
+    let up = (EFFUSION_ABOVE_FLOOR_MM / mm.1).round() as usize;
+    let row = if floor - top >= up {
+        floor - up
+    } else {
+        (top + floor) / 2
+    };
+    Some((row, column))
+}
+
+/// The column in the middle of the image: the centre beam of a fitted fan, else the middle
+/// of the imaging region. Before an injection the sonographer centres the structure to be
+/// injected under the probe, so a soft-tissue target is looked for there first.
+fn centre_column(g: &Geometry<'_>) -> usize {
+    let region = &g.frame.region;
+    match &region.fan {
+        Some(fan) => fan.apex[0].round().max(0.0) as usize,
+        None => (region.bounds.x0 + region.bounds.x1.saturating_sub(1)) / 2,
+    }
+}
+
+/// The component of `label` the image is centred on: of those crossing the centre column
+/// ([`centre_column`]), the largest; when none does, the one coming nearest to it (the larger
+/// at equal distance). Returns its pixels and the column nearest the centre that it covers.
+fn centred(
+    labels: &Array2<u8>,
+    label: Label,
+    g: &Geometry<'_>,
+) -> Option<(Vec<(usize, usize)>, usize)> {
+    let centre = centre_column(g);
     let mask = labels.mapv(|l| l == label.code());
     components(&mask)
         .into_iter()
-        .max_by_key(|c| c.pixels.len())
-        .map(|c| c.pixels)
+        .map(|c| {
+            let column = c
+                .pixels
+                .iter()
+                .map(|p| p.1)
+                .min_by_key(|x| x.abs_diff(centre))
+                .unwrap_or(centre);
+            (column.abs_diff(centre), c.pixels.len(), c.pixels, column)
+        })
+        .min_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
+        .map(|(_, _, pixels, column)| (pixels, column))
 }
 
-/// `gap_mm` above the top of the largest component of `label`, over its centroid column.
+/// `gap_mm` above the top of the centred component of `label` ([`centred`]), in its column
+/// nearest the image's centre.
 fn above(labels: &Array2<u8>, label: Label, gap_mm: f64, g: &Geometry<'_>) -> Option<[f64; 2]> {
-    let pixels = largest(labels, label)?;
-    let cx =
-        (pixels.iter().map(|p| p.1 as f64).sum::<f64>() / pixels.len() as f64).round() as usize;
+    let (pixels, cx) = centred(labels, label, g)?;
     let top = pixels.iter().filter(|p| p.1 == cx).map(|p| p.0).min()?;
     let y = top as f64 - gap_mm / g.mm.1;
     (y >= 0.0).then_some([cx as f64, y])
 }
 
-/// The pixel of the largest component of `label` nearest its centroid.
-fn inside(labels: &Array2<u8>, label: Label, mm: (f64, f64)) -> Option<[f64; 2]> {
-    nearest_to_centroid(&largest(labels, label)?, mm)
+/// The pixel of the centred component of `label` ([`centred`]) nearest its centroid.
+fn inside(labels: &Array2<u8>, label: Label, g: &Geometry<'_>) -> Option<[f64; 2]> {
+    nearest_to_centroid(&centred(labels, label, g)?.0, g.mm)
 }

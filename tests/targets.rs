@@ -1,0 +1,133 @@
+//! Where the planner puts each kind of target, on hand-drawn label maps: the joint space at the
+//! level of the bone ends (not in an effusion bulging over the gap), an effusion's middle 1 mm
+//! above its floor, and a tendon or nerve where the image is centred, not the largest one.
+
+use ndarray::Array2;
+use sonoguide::frame::{Calibration, CalibrationSource, Frame};
+use sonoguide::label::Label;
+use sonoguide::plan::{plan, PlanParams, TargetKind};
+use sonoguide::segment::Segmentation;
+use sonoguide::{Backend, Pipeline};
+
+/// Frame size and pixel size of the drawings.
+const W: usize = 200;
+const H: usize = 150;
+const MM: f64 = 0.1;
+
+/// A target lies on a pixel of the structure or a fraction of a pixel from the stated point:
+/// the rules snap to pixels and round millimetre offsets to rows.
+const PIXEL_TOLERANCE: f64 = 1.0;
+
+/// An empty segmentation of a `W` × `H` frame at `MM` mm per pixel, to draw on.
+fn canvas() -> (Frame, Segmentation) {
+    let calibration = Calibration::Ok {
+        mm_per_px_x: MM,
+        mm_per_px_y: MM,
+        reference_px: None,
+        source: CalibrationSource::Given,
+    };
+    let frame = Frame::from_gray8(W, H, &vec![80u8; W * H], calibration).unwrap();
+    let pipeline = Pipeline::builder().backend(Backend::Cpu).build().unwrap();
+    let mut seg = pipeline.process(&frame).unwrap().segmentation;
+    seg.labels = Array2::zeros((H, W));
+    seg.possible_nerve = None;
+    (frame, seg)
+}
+
+fn fill(
+    labels: &mut Array2<u8>,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    l: Label,
+) {
+    for y in rows {
+        for x in cols.clone() {
+            labels[[y, x]] = l.code();
+        }
+    }
+}
+
+/// The target the planner chooses for `kinds` (whether or not a path reaches it).
+fn target(frame: &Frame, seg: &Segmentation, kinds: &[TargetKind]) -> ([f64; 2], TargetKind) {
+    let mut p = PlanParams::default();
+    p.targets = kinds.to_vec();
+    let plan = plan(frame, seg, &p);
+    let t = plan.target.unwrap_or_else(|| panic!("no target: {plan:?}"));
+    (t.px, plan.target_kind.unwrap())
+}
+
+#[test]
+fn the_joint_target_lies_between_the_bone_ends_not_in_fluid_bulging_over_them() {
+    let (frame, mut seg) = canvas();
+    // Two bones whose surfaces are at row 100, a gap over columns 90..110; the joint space
+    // fills the gap down to row 130, and an effusion bulges 4 mm above it (rows 60..100).
+    fill(&mut seg.labels, 100..103, 20..90, Label::Bone);
+    fill(&mut seg.labels, 100..103, 110..180, Label::Bone);
+    fill(&mut seg.labels, 103..150, 20..90, Label::Shadow);
+    fill(&mut seg.labels, 103..150, 110..180, Label::Shadow);
+    fill(&mut seg.labels, 60..100, 70..130, Label::Joint);
+    fill(&mut seg.labels, 100..130, 90..110, Label::Joint);
+    let ([x, y], kind) = target(&frame, &seg, &[TargetKind::JointSpace]);
+    assert_eq!(kind, TargetKind::JointSpace);
+    // Joint pixels between the bones no higher than 2 mm (20 rows) above row 100: rows
+    // 80..130 of columns 90..110, whose centre is (99.5, 104.5).
+    assert!((x - 99.5).abs() <= PIXEL_TOLERANCE, "column {x}");
+    assert!((y - 104.5).abs() <= PIXEL_TOLERANCE, "row {y}");
+    // Without the level, the bulge would have pulled it up to about row 97.
+}
+
+#[test]
+fn the_effusion_target_is_its_middle_one_millimetre_above_its_floor() {
+    let (frame, mut seg) = canvas();
+    // Bone along row 120; a small collection at the left (columns 20..40, rows 95..120) and
+    // a larger one (columns 80..160, rows 90..120): the larger is the target.
+    fill(&mut seg.labels, 120..123, 0..W, Label::Bone);
+    fill(&mut seg.labels, 123..150, 0..W, Label::Shadow);
+    fill(&mut seg.labels, 95..120, 20..40, Label::Joint);
+    fill(&mut seg.labels, 90..120, 80..160, Label::Joint);
+    let ([x, y], kind) = target(&frame, &seg, &[TargetKind::Effusion]);
+    assert_eq!(kind, TargetKind::Effusion);
+    // Middle column (80 + 159) / 2 = 119; floor row 119, 1 mm (10 rows) above: row 109.
+    // That point keeps 1 mm from bone; the default margin is 2 mm, so the nearest pixel
+    // that keeps it lies at row 99 (2 mm above the bone's top row 120, less half a pixel's
+    // diagonal of slack in the check) straight above.
+    assert!((x - 119.0).abs() <= PIXEL_TOLERANCE, "column {x}");
+    assert!(y < 109.0 && y >= 95.0, "row {y}");
+
+    // With no bone margin to keep, the point itself.
+    let mut p = PlanParams::default();
+    p.targets = vec![TargetKind::Effusion];
+    p.margin_mm = 0.0;
+    p.shadow_margin_mm = 0.0;
+    let t = plan(&frame, &seg, &p).target.unwrap().px;
+    assert!((t[0] - 119.0).abs() <= PIXEL_TOLERANCE, "column {}", t[0]);
+    assert!((t[1] - 109.0).abs() <= PIXEL_TOLERANCE, "row {}", t[1]);
+}
+
+#[test]
+fn tendon_and_nerve_targets_are_the_ones_the_image_is_centred_on() {
+    let (frame, mut seg) = canvas();
+    // A large tendon at the left (columns 0..90) and a smaller one crossing the centre
+    // column 99 (columns 95..125), whose top is row 50.
+    fill(&mut seg.labels, 30..45, 0..90, Label::Tendon);
+    fill(&mut seg.labels, 50..60, 95..125, Label::Tendon);
+    let ([x, y], kind) = target(&frame, &seg, &[TargetKind::Peritendinous]);
+    assert_eq!(kind, TargetKind::Peritendinous);
+    assert!((x - 99.0).abs() <= PIXEL_TOLERANCE, "column {x}");
+    // 0.5 mm (5 rows) above row 50.
+    assert!((y - 45.0).abs() <= PIXEL_TOLERANCE, "row {y}");
+    let ([x, y], _) = target(&frame, &seg, &[TargetKind::Intratendinous]);
+    assert!(
+        (95.0..125.0).contains(&x) && (50.0..60.0).contains(&y),
+        "inside the centred tendon: {x}, {y}"
+    );
+
+    // Nothing crosses the centre: the nearest wins, over the centre-most column it covers.
+    let mut labels = Array2::zeros((H, W));
+    fill(&mut labels, 80..100, 0..60, Label::Nerve);
+    fill(&mut labels, 90..100, 130..150, Label::Nerve);
+    seg.labels = labels;
+    let ([x, _], kind) = target(&frame, &seg, &[TargetKind::Perineural]);
+    assert_eq!(kind, TargetKind::Perineural);
+    assert!((x - 130.0).abs() <= PIXEL_TOLERANCE, "column {x}");
+}
