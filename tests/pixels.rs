@@ -251,3 +251,63 @@ fn training_is_deterministic_and_learns() {
         opt.epochs
     );
 }
+
+/// A nerve the classifier is unsure of (mean probability under
+/// `pixels::MIN_NERVE_PROBABILITY`) is not labelled nerve but stays possible nerve, which the
+/// planner keeps clear of; a sure one is labelled.
+#[test]
+fn an_unsure_nerve_is_not_labelled_but_still_kept_clear_of() {
+    let f = features_of(3, |v| v);
+    let (h, w) = f.intensity.dim();
+    let n = h * w;
+    let nerve = Label::Nerve.code() as usize;
+    let mut probs = vec![0f32; CLASSES * n];
+    probs[..n].fill(1.0);
+    // Two discs of 1.5 mm radius: one sure (0.95), one unsure (just under the floor).
+    let unsure = pixels::MIN_NERVE_PROBABILITY - 0.08;
+    let centres = [(w / 3, 0.95f32), (2 * w / 3, unsure)];
+    let (mx, my) = f.mm_per_px;
+    let disc = |y: usize, x: usize, cx: usize| {
+        ((x as f64 - cx as f64) * mx).hypot((y as f64 - h as f64 / 2.0) * my) <= 1.5
+    };
+    for y in 0..h {
+        for x in 0..w {
+            for &(cx, p) in &centres {
+                if disc(y, x, cx) {
+                    probs[y * w + x] = 1.0 - p;
+                    probs[nerve * n + y * w + x] = p;
+                }
+            }
+        }
+    }
+    let soft = pixels::soft_tissue(&probs, None, &f, &vec![None; w]);
+    let (mut sure_px, mut sure_nerve, mut unsure_px, mut unsure_nerve, mut unsure_doubt) =
+        (0, 0, 0, 0, 0);
+    for y in 0..h {
+        for x in 0..w {
+            if !f.valid[[y, x]] {
+                continue;
+            }
+            let labelled = soft.labels[[y, x]] == Label::Nerve.code();
+            if disc(y, x, centres[0].0) {
+                sure_px += 1;
+                sure_nerve += labelled as usize;
+            }
+            if disc(y, x, centres[1].0) {
+                unsure_px += 1;
+                unsure_nerve += labelled as usize;
+                unsure_doubt += soft.possible_nerve[[y, x]] as usize;
+            }
+        }
+    }
+    assert!(sure_px > 0 && unsure_px > 0, "both discs lie in the image");
+    assert!(
+        sure_nerve * 10 >= sure_px * 9,
+        "sure nerve labelled: {sure_nerve} of {sure_px}"
+    );
+    assert_eq!(unsure_nerve, 0, "unsure nerve labelled");
+    assert!(
+        unsure_doubt * 10 >= unsure_px * 9,
+        "unsure nerve kept as possible nerve: {unsure_doubt} of {unsure_px}"
+    );
+}
