@@ -587,25 +587,6 @@ const MIN_AREA_MM2: [(Label, f64); 4] = [
 /// 0.64); 0.75 keeps a margin from that edge.
 pub const MIN_VESSEL_PROBABILITY: f32 = 0.75;
 
-/// Mean nerve probability (averaged over [`SMOOTH_MM`]) a nerve component needs over its
-/// pixels to be labelled nerve. An unsure one is not dropped: it stays *possible nerve*, which
-/// the planner keeps the nerve margin from, so this changes the labels, never the safety.
-/// Chosen on the tuning sets (ninth session): the false nerves of `tune` (three frames without
-/// a nerve) averaged 0.71, 0.75 and 0.76, the true ones of `nerve-tune` 0.75–0.89 (six of
-/// seven above 0.82); at 0.78 none of the false ones is labelled and one true nerve is left to
-/// possible nerve (nerve Dice `tune` 3 false frames → none, `nerve-tune` 0.73 → 0.63, own
-/// phantom tune seeds 0.40 → 0.57); from 0.85 most true nerves were lost (`nerve-tune` 0.14).
-pub const MIN_NERVE_PROBABILITY: f32 = 0.78;
-
-/// Mean probability a component of `label` needs over its pixels to be labelled (0: none).
-fn min_probability(label: Label) -> f32 {
-    match label {
-        Label::Vessel => MIN_VESSEL_PROBABILITY,
-        Label::Nerve => MIN_NERVE_PROBABILITY,
-        _ => 0.0,
-    }
-}
-
 /// Nerve probability (averaged over [`SMOOTH_MM`]) from which a pixel not labelled nerve is a
 /// *possible* nerve, kept clear of like a nerve by the planner. The classifier misses nerves
 /// more often than any other structure (its held-out nerve recall is the lowest, see
@@ -690,7 +671,7 @@ pub fn soft_tissue(
     let mut out = Array2::<u8>::zeros(dim);
     let px_mm2 = f.mm_per_px.0 * f.mm_per_px.1;
     // Each label's components on their own (in parallel: the labels' masks are disjoint).
-    let kept: Vec<(Label, Vec<(usize, usize)>, Vec<(usize, usize)>)> = MIN_AREA_MM2
+    let kept: Vec<(Label, Vec<(usize, usize)>)> = MIN_AREA_MM2
         .par_iter()
         .map(|&(label, min_mm2)| {
             let mut mask = best.mapv(|l| l == label.code());
@@ -701,7 +682,7 @@ pub fn soft_tissue(
                     mask = super::components::open_close(&mask, r);
                 }
             }
-            let (mut pixels, mut unsure) = (Vec::new(), Vec::new());
+            let mut pixels = Vec::new();
             for c in super::components::components(&mask) {
                 let on_bone = label != Label::Joint
                     || c.pixels
@@ -709,33 +690,26 @@ pub fn soft_tissue(
                         .any(|&(y, x)| near_bone(surface, y, x, f.mm_per_px, JOINT_REACH_MM));
                 let deep_enough = label != Label::Joint
                     || deepest_column_mm(&c, f.mm_per_px.1) >= MIN_FLUID_DEPTH_MM;
-                let floor = min_probability(label);
-                let confident = floor <= 0.0 || {
+                let confident = label != Label::Vessel || {
                     let k = label.code() as usize;
                     let sum: f32 = c
                         .pixels
                         .iter()
                         .map(|&(y, x)| probs[k * n + y * dim.1 + x])
                         .sum();
-                    sum >= floor * c.pixels.len() as f32
+                    sum >= MIN_VESSEL_PROBABILITY * c.pixels.len() as f32
                 };
-                if on_bone && deep_enough && c.area() as f64 * px_mm2 >= min_mm2 {
-                    if confident {
-                        pixels.extend_from_slice(&c.pixels);
-                    } else if label == Label::Nerve {
-                        unsure.extend_from_slice(&c.pixels);
-                    }
+                if on_bone && deep_enough && confident && c.area() as f64 * px_mm2 >= min_mm2 {
+                    pixels.extend_from_slice(&c.pixels);
                 }
             }
-            (label, pixels, unsure)
+            (label, pixels)
         })
         .collect();
-    let mut unsure_nerve = Vec::new();
-    for (label, pixels, unsure) in kept {
+    for (label, pixels) in kept {
         for (y, x) in pixels {
             out[[y, x]] = label.code();
         }
-        unsure_nerve.extend(unsure);
     }
     merge_fluid_into_joint(&mut out);
     let doubt = Array2::from_shape_fn(dim, |(y, x)| {
@@ -748,10 +722,6 @@ pub fn soft_tissue(
         .find(|(l, _)| *l == Label::Nerve)
         .map_or(0.0, |(_, a)| *a);
     let mut possible_nerve = Array2::from_elem(dim, false);
-    // A nerve too unsure to be labelled is still kept clear of.
-    for (y, x) in unsure_nerve {
-        possible_nerve[[y, x]] = true;
-    }
     for c in super::components::components(&doubt) {
         if c.area() as f64 * px_mm2 >= min_nerve_mm2 {
             for &(y, x) in &c.pixels {
