@@ -3,7 +3,7 @@
 //!
 //! - Target: given in mm, or chosen by the kinds of [`PlanParams::targets`] in order of
 //!   priority (a site preset sets them; see [`preset`]): the centre of a joint space (label 4
-//!   between two bone ends, at their level), the middle of an effusion or bursa 1 mm above its
+//!   between two bone ends), the middle of an effusion or bursa 1 mm above its
 //!   floor, just superficial to a tendon (peritendinous), inside it (intratendinous), or beside
 //!   a nerve outside its margin (perineural); tendons and nerves are taken where the image is
 //!   centred (the sonographer centres the structure to be injected).

@@ -73,18 +73,10 @@ fn nearest_to_centroid(pixels: &[(usize, usize)], mm: (f64, f64)) -> Option<[f64
     Some([best.1 as f64, best.0 as f64])
 }
 
-/// How far above the shallower bone end the joint space may begin, mm: the articular
-/// cartilage capping the bone ends lies between the bone surface and the joint space, and is
-/// 1.9–3.2 mm thick over the femoral condyles on ultrasound ("Ultrasonographic assessment of
-/// the normal femoral articular cartilage of the knee joint", The Scientific World Journal
-/// 2021, 9978819), thinner at smaller joints. Fluid higher than this over a gap is an effusion
-/// bulging out of the joint, not the joint space between the bone ends.
-const JOINT_ABOVE_BONE_END_MM: f64 = 2.0;
-
 /// The centre of the joint space: label 4 in columns without bone, between bone columns on
-/// both sides, and no higher than [`JOINT_ABOVE_BONE_END_MM`] above the shallower of the two
-/// bone ends around it (an effusion over the gap would pull the centre out of the joint);
-/// snapped to a joint pixel, as the centroid of a curved recess may lie outside it.
+/// both sides (snapped to a joint pixel: the centroid of a curved recess may lie outside it).
+/// Fluid bulging out of the joint over the gap counts: it is intra-articular, and it is where a
+/// needle reaches the joint clear of the bone ends.
 fn joint_space(labels: &Array2<u8>, mm: (f64, f64)) -> Option<[f64; 2]> {
     let bone_cols = bone_columns(labels);
     let joint: Vec<(usize, usize)> = labels
@@ -92,49 +84,9 @@ fn joint_space(labels: &Array2<u8>, mm: (f64, f64)) -> Option<[f64; 2]> {
         .filter(|((_, x), l)| **l == Label::Joint.code() && between_bones(&bone_cols, *x))
         .map(|(p, _)| p)
         .collect();
-    if joint.is_empty() {
-        return None;
-    }
-    let ends = bone_end_rows(labels, &bone_cols);
-    let above = JOINT_ABOVE_BONE_END_MM / mm.1;
-    let between: Vec<(usize, usize)> = joint
-        .iter()
-        .copied()
-        .filter(|&(y, x)| ends[x].is_none_or(|top| y as f64 >= top - above))
-        .collect();
-    nearest_to_centroid(if between.is_empty() { &joint } else { &between }, mm)
-}
-
-/// For each column without bone, the row of the shallower of the two bone ends beside it: the
-/// top bone pixel of the nearest bone column on the left and on the right (`None` where there
-/// is bone in the column or none on one side).
-fn bone_end_rows(labels: &Array2<u8>, bone_cols: &[bool]) -> Vec<Option<f64>> {
-    let top = |x: usize| {
-        labels
-            .column(x)
-            .iter()
-            .position(|&l| l == Label::Bone.code())
-    };
-    let w = bone_cols.len();
-    let mut left = vec![None; w];
-    let mut last = None;
-    for x in 0..w {
-        if bone_cols[x] {
-            last = top(x);
-        } else {
-            left[x] = last;
-        }
-    }
-    let mut out = vec![None; w];
-    let mut next = None;
-    for x in (0..w).rev() {
-        if bone_cols[x] {
-            next = top(x);
-        } else if let (Some(l), Some(r)) = (left[x], next) {
-            out[x] = Some(l.min(r) as f64);
-        }
-    }
-    out
+    (!joint.is_empty())
+        .then(|| nearest_to_centroid(&joint, mm))
+        .flatten()
 }
 
 /// How far above an effusion's floor its target sits, mm: the deepest safe point of the
