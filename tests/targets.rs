@@ -1,11 +1,12 @@
 //! Where the planner puts each kind of target, on hand-drawn label maps: the centre of the
 //! joint fluid between the bone ends, an effusion's middle 1 mm above its floor, and a tendon
-//! or nerve where the image is centred, not the largest one.
+//! or nerve where the image is centred, not the largest one; and the nerve margin the planner
+//! keeps includes the allowance for the uncertainty of a nerve's outline.
 
 use ndarray::Array2;
 use sonoguide::frame::{Calibration, CalibrationSource, Frame};
 use sonoguide::label::Label;
-use sonoguide::plan::{plan, PlanParams, TargetKind};
+use sonoguide::plan::{check_path, plan, PlanParams, TargetKind, NERVE_OUTLINE_ALLOWANCE_MM};
 use sonoguide::segment::Segmentation;
 use sonoguide::{Backend, Pipeline};
 
@@ -92,7 +93,7 @@ fn the_effusion_target_is_its_middle_one_millimetre_above_its_floor() {
     // that keeps it lies at row 99 (2 mm above the bone's top row 120, less half a pixel's
     // diagonal of slack in the check) straight above.
     assert!((x - 119.0).abs() <= PIXEL_TOLERANCE, "column {x}");
-    assert!(y < 109.0 && y >= 95.0, "row {y}");
+    assert!((95.0..109.0).contains(&y), "row {y}");
 
     // With no bone margin to keep, the point itself.
     let mut p = PlanParams::default();
@@ -130,4 +131,48 @@ fn tendon_and_nerve_targets_are_the_ones_the_image_is_centred_on() {
     let ([x, _], kind) = target(&frame, &seg, &[TargetKind::Perineural]);
     assert_eq!(kind, TargetKind::Perineural);
     assert!((x - 130.0).abs() <= PIXEL_TOLERANCE, "column {x}");
+}
+
+#[test]
+fn nerves_are_kept_their_margin_plus_the_outline_allowance() {
+    let (frame, mut seg) = canvas();
+    let params = PlanParams::default();
+    // A 30° path from the skin to (160, 40) px, and a nerve disc of 1 mm radius beside its
+    // middle at `gap` mm from it (measured to the disc's edge).
+    let (entry, target) = (
+        [160.0 - 40.0 / 30f64.to_radians().tan(), 0.0],
+        [160.0, 40.0],
+    );
+    let mid = [(entry[0] + target[0]) / 2.0, 20.0];
+    let normal = [-0.5, 30f64.to_radians().cos()];
+    let radius_px = 10.0;
+    let judge = |seg: &mut Segmentation, gap_mm: f64| {
+        let r = radius_px + gap_mm / MM;
+        let c = [mid[0] + normal[0] * r, mid[1] + normal[1] * r];
+        seg.labels = Array2::from_shape_fn((H, W), |(y, x)| {
+            if (x as f64 - c[0]).hypot(y as f64 - c[1]) <= radius_px {
+                Label::Nerve.code()
+            } else {
+                0
+            }
+        });
+        check_path(&frame, seg, &params, TargetKind::User, entry, target)
+    };
+    // Beyond the margin asked for (by more than half a pixel's diagonal, the pixel squares'
+    // slack) but inside the allowance: refused.
+    let inside = params.nerve_margin_mm + NERVE_OUTLINE_ALLOWANCE_MM / 2.0;
+    assert!(
+        judge(&mut seg, inside).is_err(),
+        "a path {inside} mm from a nerve was accepted"
+    );
+    // Beyond margin and allowance: accepted, and the notes say what was kept.
+    let outside = params.nerve_margin_mm + NERVE_OUTLINE_ALLOWANCE_MM + 0.3;
+    let plan = judge(&mut seg, outside).expect("a path clear of margin and allowance");
+    assert!(
+        plan.notes
+            .iter()
+            .any(|n| n.contains("uncertainty of a nerve's outline")),
+        "{:?}",
+        plan.notes
+    );
 }

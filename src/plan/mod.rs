@@ -37,6 +37,16 @@ use crate::frame::{CalibrationSource, Frame};
 use crate::label::Label;
 use crate::segment::Segmentation;
 
+/// Added to the nerve margin the planner keeps, mm. A nerve's outline is the least certain of
+/// the classifier's (its held-out nerve recall, 0.75, is its lowest; see `models/README.md`),
+/// and a labelled nerve can lie inside the true one by a fraction of a millimetre; a path
+/// judged against the labelled outline would then come closer to the nerve than its margin.
+/// Half a millimetre is about one resolution cell of a 10 MHz linear probe (axial ~0.3 mm,
+/// lateral ~0.5 mm). The plan's `margins_mm.nerve` stays the margin asked for; its notes say
+/// when the allowance was kept too. Not applied to the evaluation's truth check, which uses the
+/// margin asked for.
+pub const NERVE_OUTLINE_ALLOWANCE_MM: f64 = 0.5;
+
 /// Settings of the planner.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -209,7 +219,7 @@ impl PlanParams {
             },
             Rule {
                 label: Label::Nerve,
-                margin_mm: self.nerve_margin_mm,
+                margin_mm: self.nerve_margin_mm + NERVE_OUTLINE_ALLOWANCE_MM,
                 exempt_near_joint: false,
                 hard: true,
             },
@@ -824,6 +834,13 @@ impl<'a> Planner<'a> {
         };
         if self.kind != TargetKind::Intratendinous && clearances.tendon == Some(0.0) {
             plan.notes.push("the path crosses a tendon".into());
+        }
+        if clearances.nerve.is_some() {
+            plan.notes.push(format!(
+                "nerves are kept {:.1} mm away: the {:.1} mm margin plus {NERVE_OUTLINE_ALLOWANCE_MM} mm for the uncertainty of a nerve's outline",
+                self.params.nerve_margin_mm + NERVE_OUTLINE_ALLOWANCE_MM,
+                self.params.nerve_margin_mm
+            ));
         }
         finish(self.g.frame, self.params, &mut plan);
         Ok(plan)

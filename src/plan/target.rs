@@ -36,7 +36,7 @@ pub(super) fn choose(
             TargetKind::Perineural => above(
                 &seg.labels,
                 Label::Nerve,
-                params.nerve_margin_mm + PERINEURAL_EXTRA_MM,
+                params.nerve_margin_mm + super::NERVE_OUTLINE_ALLOWANCE_MM + PERINEURAL_EXTRA_MM,
                 g,
             ),
             TargetKind::User => None,
