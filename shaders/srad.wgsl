@@ -1,8 +1,9 @@
 // srad.wgsl: speckle-reducing anisotropic diffusion (Yu & Acton 2002), one iteration as three
 // dispatches:
-//   srad_stats  (1 workgroup of 256, first iteration): q0² = var/mean² of the ROI → stats[0]
-//   srad_reduce (1 workgroup of 256, later iterations): q0² from the per-workgroup partial
-//               sums the previous update left in stats[PARTIALS..]
+//   srad_partials (16×16 tiles, first iteration): each workgroup's Σ and Σ² of the input
+//               over the ROI → stats[PARTIALS + 2·group ..], as srad_update leaves them
+//   srad_reduce (1 workgroup of 256): q0² = var/mean² of the ROI from those partial sums
+//               → stats[0] (a pass over one float pair per tile, not over the image)
 //   srad_coeff  (16×16 tiles): diffusion coefficient c per pixel → aux
 //   srad_update (16×16 tiles): J' = J + λ/4 (c·dN + c_S·dS + c·dW + c_E·dE) → dst, and each
 //               workgroup's Σ and Σ² of J' over the ROI → stats[PARTIALS + 2·group ..]
@@ -45,24 +46,30 @@ fn tree_reduce(t: u32) {
     }
 }
 
-@compute @workgroup_size(256)
-fn srad_stats(@builtin(local_invocation_index) t: u32) {
-    let n = p.roi_w * p.roi_h;
-    var s = 0.0;
-    var q = 0.0;
-    for (var i = t; i < n; i += 256u) {
-        let x = p.roi_x0 + i % p.roi_w;
-        let y = p.roi_y0 + i / p.roi_w;
-        let v = src[y * p.width + x];
-        s += v;
-        q += v * v;
+// The first iteration's partial sums: every tile's Σ and Σ² of the input over the ROI, in
+// parallel over the whole frame (the later iterations get theirs from srad_update).
+@compute @workgroup_size(16, 16)
+fn srad_partials(@builtin(global_invocation_id) id: vec3<u32>,
+                 @builtin(workgroup_id) wg: vec3<u32>,
+                 @builtin(local_invocation_index) li: u32) {
+    let in_roi = id.x < p.width && id.y < p.height && id.x >= p.roi_x0 && id.x < p.roi_x0 + p.roi_w && id.y >= p.roi_y0 && id.y < p.roi_y0 + p.roi_h;
+    var v = 0.0;
+    if (in_roi) {
+        v = src[id.y * p.width + id.x];
     }
-    part_sum[t] = s;
-    part_sq[t] = q;
+    write_partials(v, in_roi, wg, li);
+}
+
+// Writes this workgroup's Σ and Σ² of `v` over the threads with `counted` set.
+fn write_partials(v: f32, counted: bool, wg: vec3<u32>, li: u32) {
+    part_sum[li] = select(0.0, v, counted);
+    part_sq[li] = select(0.0, v * v, counted);
     workgroupBarrier();
-    tree_reduce(t);
-    if (t == 0u) {
-        stats[0] = q0_squared(part_sum[0], part_sq[0], f32(n));
+    tree_reduce(li);
+    if (li == 0u) {
+        let g = wg.y * ((p.width + 15u) / 16u) + wg.x;
+        stats[PARTIALS + 2u * g] = part_sum[0];
+        stats[PARTIALS + 2u * g + 1u] = part_sq[0];
     }
 }
 
@@ -137,13 +144,5 @@ fn srad_update(@builtin(global_invocation_id) id: vec3<u32>,
     }
     // This workgroup's share of the next iteration's ROI statistics.
     let in_roi = inside && id.x >= p.roi_x0 && id.x < p.roi_x0 + p.roi_w && id.y >= p.roi_y0 && id.y < p.roi_y0 + p.roi_h;
-    part_sum[li] = select(0.0, v, in_roi);
-    part_sq[li] = select(0.0, v * v, in_roi);
-    workgroupBarrier();
-    tree_reduce(li);
-    if (li == 0u) {
-        let g = wg.y * ((p.width + 15u) / 16u) + wg.x;
-        stats[PARTIALS + 2u * g] = part_sum[0];
-        stats[PARTIALS + 2u * g + 1u] = part_sq[0];
-    }
+    write_partials(v, in_roi, wg, li);
 }

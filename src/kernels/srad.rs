@@ -27,7 +27,8 @@ pub const Q0_FLOOR: f32 = 1e-6;
 /// Where the per-workgroup partial sums start in the `stats` buffer; same as the shader's
 /// `PARTIALS`.
 pub const PARTIALS_OFFSET: u64 = 4;
-/// Most iterations accepted (three dispatches each must fit one submit).
+/// Most iterations accepted (three dispatches each, and one more for the first, must fit one
+/// submit: see `gpu::MAX_DISPATCHES`).
 pub const MAX_ITERATIONS: u32 = 300;
 
 /// Parameters; keep in sync with `Params` in shaders/srad.wgsl.
@@ -124,8 +125,8 @@ impl Srad {
 /// The shader's source.
 pub const SHADER: &str = include_str!("../../shaders/srad.wgsl");
 
-/// q0² of the ROI, as the shader's `srad_stats` computes it: 256 strided partial sums, then
-/// a tree reduction.
+/// q0² of the ROI: 256 strided partial sums, then a tree reduction (the shader sums per
+/// 16 × 16 tile first, then the tiles' sums in the same way: the same value up to rounding).
 pub fn q0_squared(img: &Array2<f32>, p: &Params) -> f32 {
     match img.as_slice() {
         Some(d) => q0_squared_flat(d, img.ncols(), p),
@@ -454,10 +455,12 @@ pub fn encode(chain: &mut crate::gpu::GpuChain<'_>, srad: &Srad) -> crate::Resul
     let p = srad.resolved(chain.width(), chain.height());
     let g = chain.groups_2d();
     for it in 0..srad.iterations {
-        // The first q0 comes from the input; later ones from the partial sums that the
-        // previous update left behind.
-        let stats = if it == 0 { "srad_stats" } else { "srad_reduce" };
-        chain.dispatch("srad", SHADER, stats, &p, (1, 1), false)?;
+        // q0 from per-tile partial sums: of the input first (every tile in parallel), later
+        // those the previous update left behind.
+        if it == 0 {
+            chain.dispatch("srad", SHADER, "srad_partials", &p, g, false)?;
+        }
+        chain.dispatch("srad", SHADER, "srad_reduce", &p, (1, 1), false)?;
         chain.dispatch("srad", SHADER, "srad_coeff", &p, g, false)?;
         chain.dispatch("srad", SHADER, "srad_update", &p, g, true)?;
     }
