@@ -20,7 +20,8 @@ use crate::Result;
 pub struct PipelineConfig {
     /// Where kernels run.
     pub backend: Backend,
-    /// Despeckling filters, applied in order.
+    /// Despeckling filters, applied in order to the imaging region (its bounding rectangle;
+    /// the margins around it are left as they are).
     pub filters: Vec<Filter>,
     /// Segmentation settings.
     pub segment: SegmentParams,
@@ -276,9 +277,8 @@ impl Pipeline {
             _ => frame,
         };
         let t0 = Instant::now();
-        let (despeckled, despeckle_ran) = self
-            .despeckler
-            .run_reporting(&frame.intensity, &self.config.filters)?;
+        let (despeckled, despeckle_ran) =
+            despeckle_region(&self.despeckler, frame, &self.config.filters)?;
         let t1 = Instant::now();
         let (features, features_ran) =
             segment::features(&self.despeckler, frame, &despeckled, &self.config.segment)?;
@@ -317,4 +317,26 @@ impl Pipeline {
             },
         })
     }
+}
+
+/// Despeckles the frame's imaging region only (its bounding rectangle): the margins around it
+/// (the scanner's text, scales and logos) are copied as they are, and cost nothing. The
+/// filters see the region's edge as the image's edge (clamp-to-edge), so nothing from the
+/// margins bleeds into the image. The pipeline and the `segment` command despeckle this way.
+pub(crate) fn despeckle_region(
+    despeckler: &Despeckler,
+    frame: &Frame,
+    filters: &[Filter],
+) -> Result<(Array2<f32>, Ran)> {
+    let b = frame.region.bounds;
+    let (h, w) = frame.intensity.dim();
+    if (b.x0, b.y0, b.x1, b.y1) == (0, 0, w, h) || b.width() == 0 || b.height() == 0 {
+        return despeckler.run_reporting(&frame.intensity, filters);
+    }
+    let region = ndarray::s![b.y0..b.y1.min(h), b.x0..b.x1.min(w)];
+    let inside = frame.intensity.slice(region).to_owned();
+    let (filtered, ran) = despeckler.run_reporting(&inside, filters)?;
+    let mut out = frame.intensity.clone();
+    out.slice_mut(region).assign(&filtered);
+    Ok((out, ran))
 }

@@ -164,3 +164,71 @@ fn frames_broken_after_construction_are_refused_not_panicked_on() {
     let small = ndarray::Array2::<f32>::zeros((h / 2, w / 2));
     assert!(sonoguide::segment::segment(&good, &small, &Default::default()).is_err());
 }
+
+/// The pipeline despeckles the imaging region only: the margins around it come back as they
+/// were, and the region is filtered as an image of its own (nothing from the margins bleeds in).
+#[test]
+fn despeckling_covers_the_imaging_region_only() {
+    use sonoguide::frame::{CalibrationSource, RegionSource};
+    use sonoguide::{Calibration, Despeckler, Filter, Rect};
+    let (w, h) = (120usize, 100usize);
+    // Speckle-like texture, with bright "text" in the margins.
+    let mut seed = 0x2026_1207u64;
+    let pixels: Vec<u8> = (0..w * h)
+        .map(|i| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let (x, y) = (i % w, i / w);
+            if x < 20 || x >= 100 || y < 10 || y >= 90 {
+                if (x + y) % 7 == 0 {
+                    255
+                } else {
+                    0
+                }
+            } else {
+                40 + (seed >> 57) as u8
+            }
+        })
+        .collect();
+    let calibration = Calibration::Ok {
+        mm_per_px_x: 0.1,
+        mm_per_px_y: 0.1,
+        reference_px: None,
+        source: CalibrationSource::Given,
+    };
+    let mut frame = Frame::from_gray8(w, h, &pixels, calibration).unwrap();
+    frame.region.bounds = Rect {
+        x0: 20,
+        y0: 10,
+        x1: 100,
+        y1: 90,
+    };
+    frame.region.source = RegionSource::UltrasoundRegion;
+    let filters = vec![
+        Filter::default_for("median").unwrap(),
+        Filter::default_for("srad").unwrap(),
+    ];
+    let pipeline = Pipeline::builder()
+        .backend(Backend::Cpu)
+        .filters(filters.clone())
+        .build()
+        .unwrap();
+    let r = pipeline.process(&frame).unwrap();
+    let b = frame.region.bounds;
+    let inside = frame
+        .intensity
+        .slice(ndarray::s![b.y0..b.y1, b.x0..b.x1])
+        .to_owned();
+    let alone = Despeckler::new(Backend::Cpu)
+        .unwrap()
+        .run(&inside, &filters)
+        .unwrap();
+    for ((y, x), &v) in r.despeckled.indexed_iter() {
+        if b.contains(x, y) {
+            assert_eq!(v, alone[[y - b.y0, x - b.x0]], "region pixel ({x}, {y})");
+        } else {
+            assert_eq!(v, frame.intensity[[y, x]], "margin pixel ({x}, {y})");
+        }
+    }
+}

@@ -138,9 +138,11 @@ impl FileTask for SegmentTask {
         let mut backends = BackendCounts::default();
         let mut with_bone = 0;
         let n = each_frame(input, frames, |frame| {
-            let (despeckled, ran) = self
-                .despeckler
-                .run_reporting(&frame.intensity, std::slice::from_ref(&self.filter))?;
+            let (despeckled, ran) = crate::pipeline::despeckle_region(
+                &self.despeckler,
+                frame,
+                std::slice::from_ref(&self.filter),
+            )?;
             backends.add("despeckle", ran);
             let (features, ran) =
                 crate::segment::features(&self.despeckler, frame, &despeckled, &self.params)?;

@@ -96,7 +96,9 @@ impl Srad {
         Ok(Srad { params, iterations })
     }
 
-    /// Takes q0 from the ROI (x0, y0, w, h) instead of the whole image.
+    /// Takes q0 from the ROI (x0, y0, w, h) instead of the whole image. In the pipeline the
+    /// image is the frame's imaging region (its bounding rectangle), so the ROI counts from
+    /// the region's corner.
     pub fn with_roi(mut self, x0: u32, y0: u32, w: u32, h: u32) -> Srad {
         self.params.roi_x0 = x0;
         self.params.roi_y0 = y0;
