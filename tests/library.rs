@@ -180,7 +180,7 @@ fn despeckling_covers_the_imaging_region_only() {
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             let (x, y) = (i % w, i / w);
-            if x < 20 || x >= 100 || y < 10 || y >= 90 {
+            if !(20..100).contains(&x) || !(10..90).contains(&y) {
                 if (x + y) % 7 == 0 {
                     255
                 } else {
