@@ -18,7 +18,7 @@
 
 use ndarray::Array2;
 
-use super::edt::distance_mm;
+use super::edt::squared_distance_mm2;
 use crate::label::Label;
 
 /// What the needle must keep clear of, and how far.
@@ -51,8 +51,10 @@ struct Field {
     /// Whether a structure of the field is exempt near a joint target (screening then skips
     /// the field on the final approach; the exact check judges the others there).
     exempt: bool,
-    /// Distance from each pixel to the nearest pixel centre of its structures, mm.
-    dist: Array2<f64>,
+    /// Squared distance from each pixel to the nearest pixel centre of its structures, mm².
+    dist2: Array2<f64>,
+    /// The margin squared, mm².
+    margin2: f64,
 }
 
 /// The structures of one frame's label map with their rules, ready for path checks.
@@ -111,7 +113,8 @@ impl Obstacles {
                     fields.push(Field {
                         margin_mm: r.margin_mm,
                         exempt: false,
-                        dist: Array2::zeros((0, 0)),
+                        dist2: Array2::zeros((0, 0)),
+                        margin2: r.margin_mm * r.margin_mm,
                     });
                     fields.len() - 1
                 }
@@ -119,35 +122,50 @@ impl Obstacles {
             fields[f].exempt |= r.exempt_near_joint;
             field_of[i] = Some(f);
         }
-        // One pass over the labels: occupancy, the fields' masks, each structure's outline.
-        let mut occupancy = Array2::<u8>::zeros((h, w));
-        let mut masks = vec![Array2::from_elem((h, w), false); fields.len()];
+        // One pass over the labels, row by row: occupancy, the fields' masks, each structure's
+        // outline.
+        let standard = labels.as_standard_layout();
+        let flat = standard.as_slice().unwrap_or(&[]);
+        let mut occupancy = vec![0u8; h * w];
+        let mut masks = vec![vec![false; h * w]; fields.len()];
         let mut outlines: Vec<Vec<[f64; 2]>> = vec![Vec::new(); rules.len()];
         let mut present = vec![false; rules.len()];
-        for ((y, x), &l) in labels.indexed_iter() {
-            let Some(i) = rule_of[l as usize] else {
-                continue;
-            };
-            present[i] = true;
-            occupancy[[y, x]] = if rules[i].hard { HARD } else { SOFT };
-            if let Some(f) = field_of[i] {
-                masks[f][[y, x]] = true;
-            }
-            let same = |yy: usize, xx: usize| labels[[yy, xx]] == l;
-            let interior = y > 0
-                && x > 0
-                && y + 1 < h
-                && x + 1 < w
-                && same(y - 1, x)
-                && same(y + 1, x)
-                && same(y, x - 1)
-                && same(y, x + 1);
-            if !interior {
-                outlines[i].push([x as f64 * mm.0, y as f64 * mm.1]);
+        let mut filled = vec![false; fields.len()];
+        for y in 0..h {
+            let row = &flat[y * w..(y + 1) * w];
+            let above = (y > 0).then(|| &flat[(y - 1) * w..y * w]);
+            let below = (y + 1 < h).then(|| &flat[(y + 1) * w..(y + 2) * w]);
+            for (x, &l) in row.iter().enumerate() {
+                let Some(i) = rule_of[l as usize] else {
+                    continue;
+                };
+                present[i] = true;
+                occupancy[y * w + x] = if rules[i].hard { HARD } else { SOFT };
+                if let Some(f) = field_of[i] {
+                    masks[f][y * w + x] = true;
+                    filled[f] = true;
+                }
+                let interior = x > 0
+                    && x + 1 < w
+                    && row[x - 1] == l
+                    && row[x + 1] == l
+                    && above.is_some_and(|r| r[x] == l)
+                    && below.is_some_and(|r| r[x] == l);
+                if !interior {
+                    outlines[i].push([x as f64 * mm.0, y as f64 * mm.1]);
+                }
             }
         }
-        for (f, mask) in fields.iter_mut().zip(&masks) {
-            f.dist = distance_mm(mask, mm);
+        let occupancy =
+            Array2::from_shape_vec((h, w), occupancy).unwrap_or_else(|_| Array2::zeros((h, w)));
+        for ((f, mask), filled) in fields.iter_mut().zip(masks).zip(filled) {
+            f.dist2 = if filled {
+                let mask = Array2::from_shape_vec((h, w), mask)
+                    .unwrap_or_else(|_| Array2::from_elem((h, w), false));
+                squared_distance_mm2(&mask, mm)
+            } else {
+                Array2::from_elem((h, w), f64::INFINITY)
+            };
         }
         let structures = rules
             .iter()
@@ -191,7 +209,7 @@ impl Obstacles {
     pub fn slack_at(&self, x: usize, y: usize) -> f64 {
         self.fields
             .iter()
-            .map(|f| f.dist.get((y, x)).copied().unwrap_or(0.0) - f.margin_mm)
+            .map(|f| f.dist2.get((y, x)).copied().unwrap_or(0.0).sqrt() - f.margin_mm)
             .fold(f64::INFINITY, f64::min)
     }
 
@@ -208,7 +226,8 @@ impl Obstacles {
     ) -> Option<(f64, bool)> {
         let len = self.length_mm(entry, target);
         let steps = (len / step_mm.max(1e-3)).ceil().max(1.0) as usize;
-        let mut clearance = f64::INFINITY;
+        // Squared distances until the end (the root is monotone).
+        let mut clearance2 = f64::INFINITY;
         let mut soft = false;
         for k in 0..=steps {
             let s = k as f64 / steps as f64;
@@ -231,14 +250,14 @@ impl Obstacles {
                 if f.exempt && in_approach {
                     continue;
                 }
-                let d = f.dist.get((yi, xi)).copied().unwrap_or(f64::INFINITY);
-                if d < f.margin_mm {
+                let d2 = f.dist2.get((yi, xi)).copied().unwrap_or(f64::INFINITY);
+                if d2 < f.margin2 {
                     return None;
                 }
-                clearance = clearance.min(d);
+                clearance2 = clearance2.min(d2);
             }
         }
-        Some((clearance, soft))
+        Some((clearance2.sqrt(), soft))
     }
 
     /// Length of a path in mm.

@@ -45,20 +45,43 @@ pub(super) fn choose(
     })
 }
 
-/// Columns holding bone.
-fn bone_columns(labels: &Array2<u8>) -> Vec<bool> {
-    let (h, w) = labels.dim();
+/// Per column, whether joint/effusion pixels in it lie between bone ends (a joint space)
+/// rather than over bone (an effusion): the column holds no bone, and bone lies on both sides.
+fn gap_columns(labels: &Array2<u8>) -> Vec<bool> {
+    let w = labels.ncols();
+    let mut bone = vec![false; w];
+    let standard = labels.as_standard_layout();
+    for row in standard.as_slice().unwrap_or(&[]).chunks_exact(w.max(1)) {
+        for (b, &l) in bone.iter_mut().zip(row) {
+            *b |= l == Label::Bone.code();
+        }
+    }
+    let first = bone.iter().position(|b| *b);
+    let last = bone.iter().rposition(|b| *b);
     (0..w)
-        .map(|x| (0..h).any(|y| labels[[y, x]] == Label::Bone.code()))
+        .map(|x| !bone[x] && matches!((first, last), (Some(a), Some(b)) if x > a && x < b))
         .collect()
 }
 
-/// Whether a joint/effusion pixel in column `x` lies between bone ends (a joint space) rather
-/// than over bone (an effusion).
-fn between_bones(bone_cols: &[bool], x: usize) -> bool {
-    let first = bone_cols.iter().position(|b| *b);
-    let last = bone_cols.iter().rposition(|b| *b);
-    !bone_cols[x] && matches!((first, last), (Some(a), Some(b)) if x > a && x < b)
+/// The joint/effusion pixels (row, column) whose column's [`gap_columns`] entry is `gap`.
+fn joint_pixels(labels: &Array2<u8>, gap: bool) -> Vec<(usize, usize)> {
+    let gaps = gap_columns(labels);
+    let joint = Label::Joint.code();
+    let w = labels.ncols().max(1);
+    let standard = labels.as_standard_layout();
+    let flat = standard.as_slice().unwrap_or(&[]);
+    let mut out = Vec::new();
+    for (y, row) in flat.chunks_exact(w).enumerate() {
+        if !row.contains(&joint) {
+            continue;
+        }
+        for (x, (&l, &g)) in row.iter().zip(&gaps).enumerate() {
+            if l == joint && g == gap {
+                out.push((y, x));
+            }
+        }
+    }
+    out
 }
 
 /// The pixel of `pixels` nearest (in mm) to their centroid.
@@ -78,12 +101,7 @@ fn nearest_to_centroid(pixels: &[(usize, usize)], mm: (f64, f64)) -> Option<[f64
 /// Fluid bulging out of the joint over the gap counts: it is intra-articular, and it is where a
 /// needle reaches the joint clear of the bone ends.
 fn joint_space(labels: &Array2<u8>, mm: (f64, f64)) -> Option<[f64; 2]> {
-    let bone_cols = bone_columns(labels);
-    let joint: Vec<(usize, usize)> = labels
-        .indexed_iter()
-        .filter(|((_, x), l)| **l == Label::Joint.code() && between_bones(&bone_cols, *x))
-        .map(|(p, _)| p)
-        .collect();
+    let joint = joint_pixels(labels, true);
     (!joint.is_empty())
         .then(|| nearest_to_centroid(&joint, mm))
         .flatten()
@@ -106,10 +124,10 @@ fn effusion(
     obstacles: &mut Option<Obstacles>,
 ) -> Option<[f64; 2]> {
     let labels = &seg.labels;
-    let bone_cols = bone_columns(labels);
-    let mask = Array2::from_shape_fn(labels.dim(), |(y, x)| {
-        labels[[y, x]] == Label::Joint.code() && !between_bones(&bone_cols, x)
-    });
+    let mut mask = Array2::from_elem(labels.dim(), false);
+    for p in joint_pixels(labels, false) {
+        mask[p] = true;
+    }
     let min_rows = EFFUSION_MIN_DEPTH_MM / g.mm.1;
     let fluid = components(&mask)
         .into_iter()
