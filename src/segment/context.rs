@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::pixels::{self, box_means_into, box_sums, px, PixelModel, CLASSES, FEATURES};
+use super::pixels::{self, box_means_into, px, valid_counts, PixelModel, CLASSES, FEATURES};
 use super::Features;
 use crate::label::Label;
 
@@ -112,8 +112,8 @@ pub fn context_features(f: &Features, mut base: Vec<f32>, probs: &[f32]) -> Vec<
     let near = window(NEAR_MM);
     let far = window(FAR_MM);
     let (near_share, far_share) = rayon::join(
-        || box_sums(&m, h, w, near.0, near.1),
-        || box_sums(&m, h, w, far.0, far.1),
+        || valid_counts(&m, h, w, near.0, near.1),
+        || valid_counts(&m, h, w, far.0, far.1),
     );
     // The planes after the base: 7 probabilities, 7 near means, 7 far means, then per offset
     // label its above / below / side-min / side-max.

@@ -90,6 +90,23 @@ pub(crate) fn box_sums(v: &[f32], h: usize, w: usize, ry: usize, rx: usize) -> V
     out
 }
 
+/// The window sums of a 0/1 validity plane `m` ([`box_sums`]). Where every pixel is valid (a
+/// linear probe's region) they are the clipped window's area, written directly: the same
+/// values (small integers, exact in f32) without the two passes.
+pub(crate) fn valid_counts(m: &[f32], h: usize, w: usize, ry: usize, rx: usize) -> Vec<f32> {
+    if m.iter().any(|v| *v != 1.0) {
+        return box_sums(m, h, w, ry, rx);
+    }
+    let span = |i: usize, r: usize, len: usize| ((i + r + 1).min(len) - i.saturating_sub(r)) as f32;
+    let across: Vec<f32> = (0..w).map(|x| span(x, rx, w)).collect();
+    let mut out = Vec::with_capacity(h * w);
+    for y in 0..h {
+        let down = span(y, ry, h);
+        out.extend(across.iter().map(|a| a * down));
+    }
+    out
+}
+
 /// Running sums over `±rx` columns (clipped) of the `R` rows of `rows` into `outs`, the rows
 /// advancing together.
 #[inline(always)]
@@ -316,7 +333,7 @@ pub fn pixel_features_with_room(f: &Features, planes: usize) -> Vec<f32> {
         .par_iter()
         .enumerate()
         .map(|(i, &(ry, rx))| {
-            let ms = box_sums(&m, h, w, ry, rx);
+            let ms = valid_counts(&m, h, w, ry, rx);
             let mean = box_means(&u, &ms, h, w, ry, rx);
             let square = (i == 1).then(|| box_means(&uu, &ms, h, w, ry, rx));
             (mean, square, ms)
@@ -633,7 +650,7 @@ pub fn soft_tissue(
         px(SMOOTH_MM, f.mm_per_px.0, 0),
     );
     let nerve = Label::Nerve.code() as usize;
-    let count = (ry + rx > 0).then(|| box_sums(&vec![1f32; n], dim.0, dim.1, ry, rx));
+    let count = (ry + rx > 0).then(|| valid_counts(&vec![1f32; n], dim.0, dim.1, ry, rx));
     let smooth = |p: &[f32]| -> Vec<f32> {
         match &count {
             Some(count) => box_means(p, count, dim.0, dim.1, ry, rx),
