@@ -656,3 +656,52 @@ fn gpu_feature_kernels_match_at_production_size() {
     eprintln!("coherence 1024x768: max abs {max:.2e}");
     assert!(max <= COHERENCE_TOLERANCE, "coherence: {max}");
 }
+
+/// The segmenter's three feature chains in one chain: the frame uploaded once, each chain
+/// restarting from it on the GPU, the four maps read back together. The maps must be those of
+/// three separate chains (same kernels on the same input: exactly equal), with one read-back.
+#[test]
+fn gpu_feature_chains_share_one_upload_and_one_read_back() {
+    let Some(d) = gpu() else { return };
+    let ctx = d.gpu_context().unwrap();
+    let img = speckle(320, 240, 41);
+    let pp = phase_symmetry::Params::new(3, 3, 3.75).unwrap();
+    let sp = shadow::Params::new(8, 20).unwrap();
+    let cp = coherence::Params::new(4).unwrap();
+    let separate = {
+        let mut chain = ctx.begin(&img).unwrap();
+        phase_symmetry::encode(&mut chain, &pp).unwrap();
+        let ps = chain.finish().unwrap();
+        let mut chain = ctx.begin(&img).unwrap();
+        shadow::encode(&mut chain, &sp).unwrap();
+        let below = chain.finish().unwrap();
+        let mut chain = ctx.begin(&img).unwrap();
+        coherence::encode(&mut chain, &cp).unwrap();
+        let (c, o) = chain.finish_with_aux().unwrap();
+        [ps, below, c, o]
+    };
+    let before = ctx.readbacks();
+    let mut chain = ctx.begin(&img).unwrap();
+    chain.keep_input().unwrap();
+    phase_symmetry::encode(&mut chain, &pp).unwrap();
+    chain.set_aside(0, false).unwrap();
+    chain.restart().unwrap();
+    shadow::encode(&mut chain, &sp).unwrap();
+    chain.set_aside(1, false).unwrap();
+    chain.restart().unwrap();
+    coherence::encode(&mut chain, &cp).unwrap();
+    chain.set_aside(2, true).unwrap();
+    let together = chain.finish_outputs(4).unwrap();
+    assert_eq!(ctx.readbacks() - before, 1, "four maps, one read-back");
+    for (name, (a, b)) in ["phase symmetry", "shadow", "coherence", "orientation"]
+        .iter()
+        .zip(together.iter().zip(&separate))
+    {
+        assert_eq!(a, b, "{name}: one chain and separate chains differ");
+    }
+    // Misuse is an error, not a panic.
+    let mut chain = ctx.begin(&img).unwrap();
+    assert!(chain.restart().is_err(), "restart without keep_input");
+    chain.keep_input().unwrap();
+    assert!(chain.set_aside(3, true).is_err(), "past the last output");
+}

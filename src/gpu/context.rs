@@ -58,6 +58,20 @@ struct FrameBuffers {
     groups: [wgpu::BindGroup; 2],
     /// FFT buffers, made on first use: (padded width, padded height) and the buffers.
     fft: Mutex<Option<FftSlot>>,
+    /// Made on first use by a chain with several outputs ([`GpuChain::keep_input`]).
+    kept: Mutex<Option<Arc<KeptBuffers>>>,
+}
+
+/// Most maps one chain can set aside for its single read-back.
+pub const MAX_OUTPUTS: usize = 4;
+
+/// The buffers of a chain with several outputs: the uploaded frame kept aside, so that several
+/// kernel chains can start from it, and the maps they set aside, read back together.
+#[derive(Debug)]
+struct KeptBuffers {
+    input: wgpu::Buffer,
+    outputs: wgpu::Buffer,
+    staging: wgpu::Buffer,
 }
 
 /// A headless wgpu device with its kernels and buffers.
@@ -482,9 +496,49 @@ impl GpuContext {
                 params,
                 groups,
                 fft: Mutex::new(None),
+                kept: Mutex::new(None),
             };
             self.take_error("buffers").map(|_| fb)
         })
+    }
+
+    fn kept_buffers(&self, fb: &FrameBuffers) -> Result<Arc<KeptBuffers>, GpuError> {
+        let mut slot = fb.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = slot.as_ref() {
+            return Ok(b.clone());
+        }
+        let bytes = (fb.width * fb.height * 4) as u64;
+        if bytes * MAX_OUTPUTS as u64 > self.limits.max_buffer_size {
+            return Err(GpuError::TooLarge {
+                width: fb.width,
+                height: fb.height,
+                reason: format!(
+                    "{MAX_OUTPUTS} maps of {bytes} bytes exceed the buffer limit {}",
+                    self.limits.max_buffer_size
+                ),
+            });
+        }
+        let buffer = |label, size, usage| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        let b = Arc::new(KeptBuffers {
+            input: buffer("sonoguide.kept.input", bytes, copy),
+            outputs: buffer("sonoguide.kept.outputs", bytes * MAX_OUTPUTS as u64, copy),
+            staging: buffer(
+                "sonoguide.kept.staging",
+                bytes * MAX_OUTPUTS as u64,
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            ),
+        });
+        self.take_error("kept buffers")?;
+        *slot = Some(b.clone());
+        Ok(b)
     }
 
     fn fft_buffers(
@@ -588,6 +642,7 @@ impl GpuContext {
             params: Vec::new(),
             last_kernel: "upload",
             fft: None,
+            kept: None,
             _turn: turn,
         })
     }
@@ -603,6 +658,7 @@ pub struct GpuChain<'a> {
     params: Vec<u8>,
     last_kernel: &'static str,
     fft: Option<Arc<FftBuffers>>,
+    kept: Option<Arc<KeptBuffers>>,
     _turn: std::sync::MutexGuard<'a, ()>,
 }
 
@@ -732,6 +788,104 @@ impl GpuChain<'_> {
         )
     }
 
+    /// Keeps the uploaded frame aside on the GPU, so that after one kernel chain has run,
+    /// [`GpuChain::restart`] starts the next from it without a second upload. Call it first.
+    pub fn keep_input(&mut self) -> Result<(), GpuError> {
+        let kept = self.ctx.kept_buffers(&self.bufs)?;
+        let bytes = (self.bufs.width * self.bufs.height * 4) as u64;
+        self.encoder.copy_buffer_to_buffer(
+            &self.bufs.images[self.current],
+            0,
+            &kept.input,
+            0,
+            bytes,
+        );
+        self.kept = Some(kept);
+        Ok(())
+    }
+
+    /// Sets the current frame aside as output `slot` (and, with `aux`, the `aux` image as
+    /// output `slot + 1`), for [`GpuChain::finish_outputs`]. Needs [`GpuChain::keep_input`].
+    pub fn set_aside(&mut self, slot: usize, aux: bool) -> Result<(), GpuError> {
+        let kept = self.kept_or_err()?;
+        let last = slot + usize::from(aux);
+        if last >= MAX_OUTPUTS {
+            return Err(GpuError::Kernel {
+                kernel: self.last_kernel.into(),
+                reason: format!("output {last}: a chain sets aside at most {MAX_OUTPUTS} maps"),
+            });
+        }
+        let bytes = (self.bufs.width * self.bufs.height * 4) as u64;
+        self.encoder.copy_buffer_to_buffer(
+            &self.bufs.images[self.current],
+            0,
+            &kept.outputs,
+            slot as u64 * bytes,
+            bytes,
+        );
+        if aux {
+            self.encoder.copy_buffer_to_buffer(
+                &self.bufs.aux,
+                0,
+                &kept.outputs,
+                (slot + 1) as u64 * bytes,
+                bytes,
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts the next kernel chain from the frame kept by [`GpuChain::keep_input`].
+    pub fn restart(&mut self) -> Result<(), GpuError> {
+        let kept = self.kept_or_err()?;
+        let bytes = (self.bufs.width * self.bufs.height * 4) as u64;
+        self.encoder
+            .copy_buffer_to_buffer(&kept.input, 0, &self.bufs.images[0], 0, bytes);
+        self.current = 0;
+        Ok(())
+    }
+
+    fn kept_or_err(&self) -> Result<Arc<KeptBuffers>, GpuError> {
+        self.kept.clone().ok_or_else(|| GpuError::Kernel {
+            kernel: self.last_kernel.into(),
+            reason: "the chain did not keep its input (keep_input)".into(),
+        })
+    }
+
+    /// Submits everything queued, waits, and reads back outputs `0..count` set aside by
+    /// [`GpuChain::set_aside`], all in one read-back.
+    pub fn finish_outputs(mut self, count: usize) -> Result<Vec<Array2<f32>>, GpuError> {
+        let kept = self.kept_or_err()?;
+        let ctx = self.ctx;
+        let kernel = self.last_kernel;
+        if count == 0 || count > MAX_OUTPUTS {
+            return Err(GpuError::Kernel {
+                kernel: kernel.into(),
+                reason: format!("{count} outputs (1 to {MAX_OUTPUTS})"),
+            });
+        }
+        let n = self.bufs.width * self.bufs.height;
+        let bytes = (n * 4 * count) as u64;
+        self.encoder
+            .copy_buffer_to_buffer(&kept.outputs, 0, &kept.staging, 0, bytes);
+        if !self.params.is_empty() {
+            ctx.queue.write_buffer(&self.bufs.params, 0, &self.params);
+        }
+        ctx.queue.submit([self.encoder.finish()]);
+        let all = read_range(ctx, &kept.staging, bytes, kernel)?;
+        ctx.take_error(kernel)?;
+        let shape = (self.bufs.height, self.bufs.width);
+        all.chunks_exact(n.max(1))
+            .take(count)
+            .map(|c| {
+                Array2::from_shape_vec(shape, c.to_vec()).map_err(|e| GpuError::Kernel {
+                    kernel: kernel.into(),
+                    reason: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
     /// Submits everything queued, waits, and reads the current frame back.
     pub fn finish(self) -> Result<Array2<f32>, GpuError> {
         let (data, _) = self.finish_with_stats(false)?;
@@ -820,9 +974,19 @@ fn read_buffer(
     buffer: &wgpu::Buffer,
     kernel: &str,
 ) -> Result<Vec<f32>, GpuError> {
+    read_range(ctx, buffer, buffer.size(), kernel)
+}
+
+/// Maps the first `bytes` of a staging buffer and copies them out: one read-back.
+fn read_range(
+    ctx: &GpuContext,
+    buffer: &wgpu::Buffer,
+    bytes: u64,
+    kernel: &str,
+) -> Result<Vec<f32>, GpuError> {
     ctx.readbacks
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let slice = buffer.slice(..);
+    let slice = buffer.slice(..bytes);
     let (tx, rx) = std::sync::mpsc::channel();
     slice.map_async(wgpu::MapMode::Read, move |r| {
         let _ = tx.send(r);

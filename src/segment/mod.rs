@@ -279,16 +279,27 @@ pub fn features_gpu(
     params: &SegmentParams,
 ) -> Result<Features> {
     let mut f = features_with(frame, despeckled, params, |grid, fp| {
+        // One upload, the three kernel chains each starting from it, one read-back of the
+        // four maps.
         let mut chain = ctx.begin(grid)?;
+        chain.keep_input()?;
         crate::kernels::phase_symmetry::encode(&mut chain, &fp.0)?;
-        let phase_symmetry = chain.finish()?;
-        let mut chain = ctx.begin(grid)?;
+        chain.set_aside(0, false)?;
+        chain.restart()?;
         crate::kernels::shadow::encode(&mut chain, &fp.1)?;
-        let below = chain.finish()?;
-        let mut chain = ctx.begin(grid)?;
+        chain.set_aside(1, false)?;
+        chain.restart()?;
         crate::kernels::coherence::encode(&mut chain, &fp.2)?;
-        let (coherence, orientation) = chain.finish_with_aux()?;
-        Ok([phase_symmetry, below, coherence, orientation])
+        chain.set_aside(2, true)?;
+        let maps: [Array2<f32>; 4] =
+            chain
+                .finish_outputs(4)?
+                .try_into()
+                .map_err(|_| crate::gpu::GpuError::Kernel {
+                    kernel: "features".into(),
+                    reason: "four maps expected".into(),
+                })?;
+        Ok(maps)
     })?;
     if params.learned {
         // The pixel features (and the second stage's context) are assembled on the CPU from

@@ -266,6 +266,9 @@ pub struct PipelineRow {
     pub ms_median: f64,
     /// Frames per second at the median.
     pub frames_per_s: f64,
+    /// GPU read-backs per frame (the GPU context's count over the timed frames; `None` on the
+    /// CPU path).
+    pub readbacks_per_frame: Option<f64>,
 }
 
 /// Times whole frames through `pipeline` on a phantom of the given size.
@@ -278,10 +281,19 @@ pub fn run_pipeline(
     let ph = bench_phantom(width, height, 1)?;
     let frame = crate::sim::phantom::frame_of(&ph, 0)?;
     pipeline.process(&frame)?;
+    #[cfg(feature = "gpu")]
+    let readbacks = || pipeline.despeckler().gpu_context().map(|c| c.readbacks());
+    #[cfg(not(feature = "gpu"))]
+    let readbacks = || None::<u64>;
+    let before = readbacks();
     let mut t: Vec<crate::pipeline::StageTimings> = Vec::new();
     for _ in 0..repeats.max(1) {
         t.push(pipeline.process(&frame)?.timings);
     }
+    let readbacks_per_frame = match (before, readbacks()) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / t.len() as f64),
+        _ => None,
+    };
     let med = |f: fn(&crate::pipeline::StageTimings) -> f64| {
         median_of(&t.iter().map(f).collect::<Vec<_>>())
     };
@@ -300,6 +312,7 @@ pub fn run_pipeline(
         stages,
         ms_median: stages.total_ms,
         frames_per_s: 1e3 / stages.total_ms,
+        readbacks_per_frame,
     })
 }
 

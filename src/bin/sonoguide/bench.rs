@@ -93,7 +93,7 @@ fn pipeline(args: &BenchArgs) -> Outcome {
         return print_json(&rows);
     }
     println!(
-        "{:<8} {:<28} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
+        "{:<8} {:<28} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10}",
         "backend",
         "adapter",
         "width",
@@ -103,12 +103,13 @@ fn pipeline(args: &BenchArgs) -> Outcome {
         "segment",
         "plan",
         "ms_median",
-        "frames/s"
+        "frames/s",
+        "readbacks"
     );
     for r in &rows {
         let s = r.stages;
         println!(
-            "{:<8} {:<28} {:>6} {:>6} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>9.1}",
+            "{:<8} {:<28} {:>6} {:>6} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>9.1} {:>10}",
             r.backend,
             r.adapter,
             r.width,
@@ -118,7 +119,9 @@ fn pipeline(args: &BenchArgs) -> Outcome {
             s.segment_ms,
             s.plan_ms,
             r.ms_median,
-            r.frames_per_s
+            r.frames_per_s,
+            r.readbacks_per_frame
+                .map_or_else(|| "-".to_string(), |n| format!("{n:.1}"))
         );
     }
     Ok(())
