@@ -520,10 +520,23 @@ fn carry_possible_nerve(
         return None;
     }
     let soft = [Label::Background.code(), Label::Tendon.code()];
-    let full = Array2::from_shape_fn(labels.dim(), |(y, x)| {
-        grid[[(y / step).min(gh - 1), (x / step).min(gw - 1)]] && soft.contains(&labels[[y, x]])
-    });
-    full.iter().any(|&d| d).then_some(full)
+    // Row by row, with each column's grid column looked up once; grid rows without possible
+    // nerve leave their full-resolution rows false.
+    let (h, w) = labels.dim();
+    let grid_col: Vec<usize> = (0..w).map(|x| (x / step.max(1)).min(gw - 1)).collect();
+    let mut full = Array2::from_elem((h, w), false);
+    let mut any = false;
+    for (y, (mut out, row)) in full.rows_mut().into_iter().zip(labels.rows()).enumerate() {
+        let g = grid.row((y / step.max(1)).min(gh - 1));
+        if !g.iter().any(|&d| d) {
+            continue;
+        }
+        for ((o, l), &gx) in out.iter_mut().zip(row).zip(&grid_col) {
+            *o = g[gx] && soft.contains(l);
+            any |= *o;
+        }
+    }
+    any.then_some(full)
 }
 
 /// Segments one frame given its feature maps.

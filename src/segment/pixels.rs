@@ -672,19 +672,25 @@ pub fn soft_tissue(
         }
     }
     let probs = &smoothed[..];
-    let best = Array2::from_shape_fn(dim, |(y, x)| {
-        let i = y * dim.1 + x;
-        if !f.valid[[y, x]] {
-            return Label::Background.code();
-        }
-        let mut arg = 0usize;
-        for k in 1..CLASSES {
-            if probs[k * n + i] > probs[arg * n + i] {
-                arg = k;
+    // The most probable class per pixel, a class plane at a time (the planes are read in
+    // order rather than seven strides apart per pixel); ties keep the lower class, as a
+    // per-pixel scan from class 0 would.
+    let mut arg = vec![0u8; n];
+    let mut top = probs[..n].to_vec();
+    for k in 1..CLASSES {
+        for ((a, t), &p) in arg.iter_mut().zip(&mut top).zip(&probs[k * n..(k + 1) * n]) {
+            if p > *t {
+                *t = p;
+                *a = k as u8;
             }
         }
-        arg as u8
-    });
+    }
+    for (a, v) in arg.iter_mut().zip(f.valid.iter()) {
+        if !*v {
+            *a = Label::Background.code();
+        }
+    }
+    let best = Array2::from_shape_vec(dim, arg).unwrap_or_else(|_| Array2::zeros(dim));
     let mut out = Array2::<u8>::zeros(dim);
     let px_mm2 = f.mm_per_px.0 * f.mm_per_px.1;
     // Each label's components on their own (in parallel: the labels' masks are disjoint).
