@@ -1,8 +1,12 @@
 // pixel_mlp.wgsl: the pixel classifier (src/kernels/pixel_mlp.rs) on every pixel: standardise the
 // feature vector, dense layers with ReLU between them, softmax over the classes.
 // Bindings: src holds the features, feature-major (src[k·n + i] is feature k of pixel i);
-// aux holds the model: mean[F], scale[F], then per layer its weights (outputs × inputs,
-// row-major) and biases. dst receives the probabilities, class-major (dst[c·n + i]).
+// aux holds the model from aux[model]: mean[F], scale[F], then per layer its weights (outputs
+// × inputs, row-major) and biases. dst receives the probabilities, class-major, from plane
+// out_plane (dst[(out_plane + c)·n + i]).
+// Inputs split between two buffers (the chained classifier, src/segment/context.rs): inputs
+// below `split` are src planes, the rest are dst planes from ctx_plane (the second stage's
+// context, written into dst by shaders/context.wgsl). The single-stage use has split = F.
 // Dispatch: workgroups of 64 threads, one thread per pixel, as many rows of workgroups as
 // the per-dimension limit needs. Keep Params in sync with src/kernels/pixel_mlp.rs.
 
@@ -20,6 +24,12 @@ struct Params {
     width5: u32,
     width6: u32,
     width7: u32,
+    // Where the model starts in aux, which input is the first read from dst, the dst plane of
+    // that input, and the dst plane of the first output.
+    model: u32,
+    split: u32,
+    ctx_plane: u32,
+    out_plane: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 
@@ -45,10 +55,17 @@ fn pixel_mlp(
     var a: array<f32, MAX_WIDTH>;
     var b: array<f32, MAX_WIDTH>;
     let f = p.features;
+    let m0 = p.model;
     for (var k = 0u; k < f; k++) {
-        a[k] = (src[k * p.n + i] - aux[k]) * aux[f + k];
+        var x: f32;
+        if (k < p.split) {
+            x = src[k * p.n + i];
+        } else {
+            x = dst[(p.ctx_plane + k - p.split) * p.n + i];
+        }
+        a[k] = (x - aux[m0 + k]) * aux[m0 + f + k];
     }
-    var off = 2u * f;
+    var off = m0 + 2u * f;
     for (var l = 0u; l < p.layers; l++) {
         let ins = width_of(l);
         let outs = width_of(l + 1u);
@@ -78,6 +95,6 @@ fn pixel_mlp(
         sum += a[c];
     }
     for (var c = 0u; c < p.classes; c++) {
-        dst[c * p.n + i] = a[c] / sum;
+        dst[(p.out_plane + c) * p.n + i] = a[c] / sum;
     }
 }

@@ -16,8 +16,21 @@ use sonoguide::{Backend, Pipeline, PipelineConfig};
 /// Features of phantom `seed` (the raw frame as the despeckled input, so that a grey-level
 /// map applied to it reaches the features unchanged by filtering).
 fn features_of(seed: u64, map: impl Fn(f32) -> f32) -> Features {
+    features_with(seed, None, map)
+}
+
+/// Features of phantom `seed` at `size` (width, height; the phantom's default without).
+fn features_sized(seed: u64, size: Option<(usize, usize)>) -> Features {
+    features_with(seed, size, |v| v)
+}
+
+fn features_with(seed: u64, size: Option<(usize, usize)>, map: impl Fn(f32) -> f32) -> Features {
     let mut params = PhantomParams::default();
     params.seed = seed;
+    if let Some((w, h)) = size {
+        params.width = w;
+        params.height = h;
+    }
     let ph = generate("pixels", &params).expect("phantom");
     let mut frame = frame_of(&ph, 0).expect("frame");
     frame.intensity.mapv_inplace(&map);
@@ -189,6 +202,52 @@ fn gpu_classifier_matches_cpu_twin() {
         worst <= SECOND_STAGE_TOLERANCE,
         "GPU differs by {worst} after two stages"
     );
+}
+
+/// The two stages and the context in one GPU chain: both stages' probabilities agree with the
+/// CPU's, at the test phantom's size and at the analysis grid of a 640x480 and a 1024x768
+/// frame, and the chain reads back once.
+#[test]
+fn gpu_classifier_chain_matches_cpu_and_reads_back_once() {
+    let ctx = match sonoguide::gpu::GpuContext::new(Backend::Gpu) {
+        Ok(c) => c,
+        Err(e) => {
+            common::missing_tool(
+                "chained pixel classifier GPU parity",
+                &format!("a GPU adapter: {e}"),
+            );
+            return;
+        }
+    };
+    for (seed, size) in [(11, None), (12, Some((640, 480))), (13, Some((1024, 768)))] {
+        let f = features_sized(seed, size);
+        let (cpu2, cpu1) = context::classify(&f, |m, x| Ok(pixels::pixel_mlp::cpu(m, x, &f.valid)))
+            .expect("both stages on the CPU");
+        let before = ctx.readbacks();
+        let (gpu2, gpu1) = context::classify_gpu(&ctx, &f).expect("chained GPU classifier");
+        assert_eq!(ctx.readbacks() - before, 1, "one read-back for both stages");
+        let worst = |a: &[f32], b: &[f32]| {
+            assert_eq!(a.len(), b.len());
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        let (first, second) = (worst(&cpu1, &gpu1), worst(&cpu2, &gpu2));
+        eprintln!(
+            "{:?} grid {:?}: first stage {first}, second stage {second}",
+            size,
+            f.intensity.dim()
+        );
+        assert!(
+            first <= GPU_PROBABILITY_TOLERANCE,
+            "first stage differs by {first}"
+        );
+        assert!(
+            second <= SECOND_STAGE_TOLERANCE,
+            "second stage differs by {second}"
+        );
+    }
 }
 
 /// GPU against CPU after both stages: the first stage's differences (at most

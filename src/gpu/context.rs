@@ -622,12 +622,32 @@ impl GpuContext {
 
     /// Uploads a frame and starts a chain of kernels on it.
     pub fn begin(&self, image: &Array2<f32>) -> Result<GpuChain<'_>, GpuError> {
-        let turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
         let (h, w) = image.dim();
-        let bufs = self.buffers(w, h)?;
-        let data: Vec<f32> = image.iter().copied().collect();
+        match image.as_slice() {
+            Some(data) => self.begin_planes(data, w, h),
+            None => self.begin_planes(&super::to_flat(image), w, h),
+        }
+    }
+
+    /// Starts a chain on images of `rows` × `width` (e.g. several planes stacked), uploading
+    /// `data` (row-major, at most that many values) at the start of the first; the rest of it
+    /// holds whatever an earlier frame left there.
+    pub fn begin_planes(
+        &self,
+        data: &[f32],
+        width: usize,
+        rows: usize,
+    ) -> Result<GpuChain<'_>, GpuError> {
+        if data.len() > width * rows {
+            return Err(GpuError::Kernel {
+                kernel: "upload".into(),
+                reason: format!("{} values for a {width}x{rows} image", data.len()),
+            });
+        }
+        let turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        let bufs = self.buffers(width, rows)?;
         self.queue
-            .write_buffer(&bufs.images[0], 0, bytemuck::cast_slice(&data));
+            .write_buffer(&bufs.images[0], 0, bytemuck::cast_slice(data));
         let encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -884,6 +904,35 @@ impl GpuChain<'_> {
                 })
             })
             .collect()
+    }
+
+    /// Submits everything queued, waits, and reads values `first..first + len` of the current
+    /// image back (e.g. a few planes of a stack), in one read-back.
+    pub fn finish_range(mut self, first: usize, len: usize) -> Result<Vec<f32>, GpuError> {
+        let ctx = self.ctx;
+        let kernel = self.last_kernel;
+        let total = self.bufs.width * self.bufs.height;
+        if len == 0 || first.checked_add(len).is_none_or(|end| end > total) {
+            return Err(GpuError::Kernel {
+                kernel: kernel.into(),
+                reason: format!("values {first}..+{len} of an image of {total}"),
+            });
+        }
+        let bytes = (len * 4) as u64;
+        self.encoder.copy_buffer_to_buffer(
+            &self.bufs.images[self.current],
+            (first * 4) as u64,
+            &self.bufs.staging,
+            0,
+            bytes,
+        );
+        if !self.params.is_empty() {
+            ctx.queue.write_buffer(&self.bufs.params, 0, &self.params);
+        }
+        ctx.queue.submit([self.encoder.finish()]);
+        let out = read_range(ctx, &self.bufs.staging, bytes, kernel)?;
+        ctx.take_error(kernel)?;
+        Ok(out)
     }
 
     /// Submits everything queued, waits, and reads the current frame back.

@@ -228,6 +228,8 @@ pub(crate) fn for_each_window_row(
 }
 
 /// Params structs that start with the frame's width and height (as every 2-D kernel's do).
+/// Used by the GPU dispatches only.
+#[cfg_attr(not(feature = "gpu"), allow(dead_code))]
 pub(crate) trait FrameParams: bytemuck::Pod {
     /// A copy with the frame size filled in.
     fn sized(&self, width: u32, height: u32) -> Self;

@@ -168,6 +168,14 @@ pub struct Params {
     pub width6: u32,
     /// Outputs of layer 6.
     pub width7: u32,
+    /// Where the model starts in `aux`.
+    pub model: u32,
+    /// The first input read from `dst` instead of `src` (the inputs' count: none).
+    pub split: u32,
+    /// The `dst` plane of input `split`.
+    pub ctx_plane: u32,
+    /// The `dst` plane of the first output.
+    pub out_plane: u32,
 }
 
 impl PixelModel {
@@ -192,6 +200,71 @@ impl PixelModel {
     }
 }
 
+/// Where a chained run of the classifier finds its model and inputs and puts its outputs, in
+/// planes of `n` values (see `shaders/pixel_mlp.wgsl`).
+#[derive(Debug, Clone, Copy)]
+pub struct Placement {
+    /// Offset of the model's values in `aux` ([`PixelModel::flat`]).
+    pub model: u32,
+    /// Inputs `0..split` are `src` planes `0..split`; the rest are `dst` planes from
+    /// `ctx_plane`.
+    pub split: u32,
+    /// The `dst` plane of input `split`.
+    pub ctx_plane: u32,
+    /// The `dst` plane of the first probability.
+    pub out_plane: u32,
+}
+
+/// Queues the classifier over the `n` pixels of `chain`'s planes, as `place` says; with
+/// `swap`, the chain moves on to `dst`.
+#[cfg(feature = "gpu")]
+pub fn encode(
+    chain: &mut crate::gpu::GpuChain<'_>,
+    model: &PixelModel,
+    n: usize,
+    place: Placement,
+    swap: bool,
+) -> Result<(), crate::gpu::GpuError> {
+    let f = model.inputs();
+    if model.layers.len() > MAX_LAYERS || n == 0 || place.split as usize > f {
+        return Err(crate::gpu::GpuError::Kernel {
+            kernel: "pixel_mlp".into(),
+            reason: format!(
+                "{} layers, {n} pixels, {} inputs from src of {f}",
+                model.layers.len(),
+                place.split
+            ),
+        });
+    }
+    let mut widths = [0u32; 8];
+    widths[0] = f as u32;
+    for (i, l) in model.layers.iter().enumerate() {
+        widths[i + 1] = l.outputs as u32;
+    }
+    let params = Params {
+        n: n as u32,
+        layers: model.layers.len() as u32,
+        features: f as u32,
+        classes: model.classes() as u32,
+        width0: widths[0],
+        width1: widths[1],
+        width2: widths[2],
+        width3: widths[3],
+        width4: widths[4],
+        width5: widths[5],
+        width6: widths[6],
+        width7: widths[7],
+        model: place.model,
+        split: place.split,
+        ctx_plane: place.ctx_plane,
+        out_plane: place.out_plane,
+    };
+    let groups = (n as u32).div_ceil(64);
+    let max = chain.max_workgroups();
+    let grid = (groups.min(max), groups.div_ceil(max));
+    chain.dispatch("pixel_mlp", SHADER, "pixel_mlp", &params, grid, swap)
+}
+
 /// Runs the classifier on the GPU: the features go up as one image (`inputs` stacked grids),
 /// the weights into the scratch buffer, and the probabilities come back in the layout of
 /// [`cpu`] (invalid pixels set to background afterwards, as there).
@@ -208,50 +281,25 @@ pub fn gpu(
         kernel: "pixel_mlp".into(),
         reason,
     };
-    if model.layers.len() > MAX_LAYERS || features.len() != f * n || n == 0 || c > f {
-        return Err(invalid(format!(
-            "{} layers, {} feature values for {n} pixels",
-            model.layers.len(),
-            features.len()
-        ))
-        .into());
+    if features.len() != f * n || n == 0 || c > f {
+        return Err(invalid(format!("{} feature values for {n} pixels", features.len())).into());
     }
-    let stacked = ndarray::ArrayView2::from_shape((f * h, w), features)
-        .map_err(|e| invalid(e.to_string()))?
-        .to_owned();
-    let mut chain = ctx.begin(&stacked)?;
+    let mut chain = ctx.begin_planes(features, w, f * h)?;
     chain.write_aux(&model.flat())?;
-    let mut widths = [0u32; 8];
-    widths[0] = f as u32;
-    for (i, l) in model.layers.iter().enumerate() {
-        widths[i + 1] = l.outputs as u32;
-    }
-    let params = Params {
-        n: n as u32,
-        layers: model.layers.len() as u32,
-        features: f as u32,
-        classes: c as u32,
-        width0: widths[0],
-        width1: widths[1],
-        width2: widths[2],
-        width3: widths[3],
-        width4: widths[4],
-        width5: widths[5],
-        width6: widths[6],
-        width7: widths[7],
+    let place = Placement {
+        model: 0,
+        split: f as u32,
+        ctx_plane: 0,
+        out_plane: 0,
     };
-    let groups = (n as u32).div_ceil(64);
-    let max = chain.max_workgroups();
-    let grid = (groups.min(max), groups.div_ceil(max));
-    chain.dispatch("pixel_mlp", SHADER, "pixel_mlp", &params, grid, true)?;
-    let out = chain.finish()?;
-    let mut probs: Vec<f32> = out.iter().take(c * n).copied().collect();
+    encode(&mut chain, model, n, place, true)?;
+    let mut probs = chain.finish_range(0, c * n)?;
     mask_invalid(&mut probs, c, valid);
     Ok(probs)
 }
 
 /// Invalid pixels: background with probability 1.
-fn mask_invalid(probs: &mut [f32], classes: usize, valid: &Array2<bool>) {
+pub fn mask_invalid(probs: &mut [f32], classes: usize, valid: &Array2<bool>) {
     let n = valid.len();
     for (i, v) in valid.iter().enumerate() {
         if !v {

@@ -10,6 +10,8 @@
 //!
 //! Both stages run with the same inference code (`kernels::pixel_mlp`, CPU twin and shader);
 //! the shipped second stage is `models/pixel_context.json` (model card: `models/README.md`).
+//! On the GPU ([`classify_gpu`]) both stages and the context (`shaders/context.wgsl`, whose CPU
+//! twin is [`context_features`]) run in one chain, from one upload to one read-back.
 
 use rayon::prelude::*;
 
@@ -204,4 +206,148 @@ pub fn classify(
     let second = builtin_model()?;
     let inputs = context_features(f, base, &first);
     Ok((run(second, &inputs)?, first))
+}
+
+/// The context shader's source.
+#[cfg(feature = "gpu")]
+const SHADER: &str = include_str!("../../shaders/context.wgsl");
+
+/// The context shader's parameters; keep in sync with `Params` in shaders/context.wgsl.
+#[cfg(feature = "gpu")]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct GpuParams {
+    w: u32,
+    h: u32,
+    n: u32,
+    classes: u32,
+    near_ry: u32,
+    near_rx: u32,
+    far_ry: u32,
+    far_rx: u32,
+    dy: u32,
+    dx: u32,
+    valid_plane: u32,
+    probs_plane: u32,
+    ctx_plane: u32,
+    scratch: u32,
+    labels: [u32; 5],
+}
+
+/// Planes of the GPU chain ([`classify_gpu`]), each `h·w` values. The uploaded image holds
+/// the first stage's features, then the validity.
+#[cfg(feature = "gpu")]
+const VALID_PLANE: usize = FEATURES;
+/// The other image: the context (the second stage's inputs after the features), then the first
+/// stage's probabilities, then the second's (the two read back together).
+#[cfg(feature = "gpu")]
+const PROBS_PLANE: usize = CONTEXT;
+#[cfg(feature = "gpu")]
+const SECOND_PLANE: usize = CONTEXT + CLASSES;
+/// Planes per image of the chain.
+#[cfg(feature = "gpu")]
+const CHAIN_PLANES: usize = CONTEXT + 2 * CLASSES;
+/// Scratch planes the context needs in `aux` (row sums: near and far per class, and the valid
+/// counts).
+#[cfg(feature = "gpu")]
+const SCRATCH_PLANES: usize = 2 * CLASSES + 2;
+
+/// Both stages on the GPU in one chain: the first stage's features and the validity go up
+/// once, the first stage, the context and the second stage run there, and both stages'
+/// probabilities come back in one read-back. Returns the second stage's probabilities, then
+/// the first's, as [`classify`] does (the context's sums differ from the CPU twin's by
+/// rounding only).
+#[cfg(feature = "gpu")]
+pub fn classify_gpu(
+    ctx: &crate::gpu::GpuContext,
+    f: &Features,
+) -> crate::Result<(Vec<f32>, Vec<f32>)> {
+    use crate::kernels::pixel_mlp::{encode, mask_invalid, Placement};
+    let (h, w) = f.intensity.dim();
+    let n = h * w;
+    let error = |reason: String| crate::gpu::GpuError::Kernel {
+        kernel: "context".into(),
+        reason,
+    };
+    if n == 0 {
+        return Err(error("an empty grid".into()).into());
+    }
+    let (first, second) = (pixels::builtin_model()?, builtin_model()?);
+    let mut up = pixels::pixel_features_with_room(f, 1);
+    up.extend(f.valid.iter().map(|v| f32::from(u8::from(*v))));
+    let (flat1, flat2) = (first.flat(), second.flat());
+    let models = flat1.len() + flat2.len();
+    // The scratch starts at the first whole plane after the models.
+    let scratch = models.div_ceil(n) * n;
+    if scratch + SCRATCH_PLANES * n > CHAIN_PLANES * n {
+        return Err(error(format!("{models} model values do not fit a {w}x{h} grid")).into());
+    }
+    let mut chain = ctx.begin_planes(&up, w, CHAIN_PLANES * h)?;
+    let second_at = flat1.len();
+    let mut aux = flat1;
+    aux.extend(flat2);
+    chain.write_aux(&aux)?;
+    let u = |v: usize| v as u32;
+    encode(
+        &mut chain,
+        first,
+        n,
+        Placement {
+            model: 0,
+            split: u(FEATURES),
+            ctx_plane: 0,
+            out_plane: u(PROBS_PLANE),
+        },
+        false,
+    )?;
+    let (mmx, mmy) = f.mm_per_px;
+    let window = |mm: f64| (px(mm, mmy, 1), px(mm, mmx, 1));
+    let (near, far) = (window(NEAR_MM), window(FAR_MM));
+    let params = GpuParams {
+        w: u(w),
+        h: u(h),
+        n: u(n),
+        classes: u(CLASSES),
+        near_ry: u(near.0),
+        near_rx: u(near.1),
+        far_ry: u(far.0),
+        far_rx: u(far.1),
+        dy: u(px(OFFSET_MM, mmy, 1)),
+        dx: u(px(OFFSET_MM, mmx, 1)),
+        valid_plane: u(VALID_PLANE),
+        probs_plane: u(PROBS_PLANE),
+        ctx_plane: 0,
+        scratch: u(scratch),
+        labels: OFFSET_LABELS.map(|l| u32::from(l.code())),
+    };
+    let max = chain.max_workgroups();
+    let grid = |threads: usize| {
+        let groups = u(threads).div_ceil(64);
+        (groups.min(max), groups.div_ceil(max))
+    };
+    for (entry, threads) in [
+        ("context_rows", SCRATCH_PLANES * h),
+        ("context_columns", 2 * CLASSES * w),
+        ("context_offsets", n),
+    ] {
+        chain.dispatch("context", SHADER, entry, &params, grid(threads), false)?;
+    }
+    encode(
+        &mut chain,
+        second,
+        n,
+        Placement {
+            model: u(second_at),
+            split: u(FEATURES),
+            ctx_plane: 0,
+            out_plane: u(SECOND_PLANE),
+        },
+        true,
+    )?;
+    let mut both = chain.finish_range(PROBS_PLANE * n, 2 * CLASSES * n)?;
+    let mut second_probs = both.split_off(CLASSES * n);
+    let mut first_probs = both;
+    mask_invalid(&mut first_probs, CLASSES, &f.valid);
+    mask_invalid(&mut second_probs, CLASSES, &f.valid);
+    Ok((second_probs, first_probs))
 }

@@ -302,10 +302,9 @@ pub fn features_gpu(
         Ok(maps)
     })?;
     if params.learned {
-        // The pixel features (and the second stage's context) are assembled on the CPU from
-        // the maps read back; both stages of the classifier run on the GPU.
-        let (second, first) =
-            context::classify(&f, |m, x| pixels::pixel_mlp::gpu(ctx, m, x, &f.valid))?;
+        // The pixel features are assembled on the CPU from the maps read back; both stages of
+        // the classifier and the second stage's context run on the GPU in one chain.
+        let (second, first) = context::classify_gpu(ctx, &f)?;
         f.probabilities = Some(second);
         f.first_stage = Some(first);
     }
