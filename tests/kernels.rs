@@ -417,6 +417,49 @@ fn gpu_chain_keeps_the_frame_on_the_gpu_and_reuses_buffers() {
     assert!(worst <= LOCAL_STATS_TOLERANCE, "chained result {worst}");
 }
 
+/// Streams sharing one device: chains in flight at once each get a buffer set of their own
+/// (two chains open together on one thread do not wait for each other), threads running the
+/// same chain concurrently get the serial result, and the sets made stay within the bound.
+#[test]
+fn gpu_streams_overlap_with_their_own_buffers() {
+    let Some(d) = gpu() else { return };
+    let ctx = d.gpu_context().unwrap();
+    let (w, h) = (72, 40);
+    let chain = [Filter::Lee(lee::Params::new(5, 0.25).unwrap())];
+    let frames: Vec<Array2<f32>> = (0..6).map(|s| speckle(w, h, 20 + s)).collect();
+    let want: Vec<Array2<f32>> = frames.iter().map(|f| d.run(f, &chain).unwrap()).collect();
+    // Two chains open at once on this thread: with one lock held from upload to read-back,
+    // the second would wait forever.
+    let a = ctx.begin(&frames[0]).unwrap();
+    let b = ctx.begin(&frames[1]).unwrap();
+    assert_eq!(ctx.buffer_sets(w, h), 2, "a set per chain in flight");
+    assert_eq!(
+        a.finish().unwrap(),
+        frames[0],
+        "an empty chain returns its upload"
+    );
+    assert_eq!(b.finish().unwrap(), frames[1]);
+    // Streams: every thread runs every frame; each result equals the serial one.
+    let streams = sonoguide::gpu::MAX_STREAMS + 2;
+    std::thread::scope(|scope| {
+        for t in 0..streams {
+            let (d, frames, want, chain) = (&d, &frames, &want, &chain);
+            scope.spawn(move || {
+                for i in 0..frames.len() {
+                    let k = (i + t) % frames.len();
+                    let got = d.run(&frames[k], chain).unwrap();
+                    assert_eq!(got, want[k], "stream {t}, frame {k}");
+                }
+            });
+        }
+    });
+    let sets = ctx.buffer_sets(w, h);
+    assert!(
+        (2..=sonoguide::gpu::MAX_STREAMS).contains(&sets),
+        "{sets} buffer sets for {streams} streams"
+    );
+}
+
 #[test]
 fn fast_median_gives_exactly_the_twins_values() {
     // Widths around the vector path's limits: blocks of 8 plus margins of 1 or 2, an overlapping

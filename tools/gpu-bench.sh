@@ -16,6 +16,7 @@ if command -v cargo >/dev/null; then
     cargo build --release --locked --bin sonoguide
     # Parity at toy and production sizes on the hardware adapter (fails the script if off).
     cargo test --release --locked --test kernels gpu_ 2>&1 | tee "$OUT/parity.log" | tail -5
+    cargo test --release --locked --test pixels gpu_ 2>&1 | tee -a "$OUT/parity.log" | tail -5
 fi
 [ -x "$BIN" ] || { echo "no $BIN: build it (cargo build --release) or carry it" >&2; exit 2; }
 
@@ -28,6 +29,8 @@ run kernels-gpu --backend gpu --size 1024x768 --repeats 30
 run kernels-cpu --backend cpu --size 1024x768 --repeats 15
 run pipeline-gpu --backend gpu --pipeline --repeats 30
 run pipeline-cpu --backend cpu --pipeline --repeats 15
+run streams-gpu --backend gpu --pipeline --size 640x480 --streams 4 --repeats 30
+run streams-cpu --backend cpu --pipeline --size 640x480 --streams 4 --repeats 8
 run serve-gpu --backend gpu --serve --size 640x480 --repeats 60
 run serve-cpu --backend cpu --serve --size 640x480 --repeats 30
 
@@ -38,6 +41,10 @@ load = lambda n: json.loads((out / f"{n}.json").read_text())
 kg, kc = load("kernels-gpu"), load("kernels-cpu")
 pg, pc = load("pipeline-gpu"), load("pipeline-cpu")
 sg, sc = load("serve-gpu"), load("serve-cpu")
+tg, tc = load("streams-gpu"), load("streams-cpu")
+def streams(rows):
+    return rows[0]["throughput_frames_per_s"] if rows else None
+fps = lambda v: "open" if v is None else f"{v:.1f} frames/s"
 adapter = kg[0]["adapter"] if kg else "?"
 def kernel(rows, name, **p):
     for r in rows:
@@ -49,6 +56,11 @@ def pipe(rows, w):
         if r["width"] == w:
             return r["ms_median"]
     return None
+def readbacks(rows, w):
+    for r in rows:
+        if r["width"] == w and r.get("readbacks_per_frame") is not None:
+            return f"{r['readbacks_per_frame']:.1f}"
+    return "open"
 def serve(rows):
     r = rows[0] if isinstance(rows, list) and rows else rows
     for k in ("latency_median_ms", "ms_median"):
@@ -63,9 +75,10 @@ lines = [
     "|---|---|---|---|",
     f"| whole frame, upload to plan, 640x480 | <= 2 ms | {fmt(pipe(pg, 640))} | {fmt(pipe(pc, 640))} |",
     f"| whole frame, upload to plan, 1024x768 | <= 3 ms | {fmt(pipe(pg, 1024))} | {fmt(pipe(pc, 1024))} |",
+    f"| read-backs per frame, 640x480 | 1 | {readbacks(pg, 640)} | - |",
     f"| SRAD, 100 iterations, 1024x768 | <= 1 ms | {fmt(kernel(kg, 'srad', iterations=100))} | {fmt(kernel(kc, 'srad', iterations=100))} |",
     f"| OBNLM, 1024x768 | <= 2 ms | {fmt(kernel(kg, 'obnlm'))} | {fmt(kernel(kc, 'obnlm'))} |",
-    "| four concurrent streams at 640x480 | >= 1,500 frames/s | open (no multi-stream bench yet) | |",
+    f"| four concurrent streams at 640x480 | >= 1,500 frames/s | {fps(streams(tg))} | {fps(streams(tc))} |",
     f"| OpenIGTLink, IMAGE in to results out, median | <= 5 ms | {fmt(serve(sg))} | {fmt(serve(sc))} |",
 ]
 (out / "gpu-bench.md").write_text("\n".join(lines) + "\n")

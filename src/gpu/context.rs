@@ -62,6 +62,33 @@ struct FrameBuffers {
     kept: Mutex<Option<Arc<KeptBuffers>>>,
 }
 
+/// Most chains of one frame size in flight at once: each has a buffer set of its own (made on
+/// first need, reused after), so that streams sharing the device (pipelines on several threads)
+/// overlap; a further chain waits until a set is returned.
+pub const MAX_STREAMS: usize = 4;
+
+/// The buffer sets of one frame size: the free ones, and how many were made.
+#[derive(Debug, Default)]
+struct BufferPool {
+    sets: Mutex<(Vec<Arc<FrameBuffers>>, usize)>,
+    returned: std::sync::Condvar,
+}
+
+/// A buffer set lent to one chain, returned to its pool when the chain ends.
+#[derive(Debug)]
+struct Lease {
+    pool: Arc<BufferPool>,
+    bufs: Arc<FrameBuffers>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut sets = self.pool.sets.lock().unwrap_or_else(|e| e.into_inner());
+        sets.0.push(self.bufs.clone());
+        self.pool.returned.notify_one();
+    }
+}
+
 /// Most maps one chain can set aside for its single read-back.
 pub const MAX_OUTPUTS: usize = 4;
 
@@ -86,11 +113,11 @@ pub struct GpuContext {
     fft_pipeline_layout: wgpu::PipelineLayout,
     kernels: NameCache<Kernel>,
     modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
-    sizes: SizeCache<FrameBuffers>,
+    /// Buffer sets per frame size (at most [`MAX_STREAMS`] each).
+    sizes: SizeCache<BufferPool>,
+    /// Validation errors the device reported (chains of several threads share it: an error is
+    /// reported by the chain that finishes next, which may not be the one that caused it).
     errors: Arc<Mutex<Vec<String>>>,
-    /// Held by a chain from upload to read-back: chains of several threads share the per-size
-    /// buffers, so they take turns (the device runs one at a time anyway).
-    turn: Mutex<()>,
     /// Buffers mapped back to the host since the context was made: every time data leaves
     /// the GPU.
     readbacks: std::sync::atomic::AtomicU64,
@@ -287,7 +314,6 @@ impl GpuContext {
             modules: Mutex::default(),
             sizes: SizeCache::default(),
             errors,
-            turn: Mutex::new(()),
             readbacks: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -311,6 +337,14 @@ impl GpuContext {
     /// How many frame sizes have buffers allocated (for tests of buffer reuse).
     pub fn cached_sizes(&self) -> usize {
         self.sizes.len()
+    }
+
+    /// How many buffer sets have been made for frames of `width` × `height` (one per chain in
+    /// flight at once, at most [`MAX_STREAMS`]; for tests of buffer reuse).
+    pub fn buffer_sets(&self, width: usize, height: usize) -> usize {
+        self.sizes
+            .peek((width, height))
+            .map_or(0, |p| p.sets.lock().map_or(0, |s| s.1))
     }
 
     /// How many kernel pipelines have been compiled.
@@ -382,7 +416,39 @@ impl GpuContext {
         Ok(k)
     }
 
-    fn buffers(&self, width: usize, height: usize) -> Result<Arc<FrameBuffers>, GpuError> {
+    /// Lends a buffer set for frames of `width` × `height`: a free one, a new one while fewer
+    /// than [`MAX_STREAMS`] exist, or else the next one returned.
+    fn lease(&self, width: usize, height: usize) -> Result<Lease, GpuError> {
+        self.check_size(width, height)?;
+        let pool = self
+            .sizes
+            .get_or_try_insert((width, height), || Ok::<_, GpuError>(BufferPool::default()))?;
+        let mut sets = pool.sets.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(bufs) = sets.0.pop() {
+                drop(sets);
+                return Ok(Lease { pool, bufs });
+            }
+            if sets.1 < MAX_STREAMS {
+                sets.1 += 1;
+                drop(sets);
+                return match self.make_buffers(width, height) {
+                    Ok(b) => Ok(Lease {
+                        pool,
+                        bufs: Arc::new(b),
+                    }),
+                    Err(e) => {
+                        pool.sets.lock().unwrap_or_else(|e| e.into_inner()).1 -= 1;
+                        Err(e)
+                    }
+                };
+            }
+            sets = pool.returned.wait(sets).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Whether the device can hold and dispatch over frames of `width` × `height`.
+    fn check_size(&self, width: usize, height: usize) -> Result<(), GpuError> {
         let bytes = (width * height * 4) as u64;
         if width == 0 || height == 0 || bytes > self.limits.max_storage_buffer_binding_size {
             return Err(GpuError::TooLarge {
@@ -407,7 +473,13 @@ impl GpuContext {
                 reason: "too many workgroups".into(),
             });
         }
-        self.sizes.get_or_try_insert((width, height), || {
+        Ok(())
+    }
+
+    /// A new buffer set for frames of `width` × `height` (checked by [`Self::check_size`]).
+    fn make_buffers(&self, width: usize, height: usize) -> Result<FrameBuffers, GpuError> {
+        let bytes = (width * height * 4) as u64;
+        {
             let buffer = |label, size| {
                 self.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some(label),
@@ -499,7 +571,7 @@ impl GpuContext {
                 kept: Mutex::new(None),
             };
             self.take_error("buffers").map(|_| fb)
-        })
+        }
     }
 
     fn kept_buffers(&self, fb: &FrameBuffers) -> Result<Arc<KeptBuffers>, GpuError> {
@@ -644,8 +716,8 @@ impl GpuContext {
                 reason: format!("{} values for a {width}x{rows} image", data.len()),
             });
         }
-        let turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
-        let bufs = self.buffers(width, rows)?;
+        let lease = self.lease(width, rows)?;
+        let bufs = lease.bufs.clone();
         self.queue
             .write_buffer(&bufs.images[0], 0, bytemuck::cast_slice(data));
         let encoder = self
@@ -663,7 +735,7 @@ impl GpuContext {
             last_kernel: "upload",
             fft: None,
             kept: None,
-            _turn: turn,
+            _lease: lease,
         })
     }
 }
@@ -679,7 +751,8 @@ pub struct GpuChain<'a> {
     last_kernel: &'static str,
     fft: Option<Arc<FftBuffers>>,
     kept: Option<Arc<KeptBuffers>>,
-    _turn: std::sync::MutexGuard<'a, ()>,
+    /// The buffer set, returned to its pool when the chain ends.
+    _lease: Lease,
 }
 
 impl GpuChain<'_> {

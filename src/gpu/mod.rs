@@ -116,7 +116,7 @@ pub use compute::{Compute, Ran};
 #[cfg(feature = "gpu")]
 mod context;
 #[cfg(feature = "gpu")]
-pub use context::{GpuChain, GpuContext, Layout};
+pub use context::{GpuChain, GpuContext, Layout, MAX_STREAMS};
 
 /// Without the `gpu` feature there is no GPU context: the type has no values, so GPU code paths
 /// type-check and can never run.
@@ -181,6 +181,11 @@ impl<T> SizeCache<T> {
             e.remove(0);
         }
         Ok(v)
+    }
+    /// The entry for `key`, if cached (without marking it used).
+    pub(crate) fn peek(&self, key: (usize, usize)) -> Option<Arc<T>> {
+        let e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        e.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone())
     }
     pub(crate) fn len(&self) -> usize {
         self.entries.lock().map(|e| e.len()).unwrap_or(0)

@@ -266,30 +266,67 @@ pub struct PipelineRow {
     pub ms_median: f64,
     /// Frames per second at the median.
     pub frames_per_s: f64,
+    /// Streams: threads running frames through the one pipeline (and device) at once.
+    pub streams: usize,
+    /// Frames per second of all streams together, over the wall-clock time of the timed frames.
+    pub throughput_frames_per_s: f64,
     /// GPU read-backs per frame (the GPU context's count over the timed frames; `None` on the
     /// CPU path).
     pub readbacks_per_frame: Option<f64>,
 }
 
-/// Times whole frames through `pipeline` on a phantom of the given size.
+/// Most streams `run_pipeline` starts.
+pub const MAX_BENCH_STREAMS: usize = 64;
+
+/// Times whole frames through `pipeline` on a phantom of the given size: `streams` threads
+/// (1 to [`MAX_BENCH_STREAMS`]) each run `repeats` frames through it at once, after one frame
+/// each to warm up.
 pub fn run_pipeline(
     pipeline: &crate::Pipeline,
     width: usize,
     height: usize,
     repeats: usize,
+    streams: usize,
 ) -> Result<PipelineRow> {
+    if !(1..=MAX_BENCH_STREAMS).contains(&streams) {
+        return Err(super::SimError::InvalidParameter {
+            name: "streams",
+            reason: format!("{streams}: 1 to {MAX_BENCH_STREAMS}"),
+        });
+    }
     let ph = bench_phantom(width, height, 1)?;
     let frame = crate::sim::phantom::frame_of(&ph, 0)?;
-    pipeline.process(&frame)?;
     #[cfg(feature = "gpu")]
     let readbacks = || pipeline.despeckler().gpu_context().map(|c| c.readbacks());
     #[cfg(not(feature = "gpu"))]
     let readbacks = || None::<u64>;
+    let run = |count: usize| -> Result<Vec<crate::pipeline::StageTimings>> {
+        (0..count)
+            .map(|_| Ok(pipeline.process(&frame)?.timings))
+            .collect()
+    };
+    let in_streams = |count: usize| -> Result<Vec<crate::pipeline::StageTimings>> {
+        if streams == 1 {
+            return run(count);
+        }
+        let per: Vec<Result<Vec<_>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..streams).map(|_| scope.spawn(|| run(count))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        });
+        let mut all = Vec::new();
+        for p in per {
+            all.extend(p?);
+        }
+        Ok(all)
+    };
+    in_streams(1)?;
     let before = readbacks();
-    let mut t: Vec<crate::pipeline::StageTimings> = Vec::new();
-    for _ in 0..repeats.max(1) {
-        t.push(pipeline.process(&frame)?.timings);
-    }
+    let start = std::time::Instant::now();
+    let t = in_streams(repeats.max(1))?;
+    let wall_s = start.elapsed().as_secs_f64();
     let readbacks_per_frame = match (before, readbacks()) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / t.len() as f64),
         _ => None,
@@ -312,6 +349,8 @@ pub fn run_pipeline(
         stages,
         ms_median: stages.total_ms,
         frames_per_s: 1e3 / stages.total_ms,
+        streams,
+        throughput_frames_per_s: t.len() as f64 / wall_s.max(1e-9),
         readbacks_per_frame,
     })
 }

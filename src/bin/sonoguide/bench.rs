@@ -28,6 +28,10 @@ pub struct BenchArgs {
     /// Time whole frames through the pipeline, per stage, instead.
     #[arg(long, conflicts_with = "serve")]
     pipeline: bool,
+    /// With --pipeline: threads running frames through the one pipeline (and GPU device) at
+    /// once; the table adds their frames per second together.
+    #[arg(long, default_value_t = 1, requires = "pipeline")]
+    streams: usize,
     /// Measure the OpenIGTLink server's latency (IMAGE received → results sent) over
     /// --repeats frames instead.
     #[arg(long)]
@@ -87,13 +91,19 @@ fn pipeline(args: &BenchArgs) -> Outcome {
     };
     let mut rows = Vec::new();
     for (w, h) in sizes {
-        rows.push(harness::run_pipeline(&pipeline, w, h, args.repeats)?);
+        rows.push(harness::run_pipeline(
+            &pipeline,
+            w,
+            h,
+            args.repeats,
+            args.streams,
+        )?);
     }
     if args.json {
         return print_json(&rows);
     }
     println!(
-        "{:<8} {:<28} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10}",
+        "{:<8} {:<28} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>8} {:>9}",
         "backend",
         "adapter",
         "width",
@@ -104,12 +114,14 @@ fn pipeline(args: &BenchArgs) -> Outcome {
         "plan",
         "ms_median",
         "frames/s",
-        "readbacks"
+        "readbacks",
+        "streams",
+        "all_fps"
     );
     for r in &rows {
         let s = r.stages;
         println!(
-            "{:<8} {:<28} {:>6} {:>6} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>9.1} {:>10}",
+            "{:<8} {:<28} {:>6} {:>6} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>9.1} {:>10} {:>8} {:>9.1}",
             r.backend,
             r.adapter,
             r.width,
@@ -121,7 +133,9 @@ fn pipeline(args: &BenchArgs) -> Outcome {
             r.ms_median,
             r.frames_per_s,
             r.readbacks_per_frame
-                .map_or_else(|| "-".to_string(), |n| format!("{n:.1}"))
+                .map_or_else(|| "-".to_string(), |n| format!("{n:.1}")),
+            r.streams,
+            r.throughput_frames_per_s
         );
     }
     Ok(())
