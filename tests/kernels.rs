@@ -460,6 +460,49 @@ fn gpu_streams_overlap_with_their_own_buffers() {
     );
 }
 
+/// GPU timing: with timing on, every pass of a chain is timed by the device's timestamps and
+/// summed per shader file; with it off, nothing is recorded; neither changes the result or
+/// adds a read-back of frame data.
+#[test]
+fn gpu_timestamps_time_every_pass_when_asked() {
+    let Some(d) = gpu() else { return };
+    let ctx = d.gpu_context().unwrap();
+    if !ctx.timestamps_supported() {
+        common::missing_tool("GPU timestamps", "an adapter with TIMESTAMP_QUERY");
+        return;
+    }
+    let img = speckle(96, 64, 31);
+    let chain = [
+        Filter::Median(median::Params::new(3).unwrap()),
+        Filter::Lee(lee::Params::new(5, 0.25).unwrap()),
+    ];
+    let want = d.run(&img, &chain).unwrap();
+    ctx.take_gpu_times();
+    assert!(
+        ctx.set_timing(true),
+        "timing turns on where timestamps exist"
+    );
+    let before = ctx.readbacks();
+    let got = d.run(&img, &chain).unwrap();
+    let after = ctx.readbacks();
+    ctx.set_timing(false);
+    assert_eq!(got, want, "timing does not change the result");
+    assert_eq!(after - before, 1, "timestamps are not a frame read-back");
+    let times = ctx.take_gpu_times();
+    for kernel in ["median", "lee"] {
+        let (ms, passes) = times.get(kernel).copied().unwrap_or_default();
+        assert!(
+            passes >= 1 && ms > 0.0,
+            "{kernel}: {passes} passes, {ms} ms"
+        );
+    }
+    d.run(&img, &chain).unwrap();
+    assert!(
+        ctx.take_gpu_times().is_empty(),
+        "nothing timed with timing off"
+    );
+}
+
 #[test]
 fn fast_median_gives_exactly_the_twins_values() {
     // Widths around the vector path's limits: blocks of 8 plus margins of 1 or 2, an overlapping

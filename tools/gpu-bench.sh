@@ -61,6 +61,12 @@ def readbacks(rows, w):
         if r["width"] == w and r.get("readbacks_per_frame") is not None:
             return f"{r['readbacks_per_frame']:.1f}"
     return "open"
+def gpu_time(rows, w):
+    for r in rows:
+        if r["width"] == w and r.get("gpu_ms_per_frame") is not None:
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["gpu_kernel_ms"].items()))
+            return f"{r['gpu_ms_per_frame']:.3f} ms ({parts})"
+    return "open (no timestamps)"
 def serve(rows):
     r = rows[0] if isinstance(rows, list) and rows else rows
     for k in ("latency_median_ms", "ms_median"):
@@ -76,6 +82,8 @@ lines = [
     f"| whole frame, upload to plan, 640x480 | <= 2 ms | {fmt(pipe(pg, 640))} | {fmt(pipe(pc, 640))} |",
     f"| whole frame, upload to plan, 1024x768 | <= 3 ms | {fmt(pipe(pg, 1024))} | {fmt(pipe(pc, 1024))} |",
     f"| read-backs per frame, 640x480 | 1 | {readbacks(pg, 640)} | - |",
+    f"| GPU busy time per frame (timestamps), 640x480 | - | {gpu_time(pg, 640)} | - |",
+    f"| GPU busy time per frame (timestamps), 1024x768 | - | {gpu_time(pg, 1024)} | - |",
     f"| SRAD, 100 iterations, 1024x768 | <= 1 ms | {fmt(kernel(kg, 'srad', iterations=100))} | {fmt(kernel(kc, 'srad', iterations=100))} |",
     f"| OBNLM, 1024x768 | <= 2 ms | {fmt(kernel(kg, 'obnlm'))} | {fmt(kernel(kc, 'obnlm'))} |",
     f"| four concurrent streams at 640x480 | >= 1,500 frames/s | {fps(streams(tg))} | {fps(streams(tc))} |",

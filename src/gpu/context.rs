@@ -60,7 +60,21 @@ struct FrameBuffers {
     fft: Mutex<Option<FftSlot>>,
     /// Made on first use by a chain with several outputs ([`GpuChain::keep_input`]).
     kept: Mutex<Option<Arc<KeptBuffers>>>,
+    /// Where the passes' timestamps go, on a device that writes them.
+    queries: Option<Queries>,
 }
+
+/// Two timestamps per dispatch slot (start and end of its pass), resolved and read back
+/// when a timed chain ends.
+#[derive(Debug)]
+struct Queries {
+    set: wgpu::QuerySet,
+    resolved: wgpu::Buffer,
+    staging: wgpu::Buffer,
+}
+
+/// Timestamps per chain: two per dispatch.
+const QUERIES: u32 = 2 * MAX_DISPATCHES as u32;
 
 /// Most chains of one frame size in flight at once: each has a buffer set of its own (made on
 /// first need, reused after), so that streams sharing the device (pipelines on several threads)
@@ -118,6 +132,13 @@ pub struct GpuContext {
     /// Validation errors the device reported (chains of several threads share it: an error is
     /// reported by the chain that finishes next, which may not be the one that caused it).
     errors: Arc<Mutex<Vec<String>>>,
+    /// Nanoseconds per timestamp tick, when the device writes timestamps (`TIMESTAMP_QUERY`).
+    timestamp_period: Option<f32>,
+    /// Whether chains write a timestamp around every pass ([`GpuContext::set_timing`]).
+    timing: std::sync::atomic::AtomicBool,
+    /// GPU time per shader file since the last [`GpuContext::take_gpu_times`]: nanoseconds and
+    /// passes.
+    gpu_times: Mutex<std::collections::BTreeMap<&'static str, (f64, u64)>>,
     /// Buffers mapped back to the host since the context was made: every time data leaves
     /// the GPU.
     readbacks: std::sync::atomic::AtomicU64,
@@ -215,6 +236,8 @@ impl GpuContext {
         };
         let info = adapter.get_info();
         let adapter_limits = adapter.limits();
+        // Timestamps around passes where the adapter has them (for `bench`; off unless asked).
+        let timestamps = adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
         let mut limits = wgpu::Limits::downlevel_defaults();
         limits.max_storage_buffer_binding_size = adapter_limits.max_storage_buffer_binding_size;
         limits.max_buffer_size = adapter_limits.max_buffer_size;
@@ -225,7 +248,7 @@ impl GpuContext {
             adapter_limits.max_compute_workgroup_storage_size.min(32768);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("sonoguide"),
-            required_features: wgpu::Features::empty(),
+            required_features: timestamps,
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
@@ -235,6 +258,7 @@ impl GpuContext {
             adapter: info.name.clone(),
             reason: e.to_string(),
         })?;
+        let timestamp_period = (!timestamps.is_empty()).then(|| queue.get_timestamp_period());
         let errors: Arc<Mutex<Vec<String>>> = Arc::default();
         let sink = errors.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
@@ -314,6 +338,9 @@ impl GpuContext {
             modules: Mutex::default(),
             sizes: SizeCache::default(),
             errors,
+            timestamp_period,
+            timing: std::sync::atomic::AtomicBool::new(false),
+            gpu_times: Mutex::default(),
             readbacks: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -332,6 +359,31 @@ impl GpuContext {
     /// count how often a frame leaves the GPU).
     pub fn readbacks(&self) -> u64 {
         self.readbacks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the device writes timestamps (`TIMESTAMP_QUERY`), so that [`Self::set_timing`]
+    /// can measure GPU time.
+    pub fn timestamps_supported(&self) -> bool {
+        self.timestamp_period.is_some()
+    }
+
+    /// Turns GPU timing on or off for the chains begun after: with it on, every pass writes a
+    /// timestamp at its start and end, and [`Self::take_gpu_times`] sums them per shader.
+    /// Returns whether timing is on (false where the device has no timestamps).
+    pub fn set_timing(&self, on: bool) -> bool {
+        let on = on && self.timestamps_supported();
+        self.timing.store(on, std::sync::atomic::Ordering::Relaxed);
+        on
+    }
+
+    /// GPU time per shader file (the stem, e.g. `srad`) since the last call, in milliseconds,
+    /// with the passes counted; empty unless [`Self::set_timing`] was on.
+    pub fn take_gpu_times(&self) -> std::collections::BTreeMap<String, (f64, u64)> {
+        let mut t = self.gpu_times.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *t)
+            .into_iter()
+            .map(|(k, (ns, passes))| (k.to_string(), (ns / 1e6, passes)))
+            .collect()
     }
 
     /// How many frame sizes have buffers allocated (for tests of buffer reuse).
@@ -569,6 +621,25 @@ impl GpuContext {
                 groups,
                 fft: Mutex::new(None),
                 kept: Mutex::new(None),
+                queries: self.timestamp_period.map(|_| Queries {
+                    set: self.device.create_query_set(&wgpu::QuerySetDescriptor {
+                        label: Some("sonoguide.timestamps"),
+                        ty: wgpu::QueryType::Timestamp,
+                        count: QUERIES,
+                    }),
+                    resolved: self.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("sonoguide.timestamps.resolved"),
+                        size: u64::from(QUERIES) * 8,
+                        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                        mapped_at_creation: false,
+                    }),
+                    staging: self.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("sonoguide.timestamps.staging"),
+                        size: u64::from(QUERIES) * 8,
+                        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                        mapped_at_creation: false,
+                    }),
+                }),
             };
             self.take_error("buffers").map(|_| fb)
         }
@@ -718,6 +789,9 @@ impl GpuContext {
         }
         let lease = self.lease(width, rows)?;
         let bufs = lease.bufs.clone();
+        let timed = (self.timing.load(std::sync::atomic::Ordering::Relaxed)
+            && bufs.queries.is_some())
+        .then(Vec::new);
         self.queue
             .write_buffer(&bufs.images[0], 0, bytemuck::cast_slice(data));
         let encoder = self
@@ -736,6 +810,7 @@ impl GpuContext {
             fft: None,
             kept: None,
             _lease: lease,
+            timed,
         })
     }
 }
@@ -753,6 +828,8 @@ pub struct GpuChain<'a> {
     kept: Option<Arc<KeptBuffers>>,
     /// The buffer set, returned to its pool when the chain ends.
     _lease: Lease,
+    /// The shader file of every pass, when the chain writes timestamps.
+    timed: Option<Vec<&'static str>>,
 }
 
 impl GpuChain<'_> {
@@ -831,11 +908,22 @@ impl GpuChain<'_> {
                 (Layout::Fft, Some(f)) => &f.groups[self.current],
                 _ => &self.bufs.groups[self.current],
             };
+            let timestamp_writes = match (&mut self.timed, &self.bufs.queries) {
+                (Some(files), Some(q)) => {
+                    files.push(file);
+                    Some(wgpu::ComputePassTimestampWrites {
+                        query_set: &q.set,
+                        beginning_of_pass_write_index: Some(2 * slot as u32),
+                        end_of_pass_write_index: Some(2 * slot as u32 + 1),
+                    })
+                }
+                _ => None,
+            };
             let mut pass = self
                 .encoder
                 .begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some(entry),
-                    timestamp_writes: None,
+                    timestamp_writes,
                 });
             pass.set_pipeline(&kernel.pipeline);
             pass.set_bind_group(0, group, &[(slot as u64 * PARAMS_SLOT_BYTES) as u32]);
@@ -938,6 +1026,18 @@ impl GpuChain<'_> {
         Ok(())
     }
 
+    /// Queues the resolve and copy of the passes' timestamps, when the chain is timed.
+    fn resolve_timestamps(&mut self) {
+        if let (Some(files), Some(q)) = (&self.timed, &self.bufs.queries) {
+            let n = 2 * files.len() as u32;
+            if n > 0 {
+                self.encoder.resolve_query_set(&q.set, 0..n, &q.resolved, 0);
+                self.encoder
+                    .copy_buffer_to_buffer(&q.resolved, 0, &q.staging, 0, u64::from(n) * 8);
+            }
+        }
+    }
+
     fn kept_or_err(&self) -> Result<Arc<KeptBuffers>, GpuError> {
         self.kept.clone().ok_or_else(|| GpuError::Kernel {
             kernel: self.last_kernel.into(),
@@ -961,12 +1061,14 @@ impl GpuChain<'_> {
         let bytes = (n * 4 * count) as u64;
         self.encoder
             .copy_buffer_to_buffer(&kept.outputs, 0, &kept.staging, 0, bytes);
+        self.resolve_timestamps();
         if !self.params.is_empty() {
             ctx.queue.write_buffer(&self.bufs.params, 0, &self.params);
         }
         ctx.queue.submit([self.encoder.finish()]);
         let all = read_range(ctx, &kept.staging, bytes, kernel)?;
         ctx.take_error(kernel)?;
+        collect_timestamps(ctx, &self.bufs, self.timed.as_deref(), kernel)?;
         let shape = (self.bufs.height, self.bufs.width);
         all.chunks_exact(n.max(1))
             .take(count)
@@ -999,12 +1101,14 @@ impl GpuChain<'_> {
             0,
             bytes,
         );
+        self.resolve_timestamps();
         if !self.params.is_empty() {
             ctx.queue.write_buffer(&self.bufs.params, 0, &self.params);
         }
         ctx.queue.submit([self.encoder.finish()]);
         let out = read_range(ctx, &self.bufs.staging, bytes, kernel)?;
         ctx.take_error(kernel)?;
+        collect_timestamps(ctx, &self.bufs, self.timed.as_deref(), kernel)?;
         Ok(out)
     }
 
@@ -1029,6 +1133,7 @@ impl GpuChain<'_> {
         );
         self.encoder
             .copy_buffer_to_buffer(&self.bufs.aux, 0, &self.bufs.aux_staging, 0, bytes);
+        self.resolve_timestamps();
         if !self.params.is_empty() {
             ctx.queue.write_buffer(&self.bufs.params, 0, &self.params);
         }
@@ -1037,6 +1142,7 @@ impl GpuChain<'_> {
         let image = read_buffer(ctx, &self.bufs.staging, kernel)?;
         let aux = read_buffer(ctx, &self.bufs.aux_staging, kernel)?;
         ctx.take_error(kernel)?;
+        collect_timestamps(ctx, &self.bufs, self.timed.as_deref(), kernel)?;
         let shape = (self.bufs.height, self.bufs.width);
         let err = |e: ndarray::ShapeError| GpuError::Kernel {
             kernel: kernel.into(),
@@ -1069,6 +1175,7 @@ impl GpuChain<'_> {
                 STATS_LEN * 4,
             );
         }
+        self.resolve_timestamps();
         if !self.params.is_empty() {
             ctx.queue.write_buffer(&self.bufs.params, 0, &self.params);
         }
@@ -1080,6 +1187,7 @@ impl GpuChain<'_> {
             Vec::new()
         };
         ctx.take_error(kernel)?;
+        collect_timestamps(ctx, &self.bufs, self.timed.as_deref(), kernel)?;
         let arr =
             Array2::from_shape_vec((self.bufs.height, self.bufs.width), image).map_err(|e| {
                 GpuError::Kernel {
@@ -1089,6 +1197,37 @@ impl GpuChain<'_> {
             })?;
         Ok((arr, stats_out))
     }
+}
+
+/// Adds a timed chain's pass times (`files`: the shader file of each pass) to the context's
+/// sums, after the chain's submission has completed. Timing data, not frame data: not counted
+/// as a read-back.
+fn collect_timestamps(
+    ctx: &GpuContext,
+    bufs: &FrameBuffers,
+    files: Option<&[&'static str]>,
+    kernel: &str,
+) -> Result<(), GpuError> {
+    let (Some(files), Some(q), Some(period)) = (files, &bufs.queries, ctx.timestamp_period) else {
+        return Ok(());
+    };
+    if files.is_empty() {
+        return Ok(());
+    }
+    let bytes = files.len() as u64 * 16;
+    let ticks: Vec<u64> = map_bytes(ctx, &q.staging, bytes, kernel, |view| {
+        bytemuck::cast_slice::<u8, u64>(view).to_vec()
+    })?;
+    let mut sums = ctx.gpu_times.lock().unwrap_or_else(|e| e.into_inner());
+    for (file, pair) in files.iter().zip(ticks.chunks_exact(2)) {
+        // A pair out of order (a device that resets its counter) is left out.
+        if pair[1] >= pair[0] {
+            let e = sums.entry(file).or_insert((0.0, 0));
+            e.0 += (pair[1] - pair[0]) as f64 * f64::from(period);
+            e.1 += 1;
+        }
+    }
+    Ok(())
 }
 
 fn read_buffer(
@@ -1108,6 +1247,20 @@ fn read_range(
 ) -> Result<Vec<f32>, GpuError> {
     ctx.readbacks
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    map_bytes(ctx, buffer, bytes, kernel, |view| {
+        bytemuck::cast_slice::<u8, f32>(view).to_vec()
+    })
+}
+
+/// Maps the first `bytes` of a staging buffer, waits for it, and gives the mapped bytes to
+/// `copy`.
+fn map_bytes<T>(
+    ctx: &GpuContext,
+    buffer: &wgpu::Buffer,
+    bytes: u64,
+    kernel: &str,
+    copy: impl FnOnce(&[u8]) -> T,
+) -> Result<T, GpuError> {
     let slice = buffer.slice(..bytes);
     let (tx, rx) = std::sync::mpsc::channel();
     slice.map_async(wgpu::MapMode::Read, move |r| {
@@ -1139,7 +1292,7 @@ fn read_range(
             kernel: kernel.into(),
             reason: format!("read-back map: {e}"),
         })?;
-        bytemuck::cast_slice::<u8, f32>(&view).to_vec()
+        copy(&view)
     };
     buffer.unmap();
     Ok(out)

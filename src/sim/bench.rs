@@ -270,6 +270,12 @@ pub struct PipelineRow {
     pub streams: usize,
     /// Frames per second of all streams together, over the wall-clock time of the timed frames.
     pub throughput_frames_per_s: f64,
+    /// GPU time per frame from the device's timestamps (every pass's start to end, summed),
+    /// ms, over extra frames run after the timed ones (timestamps cost time of their own);
+    /// `None` on the CPU path or a device without timestamps.
+    pub gpu_ms_per_frame: Option<f64>,
+    /// The same per shader file (`srad`, `phase_symmetry`, `pixel_mlp`, …), ms per frame.
+    pub gpu_kernel_ms: std::collections::BTreeMap<String, f64>,
     /// GPU read-backs per frame (the GPU context's count over the timed frames; `None` on the
     /// CPU path).
     pub readbacks_per_frame: Option<f64>,
@@ -327,7 +333,9 @@ pub fn run_pipeline(
     let start = std::time::Instant::now();
     let t = in_streams(repeats.max(1))?;
     let wall_s = start.elapsed().as_secs_f64();
-    let readbacks_per_frame = match (before, readbacks()) {
+    let readbacks_after = readbacks();
+    let (gpu_ms_per_frame, gpu_kernel_ms) = gpu_times(pipeline, || in_streams(1))?;
+    let readbacks_per_frame = match (before, readbacks_after) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / t.len() as f64),
         _ => None,
     };
@@ -351,8 +359,42 @@ pub fn run_pipeline(
         frames_per_s: 1e3 / stages.total_ms,
         streams,
         throughput_frames_per_s: t.len() as f64 / wall_s.max(1e-9),
+        gpu_ms_per_frame,
+        gpu_kernel_ms,
         readbacks_per_frame,
     })
+}
+
+/// Frames run with the GPU's timestamps on, for [`PipelineRow::gpu_ms_per_frame`].
+const TIMESTAMPED_FRAMES: usize = 5;
+
+/// GPU time per frame (total, and per shader file) over [`TIMESTAMPED_FRAMES`] runs of `run`
+/// (which returns the frames it ran) with the device's timestamps on.
+#[cfg_attr(not(feature = "gpu"), allow(unused_variables, unused_mut))]
+fn gpu_times(
+    pipeline: &crate::Pipeline,
+    mut run: impl FnMut() -> Result<Vec<crate::pipeline::StageTimings>>,
+) -> Result<(Option<f64>, std::collections::BTreeMap<String, f64>)> {
+    #[cfg(feature = "gpu")]
+    if let Some(ctx) = pipeline.despeckler().gpu_context() {
+        if ctx.set_timing(true) {
+            ctx.take_gpu_times();
+            let mut frames = 0;
+            let ran = (0..TIMESTAMPED_FRAMES).try_for_each(|_| {
+                frames += run()?.len();
+                Ok::<_, super::SimError>(())
+            });
+            ctx.set_timing(false);
+            ran?;
+            let per: std::collections::BTreeMap<String, f64> = ctx
+                .take_gpu_times()
+                .into_iter()
+                .map(|(k, (ms, _))| (k, ms / frames.max(1) as f64))
+                .collect();
+            return Ok((Some(per.values().sum()), per));
+        }
+    }
+    Ok((None, std::collections::BTreeMap::new()))
 }
 
 /// Latency of the OpenIGTLink server: IMAGE received → results sent.

@@ -103,7 +103,7 @@ fn pipeline(args: &BenchArgs) -> Outcome {
         return print_json(&rows);
     }
     println!(
-        "{:<8} {:<28} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>8} {:>9}",
+        "{:<8} {:<28} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>8} {:>9} {:>8}",
         "backend",
         "adapter",
         "width",
@@ -116,12 +116,13 @@ fn pipeline(args: &BenchArgs) -> Outcome {
         "frames/s",
         "readbacks",
         "streams",
-        "all_fps"
+        "all_fps",
+        "gpu_ms"
     );
     for r in &rows {
         let s = r.stages;
         println!(
-            "{:<8} {:<28} {:>6} {:>6} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>9.1} {:>10} {:>8} {:>9.1}",
+            "{:<8} {:<28} {:>6} {:>6} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>9.1} {:>10} {:>8} {:>9.1} {:>8}",
             r.backend,
             r.adapter,
             r.width,
@@ -135,7 +136,9 @@ fn pipeline(args: &BenchArgs) -> Outcome {
             r.readbacks_per_frame
                 .map_or_else(|| "-".to_string(), |n| format!("{n:.1}")),
             r.streams,
-            r.throughput_frames_per_s
+            r.throughput_frames_per_s,
+            r.gpu_ms_per_frame
+                .map_or_else(|| "-".to_string(), |ms| format!("{ms:.2}"))
         );
     }
     Ok(())
