@@ -187,6 +187,36 @@ fn gpu_classifier_matches_cpu_twin() {
         .fold(0f32, f32::max);
     eprintln!("adapter {}: largest difference {worst}", ctx.adapter_name());
     assert!(worst <= GPU_PROBABILITY_TOLERANCE, "GPU differs by {worst}");
+    // A model of another shape: the shader takes every width from its parameters.
+    let mut other = m.clone();
+    let mut seed = 7u64;
+    let mut weight = || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.8
+    };
+    other.layers = [(FEATURES, 12), (12, 9), (9, CLASSES)]
+        .into_iter()
+        .map(|(inputs, outputs)| pixels::pixel_mlp::Dense {
+            inputs,
+            outputs,
+            w: (0..inputs * outputs).map(|_| weight()).collect(),
+            b: (0..outputs).map(|_| weight()).collect(),
+        })
+        .collect();
+    let cpu = pixels::pixel_mlp::cpu(&other, &x, &f.valid);
+    let gpu = pixels::pixel_mlp::gpu(&ctx, &other, &x, &f.valid).expect("generic GPU entry");
+    let worst = cpu
+        .iter()
+        .zip(&gpu)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("another shape: largest difference {worst}");
+    assert!(
+        worst <= GPU_PROBABILITY_TOLERANCE,
+        "generic entry differs by {worst}"
+    );
     // Both stages: the first stage's differences reach the second through its context.
     let (cpu, _) = context::classify(&f, |m, x| Ok(pixels::pixel_mlp::cpu(m, x, &f.valid)))
         .expect("both stages on the CPU");
