@@ -1,5 +1,5 @@
-// context.wgsl: the pixel classifier's second-stage context inputs (src/segment/context.rs,
-// context_features is the CPU twin) from the first stage's probabilities, without leaving the
+// context.wgsl: the pixel classifier's second-stage context inputs (src/kernels/context.rs;
+// segment::context::context_features is the CPU twin) from the first stage's probabilities, without leaving the
 // GPU: the probabilities on the valid pixels, their means over the valid pixels of a near and
 // a far window (windows clipped at the grid's edges; no valid pixel: 0), and for five labels
 // the near mean read `dy` rows above and below and the smaller and larger of the reads `dx`
@@ -10,7 +10,7 @@
 // side max. aux from `scratch`: row sums, C near, C far, then the valid count near and far.
 // Three passes: context_rows (row sums, a thread per row and plane), context_columns (window
 // means, a thread per column and plane), context_offsets (a thread per pixel). Dispatch:
-// workgroups of 64 threads in as many rows of workgroups as the per-dimension limit needs. Keep Params in sync with src/segment/context.rs.
+// workgroups of 64 threads in as many rows of workgroups as the per-dimension limit needs. Keep Params in sync with src/kernels/context.rs.
 
 struct Params {
     w: u32,
@@ -32,6 +32,7 @@ struct Params {
     label2: u32,
     label3: u32,
     label4: u32,
+    pad0: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 

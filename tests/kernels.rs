@@ -588,7 +588,7 @@ fn fast_lee_and_frost_agree_with_their_twins() {
 
 // ---- feature kernels -------------------------------------------------------------------
 
-use sonoguide::kernels::{coherence, phase_symmetry, shadow};
+use sonoguide::kernels::{coherence, context, phase_symmetry, pixel_mlp, shadow};
 
 #[test]
 fn feature_params_match_their_shaders() {
@@ -599,6 +599,8 @@ fn feature_params_match_their_shaders() {
             "phase_symmetry",
             std::mem::size_of::<phase_symmetry::Params>(),
         ),
+        ("pixel_mlp", std::mem::size_of::<pixel_mlp::Params>()),
+        ("context", std::mem::size_of::<context::Params>()),
     ] {
         check_params(stem, size);
     }

@@ -7,6 +7,7 @@
 //! `cpu_fast`) and is tested against the twin.
 
 pub mod coherence;
+pub mod context;
 pub mod frost;
 pub mod lee;
 pub mod median;
@@ -34,8 +35,9 @@ pub enum KernelError {
 }
 
 /// Names of every kernel with a shader and a twin (the shader stems).
-pub const KERNELS: [&str; 9] = [
+pub const KERNELS: [&str; 10] = [
     "coherence",
+    "context",
     "frost",
     "lee",
     "median",

@@ -10,7 +10,7 @@
 //!
 //! Both stages run with the same inference code (`kernels::pixel_mlp`, CPU twin and shader);
 //! the shipped second stage is `models/pixel_context.json` (model card: `models/README.md`).
-//! On the GPU ([`classify_gpu`]) both stages and the context (`shaders/context.wgsl`, whose CPU
+//! On the GPU ([`classify_gpu`]) both stages and the context (`kernels::context`, whose CPU
 //! twin is [`context_features`]) run in one chain, from one upload to one read-back.
 
 use rayon::prelude::*;
@@ -208,32 +208,6 @@ pub fn classify(
     Ok((run(second, &inputs)?, first))
 }
 
-/// The context shader's source.
-#[cfg(feature = "gpu")]
-const SHADER: &str = include_str!("../../shaders/context.wgsl");
-
-/// The context shader's parameters; keep in sync with `Params` in shaders/context.wgsl.
-#[cfg(feature = "gpu")]
-#[repr(C)]
-#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct GpuParams {
-    w: u32,
-    h: u32,
-    n: u32,
-    classes: u32,
-    near_ry: u32,
-    near_rx: u32,
-    far_ry: u32,
-    far_rx: u32,
-    dy: u32,
-    dx: u32,
-    valid_plane: u32,
-    probs_plane: u32,
-    ctx_plane: u32,
-    scratch: u32,
-    labels: [u32; 5],
-}
-
 /// Planes of the GPU chain ([`classify_gpu`]), each `h·w` values. The uploaded image holds
 /// the first stage's features, then the validity.
 #[cfg(feature = "gpu")]
@@ -247,10 +221,6 @@ const SECOND_PLANE: usize = CONTEXT + CLASSES;
 /// Planes per image of the chain.
 #[cfg(feature = "gpu")]
 const CHAIN_PLANES: usize = CONTEXT + 2 * CLASSES;
-/// Scratch planes the context needs in `aux` (row sums: near and far per class, and the valid
-/// counts).
-#[cfg(feature = "gpu")]
-const SCRATCH_PLANES: usize = 2 * CLASSES + 2;
 
 /// Both stages on the GPU in one chain: the first stage's features and the validity go up
 /// once, the first stage, the context and the second stage run there, and both stages'
@@ -279,7 +249,7 @@ pub fn classify_gpu(
     let models = flat1.len() + flat2.len();
     // The scratch starts at the first whole plane after the models.
     let scratch = models.div_ceil(n) * n;
-    if scratch + SCRATCH_PLANES * n > CHAIN_PLANES * n {
+    if scratch + crate::kernels::context::scratch_planes(CLASSES) * n > CHAIN_PLANES * n {
         return Err(error(format!("{models} model values do not fit a {w}x{h} grid")).into());
     }
     let mut chain = ctx.begin_planes(&up, w, CHAIN_PLANES * h)?;
@@ -303,7 +273,8 @@ pub fn classify_gpu(
     let (mmx, mmy) = f.mm_per_px;
     let window = |mm: f64| (px(mm, mmy, 1), px(mm, mmx, 1));
     let (near, far) = (window(NEAR_MM), window(FAR_MM));
-    let params = GpuParams {
+    let label = |j: usize| u32::from(OFFSET_LABELS[j].code());
+    let params = crate::kernels::context::Params {
         w: u(w),
         h: u(h),
         n: u(n),
@@ -318,20 +289,14 @@ pub fn classify_gpu(
         probs_plane: u(PROBS_PLANE),
         ctx_plane: 0,
         scratch: u(scratch),
-        labels: OFFSET_LABELS.map(|l| u32::from(l.code())),
+        label0: label(0),
+        label1: label(1),
+        label2: label(2),
+        label3: label(3),
+        label4: label(4),
+        pad: 0,
     };
-    let max = chain.max_workgroups();
-    let grid = |threads: usize| {
-        let groups = u(threads).div_ceil(64);
-        (groups.min(max), groups.div_ceil(max))
-    };
-    for (entry, threads) in [
-        ("context_rows", SCRATCH_PLANES * h),
-        ("context_columns", 2 * CLASSES * w),
-        ("context_offsets", n),
-    ] {
-        chain.dispatch("context", SHADER, entry, &params, grid(threads), false)?;
-    }
+    crate::kernels::context::encode(&mut chain, &params)?;
     encode(
         &mut chain,
         second,
