@@ -225,6 +225,62 @@ fn despeckle_and_segment_give_inputs_that_share_a_name_their_own_folders() {
 }
 
 #[test]
+fn pipeline_bench_runs_streams_and_refuses_bad_counts() {
+    let out = bin()
+        .args([
+            "bench",
+            "--pipeline",
+            "--backend",
+            "cpu",
+            "--size",
+            "160x120",
+            "--repeats",
+            "2",
+            "--streams",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = &rows[0];
+    assert_eq!(row["streams"], 2);
+    assert!(row["throughput_frames_per_s"].as_f64().unwrap() > 0.0);
+    assert!(
+        row["gpu_ms_per_frame"].is_null(),
+        "no GPU time on the CPU path"
+    );
+    for bad in ["0", "65"] {
+        let out = bin()
+            .args([
+                "bench",
+                "--pipeline",
+                "--backend",
+                "cpu",
+                "--size",
+                "160x120",
+            ])
+            .args(["--repeats", "1", "--streams", bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--streams {bad} accepted");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("streams"),
+            "--streams {bad}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // --streams means threads through the pipeline: refused without --pipeline.
+    let out = bin().args(["bench", "--streams", "2"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
 fn conflicting_bench_flags_are_refused() {
     let out = bin()
         .args(["bench", "--pipeline", "--serve"])
