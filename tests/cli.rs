@@ -224,9 +224,9 @@ fn despeckle_and_segment_give_inputs_that_share_a_name_their_own_folders() {
     }
 }
 
-#[test]
-fn pipeline_bench_runs_streams_and_refuses_bad_counts() {
-    let out = bin()
+/// `sonoguide bench --pipeline` on the CPU at 160x120 with `extra` arguments.
+fn cpu_pipeline_bench(extra: &[&str]) -> std::process::Output {
+    bin()
         .args([
             "bench",
             "--pipeline",
@@ -234,14 +234,15 @@ fn pipeline_bench_runs_streams_and_refuses_bad_counts() {
             "cpu",
             "--size",
             "160x120",
-            "--repeats",
-            "2",
-            "--streams",
-            "2",
-            "--json",
         ])
+        .args(extra)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn pipeline_bench_runs_streams_and_refuses_bad_counts() {
+    let out = cpu_pipeline_bench(&["--repeats", "2", "--streams", "2", "--json"]);
     assert!(
         out.status.success(),
         "{}",
@@ -256,18 +257,7 @@ fn pipeline_bench_runs_streams_and_refuses_bad_counts() {
         "no GPU time on the CPU path"
     );
     for bad in ["0", "65"] {
-        let out = bin()
-            .args([
-                "bench",
-                "--pipeline",
-                "--backend",
-                "cpu",
-                "--size",
-                "160x120",
-            ])
-            .args(["--repeats", "1", "--streams", bad])
-            .output()
-            .unwrap();
+        let out = cpu_pipeline_bench(&["--repeats", "1", "--streams", bad]);
         assert!(!out.status.success(), "--streams {bad} accepted");
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("streams"),

@@ -162,6 +162,15 @@ fn rank_features_ignore_gain_and_dynamic_range() {
 /// a few ulp per layer.
 const GPU_PROBABILITY_TOLERANCE: f32 = 1e-4;
 
+/// The largest absolute difference between two probability vectors of the same length.
+fn largest_difference(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 #[test]
 fn gpu_classifier_matches_cpu_twin() {
     let ctx = match sonoguide::gpu::GpuContext::new(Backend::Gpu) {
@@ -179,12 +188,7 @@ fn gpu_classifier_matches_cpu_twin() {
     let m = pixels::builtin_model().expect("shipped model");
     let cpu = pixels::pixel_mlp::cpu(m, &x, &f.valid);
     let gpu = pixels::pixel_mlp::gpu(&ctx, m, &x, &f.valid).expect("GPU classifier");
-    assert_eq!(cpu.len(), gpu.len());
-    let worst = cpu
-        .iter()
-        .zip(&gpu)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let worst = largest_difference(&cpu, &gpu);
     eprintln!("adapter {}: largest difference {worst}", ctx.adapter_name());
     assert!(worst <= GPU_PROBABILITY_TOLERANCE, "GPU differs by {worst}");
     // A model of another shape: the shader takes every width from its parameters.
@@ -207,11 +211,7 @@ fn gpu_classifier_matches_cpu_twin() {
         .collect();
     let cpu = pixels::pixel_mlp::cpu(&other, &x, &f.valid);
     let gpu = pixels::pixel_mlp::gpu(&ctx, &other, &x, &f.valid).expect("generic GPU entry");
-    let worst = cpu
-        .iter()
-        .zip(&gpu)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let worst = largest_difference(&cpu, &gpu);
     eprintln!("another shape: largest difference {worst}");
     assert!(
         worst <= GPU_PROBABILITY_TOLERANCE,
@@ -222,11 +222,7 @@ fn gpu_classifier_matches_cpu_twin() {
         .expect("both stages on the CPU");
     let (gpu, _) = context::classify(&f, |m, x| pixels::pixel_mlp::gpu(&ctx, m, x, &f.valid))
         .expect("both stages on the GPU");
-    let worst = cpu
-        .iter()
-        .zip(&gpu)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let worst = largest_difference(&cpu, &gpu);
     eprintln!("two stages: largest difference {worst}");
     assert!(
         worst <= SECOND_STAGE_TOLERANCE,
@@ -256,14 +252,10 @@ fn gpu_classifier_chain_matches_cpu_and_reads_back_once() {
         let before = ctx.readbacks();
         let (gpu2, gpu1) = context::classify_gpu(&ctx, &f).expect("chained GPU classifier");
         assert_eq!(ctx.readbacks() - before, 1, "one read-back for both stages");
-        let worst = |a: &[f32], b: &[f32]| {
-            assert_eq!(a.len(), b.len());
-            a.iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max)
-        };
-        let (first, second) = (worst(&cpu1, &gpu1), worst(&cpu2, &gpu2));
+        let (first, second) = (
+            largest_difference(&cpu1, &gpu1),
+            largest_difference(&cpu2, &gpu2),
+        );
         eprintln!(
             "{:?} grid {:?}: first stage {first}, second stage {second}",
             size,
