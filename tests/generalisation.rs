@@ -17,21 +17,23 @@ const BONE: usize = 1;
 const SHADOW: usize = 2;
 
 /// Regression guards: the mean Dice measured on the pulse-echo test set (pixel classifier:
-/// tendon 0.81, shadow 0.88 when this test was written; bone 0.82 since the band follows the
-/// truth's 0.2 mm above / 0.3 mm below convention, sixth session), less 0.05 for the spread
-/// between CPU builds (floating-point order in the kernels' parallel sums can move a decision
-/// by a pixel). The floors (0.80 / 0.80 / 0.85) are in the README's table.
-const PUSIM_TENDON_FLOOR: f64 = 0.76;
+/// tendon 0.84, bone 0.82, shadow 0.92 since the reader stopped taking black shadows for the
+/// image's edge, twelfth session), less 0.05 for the spread between CPU builds
+/// (floating-point order in the kernels' parallel sums can move a decision by a pixel). The
+/// issue's floors (0.80 / 0.80 / 0.85) are in the README's table.
+const PUSIM_TENDON_FLOOR: f64 = 0.79;
 const PUSIM_BONE_FLOOR: f64 = 0.77;
-const PUSIM_SHADOW_FLOOR: f64 = 0.83;
+const PUSIM_SHADOW_FLOOR: f64 = 0.87;
 /// Own phantoms from the test seeds (the realistic phantom: layered tissue, filled shadows,
-/// random gain and dynamic range): guards under the measured means (tendon 0.91, bone 0.74,
-/// shadow 0.85). The own phantom's bone echo peaks about 0.07 mm below its labelled surface
-/// (its specular layer lies under the interface), so the band drawn from the echo's peak by
-/// the label convention sits a pixel low there: 0.80 before the band followed the convention.
-const PHANTOM_TENDON_FLOOR: f64 = 0.80;
-const PHANTOM_BONE_FLOOR: f64 = 0.69;
-const PHANTOM_SHADOW_FLOOR: f64 = 0.75;
+/// random gain and dynamic range): guards 0.05 under the measured means (tendon 0.94, bone
+/// 0.84, shadow 0.99 since the reader's shadow fix; 0.91, 0.74 and 0.85 before it, when
+/// joint scenes with black shadows were read as unfitted fans). The own phantom's bone echo
+/// peaks about 0.07 mm below its labelled surface (its specular layer lies under the
+/// interface), so the band drawn from the echo's peak by the label convention sits a pixel
+/// low there.
+const PHANTOM_TENDON_FLOOR: f64 = 0.89;
+const PHANTOM_BONE_FLOOR: f64 = 0.79;
+const PHANTOM_SHADOW_FLOOR: f64 = 0.94;
 /// Paths crossing a truth structure on the pulse-echo test set: none (the set was never used
 /// to tune; the first version had one, pusim_test_011).
 const PUSIM_MAX_UNSAFE_PATHS: usize = 0;

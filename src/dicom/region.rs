@@ -21,8 +21,16 @@ const SIGNAL_FLOOR: f32 = 6.0;
 const CLOSE_RADIUS: usize = 2;
 /// A component smaller than this share of the frame is not taken for the image.
 const MIN_IMAGE_FRACTION: f64 = 0.05;
-/// A component filling less of its bounding box than this is a sector (fan).
+/// A component filling less of its bounding box than this is a sector (fan) ...
 const SECTOR_FILL: f64 = 0.9;
+/// ... if it also widens with depth: the median width of its top rows
+/// ([`TOP_ROWS_SHARE`] of its height) must be below this share of its widest row. A fan's
+/// near arc is a fraction r/(r + depth) of its far arc's chord (about 0.5–0.8 for convex
+/// arrays at MSK depths); a linear image is as wide at the skin as anywhere, and the black
+/// corners beneath it are acoustic shadows (bone either side of a joint gap), not a fan's.
+const SECTOR_TOP_WIDTH: f64 = 0.9;
+/// The share of the component's height whose rows are its top, for [`SECTOR_TOP_WIDTH`].
+const TOP_ROWS_SHARE: f64 = 0.1;
 
 /// A fan found inside a declared rectangle must span at least this share of its width and
 /// height; a smaller dark-cornered area is more likely a linear image with dark tissue.
@@ -154,6 +162,7 @@ pub fn detect_imaging_region(gray: &Array2<f32>, rgb: Option<&Array3<u8>>) -> Im
     let mut filled = Array2::from_elem((bh, bw), false);
     let (mut bx0, mut by0, mut bx1, mut by1) = (bw, bh, 0, 0);
     let mut blocks = 0usize;
+    let mut widths = Vec::with_capacity(bh);
     for by in 0..bh {
         let row = component.row(by);
         let first = row.iter().position(|v| *v);
@@ -163,6 +172,7 @@ pub fn detect_imaging_region(gray: &Array2<f32>, rgb: Option<&Array3<u8>>) -> Im
                 filled[[by, bx]] = true;
             }
             blocks += b - a + 1;
+            widths.push((b - a + 1) as f64);
             bx0 = bx0.min(a);
             bx1 = bx1.max(b + 1);
             by0 = by0.min(by);
@@ -180,7 +190,7 @@ pub fn detect_imaging_region(gray: &Array2<f32>, rgb: Option<&Array3<u8>>) -> Im
         y1: (by1 * BLOCK).min(h),
     };
     let fill = blocks as f64 / ((bx1 - bx0) * (by1 - by0)) as f64;
-    if fill >= SECTOR_FILL {
+    if fill >= SECTOR_FILL || !widens_with_depth(&widths) {
         return ImagingRegion {
             bounds,
             shape: RegionShape::Rectangle,
@@ -201,6 +211,17 @@ pub fn detect_imaging_region(gray: &Array2<f32>, rgb: Option<&Array3<u8>>) -> Im
         },
     )
 }
+
+/// Whether a component whose rows (top to bottom) span `widths` blocks is narrower at its top
+/// than at its widest, as a fan is ([`SECTOR_TOP_WIDTH`]).
+fn widens_with_depth(widths: &[f64]) -> bool {
+    let top = ((TOP_ROWS_SHARE * widths.len() as f64).ceil() as usize).clamp(1, widths.len());
+    let widest = widths.iter().copied().fold(0.0, f64::max);
+    median(widths[..top].to_vec()).is_some_and(|w| w < SECTOR_TOP_WIDTH * widest)
+}
+
+/// The rows checked against the block mask must be at least this share of the fan's height.
+const MIN_CHECKED_SHARE: f64 = 0.2;
 
 /// A pixel brighter than this is fan, not surround, when edges are refined pixel by pixel
 /// (the surround of scanner screens is 0–3 even after lossy compression).
@@ -237,9 +258,13 @@ fn fit_sector(gray: &Array2<f32>, region: ImagingRegion) -> ImagingRegion {
     // The fit must leave no signal outside it (the corners of the rectangle are black), and
     // the upper half of the fitted fan must be signal by the block mask (deep shadows and
     // fluid may leave dark holes lower down, which the block mask misses, so it is not
-    // compared there).
+    // compared there; nor from the first row where a shadow narrows the mask, which bone
+    // near the skin can put in the upper half).
     let (mut outside, mut outside_lit, mut upper, mut upper_signal) = (0usize, 0usize, 0, 0);
-    let half = b.y0 + b.height() / 2;
+    let half = (b.y0 + b.height() / 2).min(first_narrowing_row(mask, b));
+    if half < b.y0 + (MIN_CHECKED_SHARE * b.height() as f64) as usize {
+        return region;
+    }
     for y in b.y0..b.y1 {
         for x in b.x0..b.x1 {
             if rendered[[y, x]] == 0 {
@@ -333,6 +358,10 @@ fn fit_fan(gray: &Array2<f32>, mask: &Array2<u8>, b: Rect) -> Option<Fan> {
         return None;
     }
     let (mut left, mut right) = (Vec::new(), Vec::new());
+    // A fan's sides move outwards with depth. A side point further in than the outermost one
+    // above it (by more than a block) is where a shadow's black reaches the side (bone across
+    // the field), not the fan's edge.
+    let (mut outer_left, mut outer_right) = (f64::INFINITY, f64::NEG_INFINITY);
     let rows = (
         b.y0 + (EDGE_ROWS.0 * b.height() as f64) as usize,
         b.y0 + (EDGE_ROWS.1 * b.height() as f64) as usize,
@@ -353,7 +382,11 @@ fn fit_fan(gray: &Array2<f32>, mask: &Array2<u8>, b: Rect) -> Option<Fan> {
         if let Some(x) =
             edge_in(row, lo, lo, (first + EDGE_SEARCH).min(b.x1), true).filter(|x| *x > b.x0 + 1)
         {
-            left.push((y as f64, x as f64));
+            let x = x as f64;
+            if x <= outer_left + BLOCK as f64 {
+                left.push((y as f64, x));
+            }
+            outer_left = outer_left.min(x);
         }
         let hi = (last + EDGE_SEARCH + 1).min(b.x1);
         if let Some(x) = edge_in(
@@ -365,7 +398,11 @@ fn fit_fan(gray: &Array2<f32>, mask: &Array2<u8>, b: Rect) -> Option<Fan> {
         )
         .filter(|x| *x + 2 < b.x1)
         {
-            right.push((y as f64, x as f64 + 1.0));
+            let x = x as f64 + 1.0;
+            if x >= outer_right - BLOCK as f64 {
+                right.push((y as f64, x));
+            }
+            outer_right = outer_right.max(x);
         }
     }
     let (al, bl) = fit_line(&left)?;
@@ -401,10 +438,23 @@ fn fit_fan(gray: &Array2<f32>, mask: &Array2<u8>, b: Rect) -> Option<Fan> {
         if let Some(y) = edge_in(col, lo, lo, hi, true) {
             near.push((x as f64 + 0.5 - ax).hypot(y as f64 - ay));
         }
-        far.push((x as f64 + 0.5 - ax).hypot(bottom as f64 + 1.0 - ay));
+        // The block mask's bottom, refined to the last lit pixel near it (the run of lit
+        // pixels that confirms an edge may reach above the search).
+        let lo = bottom.saturating_sub(EDGE_SEARCH + EDGE_RUN).max(b.y0);
+        let hi = (bottom + EDGE_SEARCH + 1).min(b.y1);
+        let end = edge_in(col, hi - 1, lo, hi, false).unwrap_or(bottom);
+        far.push((x as f64 + 0.5 - ax).hypot(end as f64 + 1.0 - ay));
     }
     let r_near = median(near)?;
-    let r_far = median(far)?;
+    let mut r_far = deepest_cluster(far)?;
+    // Where bone spans most of the field its shadow may be black to the bottom in nearly every
+    // middle column; the deepest lit shell of the fan (the gap of a joint, clutter) then shows
+    // where the image really ends.
+    if let Some(r) = deepest_lit_shell(gray, b, [ax, ay], (al, bl), (ar, br)) {
+        if r > r_far + FAR_ARC_SPREAD {
+            r_far = r;
+        }
+    }
     (r_far > r_near).then_some(Fan {
         apex: [ax, ay],
         r_near,
@@ -412,6 +462,116 @@ fn fit_fan(gray: &Array2<f32>, mask: &Array2<u8>, b: Rect) -> Option<Fan> {
         theta_left,
         theta_right,
     })
+}
+
+/// Far-arc radii within this of the deepest (px) count as the far arc (dark speckle in the
+/// far field moves a column's last lit pixel by a few pixels).
+const FAR_ARC_SPREAD: f64 = 2.0 * BLOCK as f64;
+/// Fewest middle columns (and share of them) that must reach the far arc: one stray column
+/// does not move it.
+const FAR_ARC_MIN_COLUMNS: (usize, f64) = (3, 0.05);
+
+/// The far arc's radius from the radii where the block mask ends in each middle column: the
+/// median of the deepest cluster of them (at least [`FAR_ARC_MIN_COLUMNS`] within
+/// [`FAR_ARC_SPREAD`]). A column under bone ends where its shadow turns black, above the
+/// arc, so the plain median would put the arc under the bone wherever bone spans most of the
+/// field.
+fn deepest_cluster(mut radii: Vec<f64>) -> Option<f64> {
+    radii.retain(|r| r.is_finite());
+    radii.sort_by(|a, b| b.total_cmp(a));
+    let n = radii.len();
+    let k = FAR_ARC_MIN_COLUMNS
+        .0
+        .max((FAR_ARC_MIN_COLUMNS.1 * n as f64).ceil() as usize)
+        .min(n.max(1));
+    let start =
+        (0..n.checked_sub(k - 1)?).find(|&i| radii[i] - radii[i + k - 1] <= FAR_ARC_SPREAD)?;
+    let top = radii[start];
+    median(
+        radii[start..]
+            .iter()
+            .copied()
+            .take_while(|r| top - r <= FAR_ARC_SPREAD)
+            .collect(),
+    )
+}
+
+/// Share of a one-pixel shell of the fan (and fewest pixels) that must be lit for
+/// [`deepest_lit_shell`] to count it as image: beyond the far arc the surround is black
+/// (0–3); a joint gap's beams under bone-wide shadow light a few percent of a shell.
+const LIT_SHELL: (f64, usize) = (0.01, 3);
+
+/// The outer radius (px from `apex`) of the deepest one-pixel shell between the fan's sides
+/// (lines x = a + b·y) in which at least [`LIT_SHELL`] of the pixels are lit.
+fn deepest_lit_shell(
+    gray: &Array2<f32>,
+    b: Rect,
+    apex: [f64; 2],
+    left: (f64, f64),
+    right: (f64, f64),
+) -> Option<f64> {
+    let far = (b.y1 as f64 - apex[1])
+        .hypot(
+            (b.x0 as f64 - apex[0])
+                .abs()
+                .max((b.x1 as f64 - apex[0]).abs()),
+        )
+        .ceil();
+    if !far.is_finite() || far <= 0.0 {
+        return None;
+    }
+    let shells = (far as usize).min(8 * (b.width() + b.height())) + 1;
+    let (mut total, mut lit) = (vec![0usize; shells], vec![0usize; shells]);
+    for y in b.y0..b.y1 {
+        let (py, fy) = (y as f64 + 0.5, y as f64 + 0.5 - apex[1]);
+        if fy <= 0.0 {
+            continue;
+        }
+        for x in b.x0..b.x1 {
+            let px = x as f64 + 0.5;
+            if px < left.0 + left.1 * py || px > right.0 + right.1 * py {
+                continue;
+            }
+            let k = ((px - apex[0]).hypot(fy) as usize).min(shells - 1);
+            total[k] += 1;
+            lit[k] += usize::from(gray[[y, x]] > EDGE_LEVEL);
+        }
+    }
+    // Outwards from the apex, up to the first run of unlit shells wider than a gap that
+    // text or a scale beneath the fan would leave.
+    let mut last = None;
+    for k in 0..shells {
+        if lit[k] >= LIT_SHELL.1 && lit[k] as f64 >= LIT_SHELL.0 * total[k] as f64 {
+            last = Some(k);
+        } else if last.is_some_and(|l| k - l > SHELL_GAP) {
+            break;
+        }
+    }
+    last.map(|k| k as f64 + 1.0)
+}
+
+/// Unlit shells (px) that end the image in [`deepest_lit_shell`]: a dark stretch of the far
+/// field is narrower; the black between a fan and a label under it is wider.
+const SHELL_GAP: usize = 2 * BLOCK;
+
+/// The first pixel row of a block mask (within `b`) narrower than the widest row above it
+/// by more than two blocks: a shadow (or the fan's end); `b.y1` when there is none.
+fn first_narrowing_row(mask: &Array2<u8>, b: Rect) -> usize {
+    let mut widest = 0;
+    for y in b.y0..b.y1 {
+        let row = mask.row(y);
+        let first = (b.x0..b.x1).find(|&x| row[x] != 0);
+        let last = (b.x0..b.x1).rev().find(|&x| row[x] != 0);
+        let width = match (first, last) {
+            (Some(a), Some(l)) => l + 1 - a,
+            _ => 0,
+        };
+        if width + 2 * BLOCK < widest {
+            return y;
+        }
+        widest = widest.max(width);
+    }
+    b.y1
 }
 
 fn dilate(m: &Array2<bool>, r: usize) -> Array2<bool> {
@@ -516,6 +676,7 @@ mod tests {
         assert!((fan.apex[0] - 150.0).abs() < FIT_PX, "{fan:?}");
         assert!((fan.apex[1] - 10.0).abs() < FIT_PX, "{fan:?}");
         assert!((fan.r_near - 20.0).abs() < FIT_PX, "{fan:?}");
+        assert!((fan.r_far - 180.0).abs() < FIT_PX, "{fan:?}");
         assert!((fan.theta_right.to_degrees() - 40.0).abs() < 1.0, "{fan:?}");
         assert!((fan.theta_left.to_degrees() + 40.0).abs() < 1.0, "{fan:?}");
     }
@@ -523,6 +684,74 @@ mod tests {
     /// A fitted fan's apex and radii must be this close to the drawn one, px (edges are found
     /// to the pixel in every row; the lines through them average that out).
     const FIT_PX: f64 = 1.0;
+
+    /// Speckle-like texture (grey 60–109) for synthetic images.
+    fn texture(x: usize, y: usize) -> f32 {
+        60.0 + ((x * 7 + y * 13) % 50) as f32
+    }
+
+    /// A joint seen by a linear probe: tissue across the whole width at the top, bone at row
+    /// `bone` on both sides of a gap (columns 130..170) with black shadows beneath.
+    fn linear_joint(h: usize, w: usize, bone: usize) -> Array2<f32> {
+        Array2::from_shape_fn((h, w), |(y, x)| {
+            if y < bone || (130..170).contains(&x) {
+                texture(x, y)
+            } else if y < bone + 3 {
+                250.0
+            } else {
+                0.0
+            }
+        })
+    }
+
+    #[test]
+    fn a_linear_image_with_black_shadows_is_a_rectangle() {
+        // The black corners under the bone fill more than a tenth of the bounding box, as a
+        // fan's do, but the image is as wide at the skin as at its widest: no fan.
+        let g = linear_joint(240, 300, 100);
+        let r = detect_imaging_region(&g, None);
+        assert_eq!(r.shape, RegionShape::Rectangle, "{:?}", r.bounds);
+        assert!(r.mask.is_none() && r.contains(20, 200) && r.contains(280, 230));
+        let declared = ImagingRegion {
+            bounds: Rect::full(300, 240),
+            shape: RegionShape::Rectangle,
+            source: RegionSource::UltrasoundRegion,
+            mask: None,
+            fan: None,
+        };
+        let r = fan_within(&declared, &g, None);
+        assert_eq!(r.shape, RegionShape::Rectangle);
+        assert!(r.mask.is_none());
+    }
+
+    #[test]
+    fn a_fan_with_bone_across_it_keeps_its_far_arc() {
+        // A fan (apex (150, -60), half angle 30°, radii 70..300) with bone at radius 170 on
+        // both sides of a narrow gap and black shadow beneath it to the far arc: the block
+        // mask ends at the bone in nearly every column.
+        let (h, w) = (245, 300);
+        let g = Array2::from_shape_fn((h, w), |(y, x)| {
+            let (dx, dy) = (x as f64 - 150.0, y as f64 + 60.0);
+            let (r, a) = (dx.hypot(dy), dx.atan2(dy).to_degrees());
+            if !(70.0..300.0).contains(&r) || a.abs() >= 30.0 {
+                0.0
+            } else if r < 170.0 || a.abs() < 2.5 {
+                texture(x, y)
+            } else if r < 173.0 {
+                250.0
+            } else {
+                0.0
+            }
+        });
+        let r = detect_imaging_region(&g, None);
+        assert_eq!(r.shape, RegionShape::Sector);
+        let fan = r.fan.expect("a fitted fan despite the shadow");
+        assert!((fan.r_far - 300.0).abs() < 2.0, "{fan:?}");
+        assert!((fan.apex[0] - 150.0).abs() < FIT_PX, "{fan:?}");
+        assert!((fan.theta_left.to_degrees() + 30.0).abs() < 1.0, "{fan:?}");
+        // The shadow beneath the bone, well inside the fan, is image.
+        assert!(r.contains(100, 200) && r.contains(200, 200), "{fan:?}");
+    }
 
     #[test]
     fn the_declared_face_moves_the_near_arc_only_when_it_agrees_with_the_image() {
