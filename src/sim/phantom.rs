@@ -1256,12 +1256,15 @@ impl Anatomy {
         if self.scene != Scene::SoftTissue && self.has_bone_at(u) {
             let bd = self.bone_depth(u);
             if d >= bd - BONE_BAND_ABOVE && d < bd + BONE_BAND_BELOW {
-                // The interface reflects specularly from the surface (depth bd) down 0.15 mm;
-                // above it is cartilage, below it cortical bone that the beam barely enters.
-                if d < bd {
+                // The interface (depth bd) reflects specularly: a mirror layer SPECULAR_MM thick
+                // centred on it, so that after the pulse's blur the echo peaks on the interface,
+                // as in a pulse-echo simulation (until the twelfth session the layer lay under
+                // the interface and the echo peaked about a pixel deep). Above it is
+                // cartilage, below it cortical bone that the beam barely enters.
+                let specular = (d - bd).abs() < SPECULAR_MM / 2.0;
+                if d < bd && !specular {
                     return Tissue::diffuse(echo::CARTILAGE, 0.3, Label::Bone);
                 }
-                let specular = d < bd + SPECULAR_MM;
                 return Tissue {
                     echo: if specular {
                         echo::BONE * self.bone_reflectivity(u)
