@@ -51,7 +51,10 @@ struct FrameBuffers {
     aux: wgpu::Buffer,
     stats: wgpu::Buffer,
     staging: wgpu::Buffer,
-    aux_staging: wgpu::Buffer,
+    /// Made on first use by [`GpuChain::finish_with_aux`]: a set that never reads its `aux`
+    /// back (the classifier's stacked planes) does not hold a second frame-sized staging
+    /// buffer.
+    aux_staging: std::sync::OnceLock<wgpu::Buffer>,
     stats_staging: wgpu::Buffer,
     params: wgpu::Buffer,
     /// Bind group reading images[i] and writing images[1 - i].
@@ -554,12 +557,6 @@ impl GpuContext {
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             });
-            let aux_staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("sonoguide.aux_staging"),
-                size: bytes,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
             let stats_staging = self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("sonoguide.stats_staging"),
                 size: STATS_LEN * 4,
@@ -615,7 +612,7 @@ impl GpuContext {
                 aux,
                 stats,
                 staging,
-                aux_staging,
+                aux_staging: std::sync::OnceLock::new(),
                 stats_staging,
                 params,
                 groups,
@@ -1131,8 +1128,17 @@ impl GpuChain<'_> {
             0,
             bytes,
         );
+        let bufs = self.bufs.clone();
+        let aux_staging = bufs.aux_staging.get_or_init(|| {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("sonoguide.aux_staging"),
+                size: bytes,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        });
         self.encoder
-            .copy_buffer_to_buffer(&self.bufs.aux, 0, &self.bufs.aux_staging, 0, bytes);
+            .copy_buffer_to_buffer(&self.bufs.aux, 0, aux_staging, 0, bytes);
         self.resolve_timestamps();
         if !self.params.is_empty() {
             ctx.queue.write_buffer(&self.bufs.params, 0, &self.params);
@@ -1140,7 +1146,7 @@ impl GpuChain<'_> {
         ctx.queue.submit([self.encoder.finish()]);
         // Both read-backs happen while this chain still holds its turn.
         let image = read_buffer(ctx, &self.bufs.staging, kernel)?;
-        let aux = read_buffer(ctx, &self.bufs.aux_staging, kernel)?;
+        let aux = read_buffer(ctx, aux_staging, kernel)?;
         ctx.take_error(kernel)?;
         collect_timestamps(ctx, &self.bufs, self.timed.as_deref(), kernel)?;
         let shape = (self.bufs.height, self.bufs.width);
