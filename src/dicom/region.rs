@@ -517,10 +517,16 @@ fn deepest_lit_shell(
                 .max((b.x1 as f64 - apex[0]).abs()),
         )
         .ceil();
-    if !far.is_finite() || far <= 0.0 {
+    // An apex so far above the box (nearly parallel sides) that the shells would outnumber
+    // a few times the box's perimeter: no shell count to trust, so the caller's estimate
+    // stands (a capped last shell would hold every pixel beyond the cap).
+    if !far.is_finite()
+        || far <= 0.0
+        || far > MAX_SHELLS_PER_PERIMETER * (b.width() + b.height()) as f64
+    {
         return None;
     }
-    let shells = (far as usize).min(8 * (b.width() + b.height())) + 1;
+    let shells = far as usize + 1;
     let (mut total, mut lit) = (vec![0usize; shells], vec![0usize; shells]);
     for y in b.y0..b.y1 {
         let (py, fy) = (y as f64 + 0.5, y as f64 + 0.5 - apex[1]);
@@ -549,6 +555,9 @@ fn deepest_lit_shell(
     }
     last.map(|k| k as f64 + 1.0)
 }
+
+/// The most shells [`deepest_lit_shell`] counts, per pixel of the box's half-perimeter.
+const MAX_SHELLS_PER_PERIMETER: f64 = 8.0;
 
 /// Unlit shells (px) that end the image in [`deepest_lit_shell`]: a dark stretch of the far
 /// field is narrower; the black between a fan and a label under it is wider.
@@ -751,6 +760,25 @@ mod tests {
         assert!((fan.theta_left.to_degrees() + 30.0).abs() < 1.0, "{fan:?}");
         // The shadow beneath the bone, well inside the fan, is image.
         assert!(r.contains(100, 200) && r.contains(200, 200), "{fan:?}");
+    }
+
+    #[test]
+    fn shells_are_not_counted_from_an_apex_far_above_the_box() {
+        // Sides nearly parallel: the apex lies 100 000 px above a 100x80 box. Counting shells
+        // from there would need 100 000 of them; the estimate is refused instead of capped.
+        let g = Array2::from_elem((80, 100), 200.0f32);
+        let b = Rect {
+            x0: 0,
+            y0: 0,
+            x1: 100,
+            y1: 80,
+        };
+        let apex = [50.0, -100_000.0];
+        let (left, right) = ((-1.0, 0.0), (101.0, 0.0));
+        assert_eq!(deepest_lit_shell(&g, b, apex, left, right), None);
+        // From an apex just above the box the lit image ends at its bottom row.
+        let near = deepest_lit_shell(&g, b, [50.0, -10.0], left, right).expect("shells");
+        assert!(near >= 90.0 && near <= 50f64.hypot(90.0) + 1.0, "{near}");
     }
 
     #[test]
