@@ -72,10 +72,13 @@ pub struct CaseScore {
     pub frame: usize,
     /// Dice per scored label (`None` when neither truth nor result has it).
     pub dice: [Option<f64>; 6],
-    /// Mean distance from truth bone points to the found surface, mm.
+    /// Mean distance from truth bone points to the found surface, mm (`None` when the truth
+    /// has no bone, or when no surface was found: see `missed_bone`).
     pub bone_mean_mm: Option<f64>,
     /// Whether bone was labelled although the truth has none.
     pub false_bone: bool,
+    /// Whether the truth has a bone surface and none was found (no distance to measure).
+    pub missed_bone: bool,
     /// Whether the truth has bone.
     pub truth_has_bone: bool,
     /// Plan status.
@@ -109,8 +112,12 @@ pub struct SetScore {
     pub dice: [f64; 6],
     /// Frames counted in each Dice mean.
     pub dice_frames: [usize; 6],
-    /// Mean truth → found bone distance over frames with bone in the truth, mm.
+    /// Mean truth → found bone distance over frames with a bone surface in the truth and
+    /// one found, mm.
     pub bone_mean_mm: f64,
+    /// Frames with a bone surface in the truth where none was found (left out of
+    /// `bone_mean_mm`, whose distance would be infinite).
+    pub missed_bone_frames: usize,
     /// Frames without bone in the truth, and those where bone was labelled anyway.
     pub no_bone_frames: usize,
     /// See `no_bone_frames`.
@@ -225,7 +232,8 @@ fn score_frame(
         .copied()
         .collect();
     let mm_dist = |a: [f64; 2], b: [f64; 2]| ((a[0] - b[0]) * sx).hypot((a[1] - b[1]) * sy);
-    let bone_mean_mm = (!truth_pts.is_empty()).then(|| {
+    let missed_bone = !truth_pts.is_empty() && found.is_empty();
+    let bone_mean_mm = (!truth_pts.is_empty() && !found.is_empty()).then(|| {
         mean(
             &truth_pts
                 .iter()
@@ -272,6 +280,7 @@ fn score_frame(
         dice: d,
         bone_mean_mm,
         false_bone: !truth_has_bone && got.iter().any(|&l| l == Label::Bone.code()),
+        missed_bone,
         truth_has_bone,
         status: plan.status.to_string(),
         reason: plan.reason.clone(),
@@ -305,6 +314,7 @@ pub fn summarise(set: String, cases: Vec<CaseScore>) -> SetScore {
         dice,
         dice_frames,
         bone_mean_mm: mean(&bone),
+        missed_bone_frames: cases.iter().filter(|c| c.missed_bone).count(),
         no_bone_frames: cases.iter().filter(|c| !c.truth_has_bone).count(),
         false_bone_frames: cases.iter().filter(|c| c.false_bone).count(),
         target_frames: cases.iter().filter(|c| c.has_ideal_target).count(),
@@ -384,5 +394,48 @@ fn perturbation_name(p: &serde_json::Value) -> String {
             .collect::<Vec<_>>()
             .join(","),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case(bone_mean_mm: Option<f64>, missed_bone: bool) -> CaseScore {
+        CaseScore {
+            name: "c".into(),
+            frame: 0,
+            dice: [None; 6],
+            bone_mean_mm,
+            false_bone: false,
+            missed_bone,
+            truth_has_bone: true,
+            status: "no_safe_path".into(),
+            reason: None,
+            target_error_mm: None,
+            target_tolerance_mm: DEFAULT_TARGET_TOLERANCE_MM,
+            has_ideal_target: false,
+            crossed: Vec::new(),
+            entry_arc_error_mm: None,
+            target_kind: None,
+            truth_target_kind: None,
+        }
+    }
+
+    #[test]
+    fn a_frame_whose_bone_was_missed_is_counted_not_averaged() {
+        // One frame 0.5 mm off, one 1.5 mm off, one whose surface was not found at all: the
+        // mean is over the two measured frames and the third is counted as missed (before,
+        // its infinite distance made the set's mean infinite, written as null).
+        let s = summarise(
+            "s".into(),
+            vec![
+                case(Some(0.5), false),
+                case(Some(1.5), false),
+                case(None, true),
+            ],
+        );
+        assert_eq!(s.missed_bone_frames, 1);
+        assert!((s.bone_mean_mm - 1.0).abs() < 1e-12, "{}", s.bone_mean_mm);
     }
 }

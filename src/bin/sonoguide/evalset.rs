@@ -128,14 +128,14 @@ pub fn eval_set(args: EvalSetArgs) -> Outcome {
     }
     println!(
         "| set | frames | Dice tendon | bone | shadow | joint | vessel | nerve | bone dist mm | \
-         false bone | target within tol | target err mm | paths | unsafe | no safe path | \
+         missed bone | false bone | target within tol | target err mm | paths | unsafe | no safe path | \
          convex entry err max mm |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for s in &all {
         let d: Vec<String> = s.dice.iter().map(|v| f(*v)).collect();
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} | {}/{} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} | {}/{} | {} | {} | {} | {} | {} |",
             s.set,
             s.frames,
             d[0],
@@ -145,6 +145,7 @@ pub fn eval_set(args: EvalSetArgs) -> Outcome {
             d[4],
             d[5],
             f(s.bone_mean_mm),
+            s.missed_bone_frames,
             s.false_bone_frames,
             s.no_bone_frames,
             s.target_within,
