@@ -195,16 +195,19 @@ impl Despeckler {
                 #[cfg(not(feature = "gpu"))]
                 match *ctx {}
             },
-            || {
-                let Some((first, rest)) = filters.split_first() else {
-                    return Ok(img.clone());
-                };
-                let mut cur = first.cpu(img)?;
-                for f in rest {
-                    cur = f.cpu(&cur)?;
-                }
-                Ok(cur)
-            },
+            || despeckle_cpu(img, filters).map(|(d, _)| d),
         )
     }
+}
+
+/// Applies `filters` in order to `img` on the CPU (the second value says so).
+pub(crate) fn despeckle_cpu(img: &Array2<f32>, filters: &[Filter]) -> Result<(Array2<f32>, Ran)> {
+    let Some((first, rest)) = filters.split_first() else {
+        return Ok((img.clone(), Ran::Cpu));
+    };
+    let mut cur = first.cpu(img)?;
+    for f in rest {
+        cur = f.cpu(&cur)?;
+    }
+    Ok((cur, Ran::Cpu))
 }

@@ -67,9 +67,10 @@ impl PipelineConfig {
 /// Milliseconds spent in each stage of one frame.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct StageTimings {
-    /// Despeckling.
+    /// Despeckling (0 on a GPU, where it shares one submission with the feature maps and
+    /// is counted in `features_ms`).
     pub despeckle_ms: f64,
-    /// Feature maps.
+    /// Feature maps (on a GPU, despeckling included).
     pub features_ms: f64,
     /// Labelling decisions.
     pub segment_ms: f64,
@@ -277,11 +278,8 @@ impl Pipeline {
             _ => frame,
         };
         let t0 = Instant::now();
-        let (despeckled, despeckle_ran) =
-            despeckle_region(&self.despeckler, frame, &self.config.filters)?;
-        let t1 = Instant::now();
-        let (features, features_ran) =
-            segment::features(&self.despeckler, frame, &despeckled, &self.config.segment)?;
+        let (despeckled, features, (despeckle_ran, features_ran), t1) =
+            self.despeckle_and_features(frame)?;
         let t2 = Instant::now();
         let segmentation =
             segment::segment_from_features(frame, &despeckled, &features, &self.config.segment)?;
@@ -319,6 +317,45 @@ impl Pipeline {
     }
 }
 
+impl Pipeline {
+    /// Despeckles the frame and computes its features: on a GPU in one submission with one
+    /// read-back ([`segment::despeckle_and_features_gpu`]; the despeckling's time is then
+    /// counted in the features stage, and the returned instant is the start), else stage by
+    /// stage. Under `Backend::Auto` a GPU failure runs both stages on the CPU.
+    #[allow(clippy::type_complexity)]
+    fn despeckle_and_features(
+        &self,
+        frame: &Frame,
+    ) -> Result<(Array2<f32>, segment::Features, (Ran, Ran), Instant)> {
+        let filters = &self.config.filters;
+        let params = &self.config.segment;
+        #[cfg(feature = "gpu")]
+        {
+            let start = Instant::now();
+            let compute = self.despeckler.compute();
+            if compute.gpu_context().is_some() && segment::one_submission_fits(frame) {
+                let ((despeckled, features), ran) = compute.run(
+                    "despeckling and features",
+                    |ctx| segment::despeckle_and_features_gpu(ctx, frame, filters, params),
+                    || {
+                        let (d, _) = despeckle_region_with(frame, |img| {
+                            crate::despeckle::despeckle_cpu(img, filters)
+                        })?;
+                        let f = segment::features_cpu(frame, &d, params)?;
+                        Ok((d, f))
+                    },
+                )?;
+                return Ok((despeckled, features, (ran, ran), start));
+            }
+        }
+        let (despeckled, despeckle_ran) = despeckle_region(&self.despeckler, frame, filters)?;
+        let t1 = Instant::now();
+        let (features, features_ran) =
+            segment::features(&self.despeckler, frame, &despeckled, params)?;
+        Ok((despeckled, features, (despeckle_ran, features_ran), t1))
+    }
+}
+
 /// Despeckles the frame's imaging region only (its bounding rectangle): the margins around it
 /// (the scanner's text, scales and logos) are copied as they are, and cost nothing. The
 /// filters see the region's edge as the image's edge (clamp-to-edge), so nothing from the
@@ -328,14 +365,22 @@ pub(crate) fn despeckle_region(
     frame: &Frame,
     filters: &[Filter],
 ) -> Result<(Array2<f32>, Ran)> {
+    despeckle_region_with(frame, |img| despeckler.run_reporting(img, filters))
+}
+
+/// [`despeckle_region`] with the despeckling given as `run`.
+fn despeckle_region_with<T>(
+    frame: &Frame,
+    run: impl FnOnce(&Array2<f32>) -> Result<(Array2<f32>, T)>,
+) -> Result<(Array2<f32>, T)> {
     let b = frame.region.bounds;
     let (h, w) = frame.intensity.dim();
     if (b.x0, b.y0, b.x1, b.y1) == (0, 0, w, h) || b.width() == 0 || b.height() == 0 {
-        return despeckler.run_reporting(&frame.intensity, filters);
+        return run(&frame.intensity);
     }
     let region = ndarray::s![b.y0..b.y1.min(h), b.x0..b.x1.min(w)];
     let inside = frame.intensity.slice(region).to_owned();
-    let (filtered, ran) = despeckler.run_reporting(&inside, filters)?;
+    let (filtered, ran) = run(&inside)?;
     let mut out = frame.intensity.clone();
     out.slice_mut(region).assign(&filtered);
     Ok((out, ran))

@@ -417,6 +417,35 @@ fn gpu_chain_keeps_the_frame_on_the_gpu_and_reuses_buffers() {
     assert!(worst <= LOCAL_STATS_TOLERANCE, "chained result {worst}");
 }
 
+#[test]
+fn gpu_grid_is_cut_on_the_gpu_and_handed_to_a_set_of_its_size() {
+    let Some(d) = gpu() else { return };
+    let ctx = d.gpu_context().unwrap();
+    // Even and odd sizes: the last row and column of an odd image are left out.
+    for (w, h) in [(64, 48), (131, 97), (640, 480)] {
+        let img = speckle(w, h, 9);
+        let want = kernels::grid::cpu(img.view());
+        let mut chain = ctx.begin(&img).unwrap();
+        chain.stage().unwrap();
+        let (gw, gh) = kernels::grid::encode(&mut chain).unwrap();
+        assert_eq!((gw, gh), (w / 2, h / 2));
+        let mut grid = chain.hand_over(gw, gh).unwrap();
+        // The grid's chain goes on, and both images come back after one wait.
+        grid.keep_input().unwrap();
+        grid.set_aside(0, false).unwrap();
+        let before = ctx.readbacks();
+        let (maps, staged) = grid.finish_outputs_staged(1).unwrap();
+        assert_eq!(ctx.readbacks() - before, 1, "{w}x{h}: one read-back");
+        // Same sums in the same order: exactly the CPU twin's values.
+        assert_eq!(maps[0], want, "{w}x{h}: grid");
+        assert_eq!(staged, img, "{w}x{h}: the staged full-size image");
+    }
+    // A hand-over to the chain's own size would wait on its own pool: refused.
+    let mut chain = ctx.begin(&speckle(32, 32, 1)).unwrap();
+    kernels::grid::encode(&mut chain).unwrap();
+    assert!(chain.hand_over(32, 32).is_err());
+}
+
 /// Streams sharing one device: chains in flight at once each get a buffer set of their own
 /// (two chains open together on one thread do not wait for each other), threads running the
 /// same chain concurrently get the serial result, and the sets made stay within the bound.

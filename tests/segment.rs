@@ -240,3 +240,73 @@ fn segment_command_writes_labels_previews_and_bone_json() {
         (xm - m0[0].as_f64().unwrap()).abs() < 1e-6 && (ym - m0[1].as_f64().unwrap()).abs() < 1e-6
     );
 }
+
+/// The one-submission path and the stage-by-stage one run the same kernels on the same
+/// input; SRAD's statistics are a GPU reduction whose summing order is not fixed, so the
+/// despeckled frames may differ by SRAD's GPU-to-CPU tolerance (`tests/kernels.rs`).
+const ONE_SUBMISSION_DESPECKLE_TOLERANCE: f32 = 0.05;
+
+#[test]
+fn gpu_pipeline_despeckles_and_computes_features_in_one_submission() {
+    use sonoguide::segment::{features_gpu, segment_from_features};
+    let pipeline = match sonoguide::Pipeline::builder().backend(Backend::Gpu).build() {
+        Ok(p) => p,
+        Err(e) => {
+            common::missing_tool(
+                "GPU one-submission pipeline",
+                &format!("a GPU adapter (lavapipe): {e}"),
+            );
+            return;
+        }
+    };
+    let ctx = pipeline.despeckler().gpu_context().unwrap();
+    let gpu = Despeckler::with_gpu(pipeline.despeckler().gpu_handle().unwrap());
+    let srad = Filter::default_for("srad").unwrap();
+    // A linear frame whose region is the whole image and a convex one whose fan lies inside
+    // a rectangle with margins (the region is cut out, despeckled, and put back).
+    for name in ["linear_0001.dcm", "curved_0003.dcm"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("sample-data")
+            .join(name);
+        let file = DicomFile::open(&path, &ReadOptions::default()).unwrap();
+        let frame = file.read_frame(0).unwrap();
+        let before = ctx.readbacks();
+        let r = pipeline.process(&frame).unwrap();
+        assert_eq!(
+            ctx.readbacks() - before,
+            2,
+            "{name}: the despeckled region with the feature maps, then the classifier"
+        );
+        // Stage by stage on the same device: despeckle the region, then the features.
+        let b = frame.region.bounds;
+        let cut = ndarray::s![b.y0..b.y1, b.x0..b.x1];
+        let inside = frame.intensity.slice(cut).to_owned();
+        let mut despeckled = frame.intensity.clone();
+        despeckled
+            .slice_mut(cut)
+            .assign(&gpu.run(&inside, std::slice::from_ref(&srad)).unwrap());
+        let worst = despeckled
+            .iter()
+            .zip(r.despeckled.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= ONE_SUBMISSION_DESPECKLE_TOLERANCE,
+            "{name}: despeckled frames differ by {worst}"
+        );
+        let params = SegmentParams::default();
+        let f = features_gpu(ctx, &frame, &r.despeckled, &params).unwrap();
+        let s = segment_from_features(&frame, &r.despeckled, &f, &params).unwrap();
+        let same = s
+            .labels
+            .iter()
+            .zip(r.segmentation.labels.iter())
+            .filter(|(x, y)| x == y)
+            .count() as f64
+            / s.labels.len() as f64;
+        assert!(
+            same >= GPU_LABEL_AGREEMENT,
+            "{name}: labels agree on {same:.4}"
+        );
+    }
+}

@@ -808,6 +808,8 @@ impl GpuContext {
             kept: None,
             _lease: lease,
             timed,
+            staged: None,
+            earlier: Vec::new(),
         })
     }
 }
@@ -826,6 +828,28 @@ pub struct GpuChain<'a> {
     /// The buffer set, returned to its pool when the chain ends.
     _lease: Lease,
     /// The shader file of every pass, when the chain writes timestamps.
+    timed: Option<Vec<&'static str>>,
+    /// An image set aside by [`GpuChain::stage`], read back with the chain's results.
+    staged: Option<Staged>,
+    /// The buffer sets of the chains this one continues ([`GpuChain::hand_over`]): held
+    /// until the submission has completed, with their passes' timestamps to collect.
+    earlier: Vec<Earlier>,
+}
+
+/// The maps a chain set aside, and the image it staged, if any.
+type OutputsAndStaged = (Vec<Array2<f32>>, Option<Array2<f32>>);
+
+/// An image copied into its buffer set's staging buffer by [`GpuChain::stage`].
+struct Staged {
+    bufs: Arc<FrameBuffers>,
+    width: usize,
+    height: usize,
+}
+
+/// A buffer set whose queued work a later chain took over ([`GpuChain::hand_over`]).
+struct Earlier {
+    bufs: Arc<FrameBuffers>,
+    _lease: Lease,
     timed: Option<Vec<&'static str>>,
 }
 
@@ -1023,6 +1047,83 @@ impl GpuChain<'_> {
         Ok(())
     }
 
+    /// Copies the current image into this buffer set's staging buffer, to be read back by
+    /// [`GpuChain::finish_outputs_staged`] together with the chain's outputs (one wait for
+    /// both). The chain goes on from the same image.
+    pub fn stage(&mut self) -> Result<(), GpuError> {
+        let bytes = (self.bufs.width * self.bufs.height * 4) as u64;
+        self.encoder.copy_buffer_to_buffer(
+            &self.bufs.images[self.current],
+            0,
+            &self.bufs.staging,
+            0,
+            bytes,
+        );
+        self.staged = Some(Staged {
+            bufs: self.bufs.clone(),
+            width: self.bufs.width,
+            height: self.bufs.height,
+        });
+        Ok(())
+    }
+
+    /// Goes on with the queued work on a `width` × `height` buffer set whose first image is
+    /// the first `width · height` values of the current image (a kernel that wrote a smaller
+    /// image there, packed row-major, e.g. the analysis grid). Nothing is submitted: the work
+    /// of both sets goes to the device in one submission when the returned chain finishes,
+    /// and this set (with what [`GpuChain::stage`] set aside in it) is held until then.
+    pub fn hand_over(mut self, width: usize, height: usize) -> Result<Self, GpuError> {
+        let here = (self.bufs.width, self.bufs.height);
+        if (width, height) == here || width * height > here.0 * here.1 || width * height == 0 {
+            // The same size would wait on its own pool (a set of it is held here).
+            return Err(GpuError::Kernel {
+                kernel: self.last_kernel.into(),
+                reason: format!(
+                    "hand-over from {}x{} to {width}x{height}: needs a smaller, non-empty image",
+                    here.0, here.1
+                ),
+            });
+        }
+        let ctx = self.ctx;
+        let lease = ctx.lease(width, height)?;
+        let bufs = lease.bufs.clone();
+        self.encoder.copy_buffer_to_buffer(
+            &self.bufs.images[self.current],
+            0,
+            &bufs.images[0],
+            0,
+            (width * height * 4) as u64,
+        );
+        self.resolve_timestamps();
+        if !self.params.is_empty() {
+            // Queue writes land before the submission that carries these passes.
+            ctx.queue.write_buffer(&self.bufs.params, 0, &self.params);
+        }
+        let timed = (ctx.timing.load(std::sync::atomic::Ordering::Relaxed)
+            && bufs.queries.is_some())
+        .then(Vec::new);
+        let mut earlier = std::mem::take(&mut self.earlier);
+        earlier.push(Earlier {
+            bufs: self.bufs,
+            _lease: self._lease,
+            timed: self.timed,
+        });
+        Ok(GpuChain {
+            ctx,
+            bufs,
+            current: 0,
+            encoder: self.encoder,
+            params: Vec::new(),
+            last_kernel: self.last_kernel,
+            fft: None,
+            kept: None,
+            _lease: lease,
+            timed,
+            staged: self.staged,
+            earlier,
+        })
+    }
+
     /// Queues the resolve and copy of the passes' timestamps, when the chain is timed.
     fn resolve_timestamps(&mut self) {
         if let (Some(files), Some(q)) = (&self.timed, &self.bufs.queries) {
@@ -1044,7 +1145,27 @@ impl GpuChain<'_> {
 
     /// Submits everything queued, waits, and reads back outputs `0..count` set aside by
     /// [`GpuChain::set_aside`], all in one read-back.
-    pub fn finish_outputs(mut self, count: usize) -> Result<Vec<Array2<f32>>, GpuError> {
+    pub fn finish_outputs(self, count: usize) -> Result<Vec<Array2<f32>>, GpuError> {
+        Ok(self.finish_outputs_inner(count)?.0)
+    }
+
+    /// Like [`GpuChain::finish_outputs`], and also reads the image [`GpuChain::stage`] set
+    /// aside (in this chain or one it took over from), after the same wait: one read-back.
+    pub fn finish_outputs_staged(
+        self,
+        count: usize,
+    ) -> Result<(Vec<Array2<f32>>, Array2<f32>), GpuError> {
+        let kernel = self.last_kernel;
+        match self.finish_outputs_inner(count)? {
+            (maps, Some(staged)) => Ok((maps, staged)),
+            (_, None) => Err(GpuError::Kernel {
+                kernel: kernel.into(),
+                reason: "nothing was staged (GpuChain::stage)".into(),
+            }),
+        }
+    }
+
+    fn finish_outputs_inner(mut self, count: usize) -> Result<OutputsAndStaged, GpuError> {
         let kept = self.kept_or_err()?;
         let ctx = self.ctx;
         let kernel = self.last_kernel;
@@ -1063,19 +1184,42 @@ impl GpuChain<'_> {
             ctx.queue.write_buffer(&self.bufs.params, 0, &self.params);
         }
         ctx.queue.submit([self.encoder.finish()]);
-        let all = read_range(ctx, &kept.staging, bytes, kernel)?;
+        let staged_bytes = self
+            .staged
+            .as_ref()
+            .map(|st| (st.width * st.height * 4) as u64);
+        let mut read = match (&self.staged, staged_bytes) {
+            (Some(st), Some(b)) => read_ranges(
+                ctx,
+                &[(&kept.staging, bytes), (&st.bufs.staging, b)],
+                kernel,
+            )?,
+            _ => read_ranges(ctx, &[(&kept.staging, bytes)], kernel)?,
+        };
         ctx.take_error(kernel)?;
         collect_timestamps(ctx, &self.bufs, self.timed.as_deref(), kernel)?;
+        for e in &self.earlier {
+            collect_timestamps(ctx, &e.bufs, e.timed.as_deref(), kernel)?;
+        }
+        let err = |e: ndarray::ShapeError| GpuError::Kernel {
+            kernel: kernel.into(),
+            reason: e.to_string(),
+        };
+        let staged = match (&self.staged, read.len()) {
+            (Some(st), 2) => Some(
+                Array2::from_shape_vec((st.height, st.width), read.pop().unwrap_or_default())
+                    .map_err(err)?,
+            ),
+            _ => None,
+        };
+        let all = read.pop().unwrap_or_default();
         let shape = (self.bufs.height, self.bufs.width);
-        all.chunks_exact(n.max(1))
+        let maps = all
+            .chunks_exact(n.max(1))
             .take(count)
-            .map(|c| {
-                Array2::from_shape_vec(shape, c.to_vec()).map_err(|e| GpuError::Kernel {
-                    kernel: kernel.into(),
-                    reason: e.to_string(),
-                })
-            })
-            .collect()
+            .map(|c| Array2::from_shape_vec(shape, c.to_vec()).map_err(err))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((maps, staged))
     }
 
     /// Submits everything queued, waits, and reads values `first..first + len` of the current
@@ -1256,6 +1400,65 @@ fn read_range(
     map_bytes(ctx, buffer, bytes, kernel, |view| {
         bytemuck::cast_slice::<u8, f32>(view).to_vec()
     })
+}
+
+/// Maps the first bytes of several staging buffers (buffer, bytes), waits once for all of
+/// them, and copies them out: one read-back.
+fn read_ranges(
+    ctx: &GpuContext,
+    ranges: &[(&wgpu::Buffer, u64)],
+    kernel: &str,
+) -> Result<Vec<Vec<f32>>, GpuError> {
+    ctx.readbacks
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (i, (buffer, bytes)) in ranges.iter().enumerate() {
+        let tx = tx.clone();
+        buffer
+            .slice(..*bytes)
+            .map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send((i, r));
+            });
+    }
+    drop(tx);
+    ctx.device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| GpuError::Kernel {
+            kernel: kernel.into(),
+            reason: format!("device poll: {e}"),
+        })?;
+    let mut failure = None;
+    let mut mapped = vec![false; ranges.len()];
+    for _ in ranges {
+        match rx.recv() {
+            Ok((i, Ok(()))) => mapped[i] = true,
+            Ok((_, Err(e))) => failure = Some(format!("read-back: {e}")),
+            Err(_) => failure = Some("read-back never completed".into()),
+        }
+    }
+    let mut out = Vec::with_capacity(ranges.len());
+    for (buffer, bytes) in ranges {
+        if failure.is_none() {
+            let slice = buffer.slice(..*bytes);
+            match slice.get_mapped_range() {
+                Ok(view) => out.push(bytemuck::cast_slice::<u8, f32>(&view).to_vec()),
+                Err(e) => failure = Some(format!("read-back map: {e}")),
+            }
+        }
+    }
+    // Every buffer that was mapped is unmapped, whatever happened to the others.
+    for ((buffer, _), was) in ranges.iter().zip(mapped) {
+        if was {
+            buffer.unmap();
+        }
+    }
+    match failure {
+        Some(reason) => Err(GpuError::Kernel {
+            kernel: kernel.into(),
+            reason,
+        }),
+        None => Ok(out),
+    }
 }
 
 /// Maps the first `bytes` of a staging buffer, waits for it, and gives the mapped bytes to

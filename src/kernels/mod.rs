@@ -9,6 +9,7 @@
 pub mod coherence;
 pub mod context;
 pub mod frost;
+pub mod grid;
 pub mod lee;
 pub mod median;
 pub mod obnlm;
@@ -35,10 +36,11 @@ pub enum KernelError {
 }
 
 /// Names of every kernel with a shader and a twin (the shader stems).
-pub const KERNELS: [&str; 10] = [
+pub const KERNELS: [&str; 11] = [
     "coherence",
     "context",
     "frost",
+    "grid",
     "lee",
     "median",
     "obnlm",

@@ -282,33 +282,122 @@ pub fn features_gpu(
         // One upload, the three kernel chains each starting from it, one read-back of the
         // four maps.
         let mut chain = ctx.begin(grid)?;
-        chain.keep_input()?;
-        crate::kernels::phase_symmetry::encode(&mut chain, &fp.0)?;
-        chain.set_aside(0, false)?;
-        chain.restart()?;
-        crate::kernels::shadow::encode(&mut chain, &fp.1)?;
-        chain.set_aside(1, false)?;
-        chain.restart()?;
-        crate::kernels::coherence::encode(&mut chain, &fp.2)?;
-        chain.set_aside(2, true)?;
-        let maps: [Array2<f32>; 4] =
-            chain
-                .finish_outputs(4)?
-                .try_into()
-                .map_err(|_| crate::gpu::GpuError::Kernel {
-                    kernel: "features".into(),
-                    reason: "four maps expected".into(),
-                })?;
-        Ok(maps)
+        encode_feature_maps(&mut chain, fp)?;
+        four_maps(chain.finish_outputs(4)?)
     })?;
+    classify_on_gpu(ctx, &mut f, params)?;
+    Ok(f)
+}
+
+/// Queues the three feature kernels on the chain's current image (the analysis grid), each
+/// starting from it, their four maps set aside for one read-back.
+#[cfg(feature = "gpu")]
+fn encode_feature_maps(chain: &mut crate::gpu::GpuChain<'_>, fp: &FeatureParams) -> Result<()> {
+    chain.keep_input()?;
+    crate::kernels::phase_symmetry::encode(chain, &fp.0)?;
+    chain.set_aside(0, false)?;
+    chain.restart()?;
+    crate::kernels::shadow::encode(chain, &fp.1)?;
+    chain.set_aside(1, false)?;
+    chain.restart()?;
+    crate::kernels::coherence::encode(chain, &fp.2)?;
+    chain.set_aside(2, true)?;
+    Ok(())
+}
+
+#[cfg(feature = "gpu")]
+fn four_maps(maps: Vec<Array2<f32>>) -> Result<[Array2<f32>; 4]> {
+    Ok(maps.try_into().map_err(|_| crate::gpu::GpuError::Kernel {
+        kernel: "features".into(),
+        reason: "four maps expected".into(),
+    })?)
+}
+
+/// Adds the classifier's probabilities to `f` (learned segmenter): the pixel features are
+/// assembled on the CPU from the maps read back; both stages of the classifier and the
+/// second stage's context run on the GPU in one chain.
+#[cfg(feature = "gpu")]
+fn classify_on_gpu(
+    ctx: &crate::gpu::GpuContext,
+    f: &mut Features,
+    params: &SegmentParams,
+) -> Result<()> {
     if params.learned {
-        // The pixel features are assembled on the CPU from the maps read back; both stages of
-        // the classifier and the second stage's context run on the GPU in one chain.
-        let (second, first) = context::classify_gpu(ctx, &f)?;
+        let (second, first) = context::classify_gpu(ctx, f)?;
         f.probabilities = Some(second);
         f.first_stage = Some(first);
     }
-    Ok(f)
+    Ok(())
+}
+
+/// Whether [`despeckle_and_features_gpu`] can take the frame: its imaging region lies inside
+/// it and is not empty.
+pub fn one_submission_fits(frame: &Frame) -> bool {
+    let b = frame.region.bounds;
+    let (h, w) = frame.intensity.dim();
+    b.width() > 0 && b.height() > 0 && b.x1 <= w && b.y1 <= h
+}
+
+/// Despeckles the frame's imaging region and computes the feature maps in one GPU
+/// submission: the region is uploaded once, despeckled, set aside, cut to the analysis grid
+/// on the GPU (`shaders/grid.wgsl`) and handed to the feature kernels; the despeckled region
+/// and the four maps come back after one wait. The same result as
+/// `pipeline::despeckle_region` followed by [`features_gpu`], with one read-back fewer.
+/// Returns the despeckled frame (the margins as they were) and the features.
+#[cfg(feature = "gpu")]
+pub fn despeckle_and_features_gpu(
+    ctx: &crate::gpu::GpuContext,
+    frame: &Frame,
+    filters: &[crate::despeckle::Filter],
+    params: &SegmentParams,
+) -> Result<(Array2<f32>, Features)> {
+    frame.validate()?;
+    if !one_submission_fits(frame) {
+        return Err(crate::frame::FrameError::Invalid {
+            name: "region",
+            reason: format!(
+                "{:?} is empty or outside the {}x{} frame",
+                frame.region.bounds,
+                frame.width(),
+                frame.height()
+            ),
+        }
+        .into());
+    }
+    let b = frame.region.bounds;
+    let region = s![b.y0..b.y1, b.x0..b.x1];
+    let crop = frame.intensity.slice(region).to_owned();
+    let (grid_h, step, mm) = grid_geometry(frame, params);
+    let fp = feature_params(params, mm, grid_h)?;
+    let mut chain = ctx.begin(&crop)?;
+    for f in filters {
+        f.encode(&mut chain)?;
+    }
+    chain.stage()?;
+    let mut chain = if step == 2 {
+        let (gw, gh) = crate::kernels::grid::encode(&mut chain)?;
+        chain.hand_over(gw, gh)?
+    } else {
+        chain
+    };
+    encode_feature_maps(&mut chain, &fp)?;
+    let (maps, inside) = chain.finish_outputs_staged(4)?;
+    let mut despeckled = frame.intensity.clone();
+    despeckled.slice_mut(region).assign(&inside);
+    let maps = four_maps(maps)?;
+    let mut f = features_with(frame, &despeckled, params, |grid, _| {
+        // The CPU's grid of the despeckled region read back is the grid the GPU cut.
+        match maps.iter().all(|m| m.dim() == grid.dim()) {
+            true => Ok(maps),
+            false => Err(crate::gpu::GpuError::Kernel {
+                kernel: "grid".into(),
+                reason: format!("maps of {:?} for a grid of {:?}", maps[0].dim(), grid.dim()),
+            }
+            .into()),
+        }
+    })?;
+    classify_on_gpu(ctx, &mut f, params)?;
+    Ok((despeckled, f))
 }
 
 /// Kernel parameters for a grid of `mm` per pixel.
@@ -406,24 +495,31 @@ pub fn analysis_grid(
 ) -> (Array2<f32>, Array2<bool>, usize, (f64, f64)) {
     let b = frame.region.bounds;
     let crop = despeckled.slice(s![b.y0..b.y1, b.x0..b.x1]);
+    let (_, step, mm) = grid_geometry(frame, params);
+    if step == 1 {
+        return (crop.to_owned(), valid_full.clone(), 1, mm);
+    }
+    let grid = crate::kernels::grid::cpu(crop);
+    let (h, w) = grid.dim();
+    let valid = Array2::from_shape_fn((h, w), |(y, x)| {
+        valid_full[[2 * y, 2 * x]] && valid_full[[2 * y + 1, 2 * x + 1]]
+    });
+    (grid, valid, 2, mm)
+}
+
+/// The analysis grid's rows, its step (1: the region as it is; 2: half resolution, for
+/// regions wider than `params.half_resolution_above_px`) and its pixel size in mm.
+fn grid_geometry(frame: &Frame, params: &SegmentParams) -> (usize, usize, (f64, f64)) {
+    let b = frame.region.bounds;
     let (mmx, mmy) = frame
         .calibration
         .mm_per_px()
         .unwrap_or((ASSUMED_MM_PER_PX, ASSUMED_MM_PER_PX));
     if b.width() <= params.half_resolution_above_px || b.height() < 4 {
-        return (crop.to_owned(), valid_full.clone(), 1, (mmx, mmy));
+        (b.height(), 1, (mmx, mmy))
+    } else {
+        (b.height() / 2, 2, (mmx * 2.0, mmy * 2.0))
     }
-    let (h, w) = (b.height() / 2, b.width() / 2);
-    let grid = Array2::from_shape_fn((h, w), |(y, x)| {
-        0.25 * (crop[[2 * y, 2 * x]]
-            + crop[[2 * y + 1, 2 * x]]
-            + crop[[2 * y, 2 * x + 1]]
-            + crop[[2 * y + 1, 2 * x + 1]])
-    });
-    let valid = Array2::from_shape_fn((h, w), |(y, x)| {
-        valid_full[[2 * y, 2 * x]] && valid_full[[2 * y + 1, 2 * x + 1]]
-    });
-    (grid, valid, 2, (mmx * 2.0, mmy * 2.0))
 }
 
 /// Computes the feature maps where `compute` runs kernels: on its GPU when it has one (falling
