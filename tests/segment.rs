@@ -263,13 +263,26 @@ fn gpu_pipeline_despeckles_and_computes_features_in_one_submission() {
     let gpu = Despeckler::with_gpu(pipeline.despeckler().gpu_handle().unwrap());
     let srad = Filter::default_for("srad").unwrap();
     // A linear frame whose region is the whole image and a convex one whose fan lies inside
-    // a rectangle with margins (the region is cut out, despeckled, and put back).
-    for name in ["linear_0001.dcm", "curved_0003.dcm"] {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("sample-data")
-            .join(name);
-        let file = DicomFile::open(&path, &ReadOptions::default()).unwrap();
-        let frame = file.read_frame(0).unwrap();
+    // a rectangle with margins (the region is cut out, despeckled, and put back), both
+    // analysed at half resolution; and a frame narrow enough to be analysed as it is (no
+    // grid cut, no hand-over).
+    let mut narrow = PhantomParams::default();
+    narrow.seed = 612;
+    narrow.width = 320;
+    narrow.height = 240;
+    let narrow = frame_of(&generate("n", &narrow).unwrap(), 0).unwrap();
+    assert!(narrow.region.bounds.width() <= SegmentParams::default().half_resolution_above_px);
+    for name in ["linear_0001.dcm", "curved_0003.dcm", "narrow phantom"] {
+        let frame = match name {
+            "narrow phantom" => narrow.clone(),
+            _ => {
+                let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("sample-data")
+                    .join(name);
+                let file = DicomFile::open(&path, &ReadOptions::default()).unwrap();
+                file.read_frame(0).unwrap()
+            }
+        };
         let before = ctx.readbacks();
         let r = pipeline.process(&frame).unwrap();
         assert_eq!(
