@@ -4,6 +4,8 @@
 //   0 uniform Params, 1 src image (read), 5 dst image (write), 6 spectrum, 7 work (complex,
 //   padded), 8 accum: energy [0, N), numerator [N, 2N), amplitude [2N, 3N), threshold at 3N,
 //   per-workgroup partial sums from 3N + 4.
+//   9 bank: the log-Gabor filters, one padded plane per (orientation, scale), filled by
+//   ps_bank when the size or the filters change, and kept.
 // Per frame: ps_load; ps_fft_rows_spectrum, ps_fft_cols_spectrum (forward); then for each
 // orientation o and scale s: ps_filter, ps_fft_rows_work, ps_fft_cols_work (inverse),
 // ps_accumulate; after each orientation's scales: ps_threshold, ps_orient; last: ps_finish.
@@ -34,6 +36,7 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> spectrum: array<vec2<f32>>;
 @group(0) @binding(7) var<storage, read_write> work: array<vec2<f32>>;
 @group(0) @binding(8) var<storage, read_write> accum: array<f32>;
+@group(0) @binding(9) var<storage, read_write> bank: array<f32>;
 
 const PI: f32 = 3.14159265358979;
 const EPSILON: f32 = 1e-3;
@@ -173,13 +176,28 @@ fn log_gabor(u: u32, v: u32) -> f32 {
     return radial * low_pass * angular;
 }
 
+// The plane of filter (orientation, scale) in the bank.
+fn bank_offset() -> u32 {
+    return (p.orientation * p.scales + p.scale) * p.pad_width * p.pad_height;
+}
+
+// Fills the bank's plane of one filter; run only when the bank does not hold these filters
+// for this size yet (the frames after reuse it).
+@compute @workgroup_size(16, 16)
+fn ps_bank(@builtin(global_invocation_id) id: vec3<u32>) {
+    if (id.x >= p.pad_width || id.y >= p.pad_height) {
+        return;
+    }
+    bank[bank_offset() + id.y * p.pad_width + id.x] = log_gabor(id.x, id.y);
+}
+
 @compute @workgroup_size(16, 16)
 fn ps_filter(@builtin(global_invocation_id) id: vec3<u32>) {
     if (id.x >= p.pad_width || id.y >= p.pad_height) {
         return;
     }
     let i = id.y * p.pad_width + id.x;
-    work[i] = spectrum[i] * log_gabor(id.x, id.y);
+    work[i] = spectrum[i] * bank[bank_offset() + i];
 }
 
 @compute @workgroup_size(16, 16)

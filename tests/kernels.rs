@@ -750,6 +750,40 @@ fn gpu_feature_kernels_match_cpu_twins() {
     }
 }
 
+/// The log-Gabor bank is evaluated on the GPU once per padded size and set of filters, kept
+/// with the FFT buffers, and evaluated again only when the filters change; a chain that
+/// queued a fill but was never submitted leaves the bank marked empty.
+#[test]
+fn gpu_phase_symmetry_keeps_its_filter_bank_until_the_filters_change() {
+    let Some(d) = gpu() else { return };
+    let ctx = d.gpu_context().unwrap();
+    let img = speckle(96, 80, 52);
+    let a = phase_symmetry::Params::new(3, 3, 3.75).unwrap();
+    let b = phase_symmetry::Params::new(2, 4, 5.0).unwrap();
+    {
+        let mut dropped = ctx.begin(&img).unwrap();
+        phase_symmetry::encode(&mut dropped, &a).unwrap();
+    }
+    let mut queued = Vec::new();
+    for (name, p) in [("a", &a), ("a again", &a), ("b", &b), ("a after b", &a)] {
+        let mut chain = ctx.begin(&img).unwrap();
+        phase_symmetry::encode(&mut chain, p).unwrap();
+        queued.push(chain.dispatches());
+        let max = max_abs_diff(
+            &chain.finish().unwrap(),
+            &phase_symmetry::cpu(&img, p).unwrap(),
+        );
+        assert!(max <= PHASE_SYMMETRY_TOLERANCE, "{name}: {max}");
+    }
+    // One bank fill per filter: 3 scales x 3 orientations.
+    assert_eq!(queued[0], queued[1] + 9, "the second frame reuses the bank");
+    assert_eq!(
+        queued[3],
+        queued[1] + 9,
+        "the bank is filled again after b's"
+    );
+}
+
 /// The feature kernels at a production size: 1024 columns make the GPU's phase-symmetry FFT
 /// 1024 points long (the largest it runs on a full-width analysis of a 1024x768 frame).
 #[test]

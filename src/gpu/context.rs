@@ -31,6 +31,9 @@ const FFT_OUT: u32 = 5;
 const FFT_SPECTRUM: u32 = 6;
 const FFT_WORK: u32 = 7;
 const FFT_ACCUM: u32 = 8;
+/// A kernel's precomputed filter bank (one plane of the padded size per filter), kept with
+/// the FFT buffers and refilled only when its key changes ([`GpuChain::fft_bank`]).
+const FFT_BANK: u32 = 9;
 
 /// The FFT buffers of a frame size: the padded size they were made for, and them.
 type FftSlot = ((usize, usize), Arc<FftBuffers>);
@@ -40,6 +43,11 @@ type FftSlot = ((usize, usize), Arc<FftBuffers>);
 struct FftBuffers {
     /// Bind group reading images[i] and writing images[1 − i].
     groups: [wgpu::BindGroup; 2],
+    /// Planes the bank holds.
+    bank_planes: usize,
+    /// What the bank holds: the key of the last submitted fill, `None` before any (or after
+    /// a fill that was queued but never submitted).
+    bank_key: Mutex<Option<u64>>,
 }
 
 /// Buffers and bind groups for one frame size, reused frame after frame.
@@ -321,6 +329,7 @@ impl GpuContext {
                 storage(FFT_SPECTRUM, false),
                 storage(FFT_WORK, false),
                 storage(FFT_ACCUM, false),
+                storage(FFT_BANK, false),
             ],
         });
         let fft_pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
@@ -685,12 +694,22 @@ impl GpuContext {
         &self,
         fb: &FrameBuffers,
         pad: (usize, usize),
+        bank_planes: usize,
     ) -> Result<Arc<FftBuffers>, GpuError> {
         let mut slot = fb.fft.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((size, b)) = slot.as_ref() {
-            if *size == pad {
+            if *size == pad && b.bank_planes >= bank_planes {
                 return Ok(b.clone());
             }
+        }
+        let bank_planes = bank_planes.max(1);
+        let bank_bytes = (pad.0 * pad.1 * 4 * bank_planes) as u64;
+        if bank_bytes > self.limits.max_storage_buffer_binding_size {
+            return Err(GpuError::TooLarge {
+                width: fb.width,
+                height: fb.height,
+                reason: format!("a bank of {bank_planes} padded planes exceeds the binding limit"),
+            });
         }
         let complex_bytes = (pad.0 * pad.1 * 8) as u64;
         let n = fb.width * fb.height;
@@ -714,6 +733,7 @@ impl GpuContext {
         let spectrum = buffer("sonoguide.fft.spectrum", complex_bytes);
         let work = buffer("sonoguide.fft.work", complex_bytes);
         let accum = buffer("sonoguide.fft.accum", accum_bytes);
+        let bank = buffer("sonoguide.fft.bank", bank_bytes);
         let group = |src: &wgpu::Buffer, dst: &wgpu::Buffer, label| {
             self.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some(label),
@@ -747,6 +767,10 @@ impl GpuContext {
                         binding: FFT_ACCUM,
                         resource: accum.as_entire_binding(),
                     },
+                    wgpu::BindGroupEntry {
+                        binding: FFT_BANK,
+                        resource: bank.as_entire_binding(),
+                    },
                 ],
             })
         };
@@ -755,7 +779,11 @@ impl GpuContext {
             group(&fb.images[1], &fb.images[0], "sonoguide.fft.group.ba"),
         ];
         self.take_error("fft buffers")?;
-        let b = Arc::new(FftBuffers { groups });
+        let b = Arc::new(FftBuffers {
+            groups,
+            bank_planes,
+            bank_key: Mutex::new(None),
+        });
         *slot = Some((pad, b.clone()));
         Ok(b)
     }
@@ -810,6 +838,7 @@ impl GpuContext {
             timed,
             staged: None,
             earlier: Vec::new(),
+            bank_fills: Vec::new(),
         })
     }
 }
@@ -834,6 +863,8 @@ pub struct GpuChain<'a> {
     /// The buffer sets of the chains this one continues ([`GpuChain::hand_over`]): held
     /// until the submission has completed, with their passes' timestamps to collect.
     earlier: Vec<Earlier>,
+    /// Filter banks this chain fills ([`GpuChain::fft_bank`]), with their keys.
+    bank_fills: Vec<(Arc<FftBuffers>, u64)>,
 }
 
 /// The maps a chain set aside, and the image it staged, if any.
@@ -890,9 +921,38 @@ impl GpuChain<'_> {
         groups: (u32, u32),
         swap: bool,
     ) -> Result<(), GpuError> {
-        let fft = self.ctx.fft_buffers(&self.bufs, pad)?;
+        let planes = self.fft.as_ref().map_or(1, |f| f.bank_planes);
+        let fft = self.ctx.fft_buffers(&self.bufs, pad, planes)?;
         self.fft = Some(fft);
         self.dispatch_with(Layout::Fft, file, source, entry, params, groups, swap)
+    }
+
+    /// Makes sure the FFT buffers of padded size `pad` have a filter bank of `planes` planes
+    /// (binding 9 of the FFT layout), and says whether the kernel must fill it: `false` when
+    /// the bank already holds what `key` names (the same filters for the same size, filled by
+    /// an earlier submission). A fill counts only once its chain has been submitted: a chain
+    /// dropped before that leaves the bank marked empty.
+    pub fn fft_bank(
+        &mut self,
+        pad: (usize, usize),
+        planes: usize,
+        key: u64,
+    ) -> Result<bool, GpuError> {
+        let fft = self.ctx.fft_buffers(&self.bufs, pad, planes)?;
+        let fill = {
+            let mut held = fft.bank_key.lock().unwrap_or_else(|e| e.into_inner());
+            if *held == Some(key) {
+                false
+            } else {
+                *held = None;
+                true
+            }
+        };
+        if fill {
+            self.bank_fills.push((fft.clone(), key));
+        }
+        self.fft = Some(fft);
+        Ok(fill)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -975,6 +1035,11 @@ impl GpuChain<'_> {
             .queue
             .write_buffer(&self.bufs.aux, 0, bytemuck::cast_slice(data));
         Ok(())
+    }
+
+    /// Dispatches queued so far (each takes one parameter slot).
+    pub fn dispatches(&self) -> usize {
+        self.params.len() / PARAMS_SLOT_BYTES as usize
     }
 
     /// The device's limit on workgroups per dimension.
@@ -1074,8 +1139,10 @@ impl GpuChain<'_> {
     /// and this set (with what [`GpuChain::stage`] set aside in it) is held until then.
     pub fn hand_over(mut self, width: usize, height: usize) -> Result<Self, GpuError> {
         let here = (self.bufs.width, self.bufs.height);
-        if (width, height) == here || width * height > here.0 * here.1 || width * height == 0 {
-            // The same size would wait on its own pool (a set of it is held here).
+        if width * height >= here.0 * here.1 || width * height == 0 {
+            // The same size would wait on its own pool (a set of it is held here). Sets are
+            // leased in strictly shrinking sizes along a chain, so chains waiting for sets
+            // cannot wait on each other in a circle.
             return Err(GpuError::Kernel {
                 kernel: self.last_kernel.into(),
                 reason: format!(
@@ -1121,6 +1188,7 @@ impl GpuChain<'_> {
             timed,
             staged: self.staged,
             earlier,
+            bank_fills: self.bank_fills,
         })
     }
 
@@ -1184,6 +1252,7 @@ impl GpuChain<'_> {
             ctx.queue.write_buffer(&self.bufs.params, 0, &self.params);
         }
         ctx.queue.submit([self.encoder.finish()]);
+        commit_bank_fills(&mut self.bank_fills);
         let staged_bytes = self
             .staged
             .as_ref()
@@ -1247,6 +1316,7 @@ impl GpuChain<'_> {
             ctx.queue.write_buffer(&self.bufs.params, 0, &self.params);
         }
         ctx.queue.submit([self.encoder.finish()]);
+        commit_bank_fills(&mut self.bank_fills);
         let out = read_range(ctx, &self.bufs.staging, bytes, kernel)?;
         ctx.take_error(kernel)?;
         collect_timestamps(ctx, &self.bufs, self.timed.as_deref(), kernel)?;
@@ -1288,6 +1358,7 @@ impl GpuChain<'_> {
             ctx.queue.write_buffer(&self.bufs.params, 0, &self.params);
         }
         ctx.queue.submit([self.encoder.finish()]);
+        commit_bank_fills(&mut self.bank_fills);
         // Both read-backs happen while this chain still holds its turn.
         let image = read_buffer(ctx, &self.bufs.staging, kernel)?;
         let aux = read_buffer(ctx, aux_staging, kernel)?;
@@ -1330,6 +1401,7 @@ impl GpuChain<'_> {
             ctx.queue.write_buffer(&self.bufs.params, 0, &self.params);
         }
         ctx.queue.submit([self.encoder.finish()]);
+        commit_bank_fills(&mut self.bank_fills);
         let image = read_buffer(ctx, &self.bufs.staging, kernel)?;
         let stats_out = if stats {
             read_buffer(ctx, &self.bufs.stats_staging, kernel)?
@@ -1400,6 +1472,13 @@ fn read_range(
     map_bytes(ctx, buffer, bytes, kernel, |view| {
         bytemuck::cast_slice::<u8, f32>(view).to_vec()
     })
+}
+
+/// After a submission: the banks it filled hold their keys.
+fn commit_bank_fills(fills: &mut Vec<(Arc<FftBuffers>, u64)>) {
+    for (fft, key) in fills.drain(..) {
+        *fft.bank_key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+    }
 }
 
 /// Maps the first bytes of several staging buffers (buffer, bytes), waits once for all of

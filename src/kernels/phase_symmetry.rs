@@ -112,6 +112,19 @@ impl Params {
     }
 }
 
+/// What names a filter bank: the padded size and the filters' parameters (FNV-1a over
+/// them), not the frame size or the noise threshold, which the bank does not depend on.
+#[cfg(feature = "gpu")]
+fn bank_key(p: &Params) -> u64 {
+    let mut q = *p;
+    (q.width, q.height, q.scale, q.orientation, q.noise_k) = (0, 0, 0, 0, 0.0);
+    bytemuck::bytes_of(&q)
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+}
+
 /// The shader's stem (pipeline cache key and labels).
 pub const NAME: &str = "phase_symmetry";
 /// The shader's source.
@@ -412,6 +425,19 @@ pub fn encode(chain: &mut crate::gpu::GpuChain<'_>, params: &Params) -> crate::R
     }
     let tiles = |w: usize, h: usize| ((w as u32).div_ceil(16), (h as u32).div_ceil(16));
     let pad = (pw, ph);
+    // The filter bank depends on the padded size and the filters only: evaluated once, kept
+    // with the FFT buffers, and refilled when either changes.
+    let planes = (p.scales * p.orientations) as usize;
+    if chain.fft_bank(pad, planes, bank_key(&p))? {
+        for o in 0..p.orientations {
+            for s in 0..p.scales {
+                let mut q = p;
+                q.orientation = o;
+                q.scale = s;
+                chain.dispatch_fft(NAME, SHADER, "ps_bank", &q, pad, tiles(pw, ph), false)?;
+            }
+        }
+    }
     chain.dispatch_fft(NAME, SHADER, "ps_load", &p, pad, tiles(pw, ph), false)?;
     chain.dispatch_fft(
         NAME,
