@@ -278,8 +278,12 @@ impl Pipeline {
             _ => frame,
         };
         let t0 = Instant::now();
-        let (despeckled, features, (despeckle_ran, features_ran), t1) =
-            self.despeckle_and_features(frame)?;
+        let (despeckled, features, (despeckle_ran, features_ran), t1) = despeckle_and_features(
+            &self.despeckler,
+            frame,
+            &self.config.filters,
+            &self.config.segment,
+        )?;
         let t2 = Instant::now();
         let segmentation =
             segment::segment_from_features(frame, &despeckled, &features, &self.config.segment)?;
@@ -317,43 +321,43 @@ impl Pipeline {
     }
 }
 
-impl Pipeline {
-    /// Despeckles the frame and computes its features: on a GPU in one submission with one
-    /// read-back ([`segment::despeckle_and_features_gpu`]; the despeckling's time is then
-    /// counted in the features stage, and the returned instant is the start), else stage by
-    /// stage. Under `Backend::Auto` a GPU failure runs both stages on the CPU.
-    #[allow(clippy::type_complexity)]
-    fn despeckle_and_features(
-        &self,
-        frame: &Frame,
-    ) -> Result<(Array2<f32>, segment::Features, (Ran, Ran), Instant)> {
-        let filters = &self.config.filters;
-        let params = &self.config.segment;
-        #[cfg(feature = "gpu")]
-        {
-            let start = Instant::now();
-            let compute = self.despeckler.compute();
-            if compute.gpu_context().is_some() && segment::one_submission_fits(frame) {
-                let ((despeckled, features), ran) = compute.run(
-                    "despeckling and features",
-                    |ctx| segment::despeckle_and_features_gpu(ctx, frame, filters, params),
-                    || {
-                        let (d, _) = despeckle_region_with(frame, |img| {
-                            crate::despeckle::despeckle_cpu(img, filters)
-                        })?;
-                        let f = segment::features_cpu(frame, &d, params)?;
-                        Ok((d, f))
-                    },
-                )?;
-                return Ok((despeckled, features, (ran, ran), start));
-            }
+/// Despeckles the frame's imaging region with `filters` and computes its features where
+/// `despeckler` runs kernels: on a GPU in one submission with one read-back
+/// ([`segment::despeckle_and_features_gpu`]; the despeckling's time is then counted in the
+/// features stage, and the returned instant is the start), else stage by stage (the instant
+/// between the two). Under `Backend::Auto` a GPU failure runs both stages on the CPU. Returns
+/// the despeckled frame, the features, and the backend of each stage. The pipeline and the
+/// `segment` command go through here.
+#[allow(clippy::type_complexity)]
+pub(crate) fn despeckle_and_features(
+    despeckler: &Despeckler,
+    frame: &Frame,
+    filters: &[Filter],
+    params: &segment::SegmentParams,
+) -> Result<(Array2<f32>, segment::Features, (Ran, Ran), Instant)> {
+    #[cfg(feature = "gpu")]
+    {
+        let start = Instant::now();
+        let compute = despeckler.compute();
+        if compute.gpu_context().is_some() && segment::one_submission_fits(frame) {
+            let ((despeckled, features), ran) = compute.run(
+                "despeckling and features",
+                |ctx| segment::despeckle_and_features_gpu(ctx, frame, filters, params),
+                || {
+                    let (d, _) = despeckle_region_with(frame, |img| {
+                        crate::despeckle::despeckle_cpu(img, filters)
+                    })?;
+                    let f = segment::features_cpu(frame, &d, params)?;
+                    Ok((d, f))
+                },
+            )?;
+            return Ok((despeckled, features, (ran, ran), start));
         }
-        let (despeckled, despeckle_ran) = despeckle_region(&self.despeckler, frame, filters)?;
-        let t1 = Instant::now();
-        let (features, features_ran) =
-            segment::features(&self.despeckler, frame, &despeckled, params)?;
-        Ok((despeckled, features, (despeckle_ran, features_ran), t1))
     }
+    let (despeckled, despeckle_ran) = despeckle_region(despeckler, frame, filters)?;
+    let t1 = Instant::now();
+    let (features, features_ran) = segment::features(despeckler, frame, &despeckled, params)?;
+    Ok((despeckled, features, (despeckle_ran, features_ran), t1))
 }
 
 /// Despeckles the frame's imaging region only (its bounding rectangle): the margins around it

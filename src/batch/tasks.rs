@@ -138,15 +138,15 @@ impl FileTask for SegmentTask {
         let mut backends = BackendCounts::default();
         let mut with_bone = 0;
         let n = each_frame(input, frames, |frame| {
-            let (despeckled, ran) = crate::pipeline::despeckle_region(
-                &self.despeckler,
-                frame,
-                std::slice::from_ref(&self.filter),
-            )?;
-            backends.add("despeckle", ran);
-            let (features, ran) =
-                crate::segment::features(&self.despeckler, frame, &despeckled, &self.params)?;
-            backends.add("features", ran);
+            let (despeckled, features, (despeckle_ran, features_ran), _) =
+                crate::pipeline::despeckle_and_features(
+                    &self.despeckler,
+                    frame,
+                    std::slice::from_ref(&self.filter),
+                    &self.params,
+                )?;
+            backends.add("despeckle", despeckle_ran);
+            backends.add("features", features_ran);
             let seg =
                 crate::segment::segment_from_features(frame, &despeckled, &features, &self.params)?;
             let name = format!("frame_{:04}", frame.index);
