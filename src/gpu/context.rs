@@ -1482,7 +1482,7 @@ fn commit_bank_fills(fills: &mut Vec<(Arc<FftBuffers>, u64)>) {
 }
 
 /// Maps the first bytes of several staging buffers (buffer, bytes), waits once for all of
-/// them, and copies them out: one read-back.
+/// them, and copies them out as f32: one read-back.
 fn read_ranges(
     ctx: &GpuContext,
     ranges: &[(&wgpu::Buffer, u64)],
@@ -1490,6 +1490,36 @@ fn read_ranges(
 ) -> Result<Vec<Vec<f32>>, GpuError> {
     ctx.readbacks
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    map_ranges(ctx, ranges, kernel, |view| {
+        bytemuck::cast_slice::<u8, f32>(view).to_vec()
+    })
+}
+
+/// Maps the first `bytes` of a staging buffer, waits for it, and gives the mapped bytes to
+/// `copy`.
+fn map_bytes<T>(
+    ctx: &GpuContext,
+    buffer: &wgpu::Buffer,
+    bytes: u64,
+    kernel: &str,
+    copy: impl FnMut(&[u8]) -> T,
+) -> Result<T, GpuError> {
+    let mut out = map_ranges(ctx, &[(buffer, bytes)], kernel, copy)?;
+    out.pop().ok_or_else(|| GpuError::Kernel {
+        kernel: kernel.into(),
+        reason: "read-back returned nothing".into(),
+    })
+}
+
+/// Maps the first bytes of each staging buffer (buffer, bytes), waits once (one device
+/// poll) for all of them, and gives each mapped range to `copy`, in order. Every buffer that
+/// was mapped is unmapped again, whatever happened to the others.
+fn map_ranges<T>(
+    ctx: &GpuContext,
+    ranges: &[(&wgpu::Buffer, u64)],
+    kernel: &str,
+    mut copy: impl FnMut(&[u8]) -> T,
+) -> Result<Vec<T>, GpuError> {
     let (tx, rx) = std::sync::mpsc::channel();
     for (i, (buffer, bytes)) in ranges.iter().enumerate() {
         let tx = tx.clone();
@@ -1500,12 +1530,13 @@ fn read_ranges(
             });
     }
     drop(tx);
+    let fail = |reason: String| GpuError::Kernel {
+        kernel: kernel.into(),
+        reason,
+    };
     ctx.device
         .poll(wgpu::PollType::wait_indefinitely())
-        .map_err(|e| GpuError::Kernel {
-            kernel: kernel.into(),
-            reason: format!("device poll: {e}"),
-        })?;
+        .map_err(|e| fail(format!("device poll: {e}")))?;
     let mut failure = None;
     let mut mapped = vec![false; ranges.len()];
     for _ in ranges {
@@ -1518,70 +1549,19 @@ fn read_ranges(
     let mut out = Vec::with_capacity(ranges.len());
     for (buffer, bytes) in ranges {
         if failure.is_none() {
-            let slice = buffer.slice(..*bytes);
-            match slice.get_mapped_range() {
-                Ok(view) => out.push(bytemuck::cast_slice::<u8, f32>(&view).to_vec()),
+            match buffer.slice(..*bytes).get_mapped_range() {
+                Ok(view) => out.push(copy(&view)),
                 Err(e) => failure = Some(format!("read-back map: {e}")),
             }
         }
     }
-    // Every buffer that was mapped is unmapped, whatever happened to the others.
     for ((buffer, _), was) in ranges.iter().zip(mapped) {
         if was {
             buffer.unmap();
         }
     }
     match failure {
-        Some(reason) => Err(GpuError::Kernel {
-            kernel: kernel.into(),
-            reason,
-        }),
+        Some(reason) => Err(fail(reason)),
         None => Ok(out),
     }
-}
-
-/// Maps the first `bytes` of a staging buffer, waits for it, and gives the mapped bytes to
-/// `copy`.
-fn map_bytes<T>(
-    ctx: &GpuContext,
-    buffer: &wgpu::Buffer,
-    bytes: u64,
-    kernel: &str,
-    copy: impl FnOnce(&[u8]) -> T,
-) -> Result<T, GpuError> {
-    let slice = buffer.slice(..bytes);
-    let (tx, rx) = std::sync::mpsc::channel();
-    slice.map_async(wgpu::MapMode::Read, move |r| {
-        let _ = tx.send(r);
-    });
-    ctx.device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .map_err(|e| GpuError::Kernel {
-            kernel: kernel.into(),
-            reason: format!("device poll: {e}"),
-        })?;
-    match rx.recv() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            return Err(GpuError::Kernel {
-                kernel: kernel.into(),
-                reason: format!("read-back: {e}"),
-            })
-        }
-        Err(_) => {
-            return Err(GpuError::Kernel {
-                kernel: kernel.into(),
-                reason: "read-back never completed".into(),
-            })
-        }
-    }
-    let out = {
-        let view = slice.get_mapped_range().map_err(|e| GpuError::Kernel {
-            kernel: kernel.into(),
-            reason: format!("read-back map: {e}"),
-        })?;
-        copy(&view)
-    };
-    buffer.unmap();
-    Ok(out)
 }
