@@ -84,15 +84,22 @@ pub fn fan_within(
     }
 }
 
-/// How far above the fan's first echo the declared transducer face may lie, mm: the near
-/// field of a convex array can stay dark for a fraction of a millimetre (the first samples
-/// before the receive aperture opens, and the scan conversion's first row); a reference
-/// pixel further above the image is not the face (some scanners put it at the apex).
-const FACE_ABOVE_ECHO_MM: f64 = 1.5;
+/// How far above the fan's first echo the declared transducer face may lie, mm. The near
+/// field of a convex array stays dark for a fraction of a millimetre at any setting (the first
+/// samples before the receive aperture opens, the scan conversion's first row), and for a few
+/// millimetres when the gain or the near-field TGC is low: ultrasound QA phantoms measure this
+/// "dead zone" with filaments 1 to 10 mm deep, and a pulse-echo validation fan at 6 dB less
+/// gain first lit 3.8 mm below its face. A reference pixel further above is not the face.
+const FACE_ABOVE_ECHO_MM: f64 = 5.0;
+/// ... nor one above the near arc by more than this share of the arc's radius: some scanners
+/// put the reference pixel at the fan's apex (radius 0), and a microconvex array's radius can
+/// be as small as about 10 mm.
+const FACE_ABOVE_ECHO_MAX_SHARE: f64 = 0.25;
 
 /// A fitted fan's near arc moved up to the transducer face that the file declares: the
 /// region's reference pixel (physical depth 0) when it lies on the fan's middle beams,
-/// above the first echo by at most [`FACE_ABOVE_ECHO_MM`]. The skin is where the probe
+/// above the first echo by at most [`FACE_ABOVE_ECHO_MM`] and [`FACE_ABOVE_ECHO_MAX_SHARE`] of
+/// the near radius. The skin is where the probe
 /// touches it, not where the image first lights up. Anything else is returned unchanged.
 pub fn face_at_reference(
     region: ImagingRegion,
@@ -110,7 +117,8 @@ pub fn face_at_reference(
     let agrees = middle
         && mm_per_px_y.is_finite()
         && mm_per_px_y > 0.0
-        && (0.0..=FACE_ABOVE_ECHO_MM / mm_per_px_y).contains(&above_px);
+        && (0.0..=FACE_ABOVE_ECHO_MM / mm_per_px_y).contains(&above_px)
+        && above_px <= FACE_ABOVE_ECHO_MAX_SHARE * fan.r_near;
     if !agrees {
         return region;
     }
@@ -813,14 +821,54 @@ mod tests {
         let mask = moved.mask.as_deref().expect("re-rendered mask");
         assert_eq!(mask[[27, 150]], 1, "the near strip is inside the fan now");
         assert_eq!(mask[[24, 150]], 0, "above the face is not");
-        // Too far above (3 mm), at the apex, below the echo, or off the middle beams: kept.
-        for face in [(149.5, 14.5), (149.5, -100.5), (149.5, 35.5), (250.0, 60.0)] {
+        // Face 15 px (3 mm) above: a dark near field (low gain); taken.
+        let moved = face_at_reference(region.clone(), (149.5, 14.5), 0.2);
+        assert!(
+            (near(&moved).unwrap_or(0.0) - 115.0).abs() < 1e-9,
+            "{moved:?}"
+        );
+        // Too far above (6.2 mm), at the apex, below the echo, or off the middle beams: kept.
+        for face in [(149.5, -1.5), (149.5, -100.5), (149.5, 35.5), (250.0, 60.0)] {
             assert_eq!(
                 near(&face_at_reference(region.clone(), face, 0.2)),
                 Some(130.0),
                 "{face:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_face_far_above_a_small_radius_is_not_taken() {
+        // Radius 40 px at 0.1 mm/px (4 mm): 12 px (1.2 mm) above the arc is within 5 mm but
+        // more than a quarter of the radius; 8 px is within both.
+        let fan = Fan {
+            apex: [100.0, 0.0],
+            r_near: 40.0,
+            r_far: 200.0,
+            theta_left: -0.5,
+            theta_right: 0.5,
+        };
+        let region = ImagingRegion {
+            bounds: Rect {
+                x0: 0,
+                y0: 0,
+                x1: 200,
+                y1: 200,
+            },
+            shape: RegionShape::Sector,
+            source: RegionSource::UltrasoundRegion,
+            mask: None,
+            fan: Some(fan),
+        };
+        let near = |r: &ImagingRegion| r.fan.map(|f| f.r_near);
+        assert_eq!(
+            near(&face_at_reference(region.clone(), (99.5, 27.5), 0.1)),
+            Some(40.0)
+        );
+        assert_eq!(
+            near(&face_at_reference(region, (99.5, 31.5), 0.1)),
+            Some(32.0)
+        );
     }
 
     #[test]

@@ -304,6 +304,66 @@ pub fn drop_runs_not_darker_than_beside(s: &mut [Option<f32>], f: &Features) {
     }
 }
 
+/// Bridges gaps of at most `max_mm` (the joint prior's widest gap) between two runs when the
+/// image beneath the gap is not brighter than beneath the runs' ends beside it: the flanks'
+/// mean from `DEEP_SHADOW_GAP_MM` to `DEEP_SHADOW_MM` beneath the surface (over `FLANK_MM` of
+/// each run, or the run if shorter) exceeds `SHADOW_CONTRAST` × the gap's mean beneath the
+/// straight line between the runs' ends. A joint gap lets the beam through, so the tissue
+/// beneath it is lit against the bone ends' shadows; a gap over a continuing shadow is a
+/// stretch of bone the classifier lost (weak or oblique), and a needle aimed into it would
+/// meet bone. Gaps with nothing valid beneath them, or beside, are left open.
+pub fn bridge_shadowed_gaps(s: &mut [Option<f32>], f: &Features, max_mm: f64) {
+    let (h, _) = f.intensity.dim();
+    let skip = (DEEP_SHADOW_GAP_MM / f.mm_per_px.1).round() as usize;
+    let depth = (DEEP_SHADOW_MM / f.mm_per_px.1).round() as usize;
+    let flank_cols = ((FLANK_MM / f.mm_per_px.0).round() as usize).max(1);
+    let max_cols = (max_mm / f.mm_per_px.0).floor() as usize;
+    // Sum and count of the valid intensities beneath `row` in column x.
+    let beneath = |x: usize, row: f32, acc: &mut (f64, usize)| {
+        let y0 = row.max(0.0).round() as usize + skip;
+        for y in y0..(y0 + depth).min(h) {
+            if f.valid[[y, x]] {
+                acc.0 += f.intensity[[y, x]] as f64;
+                acc.1 += 1;
+            }
+        }
+    };
+    let mut bridges = Vec::new();
+    for pair in runs(s).windows(2) {
+        let (left, right) = (&pair[0], &pair[1]);
+        let (a, b) = (left.end - 1, right.start);
+        let width = b - a - 1;
+        if width == 0 || width > max_cols {
+            continue;
+        }
+        let (ya, yb) = (s[a].unwrap_or(0.0), s[b].unwrap_or(0.0));
+        let line = |x: usize| ya + (x - a) as f32 / (b - a) as f32 * (yb - ya);
+        let mut under = (0.0, 0);
+        for x in a + 1..b {
+            beneath(x, line(x), &mut under);
+        }
+        let mut flanks = (0.0, 0);
+        let flank = |r: &std::ops::Range<usize>| flank_cols.min(r.len());
+        for x in (left.end - flank(left)..left.end).chain(right.start..right.start + flank(right)) {
+            if let Some(y) = s[x] {
+                beneath(x, y, &mut flanks);
+            }
+        }
+        if under.1 == 0 || flanks.1 == 0 {
+            continue;
+        }
+        let (under, flanks) = (under.0 / under.1 as f64, flanks.0 / flanks.1 as f64);
+        if flanks > SHADOW_CONTRAST as f64 * under {
+            bridges.push((a, b, ya, yb));
+        }
+    }
+    for (a, b, ya, yb) in bridges {
+        for (x, v) in s.iter_mut().enumerate().take(b).skip(a + 1) {
+            *v = Some(ya + (x - a) as f32 / (b - a) as f32 * (yb - ya));
+        }
+    }
+}
+
 /// A bone surface echo is brighter than the soft tissue over it (bone is the strongest
 /// reflector in MSK imaging): the mean within `ECHO_HALF_MM` of the surface must reach this
 /// multiple of the mean `ABOVE_MM` above it. The lower edge of a thick bright layer over a
@@ -581,5 +641,63 @@ pub fn label_bone_and_shadow_fan(
         } else if r >= rb - above {
             *l = Label::Bone.code();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 0.1 mm grid 200 rows × 300 columns of tissue at 100, with a bone surface at row 50
+    /// over columns 20..280 except `gap`, its shadow (20) beneath every bone column, and
+    /// beneath the gap either the shadow going on (`lit` false) or tissue (`lit` true).
+    fn scene(gap: std::ops::Range<usize>, lit: bool) -> (Features, Vec<Option<f32>>) {
+        let (h, w) = (200, 300);
+        let mut intensity = Array2::<f32>::from_elem((h, w), 100.0);
+        let mut s = vec![None; w];
+        for x in 20..280 {
+            let in_gap = gap.contains(&x);
+            if !in_gap {
+                s[x] = Some(50.0);
+            }
+            for y in 52..h {
+                if !in_gap || !lit {
+                    intensity[[y, x]] = 20.0;
+                }
+            }
+        }
+        let zeros = Array2::<f32>::zeros((h, w));
+        let f = Features {
+            intensity,
+            phase_symmetry: zeros.clone(),
+            below: zeros.clone(),
+            coherence: zeros.clone(),
+            orientation: zeros,
+            valid: Array2::from_elem((h, w), true),
+            valid_full: Array2::from_elem((h, w), true),
+            step: 1,
+            mm_per_px: (0.1, 0.1),
+            tissue_level: 100.0,
+            probabilities: None,
+            first_stage: None,
+        };
+        (f, s)
+    }
+
+    #[test]
+    fn a_gap_over_a_continuing_shadow_is_bridged_and_a_lit_gap_is_not() {
+        // 4 mm gap with the shadow going on beneath it: bone the classifier lost.
+        let (f, mut s) = scene(130..170, false);
+        bridge_shadowed_gaps(&mut s, &f, 15.0);
+        assert!((130..170).all(|x| s[x] == Some(50.0)), "{:?}", &s[125..175]);
+        // The same gap lit beneath (the beam passes between two bone ends): a joint, kept.
+        let (f, mut s) = scene(130..170, true);
+        bridge_shadowed_gaps(&mut s, &f, 15.0);
+        assert!((130..170).all(|x| s[x].is_none()));
+        assert_eq!(s[129], Some(50.0));
+        // Wider than the widest joint gap allowed: left alone whatever lies beneath.
+        let (f, mut s) = scene(100..200, false);
+        bridge_shadowed_gaps(&mut s, &f, 5.0);
+        assert!((100..200).all(|x| s[x].is_none()));
     }
 }

@@ -690,6 +690,7 @@ pub fn segment_from_features(
             );
             bone::drop_runs_not_darker_than_beside(&mut s, f);
             bone::drop_runs_not_brighter_than_above(&mut s, f);
+            bone::bridge_shadowed_gaps(&mut s, f, fluid::JOINT_GAP_MM.1);
             s
         } else {
             bone::surface(f, params)
