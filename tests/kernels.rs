@@ -446,6 +446,61 @@ fn gpu_grid_is_cut_on_the_gpu_and_handed_to_a_set_of_its_size() {
     assert!(chain.hand_over(32, 32).is_err());
 }
 
+/// A value within an ULP of a histogram bin's edge may land in the neighbouring bin on a GPU
+/// whose division is not correctly rounded, moving the cumulative shares, and so the ranks, by
+/// that pixel's share of the valid pixels; this many such pixels are allowed.
+const RANK_EDGE_PIXELS: f32 = 2.0;
+
+/// The GPU rank transform against its twin over a valid mask with holes (a corner left out,
+/// a sparse lattice of invalid pixels, a NaN and an infinity among the valid ones), at a toy
+/// size and the analysis grids of 640x480 and 1024x768 frames; a frame with nothing valid
+/// maps to zeros.
+#[test]
+fn gpu_rank_transform_matches_its_twin() {
+    let Some(d) = gpu() else { return };
+    let ctx = d.gpu_context().unwrap();
+    for (w, h) in [(64, 48), (320, 240), (512, 384)] {
+        // Continuous values, as despeckled frames have (no two pixels share a grey level).
+        let mut img = speckle(w, h, 31);
+        for (i, v) in img.iter_mut().enumerate() {
+            *v += (i as f32 * 0.618_034).fract() * 1e-3;
+        }
+        img[[h / 2, w / 2]] = f32::NAN;
+        img[[h / 3, w / 3]] = f32::INFINITY;
+        let valid = Array2::from_shape_fn((h, w), |(y, x)| {
+            (x + 3 * y) % 11 != 0 && !(y < h / 4 && x < w / 5)
+        });
+        let want = kernels::rank::cpu(&img, &valid);
+        let mask: Vec<f32> = valid.iter().map(|&v| f32::from(u8::from(v))).collect();
+        let mut chain = ctx.begin(&img).unwrap();
+        chain.write_aux(&mask).unwrap();
+        kernels::rank::encode(&mut chain).unwrap();
+        let got = chain.finish().unwrap();
+        let counted = valid
+            .iter()
+            .zip(img.iter())
+            .filter(|(ok, v)| **ok && v.is_finite())
+            .count();
+        let tolerance = RANK_EDGE_PIXELS / counted as f32 + 1e-6;
+        let worst = max_abs_diff(&want, &got);
+        assert!(worst <= tolerance, "{w}x{h}: {worst} > {tolerance}");
+        assert!(
+            got.iter().all(|v| (0.0..=1.0).contains(v)),
+            "{w}x{h}: ranks in 0..1"
+        );
+        assert_eq!(got[[0, 0]], 0.0, "{w}x{h}: an invalid pixel");
+        assert_eq!(got[[h / 2, w / 2]], 0.0, "{w}x{h}: NaN");
+        // The brightest valid pixel has all but the pixels of its own bin below it.
+        let top = got.iter().cloned().fold(0.0f32, f32::max);
+        assert!(top > 0.99, "{w}x{h}: top rank {top}");
+    }
+    let img = speckle(64, 48, 3);
+    let mut chain = ctx.begin(&img).unwrap();
+    chain.write_aux(&vec![0.0; 64 * 48]).unwrap();
+    kernels::rank::encode(&mut chain).unwrap();
+    assert!(chain.finish().unwrap().iter().all(|v| *v == 0.0));
+}
+
 /// Streams sharing one device: chains in flight at once each get a buffer set of their own
 /// (two chains open together on one thread do not wait for each other), threads running the
 /// same chain concurrently get the serial result, and the sets made stay within the bound.

@@ -15,6 +15,7 @@ pub mod median;
 pub mod obnlm;
 pub mod phase_symmetry;
 pub mod pixel_mlp;
+pub mod rank;
 pub mod shadow;
 pub mod srad;
 
@@ -36,7 +37,7 @@ pub enum KernelError {
 }
 
 /// Names of every kernel with a shader and a twin (the shader stems).
-pub const KERNELS: [&str; 11] = [
+pub const KERNELS: [&str; 12] = [
     "coherence",
     "context",
     "frost",
@@ -46,6 +47,7 @@ pub const KERNELS: [&str; 11] = [
     "obnlm",
     "phase_symmetry",
     "pixel_mlp",
+    "rank",
     "shadow",
     "srad",
 ];

@@ -54,9 +54,6 @@ pub const FEATURE_NAMES: [&str; FEATURES] = [
     "rank_mean_8mm",
 ];
 
-/// Bins of the rank transform's histogram (enough that neighbouring grey levels of an 8-bit
-/// image fall in different bins).
-const RANK_BINS: usize = 1024;
 /// Depth scale of the depth feature, mm (the middle of MSK imaging depths).
 const DEPTH_SCALE_MM: f64 = 30.0;
 
@@ -203,45 +200,6 @@ fn share_mean(sum: f32, count: f32) -> f32 {
     }
 }
 
-/// The rank transform of `v` over the valid pixels: a monotone map to 0..1.
-fn rank_map(v: &Array2<f32>, valid: &Array2<bool>) -> impl Fn(f32) -> f32 {
-    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-    for (x, ok) in v.iter().zip(valid) {
-        if *ok && x.is_finite() {
-            lo = lo.min(*x);
-            hi = hi.max(*x);
-        }
-    }
-    if lo >= hi {
-        (lo, hi) = (0.0, 1.0);
-    }
-    let width = (hi - lo) / RANK_BINS as f32;
-    let mut cdf = vec![0f64; RANK_BINS + 1];
-    let mut total = 0.0;
-    for (x, ok) in v.iter().zip(valid) {
-        if *ok && x.is_finite() {
-            let b = (((x - lo) / width) as usize).min(RANK_BINS - 1);
-            cdf[b + 1] += 1.0;
-            total += 1.0;
-        }
-    }
-    for i in 1..=RANK_BINS {
-        cdf[i] += cdf[i - 1];
-    }
-    let total = if total > 0.0 { total } else { 1.0 };
-    let cdf: Vec<f32> = cdf.iter().map(|c| (c / total) as f32).collect();
-    move |x: f32| {
-        if !x.is_finite() {
-            return 0.0;
-        }
-        // Linear within the bin: the share darker than x.
-        let t = ((x - lo) / width).clamp(0.0, RANK_BINS as f32);
-        let b = (t as usize).min(RANK_BINS - 1);
-        let f = t - b as f32;
-        cdf[b] + f * (cdf[b + 1] - cdf[b])
-    }
-}
-
 /// |cos θ| for an orientation θ in [−π/2, π/2] (the coherence kernel's range), to about 1e-3
 /// (Taylor series to the 8th power; angles outside are folded in first).
 fn abs_cos(theta: f32) -> f32 {
@@ -309,12 +267,12 @@ pub fn pixel_features_with_room(f: &Features, planes: usize) -> Vec<f32> {
     let (mmx, mmy) = f.mm_per_px;
     let valid: Vec<bool> = f.valid.iter().copied().collect();
     let m: Vec<f32> = valid.iter().map(|v| if *v { 1.0 } else { 0.0 }).collect();
-    let rank = rank_map(&f.intensity, &f.valid);
+    let rank = crate::kernels::rank::RankMap::of(&f.intensity, &f.valid);
     let u: Vec<f32> = f
         .intensity
         .iter()
         .zip(&valid)
-        .map(|(v, ok)| if *ok { rank(*v) } else { 0.0 })
+        .map(|(v, ok)| if *ok { rank.map(*v) } else { 0.0 })
         .collect();
     let uu: Vec<f32> = u.iter().map(|v| v * v).collect();
     let r = |mm: f64| (px(mm, mmy, 1), px(mm, mmx, 1));
@@ -389,7 +347,7 @@ pub fn pixel_features_with_room(f: &Features, planes: usize) -> Vec<f32> {
         .collect();
     // The mean beneath is a mean of grey levels: the intensity's rank map keeps it invariant
     // to a gain or dynamic-range change (and "nothing beneath", 0, stays lowest).
-    let below_rank = &rank;
+    let below_rank = |v: f32| rank.map(v);
     let share = &maps[2].2;
     let (ry, rx) = windows[2];
     let span = |i: usize, r: usize, len: usize| (i + r + 1).min(len) - i.saturating_sub(r);
