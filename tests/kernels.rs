@@ -501,6 +501,53 @@ fn gpu_rank_transform_matches_its_twin() {
     assert!(chain.finish().unwrap().iter().all(|v| *v == 0.0));
 }
 
+/// Box means: the GPU's running sums add and subtract in the twin's order, so only the last
+/// division may differ, by an ULP or two of a mean in 0..1.
+const BOX_MEAN_TOLERANCE: f32 = 1e-6;
+
+/// The GPU window means against their twin, over a valid mask with holes, for windows from a
+/// pixel to wider than the image, at a toy size and the analysis grids of 640x480 and
+/// 1024x768 frames; an all-valid mask too (the twin's counts take a shortcut there).
+#[test]
+fn gpu_box_means_match_their_twin() {
+    let Some(d) = gpu() else { return };
+    let ctx = d.gpu_context().unwrap();
+    for (w, h) in [(64, 48), (320, 240), (512, 384)] {
+        let img = speckle(w, h, 41);
+        let top = img.iter().cloned().fold(1.0f32, f32::max);
+        let values: Vec<f32> = img.iter().map(|v| v / top).collect();
+        let holes: Vec<f32> = (0..w * h)
+            .map(|i| f32::from(u8::from((i % w + 3 * (i / w)) % 13 != 0 && i / w > h / 6)))
+            .collect();
+        for valid in [holes, vec![1.0; w * h]] {
+            for (ry, rx) in [(0, 0), (2, 3), (12, 12), (40, 4), (h, w)] {
+                let want = kernels::box_means::cpu(&values, &valid, h, w, ry, rx);
+                let planes: Vec<f32> = values
+                    .iter()
+                    .zip(&valid)
+                    .map(|(v, m)| v * m)
+                    .chain(valid.iter().copied())
+                    .collect();
+                let mut chain = ctx.begin_planes(&planes, w, 2 * h).unwrap();
+                kernels::box_means::encode(&mut chain, h, (ry, rx)).unwrap();
+                let got = chain.finish().unwrap();
+                let worst = want
+                    .iter()
+                    .zip(got.iter())
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    worst <= BOX_MEAN_TOLERANCE,
+                    "{w}x{h} r=({ry},{rx}): {worst}"
+                );
+            }
+        }
+    }
+    // A chain that does not hold two planes is refused.
+    let mut chain = ctx.begin(&speckle(32, 31, 1)).unwrap();
+    assert!(kernels::box_means::encode(&mut chain, 16, (1, 1)).is_err());
+}
+
 /// Streams sharing one device: chains in flight at once each get a buffer set of their own
 /// (two chains open together on one thread do not wait for each other), threads running the
 /// same chain concurrently get the serial result, and the sets made stay within the bound.

@@ -6,6 +6,7 @@
 //! code written in the shader's order. A faster CPU formulation has its own name (OBNLM's
 //! `cpu_fast`) and is tested against the twin.
 
+pub mod box_means;
 pub mod coherence;
 pub mod context;
 pub mod frost;
@@ -37,7 +38,8 @@ pub enum KernelError {
 }
 
 /// Names of every kernel with a shader and a twin (the shader stems).
-pub const KERNELS: [&str; 12] = [
+pub const KERNELS: [&str; 13] = [
+    "box_means",
     "coherence",
     "context",
     "frost",
