@@ -789,6 +789,17 @@ mod tests {
         assert!(near >= 90.0 && near <= 50f64.hypot(90.0) + 1.0, "{near}");
     }
 
+    /// A sector region declared by an ultrasound region over a `size`-square frame.
+    fn declared_sector(fan: Fan, size: usize) -> ImagingRegion {
+        ImagingRegion {
+            bounds: Rect::full(size, size),
+            shape: RegionShape::Sector,
+            source: RegionSource::UltrasoundRegion,
+            mask: None,
+            fan: Some(fan),
+        }
+    }
+
     #[test]
     fn the_declared_face_moves_the_near_arc_only_when_it_agrees_with_the_image() {
         let fan = Fan {
@@ -798,18 +809,7 @@ mod tests {
             theta_left: -0.5,
             theta_right: 0.5,
         };
-        let region = ImagingRegion {
-            bounds: Rect {
-                x0: 0,
-                y0: 0,
-                x1: 300,
-                y1: 300,
-            },
-            shape: RegionShape::Sector,
-            source: RegionSource::UltrasoundRegion,
-            mask: None,
-            fan: Some(fan),
-        };
+        let region = declared_sector(fan, 300);
         let near = |r: &ImagingRegion| r.fan.map(|f| f.r_near);
         // Face 4 px (0.8 mm at 0.2 mm/px) above the first echo, on the centre beam: taken.
         // (Pixel (149.5, 25.5) has its centre at (150, 26): radius 126.)
@@ -848,18 +848,7 @@ mod tests {
             theta_left: -0.5,
             theta_right: 0.5,
         };
-        let region = ImagingRegion {
-            bounds: Rect {
-                x0: 0,
-                y0: 0,
-                x1: 200,
-                y1: 200,
-            },
-            shape: RegionShape::Sector,
-            source: RegionSource::UltrasoundRegion,
-            mask: None,
-            fan: Some(fan),
-        };
+        let region = declared_sector(fan, 200);
         let near = |r: &ImagingRegion| r.fan.map(|f| f.r_near);
         assert_eq!(
             near(&face_at_reference(region.clone(), (99.5, 27.5), 0.1)),
