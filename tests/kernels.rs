@@ -548,6 +548,75 @@ fn gpu_box_means_match_their_twin() {
     assert!(kernels::box_means::encode(&mut chain, 16, (1, 1)).is_err());
 }
 
+/// Column features: the prefix sums run in the twin's order and maxima are exact, so only a
+/// division (an ULP or two of a mean in 0..1) or a fused multiply-add in the ridge may differ.
+const COLUMN_TOLERANCE: f32 = 1e-6;
+
+/// The GPU column features against their twin at the analysis grids of production frames,
+/// over a valid mask with holes and with every pixel valid, for reaches from one row to more
+/// than the image.
+#[test]
+fn gpu_column_features_match_their_twin() {
+    use kernels::columns::{Reach, FEATURES};
+    let Some(d) = gpu() else { return };
+    let ctx = d.gpu_context().unwrap();
+    for (w, h) in [(64, 48), (320, 240), (512, 384)] {
+        let img = speckle(w, h, 43);
+        let top = img.iter().cloned().fold(1.0f32, f32::max);
+        let values: Vec<f32> = img.iter().map(|v| v / top).collect();
+        let holes: Vec<f32> = (0..w * h)
+            .map(|i| f32::from(u8::from((i % w + 5 * (i / w)) % 11 != 0 && i / w > h / 5)))
+            .collect();
+        for valid in [holes, vec![1.0; w * h]] {
+            for reach in [
+                Reach {
+                    d05: 1,
+                    d1: 1,
+                    d3: 2,
+                    d8: 2,
+                },
+                Reach {
+                    d05: 3,
+                    d1: 7,
+                    d3: 20,
+                    d8: 53,
+                },
+                Reach {
+                    d05: h,
+                    d1: h + 1,
+                    d3: 2 * h,
+                    d8: 3 * h,
+                },
+            ] {
+                let want = kernels::columns::cpu(&values, &valid, h, w, reach);
+                let planes: Vec<f32> = values.iter().chain(valid.iter()).copied().collect();
+                let mut chain = ctx.begin_planes(&planes, w, FEATURES * h).unwrap();
+                kernels::columns::encode(&mut chain, h, reach).unwrap();
+                let got = chain.finish().unwrap();
+                let worst = want
+                    .iter()
+                    .zip(got.iter())
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(worst <= COLUMN_TOLERANCE, "{w}x{h} {reach:?}: {worst}");
+            }
+        }
+    }
+    // A chain that does not hold the seven planes is refused.
+    let mut chain = ctx.begin(&speckle(32, 31, 1)).unwrap();
+    assert!(kernels::columns::encode(
+        &mut chain,
+        16,
+        Reach {
+            d05: 1,
+            d1: 1,
+            d3: 2,
+            d8: 2
+        }
+    )
+    .is_err());
+}
+
 /// Streams sharing one device: chains in flight at once each get a buffer set of their own
 /// (two chains open together on one thread do not wait for each other), threads running the
 /// same chain concurrently get the serial result, and the sets made stay within the bound.

@@ -8,6 +8,7 @@
 
 pub mod box_means;
 pub mod coherence;
+pub mod columns;
 pub mod context;
 pub mod frost;
 pub mod grid;
@@ -38,9 +39,10 @@ pub enum KernelError {
 }
 
 /// Names of every kernel with a shader and a twin (the shader stems).
-pub const KERNELS: [&str; 13] = [
+pub const KERNELS: [&str; 14] = [
     "box_means",
     "coherence",
+    "columns",
     "context",
     "frost",
     "grid",

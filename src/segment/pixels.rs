@@ -76,33 +76,6 @@ pub(crate) fn px(mm: f64, mm_per_px: f64, min: usize) -> usize {
     ((mm / mm_per_px).round() as usize).max(min)
 }
 
-/// Sliding maximum over a column window `[y + a, y + b]` (clamped), for every `y`.
-fn window_max(col: &[f32], a: usize, b: usize) -> Vec<f32> {
-    let h = col.len();
-    let mut out = vec![0f32; h];
-    let mut dq: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
-    let mut next = 0usize;
-    for (y, o) in out.iter_mut().enumerate() {
-        let (lo, hi) = (y + a, (y + b).min(h.saturating_sub(1)));
-        while next <= hi && next < h {
-            while dq.back().is_some_and(|&j| col[j] <= col[next]) {
-                dq.pop_back();
-            }
-            dq.push_back(next);
-            next += 1;
-        }
-        while dq.front().is_some_and(|&j| j < lo) {
-            dq.pop_front();
-        }
-        *o = if lo > hi {
-            0.0
-        } else {
-            dq.front().map_or(0.0, |&j| col[j])
-        };
-    }
-    out
-}
-
 /// Per window: the mean rank, its mean square (1 mm only) and the window sums of validity.
 type WindowMaps = (Vec<f32>, Option<Vec<f32>>, Vec<f32>);
 
@@ -156,53 +129,14 @@ pub fn pixel_features_with_room(f: &Features, planes: usize) -> Vec<f32> {
         })
         .collect();
     let u1 = &maps[0].0;
-    // Columns: prefix sums of the smoothed rank and of validity, the running maximum from the
-    // top, and the maximum in a window beneath.
-    let (d05, d1, d3, d8) = (
-        px(0.5, mmy, 1),
-        px(1.0, mmy, 1),
-        px(3.0, mmy, 2),
-        px(8.0, mmy, 2),
-    );
-    let columns: Vec<[Vec<f32>; 7]> = (0..w)
-        .into_par_iter()
-        .map(|x| {
-            let col: Vec<f32> = (0..h).map(|y| u1[y * w + x] * m[y * w + x]).collect();
-            let mut ps = vec![0f64; h + 1];
-            let mut pm = vec![0f64; h + 1];
-            for y in 0..h {
-                ps[y + 1] = ps[y] + col[y] as f64;
-                pm[y + 1] = pm[y] + m[y * w + x] as f64;
-            }
-            let mean = |a: isize, b: isize| -> f32 {
-                let a = a.clamp(0, h as isize) as usize;
-                let b = b.clamp(0, h as isize) as usize;
-                if b <= a || pm[b] - pm[a] <= 0.0 {
-                    0.0
-                } else {
-                    ((ps[b] - ps[a]) / (pm[b] - pm[a])) as f32
-                }
-            };
-            let mut c: [Vec<f32>; 7] = std::array::from_fn(|_| vec![0f32; h]);
-            let mut running = vec![0f32; h + 1];
-            for y in 0..h {
-                let yi = y as isize;
-                c[0][y] = mean(yi - d3 as isize, yi - d05 as isize + 1);
-                c[1][y] = mean(yi + d05 as isize, yi + d3 as isize + 1);
-                c[2][y] = mean(yi + d1 as isize, h as isize);
-                c[3][y] = mean(0, yi);
-                running[y + 1] = running[y].max(col[y]);
-                let at = |dy: isize| col[(yi + dy).clamp(0, h as isize - 1) as usize];
-                c[6][y] = col[y] - 0.5 * (at(-(d1 as isize)) + at(d1 as isize));
-            }
-            // Max above from 1 mm up: the running maximum d1 rows higher.
-            for y in d1..h {
-                c[4][y] = running[y + 1 - d1];
-            }
-            c[5] = window_max(&col, d05, d8);
-            c
-        })
-        .collect();
+    // Columns: means above and below, the maxima above and beneath, the ridge.
+    let reach = crate::kernels::columns::Reach {
+        d05: px(0.5, mmy, 1),
+        d1: px(1.0, mmy, 1),
+        d3: px(3.0, mmy, 2),
+        d8: px(8.0, mmy, 2),
+    };
+    let columns = crate::kernels::columns::Columns::new(u1, &m, h, w, reach);
     // The mean beneath is a mean of grey levels: the intensity's rank map keeps it invariant
     // to a gain or dynamic-range change (and "nothing beneath", 0, stays lowest).
     let below_rank = |v: f32| rank.map(v);
@@ -238,7 +172,7 @@ pub fn pixel_features_with_room(f: &Features, planes: usize) -> Vec<f32> {
                     17 => 3,
                     _ => 6,
                 };
-                transpose_columns(&columns, j, plane, h, w);
+                columns.plane(j, plane);
             }
             12 => {
                 for (y, row) in plane.chunks_exact_mut(w).enumerate() {
@@ -283,24 +217,6 @@ fn copy_map(plane: &mut [f32], map: &Array2<f32>, f: impl Fn(f32) -> f32) {
         None => {
             for (o, v) in plane.iter_mut().zip(map.iter()) {
                 *o = f(*v);
-            }
-        }
-    }
-}
-
-/// Writes column feature `j` of every column (`columns[x][j][y]`) into the row-major `plane`,
-/// in tiles, so that reads and writes both stay within a few cache lines.
-fn transpose_columns(columns: &[[Vec<f32>; 7]], j: usize, plane: &mut [f32], h: usize, w: usize) {
-    const TILE: usize = 16;
-    for y0 in (0..h).step_by(TILE) {
-        let y1 = (y0 + TILE).min(h);
-        for x0 in (0..w).step_by(TILE) {
-            let x1 = (x0 + TILE).min(w);
-            for (x, c) in columns[x0..x1].iter().enumerate() {
-                let col = &c[j];
-                for y in y0..y1 {
-                    plane[y * w + x0 + x] = col[y];
-                }
             }
         }
     }

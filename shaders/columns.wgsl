@@ -1,0 +1,92 @@
+// columns.wgsl: the pixel features that look up and down the beam (segment::pixels; CPU twin
+// src/kernels/columns.rs), one thread per column. With v = value × validity:
+//   0 the mean of v over the valid pixels d3 to d05 rows above (the rows y−d3 .. y−d05),
+//   1 the same d05 to d3 rows below, 2 from d1 rows below to the bottom, 3 everything above;
+//   4 the largest v from the top to d1 rows above (0 for the first d1 rows);
+//   5 the largest v d05 to d8 rows below (clipped to the image; none: 0);
+//   6 the ridge: v − (v d1 rows above + v d1 rows below) / 2, edges clamped.
+// Means come from prefix sums (of v and of the validity) run down the column in f32 in the
+// twin's order, so that they round as the CPU's do; only the divisions may differ (by an ULP
+// where a GPU's division is not correctly rounded).
+// src: two planes of w·h values, the values then the validity (1 or 0). aux: the prefix
+// sums, two planes of (h + 1)·w. dst: the seven features, plane after plane.
+// Dispatch: ceil(w/64) workgroups of 64. Keep Params in sync with src/kernels/columns.rs.
+
+struct Params {
+    w: u32,
+    h: u32,
+    d05: u32,
+    d1: u32,
+    d3: u32,
+    d8: u32,
+    pad0: u32,
+    pad1: u32,
+}
+@group(0) @binding(0) var<uniform> p: Params;
+
+// The mean of v over the valid pixels of rows a..b (half-open, clamped to the column).
+fn column_mean(x: u32, a: i32, b: i32) -> f32 {
+    let h = i32(p.h);
+    let lo = u32(clamp(a, 0, h));
+    let hi = u32(clamp(b, 0, h));
+    let counts = (p.h + 1u) * p.w;
+    let count = aux[counts + hi * p.w + x] - aux[counts + lo * p.w + x];
+    if (hi <= lo || count <= 0.0) {
+        return 0.0;
+    }
+    return (aux[hi * p.w + x] - aux[lo * p.w + x]) / count;
+}
+
+fn value(x: u32, y: u32) -> f32 {
+    return src[y * p.w + x] * src[p.w * p.h + y * p.w + x];
+}
+
+@compute @workgroup_size(64)
+fn columns(@builtin(global_invocation_id) id: vec3<u32>) {
+    let x = id.x;
+    if (x >= p.w) {
+        return;
+    }
+    let n = p.w * p.h;
+    let counts = (p.h + 1u) * p.w;
+    var s = 0.0;
+    var c = 0.0;
+    aux[x] = 0.0;
+    aux[counts + x] = 0.0;
+    for (var y = 0u; y < p.h; y++) {
+        s += value(x, y);
+        c += src[n + y * p.w + x];
+        aux[(y + 1u) * p.w + x] = s;
+        aux[counts + (y + 1u) * p.w + x] = c;
+    }
+    var running = 0.0;
+    let h = i32(p.h);
+    let last = p.h - 1u;
+    for (var y = 0u; y < p.h; y++) {
+        let yi = i32(y);
+        let o = y * p.w + x;
+        dst[o] = column_mean(x, yi - i32(p.d3), yi - i32(p.d05) + 1);
+        dst[n + o] = column_mean(x, yi + i32(p.d05), yi + i32(p.d3) + 1);
+        dst[2u * n + o] = column_mean(x, yi + i32(p.d1), h);
+        dst[3u * n + o] = column_mean(x, 0, yi);
+        var above = 0.0;
+        if (y >= p.d1) {
+            running = max(running, value(x, y - p.d1));
+            above = running;
+        }
+        dst[4u * n + o] = above;
+        let lo = y + p.d05;
+        let hi = min(y + p.d8, last);
+        var below = 0.0;
+        if (lo <= hi) {
+            below = value(x, lo);
+            for (var k = lo + 1u; k <= hi; k++) {
+                below = max(below, value(x, k));
+            }
+        }
+        dst[5u * n + o] = below;
+        let up = value(x, select(0u, y - p.d1, y >= p.d1));
+        let down = value(x, min(y + p.d1, last));
+        dst[6u * n + o] = value(x, y) - 0.5 * (up + down);
+    }
+}
