@@ -1,8 +1,9 @@
 // box_means.wgsl: the mean over the valid pixels of a window of half-sizes (ry, rx) around
 // every pixel, clipped to the image (no valid pixel: 0); the pixel features' window means
 // (segment::pixels, whose CPU twin is src/kernels/box_means.rs).
-// src: two planes of w·h values, the values times the validity, then the validity (1 or 0).
-// aux: their vertical window sums (two planes). dst plane 0: the means.
+// src: two planes of w·h values, the values times the validity (at values_at), and the
+// validity, 1 or 0 (at valid_at). aux: their vertical window sums (two planes at
+// scratch_at). dst: the means (a plane at out_at). Offsets are in values.
 // Running sums in the CPU twin's order (add the entering values, then subtract the leaving
 // ones), one thread per column and plane, then one per row, so that they round as the CPU's
 // do; only the final division may differ (by an ULP where a GPU's division is not correctly
@@ -15,6 +16,10 @@ struct Params {
     h: u32,
     ry: u32,
     rx: u32,
+    values_at: u32,
+    valid_at: u32,
+    scratch_at: u32,
+    out_at: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 
@@ -24,7 +29,8 @@ fn box_columns(@builtin(global_invocation_id) id: vec3<u32>) {
     if (t >= 2u * p.w) {
         return;
     }
-    let plane = (t / p.w) * p.w * p.h;
+    let plane = select(p.values_at, p.valid_at, t >= p.w);
+    let into = p.scratch_at + select(0u, p.w * p.h, t >= p.w);
     let x = t % p.w;
     var acc = 0.0;
     var lo = 0u;
@@ -40,7 +46,7 @@ fn box_columns(@builtin(global_invocation_id) id: vec3<u32>) {
             acc -= src[plane + lo * p.w + x];
             lo++;
         }
-        aux[plane + y * p.w + x] = acc;
+        aux[into + y * p.w + x] = acc;
     }
 }
 
@@ -51,7 +57,7 @@ fn box_rows(@builtin(global_invocation_id) id: vec3<u32>) {
         return;
     }
     let n = p.w * p.h;
-    let row = y * p.w;
+    let row = p.scratch_at + y * p.w;
     var sum = 0.0;
     var count = 0.0;
     var lo = 0u;
@@ -73,6 +79,6 @@ fn box_rows(@builtin(global_invocation_id) id: vec3<u32>) {
         if (count > 0.5) {
             mean = sum / count;
         }
-        dst[row + x] = mean;
+        dst[p.out_at + y * p.w + x] = mean;
     }
 }

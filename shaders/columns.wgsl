@@ -8,8 +8,9 @@
 // Means come from prefix sums (of v and of the validity) run down the column in f32 in the
 // twin's order, so that they round as the CPU's do; only the divisions may differ (by an ULP
 // where a GPU's division is not correctly rounded).
-// src: two planes of w·h values, the values then the validity (1 or 0). aux: the prefix
-// sums, two planes of (h + 1)·w. dst: the seven features, plane after plane.
+// src: the values (a plane at values_at) and the validity, 1 or 0 (at valid_at). aux: the
+// prefix sums, two planes of (h + 1)·w from scratch_at. dst: the seven features, plane after
+// plane from out_at. Offsets are in values.
 // Dispatch: ceil(w/64) workgroups of 64. Keep Params in sync with src/kernels/columns.rs.
 
 struct Params {
@@ -19,6 +20,10 @@ struct Params {
     d1: u32,
     d3: u32,
     d8: u32,
+    values_at: u32,
+    valid_at: u32,
+    scratch_at: u32,
+    out_at: u32,
     pad0: u32,
     pad1: u32,
 }
@@ -29,16 +34,17 @@ fn column_mean(x: u32, a: i32, b: i32) -> f32 {
     let h = i32(p.h);
     let lo = u32(clamp(a, 0, h));
     let hi = u32(clamp(b, 0, h));
-    let counts = (p.h + 1u) * p.w;
+    let sums = p.scratch_at;
+    let counts = sums + (p.h + 1u) * p.w;
     let count = aux[counts + hi * p.w + x] - aux[counts + lo * p.w + x];
     if (hi <= lo || count <= 0.0) {
         return 0.0;
     }
-    return (aux[hi * p.w + x] - aux[lo * p.w + x]) / count;
+    return (aux[sums + hi * p.w + x] - aux[sums + lo * p.w + x]) / count;
 }
 
 fn value(x: u32, y: u32) -> f32 {
-    return src[y * p.w + x] * src[p.w * p.h + y * p.w + x];
+    return src[p.values_at + y * p.w + x] * src[p.valid_at + y * p.w + x];
 }
 
 @compute @workgroup_size(64)
@@ -48,15 +54,16 @@ fn columns(@builtin(global_invocation_id) id: vec3<u32>) {
         return;
     }
     let n = p.w * p.h;
-    let counts = (p.h + 1u) * p.w;
+    let sums = p.scratch_at;
+    let counts = sums + (p.h + 1u) * p.w;
     var s = 0.0;
     var c = 0.0;
-    aux[x] = 0.0;
+    aux[sums + x] = 0.0;
     aux[counts + x] = 0.0;
     for (var y = 0u; y < p.h; y++) {
         s += value(x, y);
-        c += src[n + y * p.w + x];
-        aux[(y + 1u) * p.w + x] = s;
+        c += src[p.valid_at + y * p.w + x];
+        aux[sums + (y + 1u) * p.w + x] = s;
         aux[counts + (y + 1u) * p.w + x] = c;
     }
     var running = 0.0;
@@ -64,7 +71,7 @@ fn columns(@builtin(global_invocation_id) id: vec3<u32>) {
     let last = p.h - 1u;
     for (var y = 0u; y < p.h; y++) {
         let yi = i32(y);
-        let o = y * p.w + x;
+        let o = p.out_at + y * p.w + x;
         dst[o] = column_mean(x, yi - i32(p.d3), yi - i32(p.d05) + 1);
         dst[n + o] = column_mean(x, yi + i32(p.d05), yi + i32(p.d3) + 1);
         dst[2u * n + o] = column_mean(x, yi + i32(p.d1), h);

@@ -1,5 +1,5 @@
-// rank.wgsl: the rank transform of the current image over its valid pixels (aux > 0.5, a
-// value within ±BIG): each valid pixel's share of the valid pixels darker than it, read from a
+// rank.wgsl: the rank transform of a plane of the current image over its valid pixels (the
+// validity plane > 0.5, a value within ±BIG): each valid pixel's share of the valid pixels darker than it, read from a
 // histogram of BINS bins between the valid minimum and maximum, linear within a bin; pixels
 // that are not valid get 0. The pixel classifier's features are built on it (gain and
 // dynamic range change the grey levels, not their order).
@@ -12,14 +12,21 @@
 //   rank_cdf:    one workgroup: each bin summed over the workgroups (exact: counts below
 //                2^24), an inclusive scan, divided by the valid count → stats[cdf_at() + b]
 //                for b in 0..=BINS (cdf[0] = 0)
-//   rank_map:    ceil(width/16) × ceil(height/16) workgroups of 16×16: every pixel → dst
+//   rank_map:    ceil(width/16) × ceil(height/16) workgroups of 16×16: every pixel → dst;
+//                run again with another values plane, it maps that plane through the same
+//                histogram (the pixel features map the mean beneath so)
+// Planes are value offsets into src (values_at, valid_at) and dst (out_at).
 // Keep Params, BINS, PART and BIG in sync with src/kernels/rank.rs.
 
 struct Params {
     width: u32,
     height: u32,
     groups: u32,
-    pad: u32,
+    values_at: u32,
+    valid_at: u32,
+    out_at: u32,
+    pad0: u32,
+    pad1: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 
@@ -44,7 +51,11 @@ fn cdf_at() -> u32 {
 
 // Valid and counted (NaN fails the comparison, infinities exceed BIG).
 fn counted(i: u32) -> bool {
-    return aux[i] > 0.5 && abs(src[i]) <= BIG;
+    return src[p.valid_at + i] > 0.5 && abs(src[p.values_at + i]) <= BIG;
+}
+
+fn value(i: u32) -> f32 {
+    return src[p.values_at + i];
 }
 
 @compute @workgroup_size(256)
@@ -54,8 +65,8 @@ fn rank_minmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
     var hi = -START;
     for (var i = wg.x * 256u + li; i < n; i += p.groups * 256u) {
         if (counted(i)) {
-            lo = min(lo, src[i]);
-            hi = max(hi, src[i]);
+            lo = min(lo, value(i));
+            hi = max(hi, value(i));
         }
     }
     lo_part[li] = lo;
@@ -99,7 +110,7 @@ fn rank_hist(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     let n = p.width * p.height;
     for (var i = wg.x * 256u + li; i < n; i += p.groups * 256u) {
         if (counted(i)) {
-            let b = min(u32((src[i] - lo) / width), BINS - 1u);
+            let b = min(u32((value(i) - lo) / width), BINS - 1u);
             atomicAdd(&hist[b], 1u);
         }
     }
@@ -153,13 +164,13 @@ fn rank_map(@builtin(global_invocation_id) id: vec3<u32>) {
     }
     let i = id.y * p.width + id.x;
     if (!counted(i)) {
-        dst[i] = 0.0;
+        dst[p.out_at + i] = 0.0;
         return;
     }
-    let t = clamp((src[i] - stats[0]) / stats[1], 0.0, f32(BINS));
+    let t = clamp((value(i) - stats[0]) / stats[1], 0.0, f32(BINS));
     let b = min(u32(t), BINS - 1u);
     let f = t - f32(b);
     let c0 = stats[cdf_at() + b];
     let c1 = stats[cdf_at() + b + 1u];
-    dst[i] = c0 + f * (c1 - c0);
+    dst[p.out_at + i] = c0 + f * (c1 - c0);
 }

@@ -472,10 +472,12 @@ fn gpu_rank_transform_matches_its_twin() {
         });
         let want = kernels::rank::cpu(&img, &valid);
         let mask: Vec<f32> = valid.iter().map(|&v| f32::from(u8::from(v))).collect();
-        let mut chain = ctx.begin(&img).unwrap();
-        chain.write_aux(&mask).unwrap();
-        kernels::rank::encode(&mut chain).unwrap();
-        let got = chain.finish().unwrap();
+        let n = w * h;
+        let planes: Vec<f32> = img.iter().chain(&mask).copied().collect();
+        let mut chain = ctx.begin_planes(&planes, w, 2 * h).unwrap();
+        kernels::rank::encode(&mut chain, h, planes_at(0, n, 0, 0)).unwrap();
+        chain.copy_to_current(0, 0, n).unwrap();
+        let got = first_plane(chain.finish().unwrap(), h);
         let counted = valid
             .iter()
             .zip(img.iter())
@@ -494,11 +496,37 @@ fn gpu_rank_transform_matches_its_twin() {
         let top = got.iter().cloned().fold(0.0f32, f32::max);
         assert!(top > 0.99, "{w}x{h}: top rank {top}");
     }
-    let img = speckle(64, 48, 3);
-    let mut chain = ctx.begin(&img).unwrap();
-    chain.write_aux(&vec![0.0; 64 * 48]).unwrap();
-    kernels::rank::encode(&mut chain).unwrap();
-    assert!(chain.finish().unwrap().iter().all(|v| *v == 0.0));
+    // Nothing valid: every rank 0.
+    let (w, h) = (64, 48);
+    let planes: Vec<f32> = speckle(w, h, 3)
+        .iter()
+        .copied()
+        .chain(std::iter::repeat_n(0.0, w * h))
+        .collect();
+    let mut chain = ctx.begin_planes(&planes, w, 2 * h).unwrap();
+    kernels::rank::encode(&mut chain, h, planes_at(0, w * h, 0, 0)).unwrap();
+    chain.copy_to_current(0, 0, w * h).unwrap();
+    assert!(first_plane(chain.finish().unwrap(), h)
+        .iter()
+        .all(|v| *v == 0.0));
+    // Planes that do not fit the chain are refused.
+    let mut chain = ctx.begin_planes(&planes, w, 2 * h).unwrap();
+    assert!(kernels::rank::encode(&mut chain, h, planes_at(0, 2 * w * h, 0, 0)).is_err());
+}
+
+/// Where the pixel features' kernels read and write (value offsets).
+fn planes_at(values: usize, valid: usize, scratch: usize, out: usize) -> kernels::Planes {
+    kernels::Planes {
+        values,
+        valid,
+        scratch,
+        out,
+    }
+}
+
+/// The first `h` rows of a chain's image of several planes.
+fn first_plane(img: Array2<f32>, h: usize) -> Array2<f32> {
+    img.slice(ndarray::s![..h, ..]).to_owned()
 }
 
 /// Box means: the GPU's running sums add and subtract in the twin's order, so only the last
@@ -529,7 +557,9 @@ fn gpu_box_means_match_their_twin() {
                     .chain(valid.iter().copied())
                     .collect();
                 let mut chain = ctx.begin_planes(&planes, w, 2 * h).unwrap();
-                kernels::box_means::encode(&mut chain, h, (ry, rx)).unwrap();
+                let at = planes_at(0, w * h, 0, 0);
+                kernels::box_means::encode(&mut chain, h, (ry, rx), at).unwrap();
+                chain.copy_to_current(0, 0, w * h).unwrap();
                 let got = chain.finish().unwrap();
                 let worst = want
                     .iter()
@@ -545,7 +575,8 @@ fn gpu_box_means_match_their_twin() {
     }
     // A chain that does not hold two planes is refused.
     let mut chain = ctx.begin(&speckle(32, 31, 1)).unwrap();
-    assert!(kernels::box_means::encode(&mut chain, 16, (1, 1)).is_err());
+    let at = planes_at(0, 16 * 32, 0, 0);
+    assert!(kernels::box_means::encode(&mut chain, 16, (1, 1), at).is_err());
 }
 
 /// Column features: the prefix sums run in the twin's order and maxima are exact, so only a
@@ -591,7 +622,9 @@ fn gpu_column_features_match_their_twin() {
                 let want = kernels::columns::cpu(&values, &valid, h, w, reach);
                 let planes: Vec<f32> = values.iter().chain(valid.iter()).copied().collect();
                 let mut chain = ctx.begin_planes(&planes, w, FEATURES * h).unwrap();
-                kernels::columns::encode(&mut chain, h, reach).unwrap();
+                let at = planes_at(0, w * h, 0, 0);
+                kernels::columns::encode(&mut chain, h, reach, at).unwrap();
+                chain.copy_to_current(0, 0, FEATURES * w * h).unwrap();
                 let got = chain.finish().unwrap();
                 let worst = want
                     .iter()
@@ -604,17 +637,13 @@ fn gpu_column_features_match_their_twin() {
     }
     // A chain that does not hold the seven planes is refused.
     let mut chain = ctx.begin(&speckle(32, 31, 1)).unwrap();
-    assert!(kernels::columns::encode(
-        &mut chain,
-        16,
-        Reach {
-            d05: 1,
-            d1: 1,
-            d3: 2,
-            d8: 2
-        }
-    )
-    .is_err());
+    let reach = Reach {
+        d05: 1,
+        d1: 1,
+        d3: 2,
+        d8: 2,
+    };
+    assert!(kernels::columns::encode(&mut chain, 16, reach, planes_at(0, 512, 0, 0)).is_err());
 }
 
 /// Streams sharing one device: chains in flight at once each get a buffer set of their own

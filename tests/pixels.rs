@@ -332,3 +332,78 @@ fn training_is_deterministic_and_learns() {
         opt.epochs
     );
 }
+
+/// The GPU's pixel features against the CPU's: the rank may put a value at a bin's edge in
+/// the next bin (a GPU's division is not always correctly rounded), moving that pixel's rank
+/// by a bin's share and the window means around it by a fraction of that; the window sums
+/// and prefix sums run in the twins' order, so the rest is rounding.
+const GPU_FEATURE_TOLERANCE: f32 = 2e-3;
+
+/// The 22 pixel features put together on the GPU (`segment::pixels::encode_features`) agree
+/// with the CPU's at the test phantom's size and at the analysis grids of a 640x480 and a
+/// 1024x768 frame, a convex one (invalid pixels outside its fan) among them.
+#[test]
+fn gpu_pixel_features_match_the_cpu() {
+    let ctx = match sonoguide::gpu::GpuContext::new(Backend::Gpu) {
+        Ok(c) => c,
+        Err(e) => {
+            common::missing_tool("GPU pixel features parity", &format!("a GPU adapter: {e}"));
+            return;
+        }
+    };
+    let curved = {
+        let mut params = PhantomParams::default();
+        params.seed = 24;
+        params.width = 640;
+        params.height = 480;
+        params.geometry = sonoguide::sim::phantom::Geometry::Curved;
+        let ph = generate("pixels", &params).expect("phantom");
+        let frame = frame_of(&ph, 0).expect("frame");
+        let mut p = SegmentParams::default();
+        p.learned = false;
+        features_cpu(&frame, &frame.intensity, &p).expect("features")
+    };
+    assert!(curved.valid.iter().any(|v| !v), "the fan leaves pixels out");
+    let cases = [(21, None), (22, Some((640, 480))), (23, Some((1024, 768)))]
+        .map(|(seed, size)| (size, features_sized(seed, size)));
+    for (size, f) in cases.into_iter().chain([(Some((640, 480)), curved)]) {
+        let want = pixels::pixel_features(&f);
+        let (h, w) = f.intensity.dim();
+        let n = h * w;
+        let mut up = vec![0f32; (pixels::GPU_ONES + 1) * n];
+        let maps = [
+            &f.intensity,
+            &f.phase_symmetry,
+            &f.below,
+            &f.coherence,
+            &f.orientation,
+        ];
+        for (&plane, map) in pixels::GPU_MAPS.iter().zip(maps) {
+            for (o, v) in up[plane * n..(plane + 1) * n].iter_mut().zip(map.iter()) {
+                *o = *v;
+            }
+        }
+        for (o, v) in up[pixels::GPU_VALID * n..].iter_mut().zip(f.valid.iter()) {
+            *o = f32::from(u8::from(*v));
+        }
+        up[pixels::GPU_ONES * n..].fill(1.0);
+        let mut chain = ctx
+            .begin_planes(&up, w, pixels::GPU_FEATURE_PLANES * h)
+            .unwrap();
+        pixels::encode_features(&mut chain, h, f.mm_per_px, 0).expect("features on the GPU");
+        let got = chain.finish_range(0, FEATURES * n).unwrap();
+        eprintln!(
+            "{size:?} grid {:?}: largest difference {}",
+            f.intensity.dim(),
+            largest_difference(&want, &got)
+        );
+        for k in 0..FEATURES {
+            let d = largest_difference(&want[k * n..(k + 1) * n], &got[k * n..(k + 1) * n]);
+            assert!(
+                d <= GPU_FEATURE_TOLERANCE,
+                "{size:?}: feature {} differs by {d}",
+                pixels::FEATURE_NAMES[k]
+            );
+        }
+    }
+}

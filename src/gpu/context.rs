@@ -1112,6 +1112,27 @@ impl GpuChain<'_> {
         Ok(())
     }
 
+    /// Copies `len` values from offset `from` of the next image (where kernels that keep the
+    /// chain on its current image write) to offset `to` of the current image, so that a later
+    /// kernel reads them as input.
+    pub fn copy_to_current(&mut self, from: usize, to: usize, len: usize) -> Result<(), GpuError> {
+        let image = self.bufs.width * self.bufs.height;
+        if from.max(to).checked_add(len).is_none_or(|end| end > image) {
+            return Err(GpuError::Kernel {
+                kernel: self.last_kernel.into(),
+                reason: format!("copy of {len} values from {from} to {to} in images of {image}"),
+            });
+        }
+        self.encoder.copy_buffer_to_buffer(
+            &self.bufs.images[1 - self.current],
+            from as u64 * 4,
+            &self.bufs.images[self.current],
+            to as u64 * 4,
+            len as u64 * 4,
+        );
+        Ok(())
+    }
+
     /// Copies the current image into this buffer set's staging buffer, to be read back by
     /// [`GpuChain::finish_outputs_staged`] together with the chain's outputs (one wait for
     /// both). The chain goes on from the same image.

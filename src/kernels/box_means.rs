@@ -152,6 +152,14 @@ pub struct Params {
     pub ry: u32,
     /// Half-width of the window, columns.
     pub rx: u32,
+    /// Offset of the values times validity in `src`.
+    pub values_at: u32,
+    /// Offset of the validity in `src`.
+    pub valid_at: u32,
+    /// Offset of the two scratch planes in `aux`.
+    pub scratch_at: u32,
+    /// Offset of the means in `dst`.
+    pub out_at: u32,
 }
 
 /// The shader's source.
@@ -165,37 +173,34 @@ pub fn cpu(values: &[f32], valid: &[f32], h: usize, w: usize, ry: usize, rx: usi
     box_means(&um, &ms, h, w, ry, rx)
 }
 
-/// Queues the window means of a chain of `2h` rows of `w` (begun with `begin_planes`): the
-/// values times the validity in rows `0..h`, the validity in rows `h..2h`. The means are
-/// written to the first `h` rows of the next image, which the chain moves on to; `aux` is used
-/// as scratch.
+/// Queues the window means of `at.values` (the values times the validity, a `w × h` plane of
+/// the current image, `w` the chain's width) over the pixels where `at.valid` is 1, into
+/// `at.out` of the next image; two planes of `aux` from `at.scratch` are used. The chain
+/// stays on its current image.
 #[cfg(feature = "gpu")]
 pub fn encode(
     chain: &mut crate::gpu::GpuChain<'_>,
     h: usize,
     (ry, rx): (usize, usize),
+    at: crate::kernels::Planes,
 ) -> crate::Result<()> {
     let w = chain.width();
-    if h == 0 || chain.height() != 2 * h {
-        return Err(crate::kernels::KernelError::InvalidParameter {
-            name: "box_means",
-            reason: format!(
-                "a chain of {} rows does not hold two planes of {h} rows",
-                chain.height()
-            ),
-        }
-        .into());
-    }
+    let [values_at, valid_at, scratch_at, out_at] =
+        at.checked("box_means", w * chain.height(), w * h, 2 * w * h, 1)?;
     let p = Params {
         w: w as u32,
         h: h as u32,
-        ry: ry as u32,
-        rx: rx as u32,
+        ry: ry.min(h) as u32,
+        rx: rx.min(w) as u32,
+        values_at,
+        valid_at,
+        scratch_at,
+        out_at,
     };
     let columns = (2 * w as u32).div_ceil(64);
     let rows = (h as u32).div_ceil(64);
     chain.dispatch("box_means", SHADER, "box_columns", &p, (columns, 1), false)?;
-    chain.dispatch("box_means", SHADER, "box_rows", &p, (rows, 1), true)?;
+    chain.dispatch("box_means", SHADER, "box_rows", &p, (rows, 1), false)?;
     Ok(())
 }
 

@@ -37,6 +37,14 @@ pub struct Params {
     pub d3: u32,
     /// [`Reach::d8`].
     pub d8: u32,
+    /// Offset of the values in `src`.
+    pub values_at: u32,
+    /// Offset of the validity in `src`.
+    pub valid_at: u32,
+    /// Offset of the prefix sums in `aux`.
+    pub scratch_at: u32,
+    /// Offset of the first feature plane in `dst`.
+    pub out_at: u32,
     /// Padding.
     pub pad: [u32; 2],
 }
@@ -191,30 +199,36 @@ pub fn cpu(values: &[f32], valid: &[f32], h: usize, w: usize, reach: Reach) -> V
     out
 }
 
-/// Queues the column features of a chain of `FEATURES · h` rows of `w` (begun with
-/// `begin_planes`) whose first `2h` rows hold the values, then the validity. The features are
-/// written plane after plane to the next image, which the chain moves on to; `aux` is used as
-/// scratch (the prefix sums).
+/// Queues the column features of `at.values` (a `w × h` plane of the current image, `w` the
+/// chain's width) over the pixels where `at.valid` is 1, into [`FEATURES`] planes of the next
+/// image from `at.out`; the prefix sums take `2(h + 1)` rows of `aux` from `at.scratch`. The
+/// chain stays on its current image.
 #[cfg(feature = "gpu")]
-pub fn encode(chain: &mut crate::gpu::GpuChain<'_>, h: usize, reach: Reach) -> crate::Result<()> {
+pub fn encode(
+    chain: &mut crate::gpu::GpuChain<'_>,
+    h: usize,
+    reach: Reach,
+    at: crate::kernels::Planes,
+) -> crate::Result<()> {
     let w = chain.width();
-    if h == 0 || chain.height() != FEATURES * h {
-        return Err(crate::kernels::KernelError::InvalidParameter {
-            name: "columns",
-            reason: format!(
-                "a chain of {} rows does not hold {FEATURES} planes of {h} rows",
-                chain.height()
-            ),
-        }
-        .into());
-    }
+    let [values_at, valid_at, scratch_at, out_at] = at.checked(
+        "columns",
+        w * chain.height(),
+        w * h,
+        2 * (h + 1) * w,
+        FEATURES,
+    )?;
     let p = Params {
         w: w as u32,
         h: h as u32,
-        d05: reach.d05 as u32,
-        d1: reach.d1 as u32,
-        d3: reach.d3 as u32,
-        d8: reach.d8 as u32,
+        d05: reach.d05.min(h + 1) as u32,
+        d1: reach.d1.min(h + 1) as u32,
+        d3: reach.d3.min(h + 1) as u32,
+        d8: reach.d8.min(h + 1) as u32,
+        values_at,
+        valid_at,
+        scratch_at,
+        out_at,
         pad: [0; 2],
     };
     chain.dispatch(
@@ -223,7 +237,7 @@ pub fn encode(chain: &mut crate::gpu::GpuChain<'_>, h: usize, reach: Reach) -> c
         "columns",
         &p,
         ((w as u32).div_ceil(64), 1),
-        true,
+        false,
     )?;
     Ok(())
 }

@@ -10,6 +10,7 @@ pub mod box_means;
 pub mod coherence;
 pub mod columns;
 pub mod context;
+pub mod features;
 pub mod frost;
 pub mod grid;
 pub mod lee;
@@ -39,11 +40,12 @@ pub enum KernelError {
 }
 
 /// Names of every kernel with a shader and a twin (the shader stems).
-pub const KERNELS: [&str; 14] = [
+pub const KERNELS: [&str; 15] = [
     "box_means",
     "coherence",
     "columns",
     "context",
+    "features",
     "frost",
     "grid",
     "lee",
@@ -55,6 +57,55 @@ pub const KERNELS: [&str; 14] = [
     "shadow",
     "srad",
 ];
+
+/// Where a kernel of the pixel features reads and writes in a chain whose images hold several
+/// planes of `w·h` values (value offsets): its values and their validity (1 or 0) in the
+/// current image, its scratch in `aux`, its output in the next image. The kernels do not
+/// move the chain on: the next kernel that needs an output finds it in the next image, or
+/// the chain copies it over (`GpuChain::copy_to_current`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Planes {
+    /// The values' offset in the current image.
+    pub values: usize,
+    /// The validity's offset in the current image.
+    pub valid: usize,
+    /// The scratch's offset in `aux`.
+    pub scratch: usize,
+    /// The output's offset in the next image.
+    pub out: usize,
+}
+
+impl Planes {
+    /// Checks that the inputs (a plane each), `scratch` values of scratch and `outputs`
+    /// planes of output fit a chain of `len` values per image, and gives the offsets as the
+    /// shaders take them.
+    #[cfg(feature = "gpu")]
+    pub(crate) fn checked(
+        &self,
+        kernel: &'static str,
+        len: usize,
+        n: usize,
+        scratch: usize,
+        outputs: usize,
+    ) -> crate::Result<[u32; 4]> {
+        let fits = self.values + n <= len
+            && self.valid + n <= len
+            && self.scratch + scratch <= len
+            && self.out + outputs * n <= len
+            && len <= u32::MAX as usize;
+        if n == 0 || !fits {
+            return Err(KernelError::InvalidParameter {
+                name: kernel,
+                reason: format!(
+                    "{self:?} with planes of {n} values and {scratch} of scratch do not fit \
+                     images of {len} values"
+                ),
+            }
+            .into());
+        }
+        Ok([self.values, self.valid, self.scratch, self.out].map(|v| v as u32))
+    }
+}
 
 /// The pixel at (x, y) with coordinates clamped to the image (the edge rule of every kernel).
 #[inline]

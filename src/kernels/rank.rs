@@ -38,8 +38,14 @@ pub struct Params {
     pub height: u32,
     /// Workgroups of the partial passes ([`GROUPS`]).
     pub groups: u32,
+    /// Offset of the values in `src`.
+    pub values_at: u32,
+    /// Offset of the validity in `src`.
+    pub valid_at: u32,
+    /// Offset of the ranks in `dst`.
+    pub out_at: u32,
     /// Unused (alignment).
-    pub pad: u32,
+    pub pad: [u32; 2],
 }
 
 /// The shader's source.
@@ -112,21 +118,53 @@ pub fn cpu(v: &Array2<f32>, valid: &Array2<bool>) -> Array2<f32> {
     out
 }
 
-/// Queues the rank transform of the chain's current image; the valid mask (1 valid, 0 not)
-/// must be in the chain's `aux` buffer (`GpuChain::write_aux`), and no earlier kernel of the
-/// chain may have used `aux` as scratch. The chain moves on to the ranks.
+/// Queues the rank transform of a `w × h` plane of the chain's current image (`w` the
+/// chain's width): the histogram of `at.values` over the pixels where `at.valid` is 1, then
+/// every pixel's rank into `at.out` of the next image (`at.scratch` unused; the histogram is
+/// kept in the chain's `stats`). The chain stays on its current image.
 #[cfg(feature = "gpu")]
-pub fn encode(chain: &mut crate::gpu::GpuChain<'_>) -> crate::Result<()> {
-    let p = Params {
-        width: chain.width() as u32,
-        height: chain.height() as u32,
-        groups: GROUPS,
-        pad: 0,
-    };
+pub fn encode(
+    chain: &mut crate::gpu::GpuChain<'_>,
+    h: usize,
+    at: crate::kernels::Planes,
+) -> crate::Result<()> {
+    let p = params(chain, h, at)?;
     chain.dispatch("rank", SHADER, "rank_minmax", &p, (GROUPS, 1), false)?;
     chain.dispatch("rank", SHADER, "rank_hist", &p, (GROUPS, 1), false)?;
     chain.dispatch("rank", SHADER, "rank_cdf", &p, (1, 1), false)?;
-    let g = chain.groups_2d();
-    chain.dispatch("rank", SHADER, "rank_map", &p, g, true)?;
+    map_again(chain, h, at)
+}
+
+/// Queues the mapping of another plane (`at.values`, with the same validity) through the
+/// histogram of the last [`encode`] of this chain, into `at.out`.
+#[cfg(feature = "gpu")]
+pub fn map_again(
+    chain: &mut crate::gpu::GpuChain<'_>,
+    h: usize,
+    at: crate::kernels::Planes,
+) -> crate::Result<()> {
+    let p = params(chain, h, at)?;
+    let w = chain.width() as u32;
+    let groups = (w.div_ceil(16), (h as u32).div_ceil(16));
+    chain.dispatch("rank", SHADER, "rank_map", &p, groups, false)?;
     Ok(())
+}
+
+#[cfg(feature = "gpu")]
+fn params(
+    chain: &crate::gpu::GpuChain<'_>,
+    h: usize,
+    at: crate::kernels::Planes,
+) -> crate::Result<Params> {
+    let w = chain.width();
+    let [values_at, valid_at, _, out_at] = at.checked("rank", w * chain.height(), w * h, 0, 1)?;
+    Ok(Params {
+        width: w as u32,
+        height: h as u32,
+        groups: GROUPS,
+        values_at,
+        valid_at,
+        out_at,
+        pad: [0; 2],
+    })
 }

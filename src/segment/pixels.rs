@@ -76,6 +76,123 @@ pub(crate) fn px(mm: f64, mm_per_px: f64, min: usize) -> usize {
     ((mm / mm_per_px).round() as usize).max(min)
 }
 
+/// The half-sizes (rows, columns) of the rank's window means at `mm` per pixel (x, y): 0.5,
+/// 1 (with the mean square), 1.5 (with the valid share), 4 mm, wide 3 × 0.4 mm, tall 0.4 × 3
+/// mm, 2.5 and 8 mm.
+fn windows((mmx, mmy): (f64, f64)) -> [(usize, usize); 8] {
+    let r = |mm: f64| (px(mm, mmy, 1), px(mm, mmx, 1));
+    [
+        r(0.5),
+        r(1.0),
+        r(1.5),
+        r(4.0),
+        (px(0.4, mmy, 1), px(3.0, mmx, 1)),
+        (px(3.0, mmy, 1), px(0.4, mmx, 1)),
+        r(2.5),
+        r(8.0),
+    ]
+}
+
+/// The feature planes of the window means of [`windows`], in order.
+#[cfg(feature = "gpu")]
+const WINDOW_PLANES: [usize; 8] = [1, 4, 2, 3, 5, 6, 20, 21];
+
+/// The column features' reaches at `mmy` mm per row.
+fn reach(mmy: f64) -> crate::kernels::columns::Reach {
+    crate::kernels::columns::Reach {
+        d05: px(0.5, mmy, 1),
+        d1: px(1.0, mmy, 1),
+        d3: px(3.0, mmy, 2),
+        d8: px(8.0, mmy, 2),
+    }
+}
+
+/// The planes of the current image [`encode_features`] reads: the analysis grid's intensity,
+/// then the feature maps (phase symmetry, the mean beneath, coherence, orientation).
+#[cfg(feature = "gpu")]
+pub const GPU_MAPS: [usize; 5] = [0, 1, 2, 3, 4];
+/// The plane of the current image holding the validity (1 or 0), read by
+/// [`encode_features`] and left in place for the classifier (its plane after the features).
+#[cfg(feature = "gpu")]
+pub const GPU_VALID: usize = FEATURES;
+/// The plane of the current image [`encode_features`] needs filled with ones.
+#[cfg(feature = "gpu")]
+pub const GPU_ONES: usize = FEATURES + 1;
+/// Planes each image of [`encode_features`]'s chain must hold.
+#[cfg(feature = "gpu")]
+pub const GPU_FEATURE_PLANES: usize = 32;
+
+/// Scratch values [`encode_features`] uses in `aux` for a grid of `w × h`.
+#[cfg(feature = "gpu")]
+pub fn gpu_feature_scratch(w: usize, h: usize) -> usize {
+    2 * (h + 1) * w
+}
+
+/// Queues the [`FEATURES`] pixel features of a `w × h` analysis grid (`w` the chain's width)
+/// on a chain whose current image holds the grid and its feature maps in the planes
+/// [`GPU_MAPS`], the validity in [`GPU_VALID`] and ones in [`GPU_ONES`]: the rank transform,
+/// the window means, the column features, then the rest put together
+/// (`shaders/features.wgsl`). The features land in planes `0..FEATURES` of the current image
+/// (the validity stays where it was, after them: the classifier's layout); the next image's
+/// planes up to [`GPU_FEATURE_PLANES`] and [`gpu_feature_scratch`] values of `aux` from
+/// `scratch` are used on the way. The CPU twin is [`pixel_features`].
+#[cfg(feature = "gpu")]
+pub fn encode_features(
+    chain: &mut crate::gpu::GpuChain<'_>,
+    h: usize,
+    mm_per_px: (f64, f64),
+    scratch: usize,
+) -> crate::Result<()> {
+    use crate::kernels::features::{COLUMNS_AT, MEAN_SQUARE_AT, SQUARE_IN, SQUARE_OUT};
+    use crate::kernels::{box_means, columns, rank, Planes};
+    let w = chain.width();
+    let n = w * h;
+    if n == 0 || chain.height() < GPU_FEATURE_PLANES * h {
+        return Err(crate::kernels::KernelError::InvalidParameter {
+            name: "pixel features",
+            reason: format!(
+                "a chain of {} rows does not hold {GPU_FEATURE_PLANES} planes of {h} rows",
+                chain.height()
+            ),
+        }
+        .into());
+    }
+    // The current image's free planes: the rank's (later its 0.5 mm mean's) and its square's.
+    const RANK_IN: usize = SQUARE_IN;
+    const SQUARED_IN: usize = 20;
+    let at = |values: usize, valid: usize, out: usize| Planes {
+        values: values * n,
+        valid: valid * n,
+        scratch,
+        out: out * n,
+    };
+    let [intensity, _, below, _, _] = GPU_MAPS;
+    rank::encode(chain, h, at(intensity, GPU_VALID, 0))?;
+    // The mean beneath through the intensity's ranks, on every pixel (as the twin).
+    rank::map_again(chain, h, at(below, GPU_ONES, 16))?;
+    chain.copy_to_current(0, RANK_IN * n, n)?;
+    crate::kernels::features::encode_square(chain, n)?;
+    chain.copy_to_current(SQUARE_OUT * n, SQUARED_IN * n, n)?;
+    let wins = windows(mm_per_px);
+    for (&win, &plane) in wins.iter().zip(&WINDOW_PLANES) {
+        box_means::encode(chain, h, win, at(RANK_IN, GPU_VALID, plane))?;
+    }
+    box_means::encode(chain, h, wins[1], at(SQUARED_IN, GPU_VALID, MEAN_SQUARE_AT))?;
+    // The valid share: the validity's mean over the whole window.
+    box_means::encode(chain, h, wins[2], at(GPU_VALID, GPU_ONES, 19))?;
+    chain.copy_to_current(n, RANK_IN * n, n)?;
+    columns::encode(
+        chain,
+        h,
+        reach(mm_per_px.1),
+        at(RANK_IN, GPU_VALID, COLUMNS_AT),
+    )?;
+    let depth_step = (mm_per_px.1 / DEPTH_SCALE_MM) as f32;
+    crate::kernels::features::encode_assemble(chain, n, depth_step)?;
+    chain.copy_to_current(0, 0, FEATURES * n)?;
+    Ok(())
+}
+
 /// Per window: the mean rank, its mean square (1 mm only) and the window sums of validity.
 type WindowMaps = (Vec<f32>, Option<Vec<f32>>, Vec<f32>);
 
@@ -95,7 +212,7 @@ pub fn pixel_features_with_room(f: &Features, planes: usize) -> Vec<f32> {
     if n == 0 {
         return out;
     }
-    let (mmx, mmy) = f.mm_per_px;
+    let mmy = f.mm_per_px.1;
     let valid: Vec<bool> = f.valid.iter().copied().collect();
     let m: Vec<f32> = valid.iter().map(|v| if *v { 1.0 } else { 0.0 }).collect();
     let rank = crate::kernels::rank::RankMap::of(&f.intensity, &f.valid);
@@ -106,17 +223,7 @@ pub fn pixel_features_with_room(f: &Features, planes: usize) -> Vec<f32> {
         .map(|(v, ok)| if *ok { rank.map(*v) } else { 0.0 })
         .collect();
     let uu: Vec<f32> = u.iter().map(|v| v * v).collect();
-    let r = |mm: f64| (px(mm, mmy, 1), px(mm, mmx, 1));
-    let windows = [
-        r(0.5),
-        r(1.0),
-        r(1.5),
-        r(4.0),
-        (px(0.4, mmy, 1), px(3.0, mmx, 1)),
-        (px(3.0, mmy, 1), px(0.4, mmx, 1)),
-        r(2.5),
-        r(8.0),
-    ];
+    let windows = windows(f.mm_per_px);
     // Per window: the mean rank, and for 1 mm the mean square and for 1.5 mm the valid share.
     let maps: Vec<WindowMaps> = windows
         .par_iter()
@@ -130,13 +237,7 @@ pub fn pixel_features_with_room(f: &Features, planes: usize) -> Vec<f32> {
         .collect();
     let u1 = &maps[0].0;
     // Columns: means above and below, the maxima above and beneath, the ridge.
-    let reach = crate::kernels::columns::Reach {
-        d05: px(0.5, mmy, 1),
-        d1: px(1.0, mmy, 1),
-        d3: px(3.0, mmy, 2),
-        d8: px(8.0, mmy, 2),
-    };
-    let columns = crate::kernels::columns::Columns::new(u1, &m, h, w, reach);
+    let columns = crate::kernels::columns::Columns::new(u1, &m, h, w, reach(mmy));
     // The mean beneath is a mean of grey levels: the intensity's rank map keeps it invariant
     // to a gain or dynamic-range change (and "nothing beneath", 0, stays lowest).
     let below_rank = |v: f32| rank.map(v);
