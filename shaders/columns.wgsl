@@ -9,7 +9,7 @@
 // twin's order, so that they round as the CPU's do; only the divisions may differ (by an ULP
 // where a GPU's division is not correctly rounded).
 // src: the values (a plane at values_at) and the validity, 1 or 0 (at valid_at). aux: the
-// prefix sums, two planes of (h + 1)·w from scratch_at. dst: the seven features, plane after
+// prefix sums, two planes of (h + 1)·w from scratch_at, then three planes of maxima. dst: the seven features, plane after
 // plane from out_at. Offsets are in values.
 // Dispatch: ceil(w/64) workgroups of 64. Keep Params in sync with src/kernels/columns.rs.
 
@@ -66,9 +66,32 @@ fn columns(@builtin(global_invocation_id) id: vec3<u32>) {
         aux[sums + (y + 1u) * p.w + x] = s;
         aux[counts + (y + 1u) * p.w + x] = c;
     }
+    // The maximum below by van Herk and Gil-Werman's blocks (no loop over each window: some
+    // drivers cap a shader's loop iterations): maxima from each block's start and to each
+    // block's end, blocks as long as a whole window, and from each row to the bottom (for
+    // the windows the bottom cuts short).
+    let last = p.h - 1u;
+    let span = select(1u, p.d8 - p.d05 + 1u, p.d8 >= p.d05);
+    let prefixes = counts + (p.h + 1u) * p.w;
+    let suffixes = prefixes + n;
+    let tails = suffixes + n;
+    var block = 0.0;
+    for (var y = 0u; y < p.h; y++) {
+        let v = value(x, y);
+        block = select(max(block, v), v, y % span == 0u);
+        aux[prefixes + y * p.w + x] = block;
+    }
+    var tail = 0.0;
+    for (var k = 0u; k < p.h; k++) {
+        let y = last - k;
+        let v = value(x, y);
+        block = select(max(block, v), v, y == last || (y + 1u) % span == 0u);
+        tail = select(max(tail, v), v, k == 0u);
+        aux[suffixes + y * p.w + x] = block;
+        aux[tails + y * p.w + x] = tail;
+    }
     var running = 0.0;
     let h = i32(p.h);
-    let last = p.h - 1u;
     for (var y = 0u; y < p.h; y++) {
         let yi = i32(y);
         let o = p.out_at + y * p.w + x;
@@ -86,9 +109,10 @@ fn columns(@builtin(global_invocation_id) id: vec3<u32>) {
         let hi = min(y + p.d8, last);
         var below = 0.0;
         if (lo <= hi) {
-            below = value(x, lo);
-            for (var k = lo + 1u; k <= hi; k++) {
-                below = max(below, value(x, k));
+            if (y + p.d8 >= last) {
+                below = aux[tails + lo * p.w + x];
+            } else {
+                below = max(aux[suffixes + lo * p.w + x], aux[prefixes + hi * p.w + x]);
             }
         }
         dst[5u * n + o] = below;

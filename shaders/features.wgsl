@@ -1,8 +1,8 @@
 // features.wgsl: the pixel classifier's 22 features put together on the GPU from the feature
 // maps and the outputs of rank.wgsl, box_means.wgsl and columns.wgsl (the chain is
 // segment::pixels::encode_features; the CPU twin is segment::pixels::pixel_features).
-// Planes of n = w·h values. src (the current image): 1 phase symmetry, 3 coherence,
-// 4 orientation. dst (the next image): feature k in plane k as far as the other kernels wrote
+// Planes of n = w·h values. src (the current image): from plane MAPS the feature maps
+// (phase symmetry, the mean beneath, coherence, orientation). dst (the next image): feature k in plane k as far as the other kernels wrote
 // them, the mean over 1 mm in plane 4, the seven column features in planes 23..29 and the
 // mean square over 1 mm in plane 31.
 //   square:   dst plane 30 = src plane 21 squared
@@ -10,7 +10,7 @@
 //             column features in the features' order, depth, phase symmetry, coherence and
 //             its horizontal part); values that are not finite become 0
 // One thread per pixel: ceil(n/64) workgroups of 64 (in x, then y beyond the limit).
-// Keep Params and the planes in sync with src/segment/pixels.rs.
+// Keep Params and the planes in sync with src/kernels/features.rs.
 
 struct Params {
     w: u32,
@@ -21,6 +21,7 @@ struct Params {
 }
 @group(0) @binding(0) var<uniform> p: Params;
 
+const MAPS: u32 = 24u;
 const COLUMNS: u32 = 23u;
 const SQUARE: u32 = 30u;
 const MEAN_SQUARE: u32 = 31u;
@@ -77,10 +78,10 @@ fn assemble(@builtin(global_invocation_id) id: vec3<u32>) {
     dst[17u * n + i] = dst[(COLUMNS + 3u) * n + i];
     dst[18u * n + i] = dst[(COLUMNS + 6u) * n + i];
     dst[12u * n + i] = f32(i / p.w) * p.depth_step;
-    dst[13u * n + i] = src[n + i];
-    let coherence = src[3u * n + i];
+    dst[13u * n + i] = src[MAPS * n + i];
+    let coherence = src[(MAPS + 2u) * n + i];
     dst[14u * n + i] = coherence;
-    dst[15u * n + i] = coherence * abs_cos(src[4u * n + i]);
+    dst[15u * n + i] = coherence * abs_cos(src[(MAPS + 3u) * n + i]);
     for (var k = 0u; k < 22u; k++) {
         dst[k * n + i] = finite_or_zero(dst[k * n + i]);
     }

@@ -583,15 +583,17 @@ fn gpu_box_means_match_their_twin() {
 /// division (an ULP or two of a mean in 0..1) or a fused multiply-add in the ridge may differ.
 const COLUMN_TOLERANCE: f32 = 1e-6;
 
-/// The GPU column features against their twin at the analysis grids of production frames,
-/// over a valid mask with holes and with every pixel valid, for reaches from one row to more
-/// than the image.
+/// The GPU column features against their twin at the analysis grids of production frames
+/// and at a tall grid of fine pixels (a 0.04 mm linear region analysed as it is, whose 8 mm
+/// reach is 200 rows: a loop over every window there would exceed the 65 535 iterations
+/// lavapipe allows a loop), over a valid mask with holes and with every pixel valid, for
+/// reaches from one row to more than the image.
 #[test]
 fn gpu_column_features_match_their_twin() {
     use kernels::columns::{Reach, FEATURES};
     let Some(d) = gpu() else { return };
     let ctx = d.gpu_context().unwrap();
-    for (w, h) in [(64, 48), (320, 240), (512, 384)] {
+    for (w, h) in [(64, 48), (320, 240), (512, 384), (318, 470)] {
         let img = speckle(w, h, 43);
         let top = img.iter().cloned().fold(1.0f32, f32::max);
         let values: Vec<f32> = img.iter().map(|v| v / top).collect();
@@ -611,6 +613,12 @@ fn gpu_column_features_match_their_twin() {
                     d1: 7,
                     d3: 20,
                     d8: 53,
+                },
+                Reach {
+                    d05: 13,
+                    d1: 25,
+                    d3: 75,
+                    d8: 200,
                 },
                 Reach {
                     d05: h,

@@ -364,13 +364,25 @@ fn gpu_pixel_features_match_the_cpu() {
         features_cpu(&frame, &frame.intensity, &p).expect("features")
     };
     assert!(curved.valid.iter().any(|v| !v), "the fan leaves pixels out");
+    // A pulse-echo case read as a user's file: a narrow linear region of 0.04 mm pixels,
+    // analysed as it is (reaches of up to 200 rows).
+    let pulse_echo = {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/pusim/tune/pusim_tune_008.dcm");
+        let file = sonoguide::dicom::DicomFile::open(&path, &Default::default()).unwrap();
+        let frame = file.read_frame(0).unwrap();
+        let mut p = SegmentParams::default();
+        p.learned = false;
+        features_cpu(&frame, &frame.intensity, &p).expect("features")
+    };
     let cases = [(21, None), (22, Some((640, 480))), (23, Some((1024, 768)))]
         .map(|(seed, size)| (size, features_sized(seed, size)));
-    for (size, f) in cases.into_iter().chain([(Some((640, 480)), curved)]) {
+    let others = [(Some((640, 480)), curved), (None, pulse_echo)];
+    for (size, f) in cases.into_iter().chain(others) {
         let want = pixels::pixel_features(&f);
         let (h, w) = f.intensity.dim();
         let n = h * w;
-        let mut up = vec![0f32; (pixels::GPU_ONES + 1) * n];
+        let mut up = vec![0f32; pixels::GPU_FEATURE_PLANES * n];
         let maps = [
             &f.intensity,
             &f.phase_symmetry,
@@ -386,7 +398,7 @@ fn gpu_pixel_features_match_the_cpu() {
         for (o, v) in up[pixels::GPU_VALID * n..].iter_mut().zip(f.valid.iter()) {
             *o = f32::from(u8::from(*v));
         }
-        up[pixels::GPU_ONES * n..].fill(1.0);
+        up[pixels::GPU_ONES * n..(pixels::GPU_ONES + 1) * n].fill(1.0);
         let mut chain = ctx
             .begin_planes(&up, w, pixels::GPU_FEATURE_PLANES * h)
             .unwrap();

@@ -114,6 +114,24 @@ impl Drop for Lease {
     }
 }
 
+/// A buffer set leased ahead of need ([`GpuContext::reserve`]), for a chain to go on in
+/// later ([`GpuChain::continue_in`]); returned to its pool when dropped unused.
+pub struct Reserved {
+    lease: Lease,
+}
+
+impl Reserved {
+    /// Values per image of the set.
+    pub fn len(&self) -> usize {
+        self.lease.bufs.width * self.lease.bufs.height
+    }
+
+    /// Whether the set's images are empty (never: sets are made for non-empty sizes).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Most maps one chain can set aside for its single read-back.
 pub const MAX_OUTPUTS: usize = 4;
 
@@ -788,6 +806,17 @@ impl GpuContext {
         Ok(b)
     }
 
+    /// Leases a buffer set for images of `width` × `rows` now, for a chain to go on in later
+    /// ([`GpuChain::continue_in`]). A frame's work leases its sets in strictly decreasing
+    /// sizes, so that frames waiting for sets cannot wait on each other in a circle: reserve
+    /// a set larger than any the chain leases before it goes on in it, and before the chain
+    /// begins.
+    pub fn reserve(&self, width: usize, rows: usize) -> Result<Reserved, GpuError> {
+        Ok(Reserved {
+            lease: self.lease(width, rows)?,
+        })
+    }
+
     /// Uploads a frame and starts a chain of kernels on it.
     pub fn begin(&self, image: &Array2<f32>) -> Result<GpuChain<'_>, GpuError> {
         let (h, w) = image.dim();
@@ -1037,6 +1066,24 @@ impl GpuChain<'_> {
         Ok(())
     }
 
+    /// Writes `data` at value offset `at` of the current image before the chain's kernels run
+    /// (e.g. a plane the CPU already knows, beside what earlier kernels will copy there).
+    pub fn write_image(&mut self, at: usize, data: &[f32]) -> Result<(), GpuError> {
+        let image = self.bufs.width * self.bufs.height;
+        if at.checked_add(data.len()).is_none_or(|end| end > image) {
+            return Err(GpuError::Kernel {
+                kernel: "image upload".into(),
+                reason: format!("{} values at {at} of an image of {image}", data.len()),
+            });
+        }
+        self.ctx.queue.write_buffer(
+            &self.bufs.images[self.current],
+            (at * 4) as u64,
+            bytemuck::cast_slice(data),
+        );
+        Ok(())
+    }
+
     /// Dispatches queued so far (each takes one parameter slot).
     pub fn dispatches(&self) -> usize {
         self.params.len() / PARAMS_SLOT_BYTES as usize
@@ -1172,16 +1219,73 @@ impl GpuChain<'_> {
                 ),
             });
         }
-        let ctx = self.ctx;
-        let lease = ctx.lease(width, height)?;
-        let bufs = lease.bufs.clone();
+        let lease = self.ctx.lease(width, height)?;
         self.encoder.copy_buffer_to_buffer(
             &self.bufs.images[self.current],
             0,
-            &bufs.images[0],
+            &lease.bufs.images[0],
             0,
             (width * height * 4) as u64,
         );
+        Ok(self.go_on(lease))
+    }
+
+    /// Goes on with the queued work in a set `reserved` earlier ([`GpuContext::reserve`]) of
+    /// this chain's width: first `copies` — (what, where) with what this chain kept, its input
+    /// ([`GpuChain::keep_input`]) for `None` or its output `slot` ([`GpuChain::set_aside`])
+    /// for `Some(slot)`, copied to value offset `where` of the reserved set's first image,
+    /// where the chain goes on. Nothing is submitted (as [`GpuChain::hand_over`]).
+    pub fn continue_in(
+        mut self,
+        reserved: Reserved,
+        copies: &[(Option<usize>, usize)],
+    ) -> Result<Self, GpuError> {
+        let lease = reserved.lease;
+        let n = self.bufs.width * self.bufs.height;
+        let there = lease.bufs.width * lease.bufs.height;
+        if lease.bufs.width != self.bufs.width {
+            return Err(GpuError::Kernel {
+                kernel: self.last_kernel.into(),
+                reason: format!(
+                    "going on in images {} wide from images {} wide",
+                    lease.bufs.width, self.bufs.width
+                ),
+            });
+        }
+        let kept = self.kept_or_err()?;
+        for &(what, at) in copies {
+            let (from, offset) = match what {
+                None => (&kept.input, 0),
+                Some(slot) if slot < MAX_OUTPUTS => (&kept.outputs, slot * n),
+                Some(slot) => {
+                    return Err(GpuError::Kernel {
+                        kernel: self.last_kernel.into(),
+                        reason: format!("output {slot} (at most {MAX_OUTPUTS})"),
+                    })
+                }
+            };
+            if at.checked_add(n).is_none_or(|end| end > there) {
+                return Err(GpuError::Kernel {
+                    kernel: self.last_kernel.into(),
+                    reason: format!("a map copied to {at} of images of {there} values"),
+                });
+            }
+            self.encoder.copy_buffer_to_buffer(
+                from,
+                (offset * 4) as u64,
+                &lease.bufs.images[0],
+                (at * 4) as u64,
+                (n * 4) as u64,
+            );
+        }
+        Ok(self.go_on(lease))
+    }
+
+    /// The chain's queued work, going on in `lease`'s set from its first image; this set
+    /// (with what [`GpuChain::stage`] set aside in it) is held until the submission.
+    fn go_on(mut self, lease: Lease) -> Self {
+        let ctx = self.ctx;
+        let bufs = lease.bufs.clone();
         self.resolve_timestamps();
         if !self.params.is_empty() {
             // Queue writes land before the submission that carries these passes.
@@ -1196,7 +1300,7 @@ impl GpuChain<'_> {
             _lease: self._lease,
             timed: self.timed,
         });
-        Ok(GpuChain {
+        GpuChain {
             ctx,
             bufs,
             current: 0,
@@ -1210,7 +1314,7 @@ impl GpuChain<'_> {
             staged: self.staged,
             earlier,
             bank_fills: self.bank_fills,
-        })
+        }
     }
 
     /// Queues the resolve and copy of the passes' timestamps, when the chain is timed.
@@ -1314,7 +1418,32 @@ impl GpuChain<'_> {
 
     /// Submits everything queued, waits, and reads values `first..first + len` of the current
     /// image back (e.g. a few planes of a stack), in one read-back.
-    pub fn finish_range(mut self, first: usize, len: usize) -> Result<Vec<f32>, GpuError> {
+    pub fn finish_range(self, first: usize, len: usize) -> Result<Vec<f32>, GpuError> {
+        Ok(self.finish_range_inner(first, len)?.0)
+    }
+
+    /// Like [`GpuChain::finish_range`], and also reads the image [`GpuChain::stage`] set
+    /// aside (in this chain or one it went on from), after the same wait: one read-back.
+    pub fn finish_range_staged(
+        self,
+        first: usize,
+        len: usize,
+    ) -> Result<(Vec<f32>, Array2<f32>), GpuError> {
+        let kernel = self.last_kernel;
+        match self.finish_range_inner(first, len)? {
+            (values, Some(staged)) => Ok((values, staged)),
+            (_, None) => Err(GpuError::Kernel {
+                kernel: kernel.into(),
+                reason: "no image was staged".into(),
+            }),
+        }
+    }
+
+    fn finish_range_inner(
+        mut self,
+        first: usize,
+        len: usize,
+    ) -> Result<(Vec<f32>, Option<Array2<f32>>), GpuError> {
         let ctx = self.ctx;
         let kernel = self.last_kernel;
         let total = self.bufs.width * self.bufs.height;
@@ -1338,10 +1467,34 @@ impl GpuChain<'_> {
         }
         ctx.queue.submit([self.encoder.finish()]);
         commit_bank_fills(&mut self.bank_fills);
-        let out = read_range(ctx, &self.bufs.staging, bytes, kernel)?;
+        let staged = self.staged.as_ref().map(|st| {
+            (
+                &st.bufs.staging,
+                (st.width * st.height * 4) as u64,
+                st.height,
+                st.width,
+            )
+        });
+        let mut ranges = vec![(&self.bufs.staging, bytes)];
+        ranges.extend(staged.map(|(b, n, _, _)| (b, n)));
+        let mut read = read_ranges(ctx, &ranges, kernel)?;
         ctx.take_error(kernel)?;
         collect_timestamps(ctx, &self.bufs, self.timed.as_deref(), kernel)?;
-        Ok(out)
+        for e in &self.earlier {
+            collect_timestamps(ctx, &e.bufs, e.timed.as_deref(), kernel)?;
+        }
+        let image = match (staged, read.len()) {
+            (Some((_, _, h, w)), 2) => Some(
+                Array2::from_shape_vec((h, w), read.pop().unwrap_or_default()).map_err(|e| {
+                    GpuError::Kernel {
+                        kernel: kernel.into(),
+                        reason: e.to_string(),
+                    }
+                })?,
+            ),
+            _ => None,
+        };
+        Ok((read.pop().unwrap_or_default(), image))
     }
 
     /// Submits everything queued, waits, and reads the current frame back.

@@ -116,7 +116,7 @@ pub use compute::{Compute, Ran};
 #[cfg(feature = "gpu")]
 mod context;
 #[cfg(feature = "gpu")]
-pub use context::{GpuChain, GpuContext, Layout, MAX_STREAMS};
+pub use context::{GpuChain, GpuContext, Layout, Reserved, MAX_STREAMS};
 
 /// Without the `gpu` feature there is no GPU context: the type has no values, so GPU code paths
 /// type-check and can never run.

@@ -199,10 +199,17 @@ pub fn cpu(values: &[f32], valid: &[f32], h: usize, w: usize, reach: Reach) -> V
     out
 }
 
+/// Scratch values the shader needs in `aux` for a `w × h` plane: the prefix sums of the
+/// values and of the validity (`h + 1` rows each), then the maxima from each block's start,
+/// to each block's end and to the bottom (a plane each).
+pub fn scratch(w: usize, h: usize) -> usize {
+    2 * (h + 1) * w + 3 * h * w
+}
+
 /// Queues the column features of `at.values` (a `w × h` plane of the current image, `w` the
 /// chain's width) over the pixels where `at.valid` is 1, into [`FEATURES`] planes of the next
-/// image from `at.out`; the prefix sums take `2(h + 1)` rows of `aux` from `at.scratch`. The
-/// chain stays on its current image.
+/// image from `at.out`; [`scratch`] values of `aux` from `at.scratch` are used. The chain
+/// stays on its current image.
 #[cfg(feature = "gpu")]
 pub fn encode(
     chain: &mut crate::gpu::GpuChain<'_>,
@@ -215,7 +222,7 @@ pub fn encode(
         "columns",
         w * chain.height(),
         w * h,
-        2 * (h + 1) * w,
+        scratch(w, h),
         FEATURES,
     )?;
     let p = Params {

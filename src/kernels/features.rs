@@ -8,6 +8,9 @@
 
 /// Planes (of the grid's `w·h` values) the shader reads and writes, beside the features'
 /// own: keep in sync with the constants of shaders/features.wgsl.
+/// The current image's first plane of the feature maps (phase symmetry, the mean beneath,
+/// coherence, orientation) [`encode_assemble`] reads.
+pub const MAPS_AT: usize = 24;
 /// The current image's plane whose square [`encode_square`] writes.
 pub const SQUARE_IN: usize = 21;
 /// The next image's plane [`encode_square`] writes.

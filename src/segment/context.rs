@@ -222,44 +222,84 @@ const SECOND_PLANE: usize = CONTEXT + CLASSES;
 #[cfg(feature = "gpu")]
 const CHAIN_PLANES: usize = CONTEXT + 2 * CLASSES;
 
-/// Both stages on the GPU in one chain: the first stage's features and the validity go up
-/// once, the first stage, the context and the second stage run there, and both stages'
-/// probabilities come back in one read-back. Returns the second stage's probabilities, then
-/// the first's, as [`classify`] does (the context's sums differ from the CPU twin's by
-/// rounding only).
+/// The two stages' values as a GPU chain takes them at the start of `aux`, where the second
+/// stage's begin, and the first whole plane after them (the context's scratch).
 #[cfg(feature = "gpu")]
-pub fn classify_gpu(
-    ctx: &crate::gpu::GpuContext,
-    f: &Features,
-) -> crate::Result<(Vec<f32>, Vec<f32>)> {
-    use crate::kernels::pixel_mlp::{encode, mask_invalid, Placement};
-    let (h, w) = f.intensity.dim();
-    let n = h * w;
-    let error = |reason: String| crate::gpu::GpuError::Kernel {
-        kernel: "context".into(),
-        reason,
-    };
-    if n == 0 {
-        return Err(error("an empty grid".into()).into());
+pub struct GpuModels {
+    /// Both models, the first stage's then the second's ([`PixelModel::flat`]).
+    pub values: Vec<f32>,
+    /// Offset of the second stage's values.
+    pub second_at: usize,
+    /// Offset of the first plane of `aux` after the models.
+    pub scratch: usize,
+}
+
+#[cfg(feature = "gpu")]
+impl GpuModels {
+    /// The shipped models laid out for a chain of [`CHAIN_PLANES`] planes of a `w × h` grid.
+    pub fn for_grid(w: usize, h: usize) -> crate::Result<GpuModels> {
+        let n = h * w;
+        let error = |reason: String| crate::gpu::GpuError::Kernel {
+            kernel: "context".into(),
+            reason,
+        };
+        if n == 0 {
+            return Err(error("an empty grid".into()).into());
+        }
+        let (first, second) = (pixels::builtin_model()?.flat(), builtin_model()?.flat());
+        let second_at = first.len();
+        let mut values = first;
+        values.extend(second);
+        // The scratch starts at the first whole plane after the models.
+        let scratch = values.len().div_ceil(n) * n;
+        let needed = (crate::kernels::context::scratch_planes(CLASSES) * n)
+            .max(pixels::gpu_feature_scratch(w, h));
+        if scratch + needed > CHAIN_PLANES * n {
+            return Err(error(format!(
+                "{} model values do not fit a {w}x{h} grid",
+                values.len()
+            ))
+            .into());
+        }
+        Ok(GpuModels {
+            values,
+            second_at,
+            scratch,
+        })
     }
+}
+
+/// Planes of a GPU chain for the classifier (each the grid's `w·h` values).
+#[cfg(feature = "gpu")]
+pub const GPU_CHAIN_PLANES: usize = CHAIN_PLANES;
+/// The plane of the chain's current image at the end of [`encode_stages`] where the first
+/// stage's probabilities begin (the second's follow).
+#[cfg(feature = "gpu")]
+pub const GPU_PROBS_PLANE: usize = PROBS_PLANE;
+/// Planes before [`GPU_PROBS_PLANE`] that [`encode_stages`] leaves free at its end (the
+/// context's, used up by then).
+#[cfg(feature = "gpu")]
+pub const GPU_FREE_BEFORE_PROBS: usize = CONTEXT;
+
+/// Queues both stages and the context on a chain of [`CHAIN_PLANES`] planes of a `w × h` grid
+/// (`w` the chain's width) whose current image holds the first stage's features in planes
+/// `0..FEATURES` and the validity in the plane after them, and whose `aux` holds `models`
+/// ([`GpuModels`], written by the caller). The chain ends on the image whose planes from
+/// [`GPU_PROBS_PLANE`] hold the first stage's probabilities, then the second's.
+#[cfg(feature = "gpu")]
+pub fn encode_stages(
+    chain: &mut crate::gpu::GpuChain<'_>,
+    h: usize,
+    (mmx, mmy): (f64, f64),
+    models: &GpuModels,
+) -> crate::Result<()> {
+    use crate::kernels::pixel_mlp::{encode, Placement};
     let (first, second) = (pixels::builtin_model()?, builtin_model()?);
-    let mut up = pixels::pixel_features_with_room(f, 1);
-    up.extend(f.valid.iter().map(|v| f32::from(u8::from(*v))));
-    let (flat1, flat2) = (first.flat(), second.flat());
-    let models = flat1.len() + flat2.len();
-    // The scratch starts at the first whole plane after the models.
-    let scratch = models.div_ceil(n) * n;
-    if scratch + crate::kernels::context::scratch_planes(CLASSES) * n > CHAIN_PLANES * n {
-        return Err(error(format!("{models} model values do not fit a {w}x{h} grid")).into());
-    }
-    let mut chain = ctx.begin_planes(&up, w, CHAIN_PLANES * h)?;
-    let second_at = flat1.len();
-    let mut aux = flat1;
-    aux.extend(flat2);
-    chain.write_aux(&aux)?;
+    let w = chain.width();
+    let n = w * h;
     let u = |v: usize| v as u32;
     encode(
-        &mut chain,
+        chain,
         first,
         n,
         Placement {
@@ -270,7 +310,6 @@ pub fn classify_gpu(
         },
         false,
     )?;
-    let (mmx, mmy) = f.mm_per_px;
     let window = |mm: f64| (px(mm, mmy, 1), px(mm, mmx, 1));
     let (near, far) = (window(NEAR_MM), window(FAR_MM));
     let label = |j: usize| u32::from(OFFSET_LABELS[j].code());
@@ -288,7 +327,7 @@ pub fn classify_gpu(
         valid_plane: u(VALID_PLANE),
         probs_plane: u(PROBS_PLANE),
         ctx_plane: 0,
-        scratch: u(scratch),
+        scratch: u(models.scratch),
         label0: label(0),
         label1: label(1),
         label2: label(2),
@@ -296,19 +335,41 @@ pub fn classify_gpu(
         label4: label(4),
         pad: 0,
     };
-    crate::kernels::context::encode(&mut chain, &params)?;
+    crate::kernels::context::encode(chain, &params)?;
     encode(
-        &mut chain,
+        chain,
         second,
         n,
         Placement {
-            model: u(second_at),
+            model: u(models.second_at),
             split: u(FEATURES),
             ctx_plane: 0,
             out_plane: u(SECOND_PLANE),
         },
         true,
     )?;
+    Ok(())
+}
+
+/// Both stages on the GPU in one chain: the first stage's features and the validity go up
+/// once, the first stage, the context and the second stage run there, and both stages'
+/// probabilities come back in one read-back. Returns the second stage's probabilities, then
+/// the first's, as [`classify`] does (the context's sums differ from the CPU twin's by
+/// rounding only).
+#[cfg(feature = "gpu")]
+pub fn classify_gpu(
+    ctx: &crate::gpu::GpuContext,
+    f: &Features,
+) -> crate::Result<(Vec<f32>, Vec<f32>)> {
+    use crate::kernels::pixel_mlp::mask_invalid;
+    let (h, w) = f.intensity.dim();
+    let n = h * w;
+    let models = GpuModels::for_grid(w, h)?;
+    let mut up = pixels::pixel_features_with_room(f, 1);
+    up.extend(f.valid.iter().map(|v| f32::from(u8::from(*v))));
+    let mut chain = ctx.begin_planes(&up, w, CHAIN_PLANES * h)?;
+    chain.write_aux(&models.values)?;
+    encode_stages(&mut chain, h, f.mm_per_px, &models)?;
     let mut both = chain.finish_range(PROBS_PLANE * n, 2 * CLASSES * n)?;
     let mut second_probs = both.split_off(CLASSES * n);
     let mut first_probs = both;

@@ -369,6 +369,19 @@ pub fn despeckle_and_features_gpu(
     let crop = frame.intensity.slice(region).to_owned();
     let (grid_h, step, mm) = grid_geometry(frame, params);
     let fp = feature_params(params, mm, grid_h)?;
+    let grid_w = if step == 2 {
+        crate::kernels::grid::grid_size(b.width(), b.height()).0
+    } else {
+        b.width()
+    };
+    // The classifier's set is the largest of the frame's: reserved before the others.
+    let classifier = match params.learned {
+        true => Some((
+            ctx.reserve(grid_w, context::GPU_CHAIN_PLANES * grid_h)?,
+            context::GpuModels::for_grid(grid_w, grid_h)?,
+        )),
+        false => None,
+    };
     let mut chain = ctx.begin(&crop)?;
     for f in filters {
         f.encode(&mut chain)?;
@@ -381,7 +394,17 @@ pub fn despeckle_and_features_gpu(
         chain
     };
     encode_feature_maps(&mut chain, &fp)?;
-    let (maps, inside) = chain.finish_outputs_staged(4)?;
+    let (maps, inside, probabilities) = match classifier {
+        Some((reserved, models)) => {
+            let (maps, inside, probs) =
+                classify_in_chain(chain, reserved, &models, frame, params, mm)?;
+            (maps, inside, Some(probs))
+        }
+        None => {
+            let (maps, inside) = chain.finish_outputs_staged(4)?;
+            (maps, inside, None)
+        }
+    };
     let mut despeckled = frame.intensity.clone();
     despeckled.slice_mut(region).assign(&inside);
     let maps = four_maps(maps)?;
@@ -396,8 +419,76 @@ pub fn despeckle_and_features_gpu(
             .into()),
         }
     })?;
-    classify_on_gpu(ctx, &mut f, params)?;
+    match probabilities {
+        Some((second, first)) => {
+            f.probabilities = Some(second);
+            f.first_stage = Some(first);
+        }
+        None => classify_on_gpu(ctx, &mut f, params)?,
+    }
     Ok((despeckled, f))
+}
+
+/// The maps read back, the despeckled region, and the classifier's two stages' probabilities
+/// (the second's, then the first's).
+#[cfg(feature = "gpu")]
+type ChainResults = (Vec<Array2<f32>>, Array2<f32>, (Vec<f32>, Vec<f32>));
+
+/// Goes on from the feature maps (set aside on `chain`, with the grid kept as its input) to
+/// the pixel features and both classifier stages in the `reserved` set, in the same
+/// submission, and reads back the maps, the despeckled region staged earlier and both stages'
+/// probabilities at once.
+#[cfg(feature = "gpu")]
+fn classify_in_chain(
+    chain: crate::gpu::GpuChain<'_>,
+    reserved: crate::gpu::Reserved,
+    models: &context::GpuModels,
+    frame: &Frame,
+    params: &SegmentParams,
+    mm: (f64, f64),
+) -> Result<ChainResults> {
+    use pixels::{GPU_MAPS, GPU_ONES, GPU_VALID};
+    let (h, w) = (chain.height(), chain.width());
+    let n = h * w;
+    let step = grid_geometry(frame, params).1;
+    let valid = grid_mask(&valid_mask(frame), step);
+    if valid.dim() != (h, w) {
+        return Err(crate::gpu::GpuError::Kernel {
+            kernel: "grid".into(),
+            reason: format!("a {w}x{h} grid for a valid mask of {:?}", valid.dim()),
+        }
+        .into());
+    }
+    let [intensity, maps @ ..] = GPU_MAPS;
+    let mut copies = vec![(None, intensity * n)];
+    copies.extend(maps.iter().enumerate().map(|(k, p)| (Some(k), p * n)));
+    let mut chain = chain.continue_in(reserved, &copies)?;
+    let mut masks: Vec<f32> = valid.iter().map(|v| f32::from(u8::from(*v))).collect();
+    masks.resize(2 * n, 1.0);
+    debug_assert_eq!(GPU_ONES, GPU_VALID + 1);
+    chain.write_image(GPU_VALID * n, &masks)?;
+    chain.write_aux(&models.values)?;
+    pixels::encode_features(&mut chain, h, mm, models.scratch)?;
+    context::encode_stages(&mut chain, h, mm, models)?;
+    // The maps beside the probabilities, in planes the context has finished with.
+    let first = context::GPU_PROBS_PLANE - maps.len();
+    chain.copy_to_current(maps[0] * n, first * n, maps.len() * n)?;
+    let (mut all, inside) =
+        chain.finish_range_staged(first * n, (maps.len() + 2 * pixels::CLASSES) * n)?;
+    let mut second = all.split_off((maps.len() + pixels::CLASSES) * n);
+    let mut first_probs = all.split_off(maps.len() * n);
+    let maps = all
+        .chunks_exact(n)
+        .map(|c| Array2::from_shape_vec((h, w), c.to_vec()))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| crate::gpu::GpuError::Kernel {
+            kernel: "read-back".into(),
+            reason: e.to_string(),
+        })?;
+    use crate::kernels::pixel_mlp::mask_invalid;
+    mask_invalid(&mut first_probs, pixels::CLASSES, &valid);
+    mask_invalid(&mut second, pixels::CLASSES, &valid);
+    Ok((maps, inside, (second, first_probs)))
 }
 
 /// Kernel parameters for a grid of `mm` per pixel.
@@ -500,11 +591,19 @@ pub fn analysis_grid(
         return (crop.to_owned(), valid_full.clone(), 1, mm);
     }
     let grid = crate::kernels::grid::cpu(crop);
-    let (h, w) = grid.dim();
-    let valid = Array2::from_shape_fn((h, w), |(y, x)| {
+    (grid, grid_mask(valid_full, 2), 2, mm)
+}
+
+/// The analysis grid's valid mask from the region's (`step` 1: the same; 2: a grid pixel is
+/// valid where the first and last of its four region pixels are).
+fn grid_mask(valid_full: &Array2<bool>, step: usize) -> Array2<bool> {
+    if step == 1 {
+        return valid_full.clone();
+    }
+    let (w, h) = crate::kernels::grid::grid_size(valid_full.ncols(), valid_full.nrows());
+    Array2::from_shape_fn((h, w), |(y, x)| {
         valid_full[[2 * y, 2 * x]] && valid_full[[2 * y + 1, 2 * x + 1]]
-    });
-    (grid, valid, 2, mm)
+    })
 }
 
 /// The analysis grid's rows, its step (1: the region as it is; 2: half resolution, for

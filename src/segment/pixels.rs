@@ -108,9 +108,14 @@ fn reach(mmy: f64) -> crate::kernels::columns::Reach {
 }
 
 /// The planes of the current image [`encode_features`] reads: the analysis grid's intensity,
-/// then the feature maps (phase symmetry, the mean beneath, coherence, orientation).
+/// then the feature maps (phase symmetry, the mean beneath, coherence, orientation). The maps
+/// lie beyond every plane the features and the classifier write, so that they can be read
+/// back with the classifier's result.
 #[cfg(feature = "gpu")]
-pub const GPU_MAPS: [usize; 5] = [0, 1, 2, 3, 4];
+pub const GPU_MAPS: [usize; 5] = {
+    use crate::kernels::features::MAPS_AT;
+    [0, MAPS_AT, MAPS_AT + 1, MAPS_AT + 2, MAPS_AT + 3]
+};
 /// The plane of the current image holding the validity (1 or 0), read by
 /// [`encode_features`] and left in place for the classifier (its plane after the features).
 #[cfg(feature = "gpu")]
@@ -125,7 +130,7 @@ pub const GPU_FEATURE_PLANES: usize = 32;
 /// Scratch values [`encode_features`] uses in `aux` for a grid of `w × h`.
 #[cfg(feature = "gpu")]
 pub fn gpu_feature_scratch(w: usize, h: usize) -> usize {
-    2 * (h + 1) * w
+    crate::kernels::columns::scratch(w, h).max(2 * w * h)
 }
 
 /// Queues the [`FEATURES`] pixel features of a `w × h` analysis grid (`w` the chain's width)
