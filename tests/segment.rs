@@ -308,7 +308,13 @@ fn gpu_pipeline_despeckles_and_computes_features_in_one_submission() {
             "{name}: despeckled frames differ by {worst}"
         );
         let params = SegmentParams::default();
+        let before = ctx.readbacks();
         let f = features_gpu(ctx, &frame, &r.despeckled, &params).unwrap();
+        assert_eq!(
+            ctx.readbacks() - before,
+            1,
+            "{name}: the features and the classifier on their own, read back once too"
+        );
         let s = segment_from_features(&frame, &r.despeckled, &f, &params).unwrap();
         let same = s
             .labels

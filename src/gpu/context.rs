@@ -1423,20 +1423,14 @@ impl GpuChain<'_> {
     }
 
     /// Like [`GpuChain::finish_range`], and also reads the image [`GpuChain::stage`] set
-    /// aside (in this chain or one it went on from), after the same wait: one read-back.
-    pub fn finish_range_staged(
+    /// aside (in this chain or one it went on from), if there is one, after the same wait:
+    /// one read-back.
+    pub fn finish_range_and_staged(
         self,
         first: usize,
         len: usize,
-    ) -> Result<(Vec<f32>, Array2<f32>), GpuError> {
-        let kernel = self.last_kernel;
-        match self.finish_range_inner(first, len)? {
-            (values, Some(staged)) => Ok((values, staged)),
-            (_, None) => Err(GpuError::Kernel {
-                kernel: kernel.into(),
-                reason: "no image was staged".into(),
-            }),
-        }
+    ) -> Result<(Vec<f32>, Option<Array2<f32>>), GpuError> {
+        self.finish_range_inner(first, len)
     }
 
     fn finish_range_inner(

@@ -270,7 +270,9 @@ fn cached_plan(
 }
 
 /// Computes the feature maps on the GPU: the analysis grid is uploaded and each feature kernel
-/// runs there (phase symmetry's FFTs included); the maps are read back for the decisions.
+/// runs there (phase symmetry's FFTs included); for the learned segmenter the pixel features
+/// and both classifier stages follow in the same submission. The maps (and probabilities)
+/// come back in one read-back for the decisions.
 #[cfg(feature = "gpu")]
 pub fn features_gpu(
     ctx: &crate::gpu::GpuContext,
@@ -278,14 +280,36 @@ pub fn features_gpu(
     despeckled: &Array2<f32>,
     params: &SegmentParams,
 ) -> Result<Features> {
+    let mut probabilities = None;
     let mut f = features_with(frame, despeckled, params, |grid, fp| {
-        // One upload, the three kernel chains each starting from it, one read-back of the
-        // four maps.
+        // One upload, the three kernel chains each starting from it, then (for the
+        // classifier) the pixel features and both stages in the same submission; one
+        // read-back of the four maps and the probabilities.
+        let (h, w) = grid.dim();
+        let classifier = match params.learned {
+            true => Some((
+                ctx.reserve(w, context::GPU_CHAIN_PLANES * h)?,
+                context::GpuModels::for_grid(w, h)?,
+            )),
+            false => None,
+        };
         let mut chain = ctx.begin(grid)?;
         encode_feature_maps(&mut chain, fp)?;
-        four_maps(chain.finish_outputs(4)?)
+        match classifier {
+            Some((reserved, models)) => {
+                let valid = grid_mask(&valid_mask(frame), grid_geometry(frame, params).1);
+                let mm = grid_geometry(frame, params).2;
+                let (maps, _, probs) = classify_in_chain(chain, reserved, &models, &valid, mm)?;
+                probabilities = Some(probs);
+                four_maps(maps)
+            }
+            None => four_maps(chain.finish_outputs(4)?),
+        }
     })?;
-    classify_on_gpu(ctx, &mut f, params)?;
+    if let Some((second, first)) = probabilities {
+        f.probabilities = Some(second);
+        f.first_stage = Some(first);
+    }
     Ok(f)
 }
 
@@ -311,23 +335,6 @@ fn four_maps(maps: Vec<Array2<f32>>) -> Result<[Array2<f32>; 4]> {
         kernel: "features".into(),
         reason: "four maps expected".into(),
     })?)
-}
-
-/// Adds the classifier's probabilities to `f` (learned segmenter): the pixel features are
-/// assembled on the CPU from the maps read back; both stages of the classifier and the
-/// second stage's context run on the GPU in one chain.
-#[cfg(feature = "gpu")]
-fn classify_on_gpu(
-    ctx: &crate::gpu::GpuContext,
-    f: &mut Features,
-    params: &SegmentParams,
-) -> Result<()> {
-    if params.learned {
-        let (second, first) = context::classify_gpu(ctx, f)?;
-        f.probabilities = Some(second);
-        f.first_stage = Some(first);
-    }
-    Ok(())
 }
 
 /// Whether [`despeckle_and_features_gpu`] can take the frame: its imaging region lies inside
@@ -396,8 +403,12 @@ pub fn despeckle_and_features_gpu(
     encode_feature_maps(&mut chain, &fp)?;
     let (maps, inside, probabilities) = match classifier {
         Some((reserved, models)) => {
-            let (maps, inside, probs) =
-                classify_in_chain(chain, reserved, &models, frame, params, mm)?;
+            let valid = grid_mask(&valid_mask(frame), step);
+            let (maps, inside, probs) = classify_in_chain(chain, reserved, &models, &valid, mm)?;
+            let inside = inside.ok_or_else(|| crate::gpu::GpuError::Kernel {
+                kernel: "read-back".into(),
+                reason: "the despeckled region was not staged".into(),
+            })?;
             (maps, inside, Some(probs))
         }
         None => {
@@ -419,39 +430,33 @@ pub fn despeckle_and_features_gpu(
             .into()),
         }
     })?;
-    match probabilities {
-        Some((second, first)) => {
-            f.probabilities = Some(second);
-            f.first_stage = Some(first);
-        }
-        None => classify_on_gpu(ctx, &mut f, params)?,
+    if let Some((second, first)) = probabilities {
+        f.probabilities = Some(second);
+        f.first_stage = Some(first);
     }
     Ok((despeckled, f))
 }
 
-/// The maps read back, the despeckled region, and the classifier's two stages' probabilities
-/// (the second's, then the first's).
+/// The maps read back, the image staged earlier in the chain (the despeckled region), if
+/// any, and the classifier's two stages' probabilities (the second's, then the first's).
 #[cfg(feature = "gpu")]
-type ChainResults = (Vec<Array2<f32>>, Array2<f32>, (Vec<f32>, Vec<f32>));
+type ChainResults = (Vec<Array2<f32>>, Option<Array2<f32>>, (Vec<f32>, Vec<f32>));
 
 /// Goes on from the feature maps (set aside on `chain`, with the grid kept as its input) to
 /// the pixel features and both classifier stages in the `reserved` set, in the same
-/// submission, and reads back the maps, the despeckled region staged earlier and both stages'
-/// probabilities at once.
+/// submission, and reads back the maps, the image staged earlier (if any) and both stages'
+/// probabilities at once. `valid` is the grid's valid mask.
 #[cfg(feature = "gpu")]
 fn classify_in_chain(
     chain: crate::gpu::GpuChain<'_>,
     reserved: crate::gpu::Reserved,
     models: &context::GpuModels,
-    frame: &Frame,
-    params: &SegmentParams,
+    valid: &Array2<bool>,
     mm: (f64, f64),
 ) -> Result<ChainResults> {
     use pixels::{GPU_MAPS, GPU_ONES, GPU_VALID};
     let (h, w) = (chain.height(), chain.width());
     let n = h * w;
-    let step = grid_geometry(frame, params).1;
-    let valid = grid_mask(&valid_mask(frame), step);
     if valid.dim() != (h, w) {
         return Err(crate::gpu::GpuError::Kernel {
             kernel: "grid".into(),
@@ -474,7 +479,7 @@ fn classify_in_chain(
     let first = context::GPU_PROBS_PLANE - maps.len();
     chain.copy_to_current(maps[0] * n, first * n, maps.len() * n)?;
     let (mut all, inside) =
-        chain.finish_range_staged(first * n, (maps.len() + 2 * pixels::CLASSES) * n)?;
+        chain.finish_range_and_staged(first * n, (maps.len() + 2 * pixels::CLASSES) * n)?;
     let mut second = all.split_off((maps.len() + pixels::CLASSES) * n);
     let mut first_probs = all.split_off(maps.len() * n);
     let maps = all
@@ -486,8 +491,8 @@ fn classify_in_chain(
             reason: e.to_string(),
         })?;
     use crate::kernels::pixel_mlp::mask_invalid;
-    mask_invalid(&mut first_probs, pixels::CLASSES, &valid);
-    mask_invalid(&mut second, pixels::CLASSES, &valid);
+    mask_invalid(&mut first_probs, pixels::CLASSES, valid);
+    mask_invalid(&mut second, pixels::CLASSES, valid);
     Ok((maps, inside, (second, first_probs)))
 }
 
