@@ -18,6 +18,23 @@ fn max_abs_diff(a: &ndarray::Array2<f32>, b: &ndarray::Array2<f32>) -> f32 {
         .fold(0.0f32, f32::max)
 }
 
+/// A speckle frame scaled to 0..1 (row-major) and a validity mask (1 or 0) with holes: pixel
+/// (x, y) is invalid where `(x + a·y) % m == 0` or in the top `h / top` rows.
+fn unit_values_and_holes(
+    w: usize,
+    h: usize,
+    seed: u64,
+    (a, m, top): (usize, usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
+    let img = speckle(w, h, seed);
+    let peak = img.iter().cloned().fold(1.0f32, f32::max);
+    let values = img.iter().map(|v| v / peak).collect();
+    let holes = (0..w * h)
+        .map(|i| f32::from(u8::from((i % w + a * (i / w)) % m != 0 && i / w > h / top)))
+        .collect();
+    (values, holes)
+}
+
 fn root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
@@ -541,12 +558,7 @@ fn gpu_box_means_match_their_twin() {
     let Some(d) = gpu() else { return };
     let ctx = d.gpu_context().unwrap();
     for (w, h) in [(64, 48), (320, 240), (512, 384)] {
-        let img = speckle(w, h, 41);
-        let top = img.iter().cloned().fold(1.0f32, f32::max);
-        let values: Vec<f32> = img.iter().map(|v| v / top).collect();
-        let holes: Vec<f32> = (0..w * h)
-            .map(|i| f32::from(u8::from((i % w + 3 * (i / w)) % 13 != 0 && i / w > h / 6)))
-            .collect();
+        let (values, holes) = unit_values_and_holes(w, h, 41, (3, 13, 6));
         for valid in [holes, vec![1.0; w * h]] {
             for (ry, rx) in [(0, 0), (2, 3), (12, 12), (40, 4), (h, w)] {
                 let want = kernels::box_means::cpu(&values, &valid, h, w, ry, rx);
@@ -594,12 +606,7 @@ fn gpu_column_features_match_their_twin() {
     let Some(d) = gpu() else { return };
     let ctx = d.gpu_context().unwrap();
     for (w, h) in [(64, 48), (320, 240), (512, 384), (318, 470)] {
-        let img = speckle(w, h, 43);
-        let top = img.iter().cloned().fold(1.0f32, f32::max);
-        let values: Vec<f32> = img.iter().map(|v| v / top).collect();
-        let holes: Vec<f32> = (0..w * h)
-            .map(|i| f32::from(u8::from((i % w + 5 * (i / w)) % 11 != 0 && i / w > h / 5)))
-            .collect();
+        let (values, holes) = unit_values_and_holes(w, h, 43, (5, 11, 5));
         for valid in [holes, vec![1.0; w * h]] {
             for reach in [
                 Reach {
